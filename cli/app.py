@@ -1,0 +1,132 @@
+"""The ``seglab`` command line (typer). Each command parses, calls the pipeline, renders."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from seglab.pipeline.errors import ManifestError, SeglabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weak labels in, dense labels with uncertainty out.")
+state = {"verbose": False}
+
+
+def handled(command):
+    """Print SeglabErrors as one red line (traceback with --verbose); exit 2 for manifests."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from seglab.cli import render
+
+        try:
+            return command(*args, **kwargs)
+        except ManifestError as exc:
+            render.manifest_problems(exc)
+            raise typer.Exit(2) from None
+        except SeglabError as exc:
+            if state["verbose"]:
+                raise
+            render.error(str(exc))
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@app.callback()
+def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False) -> None:
+    state["verbose"] = verbose
+
+
+def _manifest(path: str, store: Optional[Path] = None):
+    from seglab.pipeline.manifest import open_manifest
+
+    return open_manifest(path, store=store)
+
+
+ManifestArg = Annotated[str, typer.Argument(help="Manifest YAML file, or 'demo' for the embedded demo.")]
+
+
+@app.command()
+@handled
+def run(
+    manifest: ManifestArg,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Start at this stage.")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Run only this stage.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute this stage and everything downstream.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run.")] = False,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Run the pipeline; finished work is kept and skipped."""
+    from seglab.cli import render
+    from seglab.pipeline.runner import Runner, RunOptions
+
+    options = RunOptions(start=from_, only=only, force=tuple(force or ()), dry_run=dry_run, address=address)
+    with render.RichProgress() as progress:
+        report = Runner(_manifest(manifest, store), options, progress).run()
+    render.run_summary(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handled
+def status(
+    manifest: ManifestArg,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per stage: done, total, failed, and whether stored outputs match the manifest."""
+    from seglab.cli import render
+    from seglab.pipeline.status import store_status
+
+    render.status_table(store_status(_manifest(manifest, store)), json_)
+
+
+@app.command()
+@handled
+def validate(manifest: ManifestArg) -> None:
+    """Check a manifest; every problem is listed with its location (exit 2 if any)."""
+    from seglab.cli import render
+    from seglab.pipeline.units import enumerate_units
+
+    units = enumerate_units(_manifest(manifest))
+    render.console.print(f"[green]valid[/green]: {manifest} ({len(units)} images)")
+
+
+@app.command()
+@handled
+def export(
+    store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
+    out: Annotated[Path, typer.Option(help="Output folder (created atomically).")],
+    format_: Annotated[str, typer.Option("--format", help="Export format.")] = "png",
+    stage: Annotated[str, typer.Option(help="Stage whose labels to export.")] = "select",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write the labels as files other trainers read directly."""
+    from seglab.cli import render
+    from seglab.pipeline.export import export_png
+
+    if format_ != "png":
+        raise SeglabError(f"unknown export format '{format_}'; available: png")
+    index = export_png(store, out, stage=stage, overwrite=overwrite)
+    render.console.print(f"wrote {len(index['images'])} label maps to {out}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the manifest's JSON schema (what manifests/schema.json holds)."""
+    import json
+
+    from seglab.pipeline.manifest import manifest_schema
+
+    print(json.dumps(manifest_schema(), indent=2, sort_keys=True))
+
+
+def main() -> None:
+    app(prog_name="seglab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Everything the terminal shows: progress bars, tables, one-line errors (rich)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.runner import RunReport, StageReport
+from seglab.pipeline.status import StageStatus
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RichProgress:
+    """One bar per stage: done/total, rate, ETA."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("[bold]{task.fields[stage]:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def start(self, stage: str, total: int, done: int) -> None:
+        self.tasks[stage] = self.bars.add_task("", total=total, completed=done, stage=stage, rate="")
+
+    def advance(self, stage: str, count: int) -> None:
+        task = self.bars.tasks[self.tasks[stage]]
+        speed = task.speed
+        self.bars.update(self.tasks[stage], advance=count, rate=f"{speed:.1f} img/s" if speed else "")
+
+    def finish(self, stage: str, report: StageReport) -> None:
+        note = "nothing to do" if not report.todo else f"{report.done_now} done in {report.seconds:.1f}s"
+        if report.failures:
+            note += f", [red]{len(report.failures)} failed[/red]"
+        if report.blocked:
+            note += f", [yellow]{report.blocked} waiting on upstream[/yellow]"
+        self.bars.update(self.tasks[stage], rate=note)
+
+
+def run_summary(report: RunReport) -> None:
+    if report.dry_run:
+        table = Table("stage", "total", "done", "to do", "blocked", title="plan (dry run)")
+        for s in report.stages:
+            table.add_row(s.stage, str(s.total), str(s.already_done), str(s.todo), str(s.blocked))
+        console.print(table)
+        return
+    if report.work_done == 0 and report.ok:
+        console.print(f"Nothing to do: every stage is complete in {report.store}.")
+    for s in report.stages:
+        for unit, reason in s.failures:
+            errors.print(f"[red]{s.stage}: {unit}: {reason}[/red]")
+    if not report.ok:
+        failed = sum(len(s.failures) for s in report.stages)
+        errors.print(f"[red]{failed} unit(s) failed; rerun after fixing them to finish the rest.[/red]")
+    elif report.work_done:
+        console.print(f"Done. Store: {report.store}")
+
+
+def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    table = Table("stage", "done", "total", "failed", "signature", "seconds")
+    for r in rows:
+        sig = {"current": "[green]current[/green]", "stale": "[red]stale[/red]", "none": "-"}[r.signature]
+        table.add_row(r.stage, str(r.done), str(r.total), str(r.failed), sig, "" if r.seconds is None else f"{r.seconds:.1f}")
+    console.print(table)
+    for r in rows:
+        for change in r.changes:
+            console.print(f"[red]{r.stage}[/red] changed: {change}")
+
+
+def manifest_problems(exc: ManifestError) -> None:
+    errors.print(f"[red]{exc.path}: invalid manifest[/red]")
+    for loc, msg in exc.problems:
+        errors.print(f"  [bold]{loc or '(top)'}[/bold]: {msg}")
+
+
+def error(message: str) -> None:
+    errors.print(f"[red]error:[/red] {message}")

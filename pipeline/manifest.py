@@ -1,0 +1,263 @@
+"""The manifest: YAML read safely, validated once by pydantic, paths resolved.
+
+Every relative path is resolved against the manifest's folder (``data.root`` and the
+store) or against ``data.root`` (everything under ``data``), and data paths must stay
+inside ``data.root``. The result is a frozen ``Manifest`` that the rest of seglab trusts.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from seglab.pipeline.errors import ManifestError
+from seglab.stages.embed import EmbedConfig
+from seglab.stages.ingest import IngestConfig
+from seglab.stages.prompts import PromptsConfig
+from seglab.stages.select import SelectConfig
+from seglab.workers.weightfree import WeightFreeConfig
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: str, info: ValidationInfo, *, under_root: bool = True) -> str:
+    """Resolve a manifest path: relative to the data root (or manifest folder) and
+    refused when it is a URL or escapes the data root."""
+    if _URL.match(value):
+        raise ValueError(f"'{value}' is a URL; only local paths are accepted")
+    ctx = info.context or {}
+    base = Path(ctx.get("root" if under_root else "manifest_dir", "."))
+    path = Path(value).expanduser()
+    resolved = (path if path.is_absolute() else base / path).resolve()
+    if under_root and "root" in ctx and not resolved.is_relative_to(Path(ctx["root"]).resolve()):
+        raise ValueError(f"'{value}' resolves to {resolved}, outside the data root {ctx['root']}")
+    return str(resolved)
+
+
+class ImageSource(_Frozen):
+    """Exactly one way of listing images."""
+
+    glob: str | None = Field(None, description="Glob relative to data.root, e.g. 'images/*.png' ('**' recurses).")
+    list: str | None = Field(None, description="Text file with one image path per line, relative to data.root.")
+    parquet: str | None = Field(None, description="Parquet index with one image path per row.")
+    column: str = Field("path", description="Column of the Parquet index holding the image path.")
+    sample: tuple[str, ...] | None = Field(
+        None, description="Names of photographs bundled with scikit-image (e.g. astronaut, coffee) for demos."
+    )
+
+    @field_validator("glob")
+    @classmethod
+    def _safe_glob(cls, v: str | None) -> str | None:
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or _URL.match(v)):
+            raise ValueError(f"glob '{v}' must be relative to data.root and must not contain '..'")
+        return v
+
+    @field_validator("list", "parquet")
+    @classmethod
+    def _resolve_files(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _resolve(v, info)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageSource":
+        given = [k for k in ("glob", "list", "parquet", "sample") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of glob, list, parquet, sample (got {given or 'none'})")
+        return self
+
+
+class WeakLabels(_Frozen):
+    kind: Literal["points", "scribbles", "coarse", "boxes"]
+    path: str = Field(
+        description="points/boxes: one table (JSON, CSV or Parquet) for all images; "
+        "scribbles/coarse: a folder of PNG label maps named like the images (<stem>.png)."
+    )
+    unlabelled: int = Field(255, ge=0, le=65535, description="Label-map value meaning 'no label'.")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, v: str, info: ValidationInfo) -> str:
+        return _resolve(v, info)
+
+
+class ClassSpec(_Frozen):
+    id: int = Field(ge=0, le=65534)
+    name: str = Field(min_length=1)
+
+
+class GoldSet(_Frozen):
+    """Images with full ground-truth masks (masks/<stem>.png holding class ids)."""
+
+    images: ImageSource
+    masks: str
+
+    @field_validator("masks")
+    @classmethod
+    def _resolve_masks(cls, v: str, info: ValidationInfo) -> str:
+        return _resolve(v, info)
+
+
+class DataConfig(_Frozen):
+    root: str = Field(".", description="Folder every data path is relative to and must stay inside.")
+    images: ImageSource
+    weak: WeakLabels
+    classes: tuple[ClassSpec, ...] = Field(min_length=1)
+    ignore_id: int = Field(255, ge=0, le=65535, description="Id written for pixels without a trusted label.")
+    calibration: GoldSet | None = Field(None, description="Gold-labelled images for conformal calibration.")
+    evaluation: GoldSet | None = Field(None, description="Gold-labelled images for measuring label quality.")
+
+    @field_validator("root")
+    @classmethod
+    def _resolve_root(cls, v: str, info: ValidationInfo) -> str:
+        return _resolve(v, info, under_root=False)
+
+    @model_validator(mode="after")
+    def _classes_consistent(self) -> "DataConfig":
+        ids = [c.id for c in self.classes]
+        names = [c.name for c in self.classes]
+        for what, values in (("id", ids), ("name", names)):
+            dupes = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if dupes:
+                raise ValueError(f"class {what}s must be unique; repeated: {dupes}")
+        if self.ignore_id in ids:
+            raise ValueError(f"ignore_id {self.ignore_id} is also a class id")
+        if self.weak.unlabelled in ids:
+            raise ValueError(f"weak.unlabelled {self.weak.unlabelled} is also a class id")
+        return self
+
+
+class RunSection(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    seed: int = 0
+
+
+class StoreConfig(_Frozen):
+    path: str | None = Field(None, description="Zarr store folder; default runs/<run.name>.zarr beside the manifest.")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_store(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _resolve(v, info, under_root=False)
+
+
+class RayConfig(_Frozen):
+    address: str | None = Field(None, description="Ray cluster address; none starts Ray on this machine.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    workers: int | None = Field(None, ge=1, description="Worker actors per map stage (default: what the CPUs allow).")
+    max_retries: int = Field(2, ge=0, le=20, description="Retries of a unit after a transient failure.")
+
+
+class Manifest(_Frozen):
+    """A validated manifest. ``path`` is the file it came from."""
+
+    path: str = Field("", description="Set by the loader; not written in YAML.", exclude=True)
+    run: RunSection
+    data: DataConfig
+    backend: WeightFreeConfig = WeightFreeConfig()
+    store: StoreConfig = StoreConfig()
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig = EmbedConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    select: SelectConfig = SelectConfig()
+
+    @property
+    def store_path(self) -> Path:
+        if self.store.path:
+            return Path(self.store.path)
+        return Path(self.path).resolve().parent / "runs" / f"{self.run.name}.zarr"
+
+    def stage_config(self, stage: str):
+        return getattr(self, stage)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that also refuses duplicate keys (YAML would keep the last silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}'", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def parse_manifest(raw: object, path: Path) -> Manifest:
+    """Validate an already-parsed YAML document; every problem is listed with its location."""
+    if not isinstance(raw, dict):
+        raise ManifestError(path, [("", "the manifest must be a mapping of sections (run, data, ...)")])
+    manifest_dir = path.resolve().parent
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    root_value = data.get("root", ".") if isinstance(data.get("root", "."), str) else "."
+    root = (manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value)
+    try:
+        return Manifest.model_validate(
+            {**raw, "path": str(path.resolve())},
+            context={"manifest_dir": str(manifest_dir), "root": str(root)},
+        )
+    except ValidationError as exc:
+        problems = [(_location(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors()]
+        raise ManifestError(path, problems) from None
+
+
+def load_manifest(path: Path | str) -> Manifest:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(path, [("", f"cannot read: {exc}")]) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ManifestError(path, [("", f"not valid YAML: {exc}")]) from None
+    return parse_manifest(raw, path)
+
+
+def manifest_schema() -> dict:
+    """JSON schema of the manifest (what manifests/schema.json holds)."""
+    schema = Manifest.model_json_schema()
+    schema["properties"].pop("path", None)
+    return schema
+
+
+
+
+EMBEDDED = {"demo": "demo.yaml"}
+
+
+def open_manifest(arg: str | Path, *, store: Path | None = None) -> Manifest:
+    """Load a manifest file, or an embedded one by name ('demo') when no such file exists.
+
+    An embedded manifest lives inside the installed package, so its store defaults to
+    ./runs/<run.name>.zarr under the current folder. ``store`` overrides either.
+    """
+    path = Path(arg)
+    if not path.exists() and str(arg) in EMBEDDED:
+        from importlib.resources import files
+
+        path = Path(str(files("seglab.manifests") / EMBEDDED[str(arg)]))
+        manifest = load_manifest(path)
+        store = store or Path.cwd() / "runs" / f"{manifest.run.name}.zarr"
+    else:
+        manifest = load_manifest(path)
+    if store is not None:
+        manifest = manifest.model_copy(update={"store": StoreConfig(path=str(Path(store).resolve()))})
+    return manifest

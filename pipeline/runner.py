@@ -1,0 +1,253 @@
+"""Run the DAG: check signatures, work out what is left, fan it out, keep the ledger.
+
+The driver never touches data arrays: it enumerates units, decides per stage which
+units are still to do (no 'done' ledger line with the current signature and input
+hash), hands them to a worker pool and appends each final receipt to the ledger.
+Resume is therefore the default: a rerun does only what is missing or changed.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
+
+from seglab.pipeline.dag import Dag
+from seglab.pipeline.errors import SignatureMismatch
+from seglab.pipeline.fingerprint import diff_signatures, digest, stage_signature
+from seglab.pipeline.manifest import Manifest
+from seglab.pipeline.registry import STAGES
+from seglab.pipeline.store import Store
+from seglab.pipeline.units import enumerate_units, unit_input_digest
+from seglab.stages.base import ClassTable, Context, Stage, Unit
+
+
+class Progress(Protocol):
+    def start(self, stage: str, total: int, done: int) -> None: ...
+    def advance(self, stage: str, count: int) -> None: ...
+    def finish(self, stage: str, report: "StageReport") -> None: ...
+
+
+class NoProgress:
+    def start(self, stage: str, total: int, done: int) -> None: ...
+    def advance(self, stage: str, count: int) -> None: ...
+    def finish(self, stage: str, report: "StageReport") -> None: ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    start: str | None = None
+    only: str | None = None
+    force: tuple[str, ...] = ()
+    dry_run: bool = False
+    address: str | None = None
+
+
+@dataclass
+class StageReport:
+    stage: str
+    total: int
+    already_done: int
+    todo: int
+    done_now: int = 0
+    blocked: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    store: str
+    stages: list[StageReport]
+    dry_run: bool = False
+
+    @property
+    def work_done(self) -> int:
+        return sum(s.done_now + len(s.failures) for s in self.stages)
+
+    @property
+    def ok(self) -> bool:
+        return all(not s.failures and not s.blocked for s in self.stages)
+
+
+def seglab_version() -> str:
+    return package_version("seglab")
+
+
+def build_context(manifest: Manifest) -> Context:
+    data = manifest.data
+    from seglab.workers.backend import feature_names
+
+    return Context(
+        classes=ClassTable(tuple(c.id for c in data.classes), tuple(c.name for c in data.classes), data.ignore_id),
+        weak_kind=data.weak.kind,
+        seed=manifest.run.seed,
+        extras={"unlabelled": data.weak.unlabelled, "feature_names": feature_names(manifest.backend)},
+    )
+
+
+def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str, Any]]:
+    """Signature of every stage, in DAG order (each includes its parents' digests)."""
+    from seglab.workers.backend import backend_signature
+
+    shared = {"classes": list(zip(ctx.classes.ids, ctx.classes.names)), "ignore_id": ctx.classes.ignore_id,
+              "weak_kind": ctx.weak_kind, "weak_unlabelled": ctx.extras["unlabelled"], "seed": ctx.seed}
+    model = backend_signature(manifest.backend)
+    sigs: dict[str, dict[str, Any]] = {}
+    for name in dag.order:
+        stage = STAGES[name]
+        config = manifest.stage_config(name).model_dump(mode="json", exclude={"batch_size"})
+        sigs[name] = stage_signature(
+            version=stage.version,
+            config={**config, "_data": shared},
+            model=model if stage.resources.needs_backend else None,
+            upstream={dep: digest(sigs[dep]) for dep in dag.deps[name]},
+        )
+    return sigs
+
+
+class Runner:
+    def __init__(self, manifest: Manifest, options: RunOptions = RunOptions(), progress: Progress = NoProgress()):
+        self.manifest = manifest
+        self.options = options
+        self.progress = progress
+        self.dag = Dag(STAGES)
+        self.context = build_context(manifest)
+        self.signatures = signatures(manifest, self.dag, self.context)
+        self.stages: dict[str, Stage] = {n: STAGES[n](manifest.stage_config(n)) for n in self.dag.order}
+
+    # -- planning ---------------------------------------------------------------------
+    def open_store(self) -> Store:
+        return Store(
+            self.manifest.store_path,
+            create=True,
+            attrs={"seglab_version": seglab_version(), "created": datetime.now(timezone.utc).isoformat()},
+        )
+
+    def check_signatures(self, store: Store, selected: Sequence[str]) -> None:
+        for name in selected:
+            stored = store.stage_attrs(name).get("signature")
+            if stored is not None and digest(stored) != digest(self.signatures[name]):
+                raise SignatureMismatch(name, diff_signatures(stored, self.signatures[name]))
+
+    def read_paths(self, name: str) -> list[str]:
+        """Resolve a stage's reads to explicit 'stage/output' paths."""
+        paths: list[str] = []
+        for path in self.stages[name].reads:
+            if "/" in path:
+                paths.append(path)
+            else:
+                paths.extend(f"{path}/{out}" for out in self.stages[path].outputs(self.context))
+        return paths
+
+    def plan(self, store: Store, name: str, units: Sequence[Unit]):
+        """-> (ledger entries, todo units with their input digests, blocked count)."""
+        ledger = store.ledger(name).load()
+        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
+        sig = digest(self.signatures[name])
+        todo: list[tuple[Unit, str]] = []
+        blocked = 0
+        for unit in units:
+            if parents:
+                upstream = [parents[d].get(unit.id) for d in parents]
+                if any(e is None or e.get("status") != "done" for e in upstream):
+                    blocked += 1
+                    continue
+                inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream])
+            else:
+                inputs = unit_input_digest(unit)
+            entry = ledger.get(unit.id)
+            if entry and entry.get("status") == "done" and entry.get("inputs") == inputs and entry.get("signature") == sig:
+                continue
+            todo.append((unit, inputs))
+        return ledger, todo, blocked
+
+    # -- running ----------------------------------------------------------------------
+    def run(self) -> RunReport:
+        units = enumerate_units(self.manifest)
+        selected = self.dag.select(start=self.options.start, only=self.options.only)
+        store = self.open_store()
+        store_manifest_hash = digest(self.manifest.model_dump(mode="json"))
+        if not self.options.dry_run:
+            for name in self.options.force:
+                for cleared in (name, *self.dag.downstream(name)):
+                    store.clear_stage(cleared)
+        self.check_signatures(store, selected)
+        reports: list[StageReport] = []
+        pools: dict[tuple[float, float], Any] = {}
+        try:
+            for name in selected:
+                _, todo, blocked = self.plan(store, name, units)
+                already = len(units) - blocked - len(todo)
+                report = StageReport(name, len(units), already, len(todo), blocked=blocked)
+                reports.append(report)
+                if self.options.dry_run or not todo:
+                    self.progress.start(name, len(units), report.already_done)
+                    self.progress.finish(name, report)
+                    continue
+                pool = pools.get(self._pool_key(name)) or pools.setdefault(self._pool_key(name), self._make_pool(name))
+                store.prepare_stage(name, self.stages[name].outputs(self.context))
+                store.set_stage_attrs(name, signature=self.signatures[name],
+                                      signature_digest=digest(self.signatures[name]))
+                self._run_stage(store, name, todo, report, pool)
+                store.set_stage_attrs(name, summary={"total": report.total, "done": report.already_done + report.done_now,
+                                                     "failed": len(report.failures), "seconds": round(report.seconds, 3)})
+            if not self.options.dry_run:
+                classes = self.context.classes
+                store.set_root_attrs(manifest_hash=store_manifest_hash, seglab_version=seglab_version(),
+                                     classes=[{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)],
+                                     ignore_id=classes.ignore_id)
+        finally:
+            for pool in pools.values():
+                pool.shutdown()
+        return RunReport(str(store.path), reports, dry_run=self.options.dry_run)
+
+    def _pool_key(self, name: str) -> tuple[float, float]:
+        resources = self.stages[name].resources
+        return (resources.cpus, resources.gpus)
+
+    def _make_pool(self, name: str):
+        from seglab.workers.pool import WorkerPool, WorkerSpec
+        from seglab.workers.raysession import ensure_ray, pool_size
+
+        ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
+        spec = WorkerSpec(
+            store_path=str(self.manifest.store_path),
+            context=self.context,
+            stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
+            backend_config=self.manifest.backend,
+        )
+        resources = self.stages[name].resources
+        return WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers))
+
+    def _run_stage(self, store: Store, name: str, todo: list[tuple[Unit, str]], report: StageReport, pool) -> None:
+        from seglab.workers.pool import run_batches
+
+        ledger = store.ledger(name)
+        sig = digest(self.signatures[name])
+        inputs_of = {u.id: d for u, d in todo}
+        self.progress.start(name, report.total, report.already_done)
+        started = time.perf_counter()
+
+        def record(receipts: list[dict[str, Any]]) -> None:
+            ledger.append([{**r, "inputs": inputs_of[r["unit"]], "signature": sig} for r in receipts])
+            for r in receipts:
+                if r["status"] == "done":
+                    report.done_now += 1
+                else:
+                    report.failures.append((r["unit"], r["error"]["message"]))
+            self.progress.advance(name, len(receipts))
+
+        run_batches(
+            pool=pool,
+            stage_name=name,
+            units=[u for u, _ in todo],
+            read_paths=self.read_paths(name),
+            batch_size=self.manifest.stage_config(name).batch_size,
+            max_retries=self.manifest.ray.max_retries,
+            on_receipts=record,
+        )
+        report.seconds = time.perf_counter() - started
+        self.progress.finish(name, report)

@@ -1,0 +1,97 @@
+"""Enumerate a manifest's units (images) and attach each one's weak label.
+
+Runs on the driver. Point tables are parsed once here, so a worker receives only its
+unit's points. Unit ids are image paths relative to the data root with '/' written as
+'__' (sample images: their file name), unique by construction.
+"""
+from __future__ import annotations
+
+import glob as globlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from seglab.pipeline.errors import InputError, ManifestError
+from seglab.pipeline.fingerprint import digest
+from seglab.pipeline.manifest import ImageSource, Manifest
+from seglab.stages.base import Unit
+from seglab.stages.weak import assign_to_images, read_point_table
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def sample_image_path(name: str) -> Path:
+    """A photograph bundled with scikit-image, by name (e.g. 'astronaut')."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    matches = sorted(p for p in folder.iterdir() if p.stem == name and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not matches:
+        available = sorted({p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES})
+        raise InputError(folder, f"no bundled sample image '{name}'; available: {', '.join(available)}")
+    return matches[0]
+
+
+def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Path]:
+    """Absolute image paths in a stable order."""
+    if source.sample is not None:
+        return [sample_image_path(n) for n in source.sample]
+    if source.glob is not None:
+        paths = [Path(p) for p in globlib.glob(str(root / source.glob), recursive=True)]
+        paths = [p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not paths:
+            raise ManifestError(manifest_path, [("data.images.glob", f"'{source.glob}' matches no image under {root}")])
+        return sorted(paths)
+    if source.list is not None:
+        lines = Path(source.list).read_text(encoding="utf-8").splitlines()
+        entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        table = pq.read_table(source.parquet, columns=[source.column])
+        entries = [str(v) for v in table.column(source.column).to_pylist()]
+    paths = []
+    for entry in entries:
+        path = (root / entry).resolve()
+        if not path.is_relative_to(root):
+            raise ManifestError(manifest_path, [("data.images", f"'{entry}' resolves outside the data root {root}")])
+        paths.append(path)
+    return paths
+
+
+def enumerate_units(manifest: Manifest) -> list[Unit]:
+    data = manifest.data
+    if data.weak.kind == "boxes":
+        raise ManifestError(manifest.path, [("data.weak.kind", "box weak labels are not consumed by any stage yet; "
+                                             "use points, scribbles or coarse")])
+    root = Path(data.root)
+    images = list_images(data.images, root, manifest.path)
+    units: list[Unit] = []
+    keys = {path: path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name for path in images}
+    points = {}
+    if data.weak.kind == "points":
+        weak_path = Path(data.weak.path)
+        points = assign_to_images(read_point_table(weak_path), keys.values(), path_for_errors=weak_path)
+    seen: dict[str, Path] = {}
+    for path in images:
+        uid = keys[path].replace("/", "__")
+        if uid in seen:
+            raise ManifestError(manifest.path, [("data.images", f"{path} and {seen[uid]} map to the same unit id '{uid}'")])
+        seen[uid] = path
+        if data.weak.kind == "points":
+            rows = points.get(keys[path], [])
+            units.append(Unit(id=uid, image=str(path), weak_points=tuple(map(tuple, rows)), weak_source=data.weak.path))
+        else:
+            weak = Path(data.weak.path) / f"{path.stem}.png"
+            units.append(Unit(id=uid, image=str(path), weak_map=str(weak), weak_source=str(weak)))
+    return units
+
+
+def unit_input_digest(unit: Unit) -> str:
+    """What identifies a unit's raw inputs without reading them: paths, sizes, mtimes,
+    and the points themselves. A change recomputes the unit (and what depends on it)."""
+    def stat(path: str | None) -> list:
+        if path is None or not Path(path).exists():
+            return [path, None]
+        st = Path(path).stat()
+        return [path, st.st_size, st.st_mtime_ns]
+
+    return digest([stat(unit.image), stat(unit.weak_map), list(unit.weak_points)])

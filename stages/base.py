@@ -1,0 +1,116 @@
+"""What a stage is: a name, a config model, what it reads and writes, and its work.
+
+A map stage's ``process`` is a pure function of arrays and config: the runner reads the
+unit's inputs from the store, calls it (inside a Ray worker), writes the outputs and
+records a receipt. Stages never touch zarr, Ray or devices; a model, when a stage needs
+one, arrives as ``ctx.backend``, built by workers/.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's manifest section: unknown keys are errors, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = 4
+    """Units handed to one worker call. Large enough to amortise a Ray task (~0.1 ms)."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs; workers/ turns this into Ray options."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    needs_backend: bool = False
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One image and its weak label, as enumerated from the manifest by the driver.
+
+    id: stable key (the image path relative to the data root, '/' replaced by '__').
+    image: absolute path of the image file.
+    weak_map: absolute path of a scribble/coarse label map, if the weak kind has one.
+    weak_points: float32-able rows (x, y, class) for point-kind weak labels.
+    """
+
+    id: str
+    image: str
+    weak_map: str | None = None
+    weak_points: tuple[tuple[float, float, int], ...] = ()
+    weak_source: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The manifest's classes: ids, names, and the ignore id written for 'no label'."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+    ignore_id: int
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if max(*self.ids, self.ignore_id) <= 255 else np.uint16)
+
+
+@dataclass
+class Context:
+    """What a stage may use besides its inputs. Built inside the worker."""
+
+    classes: ClassTable
+    weak_kind: str
+    seed: int
+    backend: Any = None  # a workers.backend.PromptableBackend when Resources.needs_backend
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]]
+    reads: ClassVar[tuple[str, ...]] = ()
+    """Store paths 'stage/array', or 'stage' for every array that stage writes."""
+    resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+
+    @abstractmethod
+    def outputs(self, ctx: Context) -> tuple[str, ...]:
+        """Names of the arrays written per unit under this stage's group."""
+
+
+class MapStage(Stage):
+    """Independent per unit: the runner fans units out to workers in batches."""
+
+    @abstractmethod
+    def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
+        """inputs: 'stage/array' -> array for this unit; returns output name -> array."""
+
+    def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Small JSON-able facts about a finished unit, kept in the ledger (default none)."""
+        return {}
+
+    def process_batch(
+        self, units: Sequence[Unit], inputs: Sequence[Mapping[str, np.ndarray]], ctx: Context
+    ) -> list[dict[str, np.ndarray] | BaseException]:
+        """Default: one unit at a time, a failure recorded per unit. Stages whose model
+        gains from batching (embed) override this."""
+        results: list[dict[str, np.ndarray] | BaseException] = []
+        for unit, unit_inputs in zip(units, inputs):
+            try:
+                results.append(self.process(unit, unit_inputs, ctx))
+            except Exception as exc:  # recorded per unit by the worker, never fatal to the batch
+                results.append(exc)
+        return results

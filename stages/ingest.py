@@ -1,0 +1,71 @@
+"""ingest: decode each image and its weak label, validate them, and store both.
+
+Outputs per unit:
+  image: HxWx3 uint8 RGB (EXIF orientation applied, 16-bit scaled, alpha dropped).
+  weak:  HxW label map (uint8, or uint16 when class ids exceed 255): the weak label's
+         class id where the weak label says so, ``ignore_id`` elsewhere. Points are
+         rasterised to their pixel.
+The receipt records the source path, its sha256 and the image size.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from seglab.pipeline.errors import InputError
+from seglab.pipeline.fingerprint import file_sha256
+from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
+from seglab.stages.imageio import decode_image
+from seglab.stages.weak import rasterize_points, read_label_map, validate_points
+
+
+class IngestConfig(StageConfig):
+    batch_size: int = Field(8, ge=1, le=4096)
+    max_pixels: int = Field(
+        178_956_970, ge=1, description="Images declaring more pixels are refused (decompression bombs)."
+    )
+
+
+class Ingest(MapStage):
+    name = "ingest"
+    Config = IngestConfig
+    reads = ()
+    resources = Resources(cpus=1)
+
+    def outputs(self, ctx: Context) -> tuple[str, ...]:
+        return ("image", "weak")
+
+    def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
+        image = decode_image(Path(unit.image), max_pixels=self.config.max_pixels)
+        hw = image.shape[:2]
+        classes = ctx.classes
+        dtype = classes.label_dtype
+        if ctx.weak_kind == "points":
+            points = validate_points(
+                unit.weak_points,
+                path_for_errors=Path(unit.weak_source or unit.image),
+                image_hw=hw,
+                class_ids=frozenset(classes.ids),
+                image=unit.id,
+            )
+            weak = rasterize_points(points, hw, classes.ignore_id, dtype)
+        elif ctx.weak_kind in ("scribbles", "coarse"):
+            if unit.weak_map is None or not Path(unit.weak_map).exists():
+                raise InputError(unit.weak_map or unit.image, "no weak label map for this image")
+            raw = read_label_map(
+                Path(unit.weak_map),
+                expected_hw=hw,
+                class_ids=frozenset(classes.ids),
+                unlabelled=ctx.extras["unlabelled"],
+            )
+            weak = np.where(raw == ctx.extras["unlabelled"], classes.ignore_id, raw).astype(dtype)
+        else:
+            raise InputError(unit.weak_source or unit.image, f"weak label kind '{ctx.weak_kind}' cannot be ingested")
+        return {"image": image, "weak": weak}
+
+    def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
+        h, w = outputs["image"].shape[:2]
+        return {"source": unit.image, "sha256": file_sha256(unit.image), "height": int(h), "width": int(w)}

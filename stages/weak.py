@@ -1,0 +1,335 @@
+"""Read and validate weak labels: label maps (scribbles, coarse masks), points and boxes.
+
+Coordinates are in pixels of the displayed image (after EXIF orientation): ``x`` is the
+column, ``y`` the row, and pixel (row r, column c) covers ``[c, c+1) x [r, r+1)``; a point
+therefore lies in pixel ``(floor(y), floor(x))``, and a box ``x0, y0, x1, y1`` may reach
+``x1 = W``, ``y1 = H``.
+
+Label maps get the same decoding safety as images and, like images, have their EXIF
+orientation applied: a map drawn on the displayed photo matches the transposed image, and
+a map that carries an orientation tag asks to be shown rotated, exactly like the photo.
+
+Point and box tables are JSON (a list of objects, or ``{"points": [...]}`` /
+``{"boxes": [...]}``), CSV with a header row, or Parquet. Columns: ``image, x, y, class``
+for points and ``image, x0, y0, x1, y1, class`` for boxes; other columns are ignored.
+Numbers may be numeric strings. "row N" in messages counts data rows from 1 (the CSV
+header is not a row). The ``image`` value is the image path relative to the data root,
+or just its file name; ``assign_to_images`` resolves it (see there).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from seglab.pipeline.errors import InputError
+from seglab.stages.imageio import open_checked, read_file_bytes
+
+LABEL_MAP_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I", "1")
+POINT_COLUMNS = ("image", "x", "y", "class")
+BOX_COLUMNS = ("image", "x0", "y0", "x1", "y1", "class")
+_MAX_LISTED = 5
+
+
+class SourceRow(tuple):
+    """One table row's values, e.g. (x, y, class), plus ``row``: its 1-based row number."""
+
+    def __new__(cls, values: Iterable, row: int = 0):
+        self = super().__new__(cls, tuple(values))
+        self.row = row
+        return self
+
+    def __getnewargs__(self):  # keep ``row`` when pickled
+        return (tuple(self), self.row)
+
+
+class _Problems(list):
+    """Problem messages for one file; ``raise_if_any`` raises one InputError listing the first few."""
+
+    def raise_if_any(self, path: Path, prefix: str = "") -> None:
+        if self:
+            more = f"; and {len(self) - _MAX_LISTED} more" if len(self) > _MAX_LISTED else ""
+            raise InputError(path, prefix + "; ".join(self[:_MAX_LISTED]) + more)
+
+
+def label_dtype(class_ids: Iterable[int], unlabelled: int) -> np.dtype:
+    """uint8 when every class id and ``unlabelled`` fit in 0..255, else uint16."""
+    class_ids = set(class_ids)
+    values = [*class_ids, unlabelled]
+    if unlabelled in class_ids:
+        raise ValueError(f"the unlabelled value {unlabelled} is also a class id")
+    if min(values) < 0 or max(values) > 65535:
+        raise ValueError(f"class ids and the unlabelled value must be in 0..65535, got {sorted(values)}")
+    return np.dtype(np.uint8 if max(values) <= 255 else np.uint16)
+
+
+def _value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if values.dtype.kind in "bu" and values.dtype.itemsize <= 2:
+        counts = np.bincount(values.ravel().astype(np.intp))
+        present = np.flatnonzero(counts)
+        return present, counts[present]
+    return np.unique(values, return_counts=True)
+
+
+def read_label_map(path: Path, *, expected_hw: tuple[int, int], class_ids: frozenset[int],
+                   unlabelled: int) -> np.ndarray:
+    """Scribble or coarse-mask file -> [H, W] class ids, ``unlabelled`` where there is no label.
+
+    The file must be a single-channel integer image (mode L, P, I;16 or I; for P the
+    palette *indices* are the values, the colours are ignored; mode 1 reads as 0/1) of
+    size ``expected_hw`` = (H, W) after EXIF orientation. dtype: ``label_dtype``.
+    """
+    dtype = label_dtype(class_ids, unlabelled)
+    height, width = expected_hw
+    image, _ = open_checked(path, max_pixels=height * width, expected_hw=(height, width))
+    if image.mode not in LABEL_MAP_MODES:
+        raise InputError(path, f"has colour mode {image.mode}; a label map must be a single-channel index "
+                               f"map whose pixel values are class ids (8-bit grayscale 'L', palette 'P' "
+                               f"or 16-bit grayscale), not a colour or alpha image")
+    values = np.asarray(image)
+    values = values.astype(np.uint8) if values.dtype == bool else values
+    present, counts = _value_counts(values)
+    unknown = ~np.isin(present, np.array(sorted({*class_ids, unlabelled})))
+    if unknown.any():
+        order = np.argsort(-counts[unknown], kind="stable")
+        bad = [f"{present[unknown][i]} ({counts[unknown][i]} px)" for i in order[:_MAX_LISTED]]
+        more = f" and {unknown.sum() - _MAX_LISTED} more" if unknown.sum() > _MAX_LISTED else ""
+        raise InputError(path, f"has pixel values that are neither a class id {sorted(class_ids)} nor the "
+                               f"unlabelled value {unlabelled}: {', '.join(bad)}{more}")
+    if not (values != unlabelled).any():
+        raise InputError(path, f"empty weak label: every pixel has the unlabelled value {unlabelled}")
+    return np.ascontiguousarray(values.astype(dtype))
+
+
+def _number(value, name: str) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} is not a number (got {value!r})")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} is not a number (got {value!r})") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {value!r}, not a finite number")
+    return number
+
+
+def _normalise(image_path: str) -> PurePosixPath:
+    """'./dir\\a.jpg ' -> dir/a.jpg: strip blanks, ``\\`` -> ``/``, drop ``.`` parts and repeated ``/``."""
+    return PurePosixPath(image_path.strip().replace("\\", "/"))
+
+
+def _image_key(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"image must be a non-empty path or file name (got {value!r})")
+    key = _normalise(value)
+    if key.is_absolute() or ".." in key.parts:
+        raise ValueError(f"image must be relative to the data root (got {value!r})")
+    return str(key)
+
+
+def _records(path: Path, columns: Sequence[str], list_key: str) -> list[dict]:
+    """Raw rows of a JSON, CSV or Parquet table as dicts (column -> value as stored)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".csv", ".parquet", ".pq"):
+        raise InputError(path, f"unsupported table type '{suffix}'; use .json, .csv or .parquet")
+    data = read_file_bytes(path)
+    if suffix in (".parquet", ".pq"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise InputError(path, f"not a readable Parquet file ({exc})") from exc
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise InputError(path, f"must have the columns {', '.join(columns)}; missing: {', '.join(missing)}")
+        return table.select(list(columns)).to_pylist()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"is not UTF-8 text ({exc})") from exc
+    if suffix == ".csv":
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+            rows = list(reader)
+        except csv.Error as exc:
+            raise InputError(path, f"is not valid CSV ({exc})") from exc
+        missing = [c for c in columns if c not in reader.fieldnames]
+        if missing:
+            raise InputError(path, f"header must name {', '.join(columns)}; missing: {', '.join(missing)}")
+        return rows
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if isinstance(document, dict) and isinstance(document.get(list_key), list):
+        document = document[list_key]
+    if not isinstance(document, list):
+        raise InputError(path, f"JSON must be a list of objects or {{\"{list_key}\": [...]}}")
+    return document
+
+
+def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, list[SourceRow]]:
+    """image key -> rows of the numeric columns (class last, as int), in file order."""
+    records = _records(path, columns, list_key)
+    if not records:
+        raise InputError(path, f"contains no {list_key}")
+    table: dict[str, list[SourceRow]] = {}
+    problems = _Problems()
+    for row_number, record in enumerate(records, start=1):
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"expected an object with keys {', '.join(columns)}, got {type(record).__name__}")
+            if record.get("\0extra"):
+                raise ValueError("has more fields than the header")
+            missing = [c for c in columns if c not in record]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            key = _image_key(record["image"])
+            numbers = [_number(record[c], c) for c in columns[1:]]
+            if not numbers[-1].is_integer():
+                raise ValueError(f"class is not an integer (got {record['class']!r})")
+            if list_key == "boxes" and not (numbers[0] < numbers[2] and numbers[1] < numbers[3]):
+                raise ValueError(f"box needs x0 < x1 and y0 < y1 (got {numbers[:4]})")
+        except ValueError as exc:
+            problems.append(f"row {row_number}: {exc}")
+            continue
+        table.setdefault(key, []).append(SourceRow([*numbers[:-1], int(numbers[-1])], row_number))
+    problems.raise_if_any(path)
+    return table
+
+
+def read_point_table(path: Path) -> dict[str, list[tuple[float, float, int]]]:
+    """Points file -> image key -> [(x, y, class)] (``SourceRow``s, carrying ``.row``)."""
+    return _read_table(path, POINT_COLUMNS, "points")
+
+
+def read_box_table(path: Path) -> dict[str, list[tuple[float, float, float, float, int]]]:
+    """Boxes file -> image key -> [(x0, y0, x1, y1, class)]; each row has x0 < x1, y0 < y1."""
+    return _read_table(path, BOX_COLUMNS, "boxes")
+
+
+def assign_to_images(table: dict[str, list], image_paths: Iterable[str], *, path_for_errors: Path,
+                     allow_unmatched: bool = False) -> dict[str, list]:
+    """Resolve table keys to the dataset's images -> image path (as given) -> rows.
+
+    A key equal to an image's relative path (after normalising ``\\``, ``./``, ``//``)
+    names that image. Otherwise a key without a directory part names the one image with
+    that file name; it is an InputError if several images share it (write the relative
+    path instead). Keys matching no image are an InputError unless ``allow_unmatched``.
+    """
+    by_path = {str(_normalise(p)): p for p in image_paths}
+    by_name: dict[str, list[str]] = {}
+    for key, original in by_path.items():
+        by_name.setdefault(PurePosixPath(key).name, []).append(original)
+    assigned: dict[str, list] = {}
+    problems = _Problems()
+    for key, rows in table.items():
+        if key in by_path:
+            target = by_path[key]
+        elif "/" not in key and len(by_name.get(key, ())) == 1:
+            target = by_name[key][0]
+        elif "/" not in key and key in by_name:
+            problems.append(f"'{key}' is ambiguous, it names {', '.join(sorted(by_name[key])[:3])}: "
+                            f"write the path relative to the data root")
+            continue
+        else:
+            if not allow_unmatched:
+                problems.append(f"'{key}' matches no image in the dataset")
+            continue
+        assigned.setdefault(target, []).extend(rows)
+    problems.raise_if_any(path_for_errors)
+    return assigned
+
+
+def _validated(rows: Sequence, width: int, kind: str, misfit: Callable[[np.ndarray], str | None], *,
+               path: Path, image: str, class_ids: frozenset[int]) -> tuple[np.ndarray, list[str]]:
+    """Checks shared by points and boxes -> (float64 [K, width] rows, a label per row).
+
+    ``misfit(row)`` says why a row does not fit the image (None when it does). A row's
+    label is "row N" when it came from a table (``SourceRow``), else "<kind> N".
+    """
+    where = f"image '{image}': " if image else ""
+    if len(rows) == 0:
+        raise InputError(path, f"{where}no {kind}s (empty weak label)")
+    try:
+        values = np.asarray([tuple(r) for r in rows], dtype=np.float64).reshape(len(rows), width)
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"{where}{kind}s must be rows of {width} numbers ({exc})") from exc
+    labels = [f"row {r.row}" if getattr(r, "row", 0) else f"{kind} {i}" for i, r in enumerate(rows, 1)]
+    problems = _Problems()
+    for row, label in zip(values, labels):
+        if (why := misfit(row)) is not None:
+            problems.append(f"{label}: {why}")
+        if not (math.isfinite(row[-1]) and row[-1].is_integer() and int(row[-1]) in class_ids):
+            problems.append(f"{label}: class {row[-1]:g} is not one of {sorted(class_ids)}")
+    problems.raise_if_any(path, where)
+    return values, labels
+
+
+def validate_points(points: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int],
+                    class_ids: frozenset[int], image: str = "") -> np.ndarray:
+    """Rows (x, y, class) of one image -> float32 [K, 3] (x, y, class), K >= 1.
+
+    Every point must be finite and inside the image (0 <= x < W, 0 <= y < H), have a known
+    class, and not share its pixel with a point of another class. Errors name the points
+    file (``path_for_errors``), the image and the offending rows.
+    """
+    height, width = image_hw
+
+    def misfit(point: np.ndarray) -> str | None:
+        x, y = point[:2]
+        if 0 <= x < width and 0 <= y < height:
+            return None
+        return f"(x={x:g}, y={y:g}) is outside the {width}x{height} image (needs 0 <= x < {width}, 0 <= y < {height})"
+
+    values, labels = _validated(points, 3, "point", misfit, path=path_for_errors, image=image, class_ids=class_ids)
+    pixel = np.floor(values[:, 1]).astype(np.int64) * width + np.floor(values[:, 0]).astype(np.int64)
+    order = np.argsort(pixel, kind="stable")
+    clash = np.flatnonzero((np.diff(pixel[order]) == 0) & (np.diff(values[order, 2]) != 0))
+    if clash.size:
+        first, second = order[clash[0]], order[clash[0] + 1]
+        where = f"image '{image}': " if image else ""
+        raise InputError(path_for_errors, f"{where}{labels[first]} and {labels[second]} give different classes "
+                                          f"to the same pixel (x={values[first, 0]:g}, y={values[first, 1]:g})")
+    return values.astype(np.float32)
+
+
+def validate_boxes(boxes: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int],
+                   class_ids: frozenset[int], image: str = "") -> np.ndarray:
+    """Rows (x0, y0, x1, y1, class) of one image -> float32 [K, 5], K >= 1.
+
+    Every box must satisfy 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and have a known class.
+    """
+    height, width = image_hw
+
+    def misfit(box: np.ndarray) -> str | None:
+        x0, y0, x1, y1 = box[:4]
+        if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
+            return None
+        return (f"({x0:g}, {y0:g}, {x1:g}, {y1:g}) does not fit the {width}x{height} image "
+                f"(needs 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})")
+
+    values, _ = _validated(boxes, 5, "box", misfit, path=path_for_errors, image=image, class_ids=class_ids)
+    return values.astype(np.float32)
+
+
+def rasterize_points(points: np.ndarray, hw: tuple[int, int], unlabelled: int, dtype) -> np.ndarray:
+    """Validated points float [K, 3] (x, y, class) -> [H, W] map of ``dtype``: the class in
+    pixel (floor(y), floor(x)) of every point, ``unlabelled`` elsewhere."""
+    height, width = hw
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    rows, cols = np.floor(points[:, 1]).astype(np.intp), np.floor(points[:, 0]).astype(np.intp)
+    if ((rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)).any():
+        raise ValueError("points outside the image: run validate_points first")
+    out = np.full((height, width), unlabelled, dtype=dtype)
+    out[rows, cols] = points[:, 2].astype(dtype)
+    return out

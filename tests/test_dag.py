@@ -1,0 +1,38 @@
+import pytest
+
+from seglab.pipeline.dag import Dag, DagError
+from seglab.pipeline.registry import STAGES
+from seglab.stages.base import MapStage
+
+
+def fake(name: str, reads: tuple[str, ...]):
+    return type(name.title(), (MapStage,), {"name": name, "reads": reads, "outputs": lambda s, c: (), "process": None})
+
+
+def test_pipeline_order_comes_from_reads():
+    dag = Dag(STAGES)
+    assert dag.order == ("ingest", "embed", "prompts", "select")
+    assert set(dag.deps["select"]) == {"embed", "prompts", "ingest"}
+    assert dag.downstream("embed") == ("select",)
+    assert dag.downstream("ingest") == ("embed", "prompts", "select")
+    assert dag.upstream("select") == ("ingest", "embed", "prompts")
+
+
+def test_order_follows_dependencies_not_registry_order():
+    stages = {"c": fake("c", ("b/x",)), "b": fake("b", ("a",)), "a": fake("a", ())}
+    assert Dag(stages).order == ("a", "b", "c")
+
+
+def test_cycles_and_unknown_reads_are_errors():
+    with pytest.raises(DagError, match="cycle"):
+        Dag({"a": fake("a", ("b",)), "b": fake("b", ("a",))})
+    with pytest.raises(DagError, match="no stage 'zz'"):
+        Dag({"a": fake("a", ("zz/x",))})
+
+
+def test_selecting_stages():
+    dag = Dag(STAGES)
+    assert dag.select(only="prompts") == ("prompts",)
+    assert dag.select(start="prompts") == ("prompts", "select")
+    with pytest.raises(DagError, match="unknown stage 'nope'"):
+        dag.select(start="nope")

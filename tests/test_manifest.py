@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.manifest import load_manifest, manifest_schema, open_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def problems(path: Path) -> dict[str, str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return dict(info.value.problems)
+
+
+def test_good_manifest_resolves_paths_against_data_root(tiny):
+    m = load_manifest(tiny)
+    root = tiny.parent / "data"
+    assert m.data.root == str(root.resolve())
+    assert m.data.weak.path == str((root / "scribbles").resolve())
+    assert m.store_path == (tiny.parent / "run.zarr").resolve()
+    assert [c.name for c in m.data.classes] == ["background", "disc", "rectangle"]
+    assert m.select.min_probability == 0.5 and m.ray.workers == 2
+
+
+def test_unknown_key_is_named_with_its_location(tiny):
+    text = tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, min_probabilty: 0.4}")
+    tiny.write_text(text)
+    found = problems(tiny)
+    assert "select.min_probabilty" in found
+    assert "Extra inputs are not permitted" in found["select.min_probabilty"]
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "run: {name: 'bad name!'}\n"
+        "data:\n  images: {glob: '*.png', list: x.txt}\n  weak: {kind: lines, path: w}\n"
+        "  classes: [{id: 1, name: a}, {id: 1, name: a}]\n"
+        "colour: red\n"
+    )
+    found = problems(path)
+    assert "run.name" in found
+    assert "data.images" in found and "exactly one" in found["data.images"]
+    assert "data.weak.kind" in found
+    assert "colour" in found
+
+
+def test_duplicate_yaml_keys_are_refused(tiny):
+    tiny.write_text(tiny.read_text() + "run: {name: again}\n")
+    found = problems(tiny)
+    assert any("duplicate key 'run'" in msg for msg in found.values())
+
+
+@pytest.mark.parametrize(
+    "weak_path, message",
+    [("../../etc", "outside the data root"), ("s3://bucket/labels", "is a URL"), ("/etc/passwd", "outside the data root")],
+)
+def test_paths_must_stay_inside_the_data_root(tiny, weak_path, message):
+    tiny.write_text(tiny.read_text().replace("path: scribbles", f"path: '{weak_path}'"))
+    found = problems(tiny)
+    assert message in found["data.weak.path"]
+
+
+def test_class_ids_must_be_unique_and_distinct_from_ignore(tiny):
+    original = tiny.read_text()
+    tiny.write_text(original.replace("{id: 2, name: rectangle}", "{id: 1, name: rectangle}"))
+    assert "class ids must be unique; repeated: [1]" in problems(tiny)["data"]
+    tiny.write_text(original)
+    tiny.write_text(tiny.read_text().replace("{id: 2, name: rectangle}", "{id: 255, name: rectangle}"))
+    found = problems(tiny)
+    assert any("ignore_id 255 is also a class id" in m for m in found.values())
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    assert "not valid YAML" in str(problems(bad))
+    bad.write_text("- just\n- a list\n")
+    assert "must be a mapping" in str(problems(bad))
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_manifest(tmp_path / "missing.yaml")
+
+
+def test_python_tags_are_not_executed(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: !!python/object/apply:os.system ['touch canary']\n")
+    assert "not valid YAML" in str(problems(bad))
+    assert not Path("canary").exists()
+
+
+def test_embedded_demo_manifest_loads_with_store_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = open_manifest("demo")
+    assert m.data.images.sample and m.data.weak.kind == "points"
+    assert m.store_path == tmp_path / "runs" / "demo.zarr"
+
+
+def test_schema_file_is_current():
+    stored = json.loads((ROOT / "manifests" / "schema.json").read_text())
+    assert stored == manifest_schema(), "manifests/schema.json is stale: run `seglab schema > manifests/schema.json`"

@@ -1,0 +1,103 @@
+"""End-to-end runs of a tiny manifest on a local Ray: resume, signatures, --force, failures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seglab.pipeline.errors import SignatureMismatch
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.store import Store
+
+from conftest import shapes_image
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+STAGES = ("ingest", "embed", "prompts", "select")
+
+
+def run(path, **options):
+    return Runner(load_manifest(path), RunOptions(**options)).run()
+
+
+def ledger_lines(store: Store, stage: str) -> list[str]:
+    path = store.ledger(stage).path
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_end_to_end_then_rerun_does_nothing(tiny):
+    report = run(tiny)
+    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4]
+    store = Store(tiny.parent / "run.zarr")
+    for i, unit in enumerate(sorted(store.ledger("select").load())):
+        labels = store.read_unit(["select/labels"], unit)["select/labels"]
+        image = store.read_unit(["ingest/image"], unit)["ingest/image"]
+        _, truth = shapes_image(*image.shape[:2], seed=i)
+        assert labels.shape == image.shape[:2]  # every image keeps its own size
+        for cls in (1, 2):
+            assert iou(labels == cls, truth == cls) > 0.7, (unit, cls)
+    lines = {s: len(ledger_lines(store, s)) for s in STAGES}
+    again = run(tiny)
+    assert again.ok and again.work_done == 0
+    assert {s: len(ledger_lines(store, s)) for s in STAGES} == lines
+
+
+def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream(tiny):
+    run(tiny)
+    store = Store(tiny.parent / "run.zarr")
+    before = {s: len(ledger_lines(store, s)) for s in STAGES}
+    tiny.write_text(tiny.read_text().replace("prompts: {batch_size: 2}", "prompts: {batch_size: 2, points_per_component: 3}"))
+    with pytest.raises(SignatureMismatch) as info:
+        run(tiny)
+    assert info.value.stage == "prompts"
+    assert "config.points_per_component: 5 -> 3" in info.value.changes
+    report = run(tiny, force=("prompts",))
+    assert report.ok
+    assert {s.stage: s.done_now for s in report.stages} == {"ingest": 0, "embed": 0, "prompts": 4, "select": 4}
+    after = {s: len(ledger_lines(store, s)) for s in STAGES}
+    assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
+    assert after["prompts"] == 4 and after["select"] == 4  # cleared, then written once
+
+
+def test_a_bad_image_fails_alone_and_a_fixed_one_is_all_that_reruns(tiny):
+    bad = tiny.parent / "data" / "images" / "img01.png"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 2])  # truncated
+    report = run(tiny)
+    assert not report.ok
+    ingest = report.stages[0]
+    assert ingest.done_now == 3 and [u for u, _ in ingest.failures] == ["images__img01.png"]
+    assert "img01.png" in ingest.failures[0][1]
+    assert all(s.blocked == 1 and s.done_now == 3 for s in report.stages[1:])
+    store = Store(tiny.parent / "run.zarr")
+    before = {s: len(ledger_lines(store, s)) for s in STAGES}
+    bad.write_bytes(good_bytes)
+    report = run(tiny)
+    assert report.ok and all(s.done_now == 1 for s in report.stages)
+    after = {s: len(ledger_lines(store, s)) for s in STAGES}
+    assert all(after[s] == before[s] + 1 for s in STAGES)
+
+
+def test_added_images_are_processed_without_touching_finished_ones(tiny):
+    run(tiny)
+    image, _ = shapes_image(40, 100, seed=9)
+    Image.fromarray(image).save(tiny.parent / "data" / "images" / "img09.png")
+    Image.fromarray(np.where(np.arange(100) < 50, 0, 255).astype(np.uint8)[None].repeat(40, 0)).save(
+        tiny.parent / "data" / "scribbles" / "img09.png"
+    )
+    report = run(tiny)
+    assert report.ok and [s.done_now for s in report.stages] == [1, 1, 1, 1]
+    assert [s.already_done for s in report.stages] == [4, 4, 4, 4]
+
+
+def test_dry_run_and_only(tiny):
+    report = run(tiny, dry_run=True)
+    assert [s.todo for s in report.stages] == [4, 0, 0, 0]
+    assert [s.blocked for s in report.stages] == [0, 4, 4, 4]
+    assert not (tiny.parent / "run.zarr" / "_ledger" / "ingest.jsonl").exists()
+    report = run(tiny, only="ingest")
+    assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4

@@ -1,0 +1,42 @@
+"""Starting or joining Ray, and sizing worker pools from what the cluster has."""
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from seglab.pipeline.errors import SeglabError
+from seglab.stages.base import Resources
+
+
+def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Join ``address`` when given, else start Ray on this machine (never a guess at
+    another cluster). Reuses a Ray already initialised in this process (tests)."""
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                  configure_logging=True)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
+
+
+def pool_size(resources: Resources, requested: int | None) -> int:
+    """Actors for a pool: ``requested``, or as many as the cluster's CPUs/GPUs allow."""
+    total = ray.cluster_resources()
+    fits = []
+    if resources.cpus:
+        fits.append(int(total.get("CPU", 0) // resources.cpus))
+    if resources.gpus:
+        fits.append(int(total.get("GPU", 0) // resources.gpus))
+    capacity = min(fits) if fits else 1
+    if capacity < 1:
+        raise SeglabError(
+            f"the Ray cluster cannot host one worker needing {resources.cpus} CPU and {resources.gpus} GPU "
+            f"(it has {total.get('CPU', 0)} CPU, {total.get('GPU', 0)} GPU)"
+        )
+    return max(1, min(requested or capacity, capacity))
