@@ -9,6 +9,7 @@ failed transiently is retried up to ``max_retries``; a deterministic failure is 
 """
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections import deque
@@ -72,6 +73,10 @@ class StageWorker:
                 self.context.backend = build_backend(self.spec.backend_config)
             self.stages[name] = stage
         return self.stages[name]
+
+    def pid(self) -> int:
+        """The worker's process id (for operators and fault-injection tests)."""
+        return os.getpid()
 
     def run(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str]) -> list[dict[str, Any]]:
         stage = self._stage(stage_name)

@@ -1,0 +1,49 @@
+"""The worker pool: a worker killed mid-stage is replaced and its units redone once."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.store import Store
+from seglab.pipeline.units import enumerate_units
+from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
+
+from conftest import write_dataset, write_manifest
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
+    write_dataset(tmp_path / "data", [(48 + 2 * i, 64) for i in range(8)])
+    manifest = load_manifest(write_manifest(tmp_path, batch=1))
+    runner = Runner(manifest, RunOptions(only="ingest"))
+    runner.run()  # ingest everything, then run embed by hand with a kill in the middle
+    store = Store(manifest.store_path)
+    store.prepare_stage("embed", runner.stages["embed"].outputs(runner.context))
+    spec = WorkerSpec(str(manifest.store_path), runner.context,
+                      {n: manifest.stage_config(n) for n in runner.dag.order}, manifest.backend)
+    pool = WorkerPool(spec, runner.stages["embed"].resources, size=2)
+    victim = ray.get(pool.actors[0].pid.remote())
+    receipts: list[dict] = []
+
+    def record(batch: list[dict]) -> None:
+        if not receipts and batch:
+            os.kill(victim, signal.SIGKILL)  # one worker dies while it still has work in flight
+        receipts.extend(batch)
+
+    units = enumerate_units(manifest)
+    run_batches(pool=pool, stage_name="embed", units=units, read_paths=["ingest/image"],
+                batch_size=1, max_retries=2, on_receipts=record)
+    pool.shutdown()
+    assert pool.replaced == 1
+    assert sorted(r["unit"] for r in receipts) == sorted(u.id for u in units)  # each exactly once
+    assert all(r["status"] == "done" for r in receipts)
+    for unit in units:
+        lab = store.read_unit(["embed/lab"], unit.id)["embed/lab"]
+        assert lab.shape == (3, 256, 256) and np.isfinite(lab.astype(np.float32)).all()
