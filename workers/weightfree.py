@@ -60,11 +60,13 @@ class WeightFreeConfig(BaseModel):
     smoothing: float = Field(0.8, ge=0.0, le=5.0, description="Gaussian sigma (pixels) applied before Lab/gradient")
     colour_beta: float = Field(4.0, gt=0.0, le=100.0, description="edge weight exp(-beta * dLab^2 / mean dLab^2)")
     edge_beta: float = Field(2.0, ge=0.0, le=100.0, description="edge weight exp(-edge_beta * border gradient)")
-    prior_weight: float = Field(0.05, ge=0.0, le=10.0, description="weight of the colour prior against the graph")
+    prior_weight: float = Field(0.001, ge=0.0, le=10.0, description="weight of the colour prior against the graph")
     colour_bandwidth: float = Field(8.0, gt=0.0, le=100.0, description="Lab kernel bandwidth of the colour model")
     em_steps: int = Field(2, ge=0, le=10, description="colour-model refits after the first random-walker solve")
     logit_scale: float = Field(6.0, gt=0.0, le=50.0, description="logit = scale * log-odds-like score")
-    candidate_bias: float = Field(1.5, ge=0.0, le=10.0, description="logit bias: -b part, 0 object, +b larger region")
+    candidate_bias: float = Field(0.3, ge=0.0, le=10.0, description="logit bias: -b part, 0 object, +b larger region")
+    far_quantile: float = Field(0.8, gt=0.5, le=1.0, description="with negatives, superpixels geodesically "
+                                "farther from the positives than this quantile also seed the background (1 = off)")
     stability_offset: float = Field(1.0, gt=0.0, le=10.0, description="SAM stability-score logit offset")
 
     @field_validator("segments")
@@ -117,7 +119,7 @@ class WeightFreeBackend(PromptableBackend):
         labels = np.full((3, n, n), -1, dtype=np.int32)
         for s, count in enumerate(cfg.segments):
             labels[s, :rh, :rw] = slic(
-                lab, n_segments=count, compactness=cfg.compactness, start_label=0, convert2lab=False,
+                small, n_segments=count, compactness=cfg.compactness, start_label=0, convert2lab=True,
                 enforce_connectivity=True, channel_axis=-1,
             )
         lab_out = np.zeros((3, n, n), np.float16)
@@ -177,9 +179,12 @@ class WeightFreeBackend(PromptableBackend):
             gh, gw = frame.grid_hw
             out[:, gh:, :] = OUTSIDE_LOGIT
             out[:, :, gw:] = OUTSIDE_LOGIT
-        quality = np.array([g.quality(out_k[:rh, :rw], cfg.stability_offset) for out_k in out], np.float32) \
-            if cfg.input_size == self.grid_size else np.array([g.quality(o, cfg.stability_offset, grid=True) for o in out], np.float32)
-        return out.astype(np.float32, copy=False), quality
+        solution = pixel > 0
+        if cfg.input_size == self.grid_size:
+            quality = [g.quality(o[:rh, :rw], cfg.stability_offset, solution) for o in out]
+        else:
+            quality = [g.quality(o, cfg.stability_offset) for o in out]
+        return out.astype(np.float32, copy=False), np.array(quality, np.float32)
 
 
 def _clamp(cand: np.ndarray, where: tuple[np.ndarray, np.ndarray], value: float, op) -> None:
@@ -249,9 +254,12 @@ class _Graph:
             frac = np.bincount(self.fine.ravel(), inside.ravel(), n) / self.area
             bg |= frac < 0.5
         bg &= ~fg
-        if not bg.any() and fg.any():
+        if fg.any():
+            # superpixels geodesically far from every positive are background evidence even
+            # when negatives exist: a few negatives leave most of the image unconstrained
             d = csgraph.dijkstra(self.geo, indices=np.flatnonzero(fg), min_only=True)
-            bg = d > np.quantile(d, 0.7)
+            far = d > np.quantile(d, 0.7 if not bg.any() else self.cfg.far_quantile)
+            bg |= far & ~fg
         x = np.where(fg, 1.0, np.where(bg, 0.0, 0.5))
         if inside is not None and not fg.any():
             x = np.where(bg, 0.0, 1.0)
@@ -275,13 +283,17 @@ class _Graph:
         x[free] = spsolve(lap.tocsc(), rhs)
         return np.clip(x, 0.0, 1.0)
 
-    def quality(self, logit: np.ndarray, offset: float, grid: bool = False) -> float:
-        """Stability score x boundary contrast of one candidate, in [0, 1]."""
+    def quality(self, logit: np.ndarray, offset: float, solution: np.ndarray | None = None) -> float:
+        """Predicted quality of one candidate, in [0, 1]: SAM's stability score, times the
+        candidate's IoU with the unsnapped random-walker solution (``solution``, bool
+        [rh, rw]; a candidate far from what the walker found is a worse bet), times the
+        boundary contrast (gradient on the mask border against the image mean)."""
         hi, lo = logit > offset, logit > -offset
         stab = hi.sum() / max(lo.sum(), 1)
         mask = logit > 0
-        if grid or not mask.any() or mask.all():
+        if solution is None or not mask.any() or mask.all():
             return float(stab)
+        agreement = (mask & solution).sum() / max((mask | solution).sum(), 1)
         border = mask ^ ndimage.binary_erosion(mask)
         contrast = self.edges[border].mean() / self.edge_mean
-        return float(stab * contrast / (1.0 + contrast))
+        return float(stab * agreement * contrast / (1.0 + contrast))
