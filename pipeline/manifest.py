@@ -6,39 +6,25 @@ inside ``data.root``. The result is a frozen ``Manifest`` that the rest of segla
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.paths import is_url, resolve as _resolve
 from seglab.stages.embed import EmbedConfig
 from seglab.stages.ingest import IngestConfig
 from seglab.stages.prompts import PromptsConfig
 from seglab.stages.select import SelectConfig
+from seglab.workers.model_configs import Sam2Config, SamConfig
 from seglab.workers.weightfree import WeightFreeConfig
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
+BackendConfig = Annotated[WeightFreeConfig | SamConfig | Sam2Config, Field(discriminator="name")]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _resolve(value: str, info: ValidationInfo, *, under_root: bool = True) -> str:
-    """Resolve a manifest path: relative to the data root (or manifest folder) and
-    refused when it is a URL or escapes the data root."""
-    if _URL.match(value):
-        raise ValueError(f"'{value}' is a URL; only local paths are accepted")
-    ctx = info.context or {}
-    base = Path(ctx.get("root" if under_root else "manifest_dir", "."))
-    path = Path(value).expanduser()
-    resolved = (path if path.is_absolute() else base / path).resolve()
-    if under_root and "root" in ctx and not resolved.is_relative_to(Path(ctx["root"]).resolve()):
-        raise ValueError(f"'{value}' resolves to {resolved}, outside the data root {ctx['root']}")
-    return str(resolved)
 
 
 class ImageSource(_Frozen):
@@ -55,7 +41,7 @@ class ImageSource(_Frozen):
     @field_validator("glob")
     @classmethod
     def _safe_glob(cls, v: str | None) -> str | None:
-        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or _URL.match(v)):
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or is_url(v)):
             raise ValueError(f"glob '{v}' must be relative to data.root and must not contain '..'")
         return v
 
@@ -159,7 +145,7 @@ class Manifest(_Frozen):
     path: str = Field("", description="Set by the loader; not written in YAML.", exclude=True)
     run: RunSection
     data: DataConfig
-    backend: WeightFreeConfig = WeightFreeConfig()
+    backend: BackendConfig = WeightFreeConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()

@@ -187,7 +187,7 @@ class Runner:
                     self.progress.start(name, len(units), report.already_done)
                     self.progress.finish(name, report)
                     continue
-                pool = pools.get(self._pool_key(name)) or pools.setdefault(self._pool_key(name), self._make_pool(name))
+                pool = self._pool_for(name, pools)
                 store.prepare_stage(name, self.stages[name].outputs(self.context))
                 store.set_stage_attrs(name, signature=self.signatures[name],
                                       signature_digest=digest(self.signatures[name]))
@@ -204,23 +204,27 @@ class Runner:
                 pool.shutdown()
         return RunReport(str(store.path), reports, dry_run=self.options.dry_run)
 
-    def _pool_key(self, name: str) -> tuple[float, float]:
-        resources = self.stages[name].resources
-        return (resources.cpus, resources.gpus)
-
-    def _make_pool(self, name: str):
+    def _pool_for(self, name: str, pools: dict) -> Any:
+        """The pool for a stage's resource shape; consecutive stages with the same shape share
+        it. Another shape's pool is shut down first so that it frees its CPUs/GPUs."""
         from seglab.workers.pool import WorkerPool, WorkerSpec
-        from seglab.workers.raysession import ensure_ray, pool_size
+        from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 
         ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
-        spec = WorkerSpec(
-            store_path=str(self.manifest.store_path),
-            context=self.context,
-            stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
-            backend_config=self.manifest.backend,
-        )
-        resources = self.stages[name].resources
-        return WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers))
+        resources = worker_resources(self.stages[name].resources, self.manifest.backend)
+        key = (resources.cpus, resources.gpus)
+        if key not in pools:
+            for old in pools.values():
+                old.shutdown()
+            pools.clear()
+            spec = WorkerSpec(
+                store_path=str(self.manifest.store_path),
+                context=self.context,
+                stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
+                backend_config=self.manifest.backend,
+            )
+            pools[key] = WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers))
+        return pools[key]
 
     def _run_stage(self, store: Store, name: str, todo: list[tuple[Unit, str]], report: StageReport, pool) -> None:
         from seglab.workers.pool import run_batches

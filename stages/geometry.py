@@ -1,7 +1,8 @@
 """Coordinate frames shared by every promptable backend.
 
 A backend sees an image resized so that its longest side is ``input_size`` and padded
-at the bottom/right to ``input_size x input_size`` (SAM's convention). Mask logits come
+at the bottom/right to ``input_size x input_size`` (SAM's convention), or, with
+``keep_aspect=False``, stretched to the square (SAM2's convention). Mask logits come
 back on a square ``grid_size x grid_size`` grid covering that padded input. ``ImageFrame``
 maps prompts from original pixel coordinates onto that grid and maps grid arrays back
 onto the original image, so that selection can work at low resolution and upsample only
@@ -28,14 +29,18 @@ class ImageFrame:
     original_hw: (H, W) of the decoded image.
     input_size: side of the square padded model input.
     grid_size: side of the square low-resolution mask grid (covers the padded input).
+    keep_aspect: resize the longest side and pad (SAM), or stretch to the square (SAM2).
     """
 
     original_hw: tuple[int, int]
     input_size: int
     grid_size: int
+    keep_aspect: bool = True
 
     @property
     def resized_hw(self) -> tuple[int, int]:
+        if not self.keep_aspect:
+            return self.input_size, self.input_size
         return resized_shape(*self.original_hw, self.input_size)
 
     @property
@@ -46,13 +51,13 @@ class ImageFrame:
         return max(1, min(self.grid_size, round(rh * f))), max(1, min(self.grid_size, round(rw * f)))
 
     def to_array(self) -> np.ndarray:
-        """int64 [4]: H, W, input_size, grid_size (how frames are stored)."""
-        return np.array([*self.original_hw, self.input_size, self.grid_size], dtype=np.int64)
+        """int64 [5]: H, W, input_size, grid_size, keep_aspect (how frames are stored)."""
+        return np.array([*self.original_hw, self.input_size, self.grid_size, int(self.keep_aspect)], dtype=np.int64)
 
     @classmethod
     def from_array(cls, values: np.ndarray) -> "ImageFrame":
-        h, w, input_size, grid_size = (int(v) for v in np.asarray(values).reshape(-1)[:4])
-        return cls((h, w), input_size, grid_size)
+        h, w, input_size, grid_size, keep_aspect = (int(v) for v in np.asarray(values).reshape(-1)[:5])
+        return cls((h, w), input_size, grid_size, bool(keep_aspect))
 
     def scale_to_input(self, xy: np.ndarray) -> np.ndarray:
         """Original pixel coordinates (..., 2) as (x, y) -> padded-input coordinates."""

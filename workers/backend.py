@@ -52,11 +52,19 @@ class PromptableBackend(ABC):
 
 
 def build_backend(config) -> PromptableBackend:
-    """Build the backend a manifest's ``backend`` section names (inside a worker)."""
+    """The backend a manifest's ``backend`` section names (cheap: models load on first use)."""
     if config.name == "weightfree":
         from seglab.workers.weightfree import WeightFreeBackend
 
         return WeightFreeBackend(config)
+    if config.name == "sam":
+        from seglab.workers.sam import SamBackend
+
+        return SamBackend(config)
+    if config.name == "sam2":
+        from seglab.workers.sam2 import Sam2Backend
+
+        return Sam2Backend(config)
     raise ValueError(f"unknown backend '{config.name}'")
 
 

@@ -40,3 +40,14 @@ def pool_size(resources: Resources, requested: int | None) -> int:
             f"(it has {total.get('CPU', 0)} CPU, {total.get('GPU', 0)} GPU)"
         )
     return max(1, min(requested or capacity, capacity))
+
+
+def worker_resources(stage: Resources, backend_config) -> Resources:
+    """What one worker of a stage asks Ray for: a stage that runs a model backend gets one
+    GPU when the cluster has GPUs and the backend may use one (device auto or cuda)."""
+    wants_gpu = stage.needs_backend and getattr(backend_config, "device", "cpu") != "cpu"
+    if wants_gpu and ray.cluster_resources().get("GPU", 0) >= 1:
+        return Resources(cpus=stage.cpus, gpus=1.0, needs_backend=True)
+    if wants_gpu and getattr(backend_config, "device", "cpu") == "cuda":
+        raise SeglabError("backend device 'cuda' was requested but the Ray cluster has no GPU")
+    return stage

@@ -1,0 +1,58 @@
+"""Manifest sections of the model backends (pydantic only: loading a manifest never
+imports torch). The backends themselves live in sam.py and sam2.py."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from seglab.pipeline.paths import ManifestFile
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class VitShape(BaseModel):
+    """A ViT image-encoder shape other than the three released ones (compact or custom
+    checkpoints built from segment-anything's own modules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embed_dim: int = Field(ge=16, le=2048)
+    depth: int = Field(ge=1, le=64)
+    num_heads: int = Field(ge=1, le=64)
+    global_attn_indexes: tuple[int, ...]
+
+
+class SamConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["sam"] = "sam"
+    model: Literal["vit_b", "vit_l", "vit_h", "custom"] = Field("vit_b", description="Released SAM encoder size.")
+    checkpoint: ManifestFile = Field(description="State-dict file (loaded with weights_only=True; keys must match).")
+    encoder: VitShape | None = Field(None, description="Encoder shape when model is 'custom'.")
+    precision: Precision = Field("auto", description="Encoder autocast: auto, bf16, fp16 or fp32 (off).")
+    feature_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored embeddings.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt_batch: int = Field(64, ge=1, le=4096, description="Prompts per mask-decoder call.")
+
+
+SAM2_CONFIGS = (
+    "configs/sam2/sam2_hiera_t.yaml", "configs/sam2/sam2_hiera_s.yaml",
+    "configs/sam2/sam2_hiera_b+.yaml", "configs/sam2/sam2_hiera_l.yaml",
+    "configs/sam2.1/sam2.1_hiera_t.yaml", "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "configs/sam2.1/sam2.1_hiera_b+.yaml", "configs/sam2.1/sam2.1_hiera_l.yaml",
+)
+
+
+class Sam2Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["sam2"] = "sam2"
+    config: Literal[SAM2_CONFIGS] = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 model config.")
+    checkpoint: ManifestFile = Field(description="SAM2 checkpoint ({'model': state dict}); weights_only loading.")
+    overrides: tuple[str, ...] = Field((), description="Hydra overrides for a variant architecture, e.g. "
+                                       "'++model.image_encoder.trunk.embed_dim=48'.")
+    precision: Precision = "auto"
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    prompt_batch: int = Field(64, ge=1, le=4096)

@@ -1,0 +1,146 @@
+"""The ``sam`` backend: segment-anything's ViT image encoder, prompt encoder and mask decoder.
+
+encode: SAM's own preprocessing (``ResizeLongestSide(1024)``, normalise, pad to 1024²),
+then the frozen image encoder -> ``image_embed`` float16/32 [256, 64, 64] per image, plus
+``frame`` (original size; SAM's resized size follows from it exactly).
+decode: prompt encoder + mask decoder from the cached embedding only -> low-resolution
+logits [P, 3, 256, 256] over the padded 1024² input and predicted IoU [P, 3], exactly
+what ``SamPredictor.predict_torch(..., multimask_output=True, return_logits=True)``
+computes before upsampling.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from seglab.stages.geometry import ImageFrame
+from seglab.stages.promptset import PromptBatch
+from seglab.workers.backend import PromptableBackend
+from seglab.workers.model_configs import SamConfig
+from seglab.workers.checkpoints import checkpoint_sha256, load_exact
+from seglab.workers.devices import autocast, autocast_dtype, pick_device
+
+IMAGE_SIZE = 1024
+GRID = 256
+
+
+def build_sam_architecture(config: SamConfig) -> torch.nn.Module:
+    """The SAM network for ``config`` with random weights (the checkpoint loads after)."""
+    from segment_anything import sam_model_registry
+    from segment_anything.build_sam import _build_sam
+
+    if config.model != "custom":
+        return sam_model_registry[config.model](checkpoint=None)
+    if config.encoder is None:
+        raise ValueError("model 'custom' needs an encoder shape")
+    shape = config.encoder
+    return _build_sam(
+        encoder_embed_dim=shape.embed_dim,
+        encoder_depth=shape.depth,
+        encoder_num_heads=shape.num_heads,
+        encoder_global_attn_indexes=list(shape.global_attn_indexes),
+        checkpoint=None,
+    )
+
+
+class SamBackend(PromptableBackend):
+    name = "sam"
+    grid_size = GRID
+    num_candidates = 3
+
+    def __init__(self, config: SamConfig):
+        self.config = config
+        self._model = None
+        self._sha256: str | None = None
+
+    # -- identity (cheap; the driver calls these) ----------------------------------------
+    def feature_names(self) -> tuple[str, ...]:
+        return ("image_embed", "frame")
+
+    def signature(self) -> dict[str, str]:
+        if self._sha256 is None:
+            self._sha256 = checkpoint_sha256(self.config.checkpoint)
+        preprocessing = {
+            "resize_longest_side": IMAGE_SIZE, "pad": "bottom-right", "pixel_mean": [123.675, 116.28, 103.53],
+            "pixel_std": [58.395, 57.12, 57.375], "precision": self.config.precision,
+            "feature_dtype": self.config.feature_dtype,
+        }
+        model = self.config.model if self.config.model != "custom" else f"custom{self.config.encoder.model_dump_json()}"
+        return {"model": f"sam/{model}", "checkpoint": self._sha256,
+                "preprocessing": json.dumps(preprocessing, sort_keys=True)}
+
+    # -- model (inside a worker) ---------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            model = build_sam_architecture(self.config)
+            load_exact(model, self.config.checkpoint)
+            self.device = pick_device(self.config.device)
+            self.dtype = autocast_dtype(self.device, self.config.precision)
+            model.eval().requires_grad_(False).to(self.device)
+            self._model = model
+        return self._model
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 uint8 -> float32 [3, 1024, 1024], exactly as ``SamPredictor.set_image``."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        model = self.model
+        resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+        return model.preprocess(tensor[None])[0]
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        model = self.model
+        batch = torch.stack([self.preprocess(np.asarray(im)) for im in images])
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            embed = model.image_encoder(batch)
+        embed = embed.float().cpu().numpy().astype(self.config.feature_dtype)
+        return [
+            {"image_embed": embed[i], "frame": ImageFrame(tuple(im.shape[:2]), IMAGE_SIZE, GRID).to_array()}
+            for i, im in enumerate(images)
+        ]
+
+    def decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
+        model = self.model
+        p = len(prompts)
+        logits = np.zeros((p, 3, GRID, GRID), np.float32)
+        quality = np.zeros((p, 3), np.float32)
+        if p == 0:
+            return logits, quality
+        frame = self.frame(features)
+        embed = torch.as_tensor(np.asarray(features["image_embed"]), dtype=torch.float32, device=self.device)[None]
+        coords = frame.scale_to_input(prompts.coords)
+        boxes = frame.scale_to_input(prompts.boxes.reshape(-1, 2, 2)).reshape(-1, 4)
+        has_box = prompts.has_box
+        step = self.config.prompt_batch
+        with torch.inference_mode():
+            for boxed in (False, True):  # SAM's prompt encoder takes boxes for all prompts or none
+                index = np.flatnonzero(has_box == boxed)
+                for start in range(0, len(index), step):
+                    rows = index[start : start + step]
+                    out_logits, out_iou = self._decode_rows(model, embed, coords[rows], prompts.labels[rows],
+                                                            boxes[rows] if boxed else None)
+                    logits[rows], quality[rows] = out_logits, out_iou
+        return logits, quality
+
+    def _decode_rows(self, model, embed, coords, labels, boxes):
+        as_tensor = partial(torch.as_tensor, device=self.device)
+        points = None
+        if coords.shape[1] and (labels >= 0).any():
+            points = (as_tensor(coords, dtype=torch.float32), as_tensor(labels, dtype=torch.int))
+        sparse, dense = model.prompt_encoder(
+            points=points, boxes=None if boxes is None else as_tensor(boxes, dtype=torch.float32), masks=None
+        )
+        low_res, iou = model.mask_decoder(
+            image_embeddings=embed,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+        return low_res.float().cpu().numpy(), iou.float().cpu().numpy()
