@@ -10,7 +10,7 @@ import typer
 
 from seglab.pipeline.errors import ManifestError, SeglabError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Weak labels in, dense labels with uncertainty out.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Weak labels in, dense labels with uncertainty out.")
 state = {"verbose": False}
 
 
@@ -112,6 +112,29 @@ def export(
         raise SeglabError(f"unknown export format '{format_}'; available: png")
     index = export_png(store, out, stage=stage, overwrite=overwrite)
     render.console.print(f"wrote {len(index['images'])} label maps to {out}")
+
+
+bench = typer.Typer(help="Benchmarks (measurements, not tests).", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@bench.command("encoder")
+@handled
+def bench_encoder(
+    backend: Annotated[str, typer.Option(help="Backend to measure.")] = "sam",
+    model: Annotated[str, typer.Option(help="SAM encoder: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    images: Annotated[int, typer.Option(min=1, help="Images (480x640, random).")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 2,
+    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Images/s through the embed stage vs a bare encoder forward, GFLOP/s, bytes stored."""
+    from seglab.cli import render
+    from seglab.workers.bench_encoder import bench_encoder as measure
+
+    if backend != "sam":
+        raise SeglabError(f"bench encoder measures the 'sam' backend; got '{backend}'")
+    render.figures(measure(model=model, images=images, batch_size=batch_size, precision=precision), json_)
 
 
 @app.command()

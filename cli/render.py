@@ -98,3 +98,14 @@ def manifest_problems(exc: ManifestError) -> None:
 
 def error(message: str) -> None:
     errors.print(f"[red]error:[/red] {message}")
+
+
+def figures(values: dict, as_json: bool) -> None:
+    """A flat mapping of measured figures, as JSON or a two-column table."""
+    if as_json:
+        print(json.dumps(values, indent=2))
+        return
+    table = Table("figure", "value")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    console.print(table)

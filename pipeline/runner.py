@@ -84,7 +84,7 @@ def build_context(manifest: Manifest) -> Context:
         classes=ClassTable(tuple(c.id for c in data.classes), tuple(c.name for c in data.classes), data.ignore_id),
         weak_kind=data.weak.kind,
         seed=manifest.run.seed,
-        extras={"unlabelled": data.weak.unlabelled, "feature_names": feature_names(manifest.backend)},
+        extras={"unlabelled": data.weak.unlabelled, "feature_names": feature_names(manifest.backend, manifest.embed.tiling)},
     )
 
 
@@ -94,7 +94,7 @@ def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str
 
     shared = {"classes": list(zip(ctx.classes.ids, ctx.classes.names)), "ignore_id": ctx.classes.ignore_id,
               "weak_kind": ctx.weak_kind, "weak_unlabelled": ctx.extras["unlabelled"], "seed": ctx.seed}
-    model = backend_signature(manifest.backend)
+    model = backend_signature(manifest.backend, manifest.embed.tiling)
     sigs: dict[str, dict[str, Any]] = {}
     for name in dag.order:
         stage = STAGES[name]
@@ -222,6 +222,7 @@ class Runner:
                 context=self.context,
                 stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
                 backend_config=self.manifest.backend,
+                tiling=self.manifest.embed.tiling,
             )
             pools[key] = WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers))
         return pools[key]

@@ -27,7 +27,8 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     store = Store(manifest.store_path)
     store.prepare_stage("embed", runner.stages["embed"].outputs(runner.context))
     spec = WorkerSpec(str(manifest.store_path), runner.context,
-                      {n: manifest.stage_config(n) for n in runner.dag.order}, manifest.backend)
+                      {n: manifest.stage_config(n) for n in runner.dag.order}, manifest.backend,
+                      manifest.embed.tiling)
     pool = WorkerPool(spec, runner.stages["embed"].resources, size=2)
     victim = ray.get(pool.actors[0].pid.remote())
     receipts: list[dict] = []

@@ -51,8 +51,15 @@ class PromptableBackend(ABC):
         return ImageFrame.from_array(features["frame"])
 
 
-def build_backend(config) -> PromptableBackend:
-    """The backend a manifest's ``backend`` section names (cheap: models load on first use)."""
+def build_backend(config, tiling=None) -> PromptableBackend:
+    """The backend a manifest's ``backend`` section names, wrapped for large-image tiling
+    (cheap: models load on first use)."""
+    from seglab.workers.tiling import TiledBackend, TilingConfig
+
+    return TiledBackend(_build_plain(config), tiling or TilingConfig())
+
+
+def _build_plain(config) -> PromptableBackend:
     if config.name == "weightfree":
         from seglab.workers.weightfree import WeightFreeBackend
 
@@ -68,11 +75,11 @@ def build_backend(config) -> PromptableBackend:
     raise ValueError(f"unknown backend '{config.name}'")
 
 
-def feature_names(config) -> tuple[str, ...]:
+def feature_names(config, tiling=None) -> tuple[str, ...]:
     """Names of the arrays the ``embed`` stage stores for this backend (driver side)."""
-    return build_backend(config).feature_names()
+    return build_backend(config, tiling).feature_names()
 
 
-def backend_signature(config) -> dict[str, str]:
-    """Model name, checkpoint sha256 and preprocessing of this backend (driver side)."""
-    return build_backend(config).signature()
+def backend_signature(config, tiling=None) -> dict[str, str]:
+    """Model name, checkpoint sha256, preprocessing and tiling of this backend (driver side)."""
+    return build_backend(config, tiling).signature()

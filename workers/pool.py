@@ -38,6 +38,7 @@ class WorkerSpec:
     context: Context
     stage_configs: Mapping[str, StageConfig]
     backend_config: Any
+    tiling: Any = None
 
 
 def _failure(unit: Unit, exc: BaseException) -> dict[str, Any]:
@@ -70,7 +71,7 @@ class StageWorker:
             if stage.resources.needs_backend and self.context.backend is None:
                 from seglab.workers.backend import build_backend
 
-                self.context.backend = build_backend(self.spec.backend_config)
+                self.context.backend = build_backend(self.spec.backend_config, self.spec.tiling)
             self.stages[name] = stage
         return self.stages[name]
 
