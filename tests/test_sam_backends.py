@@ -189,3 +189,19 @@ def test_sam_manifest_runs_end_to_end_and_a_rerun_encodes_nothing(tiny, sam_chec
     with pytest.raises(SignatureMismatch) as info:
         Runner(load_manifest(tiny)).run()
     assert info.value.stage == "embed" and any(c.startswith("model.checkpoint:") for c in info.value.changes)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_sam2_manifest_runs_end_to_end(tiny, sam2_checkpoint):
+    from seglab.pipeline.manifest import load_manifest
+    from seglab.pipeline.runner import Runner
+    from seglab.pipeline.store import Store
+
+    tiny.write_text(tiny.read_text() + f"backend: {{name: sam2, checkpoint: {sam2_checkpoint}}}\n")
+    report = Runner(load_manifest(tiny)).run()
+    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4]
+    store = Store(tiny.parent / "run.zarr")
+    entry = next(iter(store.ledger("embed").load().values()))
+    assert entry["outputs"]["high_res_feats_0"]["shape"] == [32, 256, 256]
+    assert entry["outputs"]["image_embed"]["dtype"] == "<f2"  # fp16 cache by default
+    assert Runner(load_manifest(tiny)).run().work_done == 0
