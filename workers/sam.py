@@ -10,19 +10,15 @@ computes before upsampling.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from functools import partial
 
 import numpy as np
 import torch
-
 from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import PromptBatch
-from seglab.workers.backend import PromptableBackend
+from seglab.workers.devices import autocast
+from seglab.workers.frozen_model import FrozenModelBackend
 from seglab.workers.model_configs import SamConfig
-from seglab.workers.checkpoints import checkpoint_sha256, load_exact
-from seglab.workers.devices import autocast, autocast_dtype, pick_device
 
 IMAGE_SIZE = 1024
 GRID = 256
@@ -47,43 +43,24 @@ def build_sam_architecture(config: SamConfig) -> torch.nn.Module:
     )
 
 
-class SamBackend(PromptableBackend):
+class SamBackend(FrozenModelBackend):
     name = "sam"
     grid_size = GRID
     num_candidates = 3
 
-    def __init__(self, config: SamConfig):
-        self.config = config
-        self._model = None
-        self._sha256: str | None = None
-
-    # -- identity (cheap; the driver calls these) ----------------------------------------
     def feature_names(self) -> tuple[str, ...]:
         return ("image_embed", "frame")
 
-    def signature(self) -> dict[str, str]:
-        if self._sha256 is None:
-            self._sha256 = checkpoint_sha256(self.config.checkpoint)
-        preprocessing = {
-            "resize_longest_side": IMAGE_SIZE, "pad": "bottom-right", "pixel_mean": [123.675, 116.28, 103.53],
-            "pixel_std": [58.395, 57.12, 57.375], "precision": self.config.precision,
-            "feature_dtype": self.config.feature_dtype,
-        }
-        model = self.config.model if self.config.model != "custom" else f"custom{self.config.encoder.model_dump_json()}"
-        return {"model": f"sam/{model}", "checkpoint": self._sha256,
-                "preprocessing": json.dumps(preprocessing, sort_keys=True)}
+    def build_architecture(self) -> torch.nn.Module:
+        return build_sam_architecture(self.config)
 
-    # -- model (inside a worker) ---------------------------------------------------------
-    @property
-    def model(self):
-        if self._model is None:
-            model = build_sam_architecture(self.config)
-            load_exact(model, self.config.checkpoint)
-            self.device = pick_device(self.config.device)
-            self.dtype = autocast_dtype(self.device, self.config.precision)
-            model.eval().requires_grad_(False).to(self.device)
-            self._model = model
-        return self._model
+    def model_name(self) -> str:
+        model = self.config.model
+        return f"sam/{model}" if model != "custom" else f"sam/custom{self.config.encoder.model_dump_json()}"
+
+    def preprocessing(self) -> dict:
+        return {"resize_longest_side": IMAGE_SIZE, "pad": "bottom-right",
+                "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> float32 [3, 1024, 1024], exactly as ``SamPredictor.set_image``."""
@@ -105,30 +82,12 @@ class SamBackend(PromptableBackend):
             for i, im in enumerate(images)
         ]
 
-    def decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
-        model = self.model
-        p = len(prompts)
-        logits = np.zeros((p, 3, GRID, GRID), np.float32)
-        quality = np.zeros((p, 3), np.float32)
-        if p == 0:
-            return logits, quality
-        frame = self.frame(features)
-        embed = torch.as_tensor(np.asarray(features["image_embed"]), dtype=torch.float32, device=self.device)[None]
-        coords = frame.scale_to_input(prompts.coords)
-        boxes = frame.scale_to_input(prompts.boxes.reshape(-1, 2, 2)).reshape(-1, 4)
-        has_box = prompts.has_box
-        step = self.config.prompt_batch
-        with torch.inference_mode():
-            for boxed in (False, True):  # SAM's prompt encoder takes boxes for all prompts or none
-                index = np.flatnonzero(has_box == boxed)
-                for start in range(0, len(index), step):
-                    rows = index[start : start + step]
-                    out_logits, out_iou = self._decode_rows(model, embed, coords[rows], prompts.labels[rows],
-                                                            boxes[rows] if boxed else None)
-                    logits[rows], quality[rows] = out_logits, out_iou
-        return logits, quality
+    def cached_tensors(self, features: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        embed = torch.as_tensor(np.asarray(features["image_embed"]), dtype=torch.float32, device=self.device)
+        return {"image_embed": embed[None]}
 
-    def _decode_rows(self, model, embed, coords, labels, boxes):
+    def decode_rows(self, cached, coords, labels, boxes):
+        model = self.model
         as_tensor = partial(torch.as_tensor, device=self.device)
         points = None
         if coords.shape[1] and (labels >= 0).any():
@@ -136,11 +95,10 @@ class SamBackend(PromptableBackend):
         sparse, dense = model.prompt_encoder(
             points=points, boxes=None if boxes is None else as_tensor(boxes, dtype=torch.float32), masks=None
         )
-        low_res, iou = model.mask_decoder(
-            image_embeddings=embed,
+        return model.mask_decoder(
+            image_embeddings=cached["image_embed"],
             image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,
         )
-        return low_res.float().cpu().numpy(), iou.float().cpu().numpy()

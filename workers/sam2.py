@@ -12,19 +12,15 @@ as ``SAM2ImagePredictor._predict(..., multimask_output=True)`` before upsampling
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from functools import partial
 
 import numpy as np
 import torch
-
 from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import PromptBatch
-from seglab.workers.backend import PromptableBackend
+from seglab.workers.devices import autocast
+from seglab.workers.frozen_model import FrozenModelBackend
 from seglab.workers.model_configs import Sam2Config
-from seglab.workers.checkpoints import checkpoint_sha256, load_exact
-from seglab.workers.devices import autocast, autocast_dtype, pick_device
 
 GRID = 256
 def build_sam2_architecture(config: Sam2Config) -> torch.nn.Module:
@@ -35,42 +31,30 @@ def build_sam2_architecture(config: Sam2Config) -> torch.nn.Module:
                       hydra_overrides_extra=list(config.overrides), apply_postprocessing=False)
 
 
-class Sam2Backend(PromptableBackend):
+class Sam2Backend(FrozenModelBackend):
     name = "sam2"
     grid_size = GRID
     num_candidates = 3
-
-    def __init__(self, config: Sam2Config):
-        self.config = config
-        self._model = None
-        self._sha256: str | None = None
+    state_dict_key = "model"
 
     def feature_names(self) -> tuple[str, ...]:
         return ("image_embed", "high_res_feats_0", "high_res_feats_1", "frame")
 
-    def signature(self) -> dict[str, str]:
-        if self._sha256 is None:
-            self._sha256 = checkpoint_sha256(self.config.checkpoint)
-        preprocessing = {"resize": "stretch", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                         "precision": self.config.precision, "feature_dtype": self.config.feature_dtype,
-                         "overrides": list(self.config.overrides)}
-        return {"model": f"sam2/{self.config.config}", "checkpoint": self._sha256,
-                "preprocessing": json.dumps(preprocessing, sort_keys=True)}
+    def build_architecture(self) -> torch.nn.Module:
+        return build_sam2_architecture(self.config)
 
-    @property
-    def model(self):
-        if self._model is None:
-            from sam2.sam2_image_predictor import SAM2ImagePredictor
+    def model_name(self) -> str:
+        return f"sam2/{self.config.config}"
 
-            model = build_sam2_architecture(self.config)
-            load_exact(model, self.config.checkpoint, nested_key="model")
-            self.device = pick_device(self.config.device)
-            self.dtype = autocast_dtype(self.device, self.config.precision)
-            model.eval().requires_grad_(False).to(self.device)
-            # the predictor holds SAM2's transforms and feature-map sizes; we never call set_image
-            self.predictor = SAM2ImagePredictor(model)
-            self._model = model
-        return self._model
+    def preprocessing(self) -> dict:
+        return {"resize": "stretch", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                "overrides": list(self.config.overrides)}
+
+    def on_loaded(self, model: torch.nn.Module) -> None:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        # the predictor holds SAM2's transforms and feature-map sizes; we never call set_image
+        self.predictor = SAM2ImagePredictor(model)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         model = self.model
@@ -91,42 +75,26 @@ class Sam2Backend(PromptableBackend):
             for i, im in enumerate(images)
         ]
 
-    def decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
-        model = self.model
-        p = len(prompts)
-        logits = np.zeros((p, 3, GRID, GRID), np.float32)
-        quality = np.zeros((p, 3), np.float32)
-        if p == 0:
-            return logits, quality
+    def cached_tensors(self, features: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         tensor = partial(torch.as_tensor, dtype=torch.float32, device=self.device)
-        embed = tensor(np.asarray(features["image_embed"]))[None]
-        high_res = [tensor(np.asarray(features[f"high_res_feats_{i}"]))[None] for i in (0, 1)]
-        frame = self.frame(features)
-        coords = frame.scale_to_input(prompts.coords)
-        boxes = frame.scale_to_input(prompts.boxes.reshape(-1, 2, 2))
-        step = self.config.prompt_batch
-        with torch.inference_mode():
-            for boxed in (False, True):  # as in SAM, padding slots would change the decoder's output
-                index = np.flatnonzero(prompts.has_box == boxed)
-                for start in range(0, len(index), step):
-                    rows = index[start : start + step]
-                    points = (tensor(coords[rows]),
-                              torch.as_tensor(prompts.labels[rows], dtype=torch.int, device=self.device))
-                    if boxed:  # SAM2 takes a box as two corner points (labels 2, 3) before the clicks
-                        corner_labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device).repeat(len(rows), 1)
-                        points = (torch.cat([tensor(boxes[rows]), points[0]], 1), torch.cat([corner_labels, points[1]], 1))
-                    logits[rows], quality[rows] = self._decode_rows(model, embed, high_res, points)
-        return logits, quality
+        return {name: tensor(np.asarray(features[name]))[None]
+                for name in ("image_embed", "high_res_feats_0", "high_res_feats_1")}
 
-    def _decode_rows(self, model, embed, high_res, points):
+    def decode_rows(self, cached, coords, labels, boxes):
+        model = self.model
+        points = (torch.as_tensor(coords, device=self.device), torch.as_tensor(labels, device=self.device))
+        if boxes is not None:  # SAM2 takes a box as two corner points (labels 2, 3) before the clicks
+            corners = torch.as_tensor(boxes.reshape(-1, 2, 2), device=self.device)
+            corner_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=self.device).repeat(len(boxes), 1)
+            points = (torch.cat([corners, points[0]], 1), torch.cat([corner_labels, points[1]], 1))
         sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=None)
         low_res, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=embed,
+            image_embeddings=cached["image_embed"],
             image_pe=model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,
             repeat_image=True,
-            high_res_features=high_res,
+            high_res_features=[cached["high_res_feats_0"], cached["high_res_feats_1"]],
         )
-        return low_res.float().cpu().numpy(), iou.float().cpu().numpy()
+        return low_res, iou
