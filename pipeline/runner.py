@@ -109,10 +109,10 @@ def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str
 
 
 class Runner:
-    def __init__(self, manifest: Manifest, options: RunOptions = RunOptions(), progress: Progress = NoProgress()):
+    def __init__(self, manifest: Manifest, options: RunOptions | None = None, progress: Progress | None = None):
         self.manifest = manifest
-        self.options = options
-        self.progress = progress
+        self.options = options or RunOptions()
+        self.progress = progress or NoProgress()
         self.dag = Dag(STAGES)
         self.context = build_context(manifest)
         self.signatures = signatures(manifest, self.dag, self.context)
