@@ -114,6 +114,24 @@ def export(
     render.console.print(f"wrote {len(index['images'])} label maps to {out}")
 
 
+@app.command("simulate-weak")
+@handled
+def simulate_weak(
+    masks: Annotated[Path, typer.Option(help="Folder of ground-truth class-id masks.")],
+    kind: Annotated[str, typer.Option(help="points, scribbles, coarse or boxes.")],
+    out: Annotated[Path, typer.Option(help="New folder for the weak labels.")],
+    seed: Annotated[int, typer.Option(help="Same seed, same weak labels.")] = 0,
+    ignore: Annotated[Optional[list[int]], typer.Option(help="Mask values that are not classes (repeatable).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder, to name table rows by image file.")] = None,
+) -> None:
+    """Derive weak labels from ground-truth masks the way weakly supervised papers do."""
+    from seglab.cli import render
+    from seglab.pipeline.simulate import simulate_weak as simulate
+
+    count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images)
+    render.console.print(f"wrote {kind} for {count} masks to {out}")
+
+
 bench = typer.Typer(help="Benchmarks (measurements, not tests).", no_args_is_help=True)
 app.add_typer(bench, name="bench")
 
