@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from seglab.pipeline.atomic import atomic_folder
 from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.store import Store
 
@@ -40,24 +39,18 @@ def palette(num: int = 256) -> list[int]:
 def export_png(store_path: Path | str, out: Path | str, *, stage: str = "select", overwrite: bool = False) -> dict:
     """Write every done unit's ``<stage>/labels`` as a PNG; returns the index written."""
     store = Store(store_path)
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise SeglabError(f"{out} already exists (pass --overwrite to replace it)")
     entries = {u: e for u, e in store.ledger(stage).load().items() if e.get("status") == "done"}
     if not entries:
         raise SeglabError(f"{store.path}: stage '{stage}' has no finished units to export")
     sources = {u: e.get("info", {}).get("source") for u, e in store.ledger("ingest").load().items()}
     attrs = store.attrs
-    ignore_id = int(attrs.get("ignore_id", 255))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    stems = Counter(Path(u).stem for u in entries)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         (tmp / "labels").mkdir()
         images = []
-        stems = [Path(u).stem for u in entries]
         for unit in sorted(entries):
             labels = store.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
-            name = f"labels/{Path(unit).stem if stems.count(Path(unit).stem) == 1 else unit}.png"
+            name = f"labels/{Path(unit).stem if stems[Path(unit).stem] == 1 else unit}.png"
             if labels.dtype == np.uint8:
                 img = Image.fromarray(labels, mode="P")
                 img.putpalette(palette())
@@ -68,7 +61,7 @@ def export_png(store_path: Path | str, out: Path | str, *, stage: str = "select"
         index = {
             "stage": stage,
             "classes": attrs.get("classes", []),
-            "ignore_id": ignore_id,
+            "ignore_id": int(attrs.get("ignore_id", 255)),
             "provenance": {k: attrs.get(k) for k in ("seglab_version", "manifest_hash")},
             "images": images,
         }
@@ -77,10 +70,4 @@ def export_png(store_path: Path | str, out: Path | str, *, stage: str = "select"
             writer = csv.writer(f)
             writer.writerow(["image", "label"])
             writer.writerows([i["image"], i["label"]] for i in images)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index

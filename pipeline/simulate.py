@@ -10,9 +10,6 @@ is built under a temporary name and renamed into place when complete:
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seglab.pipeline.atomic import atomic_folder
 from seglab.pipeline.errors import InputError, SeglabError
 from seglab.stages import weak_simulation as sim
 from seglab.stages.imageio import open_checked
@@ -45,13 +43,8 @@ def simulate_weak(*, masks: Path, kind: str, out: Path, seed: int, ignore: Seque
     if not files:
         raise SeglabError(f"{masks}: no mask files ({', '.join(sorted(MASK_SUFFIXES))})")
     names = {p.stem: p.name for p in Path(images).iterdir()} if images else {}
-    out = Path(out)
-    if out.exists():
-        raise SeglabError(f"{out} already exists; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     rows: list[tuple] = []
-    try:
+    with atomic_folder(out) as tmp:
         for path in files:
             mask = read_mask(path)
             rng = np.random.default_rng([seed, zlib.crc32(path.name.encode())])
@@ -69,8 +62,4 @@ def simulate_weak(*, masks: Path, kind: str, out: Path, seed: int, ignore: Seque
                 writer = csv.writer(f)
                 writer.writerow(header)
                 writer.writerows(rows)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(files)

@@ -54,7 +54,6 @@ def bench_encoder(*, model: str, images: int, batch_size: int, precision: str, s
         sam.encode(pictures[:1])  # load the model and warm up, outside both timings
 
         start = time.perf_counter()
-        stored_bytes = 0
         for i in range(0, images, batch_size):
             batch = units[i : i + batch_size]
             results = stage.process_batch(batch, [{"ingest/image": pictures[int(u.id[3:])]} for u in batch], ctx)
