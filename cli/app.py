@@ -114,6 +114,20 @@ def export(
     render.console.print(f"wrote {len(index['images'])} label maps to {out}")
 
 
+@app.command()
+@handled
+def evaluate(
+    manifest: ManifestArg,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Score the weak labels, the nearest-label baseline and every stage's labels against data.evaluation."""
+    from seglab.cli import render
+    from seglab.pipeline.evaluate import evaluate as score
+
+    render.evaluation_tables(score(_manifest(manifest, store)), json_)
+
+
 @app.command("simulate-weak")
 @handled
 def simulate_weak(
@@ -123,12 +137,15 @@ def simulate_weak(
     seed: Annotated[int, typer.Option(help="Same seed, same weak labels.")] = 0,
     ignore: Annotated[Optional[list[int]], typer.Option(help="Mask values that are not classes (repeatable).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder, to name table rows by image file.")] = None,
+    unlabelled: Annotated[int, typer.Option(min=0, max=65535,
+                                            help="Label-map value for 'no label' (scribbles, coarse).")] = 255,
 ) -> None:
     """Derive weak labels from ground-truth masks the way weakly supervised papers do."""
     from seglab.cli import render
     from seglab.pipeline.simulate import simulate_weak as simulate
 
-    count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images)
+    count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images,
+                     unlabelled=unlabelled)
     render.console.print(f"wrote {kind} for {count} masks to {out}")
 
 
@@ -153,6 +170,29 @@ def bench_encoder(
     if backend != "sam":
         raise SeglabError(f"bench encoder measures the 'sam' backend; got '{backend}'")
     render.figures(measure(model=model, images=images, batch_size=batch_size, precision=precision), json_)
+
+
+@bench.command("quality")
+@handled
+def bench_quality(
+    manifests: Annotated[Optional[list[Path]], typer.Argument(
+        help="Benchmark manifests (default: every manifests/bench/*.yaml of the source checkout).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only each manifest's first N images.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute this stage and everything downstream.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Simulate weak labels from gold masks, run, evaluate: mIoU of weak, nearest-label, select."""
+    from seglab.cli import render
+    from seglab.pipeline.bench_quality import bench_quality as measure, default_manifests
+
+    paths = manifests or default_manifests()
+    options = dict(limit=limit, force=tuple(force or ()))
+    if json_:
+        rows = measure(paths, **options)
+    else:
+        with render.RichProgress() as progress:
+            rows = measure(paths, **options, progress=progress)
+    render.quality_table(rows, json_)
 
 
 @app.command()

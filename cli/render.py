@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
+from seglab.pipeline.bench_quality import SELECT, QualityRow
 from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
 from seglab.pipeline.runner import RunReport, StageReport
 from seglab.pipeline.status import StageStatus
 
@@ -109,3 +112,48 @@ def figures(values: dict, as_json: bool) -> None:
     for key, value in values.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def evaluation_tables(result: Evaluation, as_json: bool) -> None:
+    """One row per label source, then per-class IoU (classes as rows, sources as columns)."""
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    table = Table(Column("source", no_wrap=True), "images", "missing", "mIoU", "pixel acc", "labelled",
+                  "acc on labelled", title=f"label quality (%) on {result.images} evaluation images")
+    for r in result.sources:
+        s = r.scores
+        table.add_row(r.source, str(r.evaluated), str(len(r.missing)), _pct(s.miou), _pct(s.pixel_accuracy),
+                      _pct(s.labelled_fraction), _pct(s.labelled_accuracy))
+    console.print(table)
+    for r in result.sources:
+        if r.stale:
+            console.print(f"[yellow]{r.source}[/yellow]: the store's outputs were made with other settings and are "
+                          "not evaluated (`seglab status` names the change)")
+    per_class = Table("class", *(r.source for r in result.sources), title="IoU % per class")
+    for k, name in enumerate(result.class_names):
+        per_class.add_row(name, *(_pct(r.scores.iou[k]) for r in result.sources))
+    console.print(per_class)
+
+
+def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
+    """Per manifest: mIoU of weak labels, the nearest-label baseline and select, the gain, wall time."""
+    if as_json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    table = Table(Column("dataset", no_wrap=True), Column("kind", no_wrap=True), "images", "weak", "nearest",
+                  "select", "gain", "wall s", title="mIoU % (gain: select − nearest-label, in points)")
+    for r in rows:
+        select = r.source(SELECT)
+        gain = "-" if math.isnan(r.gain_points) else f"{r.gain_points:+.1f}"
+        images = f"{select.evaluated}/{r.evaluation.images}" if select else f"0/{r.evaluation.images}"
+        table.add_row(r.dataset, r.kind, images, _pct(r.miou(WEAK)), _pct(r.miou(NEAREST)), _pct(r.miou(SELECT)),
+                      gain, f"{r.seconds['total']:.0f}")
+    console.print(table)
+    for r in rows:
+        if r.failed:
+            errors.print(f"[red]{r.manifest}: {r.failed} unit(s) failed; `seglab status` lists them[/red]")

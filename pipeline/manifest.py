@@ -1,8 +1,9 @@
 """The manifest: YAML read safely, validated once by pydantic, paths resolved.
 
-Every relative path is resolved against the manifest's folder (``data.root`` and the
-store) or against ``data.root`` (everything under ``data``), and data paths must stay
-inside ``data.root``. The result is a frozen ``Manifest`` that the rest of seglab trusts.
+Every relative path is resolved against the manifest's folder (``data.root``, the weak
+labels and the store: the operator's own files) or against ``data.root`` (the rest of
+``data``: images, image lists, gold masks), and those data paths must stay inside
+``data.root``. The result is a frozen ``Manifest`` that the rest of seglab trusts.
 """
 from __future__ import annotations
 
@@ -62,14 +63,15 @@ class WeakLabels(_Frozen):
     kind: Literal["points", "scribbles", "coarse", "boxes"]
     path: str = Field(
         description="points/boxes: one table (JSON, CSV or Parquet) for all images; "
-        "scribbles/coarse: a folder of PNG label maps named like the images (<stem>.png)."
+        "scribbles/coarse: a folder of PNG label maps named like the images (<stem>.png). "
+        "Relative to the manifest's folder (like the store), not to data.root, and not confined to it."
     )
     unlabelled: int = Field(255, ge=0, le=65535, description="Label-map value meaning 'no label'.")
 
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, v: str, info: ValidationInfo) -> str:
-        return _resolve(v, info)
+        return _resolve(v, info, under_root=False)
 
 
 class ClassSpec(_Frozen):
@@ -78,10 +80,14 @@ class ClassSpec(_Frozen):
 
 
 class GoldSet(_Frozen):
-    """Images with full ground-truth masks (masks/<stem>.png holding class ids)."""
+    """Images with full ground-truth masks: <masks>/<image stem>.png (or .bmp, .tif, .tiff)
+    holding a class id, or a value listed in ``ignore``, per pixel."""
 
     images: ImageSource
-    masks: str
+    masks: str = Field(description="Folder of gold masks named <image stem>.png|.bmp|.tif|.tiff, under data.root.")
+    ignore: tuple[int, ...] = Field(
+        (), description="Gold mask values excluded from every metric (e.g. CamVid 11, GrabCut's border band 128)."
+    )
 
     @field_validator("masks")
     @classmethod
@@ -90,7 +96,8 @@ class GoldSet(_Frozen):
 
 
 class DataConfig(_Frozen):
-    root: str = Field(".", description="Folder every data path is relative to and must stay inside.")
+    root: str = Field(".", description="Folder the images, image lists and gold masks are relative to and must "
+                      "stay inside (weak labels are relative to the manifest).")
     images: ImageSource
     weak: WeakLabels
     classes: tuple[ClassSpec, ...] = Field(min_length=1)
@@ -115,6 +122,11 @@ class DataConfig(_Frozen):
             raise ValueError(f"ignore_id {self.ignore_id} is also a class id")
         if self.weak.unlabelled in ids:
             raise ValueError(f"weak.unlabelled {self.weak.unlabelled} is also a class id")
+        for section in ("calibration", "evaluation"):
+            gold = getattr(self, section)
+            clashes = sorted(set(gold.ignore) & set(ids)) if gold else []
+            if clashes:
+                raise ValueError(f"{section}.ignore {clashes} are also class ids")
         return self
 
 

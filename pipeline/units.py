@@ -1,7 +1,7 @@
 """Enumerate a manifest's units (images) and attach each one's weak label.
 
-Runs on the driver. Point tables are parsed once here, so a worker receives only its
-unit's points. Unit ids are image paths relative to the data root with '/' written as
+Runs on the driver. Point and box tables are parsed once here, so a worker receives only
+its unit's rows. Unit ids are image paths relative to the data root with '/' written as
 '__' (sample images: their file name), unique by construction.
 """
 from __future__ import annotations
@@ -15,7 +15,10 @@ from seglab.pipeline.errors import InputError, ManifestError
 from seglab.pipeline.fingerprint import digest
 from seglab.pipeline.manifest import ImageSource, Manifest
 from seglab.stages.base import Unit
-from seglab.stages.weak import assign_to_images, read_point_table
+from seglab.stages.weak import assign_to_images, read_box_table, read_point_table
+
+#: weak-label kinds given as one table for all images, and their readers
+TABLE_KINDS = {"points": read_point_table, "boxes": read_box_table}
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -59,26 +62,25 @@ def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Pat
 
 def enumerate_units(manifest: Manifest) -> list[Unit]:
     data = manifest.data
-    if data.weak.kind == "boxes":
-        raise ManifestError(manifest.path, [("data.weak.kind", "box weak labels are not consumed by any stage yet; "
-                                             "use points, scribbles or coarse")])
     root = Path(data.root)
     images = list_images(data.images, root, manifest.path)
     units: list[Unit] = []
     keys = {path: path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name for path in images}
-    points = {}
-    if data.weak.kind == "points":
+    tabular = data.weak.kind in TABLE_KINDS
+    rows_by_image = {}
+    if tabular:
         weak_path = Path(data.weak.path)
-        points = assign_to_images(read_point_table(weak_path), keys.values(), path_for_errors=weak_path)
+        table = TABLE_KINDS[data.weak.kind](weak_path)
+        rows_by_image = assign_to_images(table, keys.values(), path_for_errors=weak_path)
     seen: dict[str, Path] = {}
     for path in images:
         uid = keys[path].replace("/", "__")
         if uid in seen:
             raise ManifestError(manifest.path, [("data.images", f"{path} and {seen[uid]} map to the same unit id '{uid}'")])
         seen[uid] = path
-        if data.weak.kind == "points":
-            rows = points.get(keys[path], [])
-            units.append(Unit(id=uid, image=str(path), weak_points=tuple(map(tuple, rows)), weak_source=data.weak.path))
+        if tabular:
+            rows = rows_by_image.get(keys[path], [])
+            units.append(Unit(id=uid, image=str(path), weak_rows=tuple(map(tuple, rows)), weak_source=data.weak.path))
         else:
             weak = Path(data.weak.path) / f"{path.stem}.png"
             units.append(Unit(id=uid, image=str(path), weak_map=str(weak), weak_source=str(weak)))
@@ -87,11 +89,11 @@ def enumerate_units(manifest: Manifest) -> list[Unit]:
 
 def unit_input_digest(unit: Unit) -> str:
     """What identifies a unit's raw inputs without reading them: paths, sizes, mtimes,
-    and the points themselves. A change recomputes the unit (and what depends on it)."""
+    and the table rows themselves. A change recomputes the unit (and what depends on it)."""
     def stat(path: str | None) -> list:
         if path is None or not Path(path).exists():
             return [path, None]
         st = Path(path).stat()
         return [path, st.st_size, st.st_mtime_ns]
 
-    return digest([stat(unit.image), stat(unit.weak_map), list(unit.weak_points)])
+    return digest([stat(unit.image), stat(unit.weak_map), list(unit.weak_rows)])

@@ -41,13 +41,14 @@ class Unit:
     id: stable key (the image path relative to the data root, '/' replaced by '__').
     image: absolute path of the image file.
     weak_map: absolute path of a scribble/coarse label map, if the weak kind has one.
-    weak_points: float32-able rows (x, y, class) for point-kind weak labels.
+    weak_rows: this image's rows of a table-kind weak label: (x, y, class) for points,
+        (x0, y0, x1, y1, class) for boxes.
     """
 
     id: str
     image: str
     weak_map: str | None = None
-    weak_points: tuple[tuple[float, float, int], ...] = ()
+    weak_rows: tuple[tuple[float, ...], ...] = ()
     weak_source: str | None = None
 
 
@@ -82,6 +83,8 @@ class Stage(ABC):
     reads: ClassVar[tuple[str, ...]] = ()
     """Store paths 'stage/array', or 'stage' for every array that stage writes."""
     resources: ClassVar[Resources] = Resources()
+    writes_class_map: ClassVar[bool] = False
+    """True when the stage's ``labels`` output is a dense HxW class map (what evaluate scores)."""
 
     def __init__(self, config: StageConfig):
         self.config = config

@@ -5,6 +5,10 @@ the weight-free backend, grid-sized colour features and superpixels; always ``fr
 Images are encoded in batches of ``batch_size``; a batch that fails is retried one
 image at a time so that one bad image does not fail its neighbours. Images larger than
 ``tiling.above`` are encoded as overlapping tiles (workers/tiling.py).
+
+With ``views`` (SCALER's augmentation ensemble), each view of the image (stages/views.py)
+is encoded too and kept as ``view<k>.<feature>`` beside ``view<k>.spec`` (float64 [4]:
+flip, scale, H, W), so that ``select`` decodes every view from the cache.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
+from seglab.stages.views import View, ViewSpec
 
 
 class TilingConfig(BaseModel):
@@ -34,6 +39,15 @@ class TilingConfig(BaseModel):
 class EmbedConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=256, description="Images per encoder call.")
     tiling: TilingConfig = Field(TilingConfig(), description="Overlapping tiles for large images.")
+    views: tuple[ViewSpec, ...] = Field(
+        (), max_length=32, description="Augmented views also encoded for the ensemble (SCALER: K=12); "
+        "the original image is always view 0."
+    )
+
+
+def view_prefix(k: int) -> str:
+    """Prefix of the k-th augmented view's features (k >= 1)."""
+    return f"view{k}."
 
 
 class Embed(MapStage):
@@ -43,15 +57,32 @@ class Embed(MapStage):
     resources = Resources(cpus=1, needs_backend=True)
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
-        return tuple(ctx.extras["feature_names"])
+        names = tuple(ctx.extras["feature_names"])
+        views = tuple(f"{view_prefix(k)}{n}" for k in range(1, len(self.config.views) + 1) for n in (*names, "spec"))
+        return names + views
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
-        return ctx.backend.encode([inputs["ingest/image"]])[0]
+        return self._encode([inputs["ingest/image"]], ctx)[0]
 
     def process_batch(
         self, units: Sequence[Unit], inputs: Sequence[Mapping[str, np.ndarray]], ctx: Context
     ) -> list[dict[str, np.ndarray] | BaseException]:
         try:
-            return list(ctx.backend.encode([i["ingest/image"] for i in inputs]))
+            return self._encode([i["ingest/image"] for i in inputs], ctx)
         except Exception:
             return super().process_batch(units, inputs, ctx)
+
+    def _encode(self, images: Sequence[np.ndarray], ctx: Context) -> list[dict[str, np.ndarray]]:
+        """Every image and its views in one encoder call -> per image its feature arrays."""
+        per_image = 1 + len(self.config.views)
+        views = [[View(v.flip, v.scale, image.shape[:2]) for v in self.config.views] for image in images]
+        batch = [x for image, vs in zip(images, views) for x in (image, *(v.image(image) for v in vs))]
+        encoded = ctx.backend.encode(batch)
+        results = []
+        for i, vs in enumerate(views):
+            features = dict(encoded[i * per_image])
+            for k, view in enumerate(vs, start=1):
+                features.update({f"{view_prefix(k)}{n}": a for n, a in encoded[i * per_image + k].items()})
+                features[f"{view_prefix(k)}spec"] = view.to_array()
+            results.append(features)
+        return results

@@ -4,7 +4,9 @@ Outputs per unit:
   image: HxWx3 uint8 RGB (EXIF orientation applied, 16-bit scaled, alpha dropped).
   weak:  HxW label map (uint8, or uint16 when class ids exceed 255): the weak label's
          class id where the weak label says so, ``ignore_id`` elsewhere. Points are
-         rasterised to their pixel.
+         rasterised to their pixel; boxes label no pixel (a box is not a mask).
+  boxes: float32 [B, 5] rows (x0, y0, x1, y1, class) of box weak labels; [0, 5] for
+         the other kinds.
 The receipt records the source path, its sha256 and the image size.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from seglab.pipeline.errors import InputError
 from seglab.pipeline.fingerprint import file_sha256
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
 from seglab.stages.imageio import decode_image
-from seglab.stages.weak import rasterize_points, read_label_map, validate_points
+from seglab.stages.weak import rasterize_points, read_label_map, validate_boxes, validate_points
 
 
 class IngestConfig(StageConfig):
@@ -31,27 +33,27 @@ class IngestConfig(StageConfig):
 
 class Ingest(MapStage):
     name = "ingest"
+    version = 2  # 2: boxes output
     Config = IngestConfig
     reads = ()
     resources = Resources(cpus=1)
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
-        return ("image", "weak")
+        return ("image", "weak", "boxes")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
         image = decode_image(Path(unit.image), max_pixels=self.config.max_pixels)
         hw = image.shape[:2]
         classes = ctx.classes
         dtype = classes.label_dtype
+        boxes = np.zeros((0, 5), np.float32)
+        weak = np.full(hw, classes.ignore_id, dtype)
+        row_checks = dict(path_for_errors=Path(unit.weak_source or unit.image), image_hw=hw,
+                     class_ids=frozenset(classes.ids), image=unit.id)
         if ctx.weak_kind == "points":
-            points = validate_points(
-                unit.weak_points,
-                path_for_errors=Path(unit.weak_source or unit.image),
-                image_hw=hw,
-                class_ids=frozenset(classes.ids),
-                image=unit.id,
-            )
-            weak = rasterize_points(points, hw, classes.ignore_id, dtype)
+            weak = rasterize_points(validate_points(unit.weak_rows, **row_checks), hw, classes.ignore_id, dtype)
+        elif ctx.weak_kind == "boxes":
+            boxes = validate_boxes(unit.weak_rows, **row_checks)
         elif ctx.weak_kind in ("scribbles", "coarse"):
             if unit.weak_map is None or not Path(unit.weak_map).exists():
                 raise InputError(unit.weak_map or unit.image, "no weak label map for this image")
@@ -64,7 +66,7 @@ class Ingest(MapStage):
             weak = np.where(raw == ctx.extras["unlabelled"], classes.ignore_id, raw).astype(dtype)
         else:
             raise InputError(unit.weak_source or unit.image, f"weak label kind '{ctx.weak_kind}' cannot be ingested")
-        return {"image": image, "weak": weak}
+        return {"image": image, "weak": weak, "boxes": boxes}
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
         h, w = outputs["image"].shape[:2]

@@ -1,84 +1,154 @@
 """select: decode every prompt into candidate masks, keep one per prompt, fuse a class map.
 
-Per prompt, among the backend's M candidates the kept one contains the prompt's
-positive points and avoids its negatives (counted on the low-resolution grid), ties
-broken by the backend's predicted quality. Per class, the probability on the grid is
-the maximum sigmoid of that class's kept masks; only classes that kept a mask are
-upsampled to the image. A pixel takes the most probable class when that probability
-reaches ``min_probability``, else ``ignore_id``; weak-label pixels keep their class.
+Per prompt the backend's M candidates are scored on the low-resolution grid by their
+coverage of the weak label and their purity (stages/coverage.py, SeSAM's (tau1, tau2)
+rule together with the predicted quality); the kept masks alone are upsampled and fused
+into per-class probabilities and a class map (stages/fusion.py). When ``embed`` cached
+augmented views, every view is decoded the same way with the prompts and the weak label
+moved into it, mapped back, and the views vote (SCALER's ensemble; stages/fusion.py).
+Weak-label pixels keep their class with probability 1.
 
 Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
-  labels:     HxW class ids (uint8/uint16), ``ignore_id`` where no class is trusted;
-  confidence: HxW float16 in [0, 1], the winning class's probability (1 on weak pixels);
-  chosen:     int32 [P], the candidate index kept per prompt.
+  labels:        HxW class ids (uint8/uint16), ``ignore_id`` where no class is trusted;
+  confidence:    HxW float16 in [0, 1], the probability of the pixel's label (1 on weak
+                 pixels, 0 where ignored);
+  probabilities: float16 [C, H, W], per manifest class (in manifest order), the mean
+                 over views;
+  variance:      HxW float16, the variance across views of the label's probability
+                 (0 without views and on weak pixels);
+  chosen:        int32 [P], the candidate kept per prompt, -1 when none was admissible;
+  coverage:      float32 [P, M] and purity: float32 [P, M], the scores behind the choice
+                 (the original view's).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
+from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
+from seglab.stages.embed import view_prefix
+from seglab.stages.fusion import Fused, ViewEnsemble, fill_nearest, fuse_masks, sigmoid
 from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import NEGATIVE, POSITIVE, PromptBatch
+from seglab.stages.promptset import PromptBatch
+from seglab.stages.views import View
 
 
 class SelectConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=1024)
+    tau: tuple[float, float] = Field(
+        (0.3, 0.7), description="(tau1, tau2): least coverage of the weak label to keep a mask, and the purity it "
+        "needs and the coverage that ranks it first (SeSAM: 0.3, 0.7)."
+    )
+    overlap: Literal["smaller", "probability"] = Field(
+        "smaller", description="Between overlapping masks of different classes: the smaller mask wins, or the more probable class."
+    )
     min_probability: float = Field(0.5, gt=0.0, lt=1.0, description="Below this a pixel is left as ignore_id.")
+    fill: Literal["none", "nearest"] = Field(
+        "nearest", description="Pixels no kept mask claims: left as ignore_id, or given the class of the nearest "
+        "labelled pixel (their confidence stays their class probability, usually low)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SelectConfig":
+        if not 0.0 <= self.tau[0] <= self.tau[1] <= 1.0:
+            raise ValueError(f"tau needs 0 <= tau1 <= tau2 <= 1, got {list(self.tau)}")
+        return self
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+@dataclass(frozen=True)
+class _Decoded:
+    """One view's outcome: the fused maps and, per prompt, the choice and its scores."""
+
+    fused: Fused
+    chosen: np.ndarray
+    coverage: np.ndarray
+    purity: np.ndarray
 
 
-def choose_candidates(logits: np.ndarray, quality: np.ndarray, prompts: PromptBatch, frame: ImageFrame) -> np.ndarray:
-    """logits [P, M, S, S], quality [P, M] -> int [P]: per prompt the candidate with most
-    prompt points on the right side of its boundary, then the highest quality."""
-    s = logits.shape[-1]
-    grid_xy = np.clip(np.floor(frame.scale_to_grid(prompts.coords)).astype(int), 0, s - 1)  # [P, K, 2]
-    p_idx = np.arange(len(prompts))[:, None]
-    inside = logits[p_idx[:, :, None], np.arange(logits.shape[1])[None, None, :],
-                    grid_xy[..., 1][:, :, None], grid_xy[..., 0][:, :, None]] > 0  # [P, K, M]
-    agree = ((inside & (prompts.labels == POSITIVE)[..., None]) |
-             (~inside & (prompts.labels == NEGATIVE)[..., None])).sum(axis=1)  # [P, M]
-    return np.lexsort((quality.T, agree.T), axis=0)[-1].astype(np.int32)
+def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, dict[str, np.ndarray]]]:
+    """Stored ``embed`` features -> [(None, the original's), (view 1, its features), ...]."""
+    views = []
+    k = 1
+    while f"{view_prefix(k)}spec" in features:
+        prefix = view_prefix(k)
+        own = {name[len(prefix):]: a for name, a in features.items() if name.startswith(prefix) and name != f"{prefix}spec"}
+        views.append((View.from_array(features[f"{prefix}spec"]), own))
+        k += 1
+    original = {name: a for name, a in features.items() if not name.startswith("view")}
+    return [(None, original), *views]
 
 
 class Select(MapStage):
     name = "select"
+    version = 2  # 2: coverage-based selection, overlap rule, probabilities, view ensemble
     Config = SelectConfig
     reads = ("embed", "prompts", "ingest/weak")
     resources = Resources(cpus=1, needs_backend=True)
+    writes_class_map = True
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
-        return ("labels", "confidence", "chosen")
+        return ("labels", "confidence", "probabilities", "variance", "chosen", "coverage", "purity")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
         weak = inputs["ingest/weak"]
         features = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith("embed/")}
         prompts = PromptBatch.from_arrays(inputs, prefix="prompts/")
-        ignore = ctx.classes.ignore_id
-        labels = np.full(weak.shape, ignore, dtype=ctx.classes.label_dtype)
-        confidence = np.zeros(weak.shape, np.float32)
-        chosen = np.zeros(len(prompts), np.int32)
-        if len(prompts):
-            logits, quality = ctx.backend.decode(features, prompts)
-            frame = ImageFrame.from_array(features["frame"])
-            chosen = choose_candidates(logits, quality, prompts, frame)
-            kept = logits[np.arange(len(prompts)), chosen]  # [P, S, S]
-            classes = np.unique(prompts.classes)
-            grid_prob = np.stack([_sigmoid(kept[prompts.classes == c]).max(axis=0) for c in classes])
-            prob = frame.grid_to_image(grid_prob.astype(np.float32))  # [C, H, W], only kept classes
-            best = prob.argmax(axis=0)
-            confidence = np.take_along_axis(prob, best[None], axis=0)[0]
-            trusted = confidence >= self.config.min_probability
-            labels[trusted] = classes[best[trusted]]
-        weak_pixels = weak != ignore
+        classes = ctx.classes
+        ensemble = ViewEnsemble(classes.ids, weak.shape)
+        original = None
+        for view, view_features in split_views(features):
+            if view is None:
+                original = self._decode(view_features, prompts, weak, ctx)
+                ensemble.add(original.fused.labels, original.fused.probabilities)
+            else:
+                seen = self._decode(view_features, view.prompts(prompts), view.label_map(weak), ctx)
+                ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
+        labels, confidence, probabilities, variance = ensemble.result(classes.ignore_id, classes.label_dtype)
+        weak_pixels = weak != classes.ignore_id
         labels[weak_pixels] = weak[weak_pixels]
         confidence[weak_pixels] = 1.0
-        return {"labels": labels, "confidence": confidence.astype(np.float16), "chosen": chosen}
+        variance[weak_pixels] = 0.0
+        for slot, cls in enumerate(classes.ids):
+            probabilities[slot][weak_pixels] = (weak[weak_pixels] == cls).astype(np.float32)
+        if self.config.fill == "nearest":
+            labels, confidence = fill_nearest(labels, probabilities, classes.ids, classes.ignore_id, confidence)
+        return {
+            "labels": labels,
+            "confidence": confidence.astype(np.float16),
+            "probabilities": probabilities.astype(np.float16),
+            "variance": variance.astype(np.float16),
+            "chosen": original.chosen,
+            "coverage": original.coverage,
+            "purity": original.purity,
+        }
+
+    def _decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch, weak: np.ndarray,
+                ctx: Context) -> "_Decoded":
+        """Decode, choose and fuse one view; everything in that view's pixels."""
+        frame = ImageFrame.from_array(features["frame"])
+        classes, cfg = ctx.classes, self.config
+        m = ctx.backend.num_candidates
+        coverage = purity = np.zeros((len(prompts), m), np.float32)
+        chosen = np.zeros((0,), np.int32)
+        kept = np.zeros((0,), np.intp)
+        kept_probability = np.zeros((0, frame.grid_size, frame.grid_size), np.float32)
+        if len(prompts):
+            logits, quality = ctx.backend.decode(features, prompts)
+            coverage, purity = coverage_scores(logits, prompts, grid_evidence(weak, classes.ignore_id, frame), frame)
+            chosen = choose_by_coverage(coverage, purity, quality, cfg.tau)
+            kept = np.flatnonzero(chosen >= 0)
+            kept_probability = sigmoid(logits[kept, chosen[kept]]).astype(np.float32)
+        fused = fuse_masks(kept_probability, prompts.classes[kept], frame, class_ids=classes.ids,
+                           ignore_id=classes.ignore_id, label_dtype=classes.label_dtype,
+                           min_probability=cfg.min_probability, overlap=cfg.overlap)
+        return _Decoded(fused, chosen.astype(np.int32), np.asarray(coverage, np.float32),
+                        np.asarray(purity, np.float32))
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
-        return {"prompts": int(len(outputs["chosen"]))}
+        chosen = outputs["chosen"]
+        return {"prompts": int(len(chosen)), "kept": int((chosen >= 0).sum())}

@@ -69,7 +69,7 @@ run:
 data:
   root: data
   images: {{glob: "images/*.png"}}
-  weak: {{kind: scribbles, path: scribbles}}
+  weak: {{kind: scribbles, path: data/scribbles}}
   classes:
     - {{id: 0, name: background}}
     - {{id: 1, name: disc}}

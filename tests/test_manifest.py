@@ -9,17 +9,22 @@ from seglab.pipeline.manifest import load_manifest, manifest_schema, open_manife
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def with_gold(manifest: Path, evaluation: str) -> None:
+    """Add a data.evaluation section (YAML flow mapping) to a conftest manifest."""
+    manifest.write_text(manifest.read_text().replace("store:\n", f"  evaluation: {evaluation}\nstore:\n", 1))
+
+
 def problems(path: Path) -> dict[str, str]:
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
     return dict(info.value.problems)
 
 
-def test_good_manifest_resolves_paths_against_data_root(tiny):
+def test_good_manifest_resolves_paths(tiny):
     m = load_manifest(tiny)
     root = tiny.parent / "data"
     assert m.data.root == str(root.resolve())
-    assert m.data.weak.path == str((root / "scribbles").resolve())
+    assert m.data.weak.path == str((tiny.parent / "data" / "scribbles").resolve())  # against the manifest's folder
     assert m.store_path == (tiny.parent / "run.zarr").resolve()
     assert [c.name for c in m.data.classes] == ["background", "disc", "rectangle"]
     assert m.select.min_probability == 0.5 and m.ray.workers == 2
@@ -55,13 +60,26 @@ def test_duplicate_yaml_keys_are_refused(tiny):
 
 
 @pytest.mark.parametrize(
-    "weak_path, message",
-    [("../../etc", "outside the data root"), ("s3://bucket/labels", "is a URL"), ("/etc/passwd", "outside the data root")],
+    "masks, message",
+    [("../../etc", "outside the data root"), ("s3://bucket/masks", "is a URL"), ("/etc/passwd", "outside the data root")],
 )
-def test_paths_must_stay_inside_the_data_root(tiny, weak_path, message):
-    tiny.write_text(tiny.read_text().replace("path: scribbles", f"path: '{weak_path}'"))
+def test_paths_must_stay_inside_the_data_root(tiny, masks, message):
+    with_gold(tiny, f"{{images: {{glob: 'images/*.png'}}, masks: '{masks}'}}")
     found = problems(tiny)
-    assert message in found["data.weak.path"]
+    assert message in found["data.evaluation.masks"]
+
+
+def test_weak_labels_resolve_against_the_manifest_and_may_live_outside_the_data_root(tiny):
+    outside = tiny.parent / "labels" / "scribbles"
+    tiny.write_text(tiny.read_text().replace("path: data/scribbles", "path: labels/scribbles"))
+    assert load_manifest(tiny).data.weak.path == str(outside.resolve())
+    tiny.write_text(tiny.read_text().replace("path: labels/scribbles", "path: 's3://bucket/labels'"))
+    assert "is a URL" in problems(tiny)["data.weak.path"]
+
+
+def test_gold_ignore_values_must_not_be_class_ids(tiny):
+    with_gold(tiny, "{images: {glob: 'images/*.png'}, masks: gold, ignore: [2, 11]}")
+    assert "evaluation.ignore [2] are also class ids" in problems(tiny)["data"]
 
 
 def test_class_ids_must_be_unique_and_distinct_from_ignore(tiny):

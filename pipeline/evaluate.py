@@ -1,0 +1,170 @@
+"""``seglab evaluate``: the quality of every label source in a store, against gold masks.
+
+Sources, in this order: the weak labels themselves (``ingest/weak``), the nearest-label
+baseline computed from them on the fly, then every stage that writes a ``labels`` class
+map (``Stage.writes_class_map``) and that the store holds, in DAG order. The images
+evaluated are those of ``data.evaluation``, matched to the run's units by resolved path.
+An image counts for a source only when the stage that made it is done with the current
+signature (as ``seglab status`` counts); every other image is reported as missing.
+Gold masks are ``<masks>/<image stem>.<ext>`` for the first existing ext of .png, .bmp,
+.tif, .tiff.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seglab.pipeline.errors import InputError, SeglabError
+from seglab.pipeline.fingerprint import digest
+from seglab.pipeline.manifest import GoldSet, Manifest
+from seglab.pipeline.metrics import Scores, confusion, scores
+from seglab.pipeline.simulate import read_mask
+from seglab.pipeline.store import Store
+from seglab.pipeline.units import enumerate_units, list_images
+from seglab.stages.nearest_label import nearest_label
+
+WEAK, NEAREST = "weak", "nearest-label"
+GOLD_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """One label source's scores over the evaluation images it has labels for.
+
+    missing: image paths of evaluation images without this source's labels (not done,
+    failed, made with other settings, or not among data.images).
+    stale: the store holds this source's stage made with settings other than the
+    manifest's (those outputs count as missing; ``seglab status`` names the change).
+    """
+
+    source: str
+    evaluated: int
+    missing: tuple[str, ...]
+    stale: bool
+    scores: Scores
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    manifest: str
+    store: str
+    class_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    images: int
+    sources: tuple[SourceResult, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types; NaN (a score with nothing to measure) becomes null."""
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else v
+
+        return {
+            "manifest": self.manifest,
+            "store": self.store,
+            "classes": [{"id": i, "name": n} for i, n in zip(self.class_ids, self.class_names)],
+            "images": self.images,
+            "sources": [{
+                "source": r.source,
+                "evaluated": r.evaluated,
+                "missing": len(r.missing),
+                "missing_images": list(r.missing),
+                "stale": r.stale,
+                "miou": num(r.scores.miou),
+                "pixel_accuracy": num(r.scores.pixel_accuracy),
+                "labelled_fraction": num(r.scores.labelled_fraction),
+                "labelled_accuracy": num(r.scores.labelled_accuracy),
+                "pixels": r.scores.pixels,
+                "iou": {n: num(v) for n, v in zip(self.class_names, r.scores.iou)},
+            } for r in self.sources],
+        }
+
+
+def gold_mask_path(gold: GoldSet, image: Path) -> Path:
+    """The gold mask of ``image``; InputError naming the candidates when there is none."""
+    folder = Path(gold.masks)
+    for suffix in GOLD_SUFFIXES:
+        path = folder / f"{image.stem}{suffix}"
+        if path.is_file():
+            return path
+    raise InputError(folder, f"no gold mask for {image} (looked for {image.stem}{{{','.join(GOLD_SUFFIXES)}}})")
+
+
+def evaluation_set(manifest: Manifest) -> list[tuple[Path, str | None]]:
+    """-> (evaluation image, its unit id or None when it is not among data.images), in listing order."""
+    gold = manifest.data.evaluation
+    if gold is None:
+        raise SeglabError(f"{manifest.path}: the manifest names no evaluation gold set (data.evaluation)")
+    unit_of = {Path(u.image).resolve(): u.id for u in enumerate_units(manifest)}
+    images = [p.resolve() for p in list_images(gold.images, Path(manifest.data.root), manifest.path)]
+    return [(p, unit_of.get(p)) for p in images]
+
+
+def class_map_stages(manifest: Manifest) -> tuple[list[str], dict[str, str]]:
+    """-> (stages writing a class map, in DAG order; every stage's current signature digest)."""
+    from seglab.pipeline.runner import Runner
+
+    runner = Runner(manifest)
+    stages = [s for s in runner.dag.order if runner.stages[s].writes_class_map]
+    return stages, {s: digest(sig) for s, sig in runner.signatures.items()}
+
+
+def _done(store: Store, stage: str, current: str) -> tuple[set[str], bool]:
+    """-> (units done with the ``current`` signature digest, whether the stored stage is stale)."""
+    done = {u for u, e in store.ledger(stage).load().items()
+            if e.get("status") == "done" and e.get("signature") == current}
+    stored = store.stage_attrs(stage).get("signature")
+    return done, stored is not None and digest(stored) != current
+
+
+def _predictions(store: Store, stages: list[str], done: dict[str, set[str]], unit: str,
+                 ignore_id: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(source, HxW labels) for every source that has this unit."""
+    if unit in done["ingest"]:
+        weak = store.read_unit(["ingest/weak"], unit)["ingest/weak"]
+        yield WEAK, weak
+        yield NEAREST, nearest_label(weak, ignore_id)
+    for stage in stages:
+        if unit in done[stage]:
+            yield stage, store.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
+
+
+def evaluate(manifest: Manifest) -> Evaluation:
+    """Score every label source of ``manifest``'s store on its evaluation images."""
+    items = evaluation_set(manifest)
+    gold = manifest.data.evaluation
+    store = Store(manifest.store_path)
+    stages, current = class_map_stages(manifest)
+    stages = [s for s in stages if s in store.stages()]
+    done, stale = {}, {}
+    for stage in ("ingest", *stages):
+        done[stage], stale[stage] = _done(store, stage, current[stage])
+    class_ids = tuple(c.id for c in manifest.data.classes)
+    sources = (WEAK, NEAREST, *stages)
+    matrices = {s: np.zeros((len(class_ids), len(class_ids) + 1), np.int64) for s in sources}
+    evaluated = dict.fromkeys(sources, 0)
+    for image, unit in items:
+        predictions = list(_predictions(store, stages, done, unit, manifest.data.ignore_id)) if unit else []
+        if not predictions:
+            continue
+        mask_path = gold_mask_path(gold, image)
+        mask = read_mask(mask_path)
+        for source, labels in predictions:
+            try:
+                matrices[source] += confusion(mask, labels, class_ids, gold.ignore)
+            except ValueError as exc:
+                raise InputError(mask_path, f"{exc} (image {image}, source {source})") from None
+            evaluated[source] += 1
+    results = []
+    for source in sources:
+        stage = "ingest" if source in (WEAK, NEAREST) else source
+        missing = tuple(str(image) for image, unit in items if unit not in done[stage])
+        results.append(SourceResult(source, evaluated[source], missing, stale[stage], scores(matrices[source])))
+    return Evaluation(
+        manifest=manifest.path, store=str(store.path), class_ids=class_ids,
+        class_names=tuple(c.name for c in manifest.data.classes), images=len(items), sources=tuple(results),
+    )

@@ -1,0 +1,112 @@
+"""Fuse the kept masks of one image into per-class probabilities and a class map.
+
+Only kept masks are upsampled from the grid to the image (bilinear, on probabilities).
+Per class, the probability of a pixel is the largest sigmoid among that class's kept
+masks. Where masks of different classes overlap:
+  ``smaller``:     masks are painted largest first, so a smaller mask inside a larger
+                   one wins (a car on the road, a person before a wall): SAM masks nest;
+  ``probability``: the class with the largest probability wins.
+Either way a pixel gets a class only where that class's probability reaches
+``min_probability``; elsewhere it keeps ``ignore_id``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from seglab.stages.geometry import ImageFrame
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+@dataclass(frozen=True)
+class Fused:
+    """labels: HxW class ids (``ignore_id`` where untrusted); confidence: HxW float32,
+    the probability of the pixel's label (0 where ignored); probabilities: float32
+    [C, H, W] per class in ``class_ids`` order."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    probabilities: np.ndarray
+
+
+def fuse_masks(kept_probability: np.ndarray, kept_classes: np.ndarray, frame: ImageFrame, *,
+               class_ids: tuple[int, ...], ignore_id: int, label_dtype: np.dtype,
+               min_probability: float, overlap: str) -> Fused:
+    """kept_probability: float32 [K, S, S] in [0, 1] on the grid; kept_classes: int [K]."""
+    height, width = frame.original_hw
+    slot = {c: i for i, c in enumerate(class_ids)}
+    probabilities = np.zeros((len(class_ids), height, width), np.float32)
+    labels = np.full((height, width), ignore_id, label_dtype)
+    confidence = np.zeros((height, width), np.float32)
+    areas = (kept_probability > 0.5).sum(axis=(1, 2))
+    for k in np.argsort(-areas, kind="stable"):
+        prob = frame.grid_to_image(kept_probability[k].astype(np.float32))
+        c = slot[int(kept_classes[k])]
+        np.maximum(probabilities[c], prob, out=probabilities[c])
+        if overlap == "smaller":
+            paint = prob >= min_probability
+            labels[paint] = kept_classes[k]
+            confidence[paint] = prob[paint]
+    if overlap == "probability" and len(kept_classes):
+        best = probabilities.argmax(axis=0)
+        top = np.take_along_axis(probabilities, best[None], axis=0)[0]
+        trusted = top >= min_probability
+        labels[trusted] = np.asarray(class_ids)[best[trusted]]
+        confidence = np.where(trusted, top, 0.0).astype(np.float32)
+    return Fused(labels, confidence, probabilities)
+
+
+def fill_nearest(labels: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...], ignore_id: int,
+                 confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Give every ``ignore_id`` pixel of labels (HxW) the class of the nearest labelled
+    pixel (Euclidean); its confidence becomes that class's probability there (float32
+    [C, H, W] in ``class_ids`` order). An image without any labelled pixel is unchanged."""
+    empty = labels == ignore_id
+    if not empty.any() or empty.all():
+        return labels, confidence
+    rows, cols = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
+    filled = labels[rows, cols]
+    order = np.argsort(class_ids)  # class_ids need not be sorted
+    slot = order[np.clip(np.searchsorted(np.asarray(class_ids)[order], filled), 0, len(class_ids) - 1)]
+    filled_confidence = np.take_along_axis(probabilities, slot[None], axis=0)[0]
+    return filled, np.where(empty, filled_confidence, confidence).astype(np.float32)
+
+
+class ViewEnsemble:
+    """SCALER's ensemble over V views, accumulated one view at a time (on original pixels).
+
+    ``add`` takes a view's class map (HxW) and probabilities (float32 [C, H, W]).
+    ``result`` gives per pixel the class most views voted for when a strict majority did
+    (ties go to the larger mean probability), else ``ignore_id``; its mean probability as
+    confidence; the mean probabilities [C, H, W]; and the variance across views of the
+    label's probability (HxW float32; 0 with one view).
+    """
+
+    def __init__(self, class_ids: tuple[int, ...], hw: tuple[int, int]):
+        self.class_ids = np.asarray(class_ids)
+        self.views = 0
+        self.total = np.zeros((len(class_ids), *hw), np.float64)
+        self.squares = np.zeros_like(self.total)
+        self.votes = np.zeros((len(class_ids), *hw), np.int32)
+
+    def add(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        self.views += 1
+        self.total += probabilities
+        self.squares += np.square(probabilities, dtype=np.float64)
+        for slot, cls in enumerate(self.class_ids):
+            self.votes[slot] += labels == cls
+
+    def result(self, ignore_id: int, label_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        mean = self.total / self.views
+        variance = np.maximum(self.squares / self.views - mean**2, 0.0)
+        best = (self.votes + 0.5 * mean).argmax(axis=0)  # mean < 1 only breaks ties between votes
+        pick = lambda a: np.take_along_axis(a, best[None], axis=0)[0]  # noqa: E731
+        majority = 2 * pick(self.votes) > self.views
+        labels = np.where(majority, self.class_ids[best], ignore_id).astype(label_dtype)
+        confidence = np.where(majority, pick(mean), 0.0).astype(np.float32)
+        return labels, confidence, mean.astype(np.float32), pick(variance).astype(np.float32)
