@@ -12,7 +12,6 @@ an in-memory copy of the manifest reads them from a list file written beside the
 from __future__ import annotations
 
 import csv
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation, evaluate
 from seglab.pipeline.manifest import ImageSource, Manifest, load_manifest
+from seglab.pipeline.metrics import json_number
 from seglab.pipeline.simulate import simulate_weak
 from seglab.pipeline.units import list_images
 
@@ -134,15 +134,12 @@ class QualityRow:
         return 100 * (self.miou(SELECT) - self.miou(NEAREST))
 
     def to_json(self) -> dict[str, Any]:
-        def num(v: float) -> float | None:
-            return None if math.isnan(v) else v
-
         select = self.source(SELECT)
         return {
             "manifest": self.manifest, "dataset": self.dataset, "kind": self.kind, "limit": self.limit,
             "images": select.evaluated if select else 0, "failed": self.failed,
-            "miou": {s: num(self.miou(s)) for s in (WEAK, NEAREST, SELECT)},
-            "gain_points": num(self.gain_points),
+            "miou": {s: json_number(self.miou(s)) for s in (WEAK, NEAREST, SELECT)},
+            "gain_points": json_number(self.gain_points),
             "seconds": self.seconds,
             "evaluation": self.evaluation.to_json(),
         }

@@ -11,7 +11,6 @@ Gold masks are ``<masks>/<image stem>.<ext>`` for the first existing ext of .png
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from seglab.pipeline.errors import InputError, SeglabError
 from seglab.pipeline.fingerprint import digest
 from seglab.pipeline.manifest import GoldSet, Manifest
-from seglab.pipeline.metrics import Scores, confusion, scores
+from seglab.pipeline.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.simulate import read_mask
 from seglab.pipeline.store import Store
 from seglab.pipeline.units import enumerate_units, list_images
@@ -60,9 +59,6 @@ class Evaluation:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; NaN (a score with nothing to measure) becomes null."""
-        def num(v: float) -> float | None:
-            return None if math.isnan(v) else v
-
         return {
             "manifest": self.manifest,
             "store": self.store,
@@ -74,12 +70,12 @@ class Evaluation:
                 "missing": len(r.missing),
                 "missing_images": list(r.missing),
                 "stale": r.stale,
-                "miou": num(r.scores.miou),
-                "pixel_accuracy": num(r.scores.pixel_accuracy),
-                "labelled_fraction": num(r.scores.labelled_fraction),
-                "labelled_accuracy": num(r.scores.labelled_accuracy),
+                "miou": json_number(r.scores.miou),
+                "pixel_accuracy": json_number(r.scores.pixel_accuracy),
+                "labelled_fraction": json_number(r.scores.labelled_fraction),
+                "labelled_accuracy": json_number(r.scores.labelled_accuracy),
                 "pixels": r.scores.pixels,
-                "iou": {n: num(v) for n, v in zip(self.class_names, r.scores.iou)},
+                "iou": {n: json_number(v) for n, v in zip(self.class_names, r.scores.iou)},
             } for r in self.sources],
         }
 

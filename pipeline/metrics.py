@@ -7,6 +7,7 @@ pixels whose value is listed as ignored are left out entirely.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,11 @@ class Scores:
     labelled_fraction: float
     labelled_accuracy: float
     pixels: int
+
+
+def json_number(value: float) -> float | None:
+    """A score for JSON: NaN (nothing to measure) becomes null."""
+    return None if math.isnan(value) else value
 
 
 def _ratio(num: float, den: float) -> float:

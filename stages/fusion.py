@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from seglab.stages.geometry import ImageFrame
+from seglab.stages.nearest_label import nearest_label
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -61,16 +61,16 @@ def fuse_masks(kept_probability: np.ndarray, kept_classes: np.ndarray, frame: Im
     return Fused(labels, confidence, probabilities)
 
 
-def fill_nearest(labels: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...], ignore_id: int,
-                 confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Give every ``ignore_id`` pixel of labels (HxW) the class of the nearest labelled
-    pixel (Euclidean); its confidence becomes that class's probability there (float32
-    [C, H, W] in ``class_ids`` order). An image without any labelled pixel is unchanged."""
+def fill_nearest(labels: np.ndarray, weak: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...],
+                 ignore_id: int, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Give every ``ignore_id`` pixel of labels (HxW) the class of the nearest weak-label
+    pixel (the nearest-label baseline: where no mask speaks, fall back on it); its
+    confidence becomes that class's probability there (float32 [C, H, W] in ``class_ids``
+    order). Without weak pixels (box labels) nothing is filled."""
     empty = labels == ignore_id
-    if not empty.any() or empty.all():
+    if not empty.any() or (weak == ignore_id).all():
         return labels, confidence
-    rows, cols = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
-    filled = labels[rows, cols]
+    filled = np.where(empty, nearest_label(weak, ignore_id), labels)
     order = np.argsort(class_ids)  # class_ids need not be sorted
     slot = order[np.clip(np.searchsorted(np.asarray(class_ids)[order], filled), 0, len(class_ids) - 1)]
     filled_confidence = np.take_along_axis(probabilities, slot[None], axis=0)[0]

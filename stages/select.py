@@ -50,7 +50,7 @@ class SelectConfig(StageConfig):
     min_probability: float = Field(0.5, gt=0.0, lt=1.0, description="Below this a pixel is left as ignore_id.")
     fill: Literal["none", "nearest"] = Field(
         "nearest", description="Pixels no kept mask claims: left as ignore_id, or given the class of the nearest "
-        "labelled pixel (their confidence stays their class probability, usually low)."
+        "weak-label pixel (their confidence stays their class probability, usually low)."
     )
 
     @model_validator(mode="after")
@@ -85,7 +85,7 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
 
 class Select(MapStage):
     name = "select"
-    version = 2  # 2: coverage-based selection, overlap rule, probabilities, view ensemble
+    version = 3  # 3: unclaimed pixels fall back on the nearest weak label
     Config = SelectConfig
     reads = ("embed", "prompts", "ingest/weak")
     resources = Resources(cpus=1, needs_backend=True)
@@ -116,7 +116,7 @@ class Select(MapStage):
         for slot, cls in enumerate(classes.ids):
             probabilities[slot][weak_pixels] = (weak[weak_pixels] == cls).astype(np.float32)
         if self.config.fill == "nearest":
-            labels, confidence = fill_nearest(labels, probabilities, classes.ids, classes.ignore_id, confidence)
+            labels, confidence = fill_nearest(labels, weak, probabilities, classes.ids, classes.ignore_id, confidence)
         return {
             "labels": labels,
             "confidence": confidence.astype(np.float16),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import binary_erosion
 
 from seglab.pipeline.errors import SignatureMismatch
 from seglab.pipeline.manifest import load_manifest
@@ -101,3 +102,57 @@ def test_dry_run_and_only(tiny):
     assert not (tiny.parent / "run.zarr" / "_ledger" / "ingest.jsonl").exists()
     report = run(tiny, only="ingest")
     assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4
+
+
+def _truth_of(store: Store, unit: str, i: int) -> np.ndarray:
+    image = store.read_unit(["ingest/image"], unit)["ingest/image"]
+    return shapes_image(*image.shape[:2], seed=i)[1]
+
+
+def test_boxes_become_box_prompts_and_labels_end_to_end(tiny):
+    """A boxes table (one tight box per object, background unlabelled) through every stage."""
+    store_path = tiny.parent / "run.zarr"
+    rows = ["image,x0,y0,x1,y1,class"]
+    for i, path in enumerate(sorted((tiny.parent / "data" / "images").glob("*.png"))):
+        h, w = np.asarray(Image.open(path)).shape[:2]
+        _, truth = shapes_image(h, w, seed=i)
+        for cls in (1, 2):
+            ys, xs = np.nonzero(truth == cls)
+            rows.append(f"{path.name},{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1},{cls}")
+    (tiny.parent / "boxes.csv").write_text("\n".join(rows) + "\n")
+    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: boxes, path: boxes.csv}"))
+    assert run(tiny).ok
+    store = Store(store_path)
+    for i, unit in enumerate(sorted(store.ledger("select").load())):
+        prompts = store.read_unit(["prompts/boxes", "prompts/classes", "ingest/boxes"], unit)
+        assert sorted(prompts["prompts/classes"].tolist()) == [1, 2] and not np.isnan(prompts["prompts/boxes"]).any()
+        assert prompts["ingest/boxes"].shape == (2, 5)
+        labels = store.read_unit(["select/labels"], unit)["select/labels"]
+        truth = _truth_of(store, unit, i)
+        for cls in (1, 2):
+            assert iou(labels == cls, truth == cls) > 0.7, (unit, cls)
+
+
+def test_coarse_masks_add_grown_component_boxes(tiny):
+    data = tiny.parent / "data"
+    (data / "coarse").mkdir()
+    for i, path in enumerate(sorted((data / "images").glob("*.png"))):
+        h, w = np.asarray(Image.open(path)).shape[:2]
+        _, truth = shapes_image(h, w, seed=i)
+        coarse = np.full(truth.shape, 255, np.uint8)
+        for cls in (0, 1, 2):  # each class eroded by 3 px: the boundaries are left unlabelled
+            coarse[binary_erosion(truth == cls, iterations=3)] = cls
+        Image.fromarray(coarse).save(data / "coarse" / path.name)
+    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: coarse, path: data/coarse}"))
+    assert run(tiny).ok
+    store = Store(tiny.parent / "run.zarr")
+    for i, unit in enumerate(sorted(store.ledger("select").load())):
+        arrays = store.read_unit(["prompts/boxes", "prompts/classes", "select/labels"], unit)
+        truth = _truth_of(store, unit, i)
+        for box, cls in zip(arrays["prompts/boxes"], arrays["prompts/classes"]):
+            if cls == 0:
+                continue
+            ys, xs = np.nonzero(truth == cls)
+            assert box[0] <= xs.min() + 3 and box[2] >= xs.max() - 2  # the grown box spans the eroded object
+        for cls in (1, 2):
+            assert iou(arrays["select/labels"] == cls, truth == cls) > 0.8, (unit, cls)

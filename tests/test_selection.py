@@ -93,18 +93,20 @@ def test_smaller_mask_wins_an_overlap_unless_probability_decides():
     assert np.all(nothing.labels == IGNORE) and not nothing.probabilities.any()
 
 
-def test_fill_nearest_takes_the_nearest_label_and_its_probability():
+def test_fill_nearest_falls_back_on_the_nearest_weak_label_and_its_probability():
     labels = np.full((4, 6), IGNORE, np.uint8)
-    labels[:, 0], labels[:, 5] = 7, 3
+    labels[:, 0] = 7                       # claimed by a mask
+    weak = np.full((4, 6), IGNORE, np.uint8)
+    weak[:, 1], weak[:, 5] = 7, 3
     probabilities = np.zeros((2, 4, 6), np.float32)
     probabilities[0] = 0.25  # class 3 (slot 0 of class_ids (3, 7))
     probabilities[1] = 0.4   # class 7
-    filled, confidence = fill_nearest(labels, probabilities, (3, 7), IGNORE, np.ones((4, 6), np.float32))
-    assert filled[0].tolist() == [7, 7, 7, 3, 3, 3]
-    np.testing.assert_allclose(confidence[0], [1, 0.4, 0.4, 0.25, 0.25, 1])
-    untouched, _ = fill_nearest(np.full((2, 2), IGNORE, np.uint8), probabilities[:, :2, :2], (3, 7), IGNORE,
-                                np.zeros((2, 2), np.float32))
-    assert np.all(untouched == IGNORE)
+    filled, confidence = fill_nearest(labels, weak, probabilities, (3, 7), IGNORE, np.ones((4, 6), np.float32))
+    assert filled[0].tolist() == [7, 7, 7, 7, 3, 3]
+    np.testing.assert_allclose(confidence[0], [1, 0.4, 0.4, 0.4, 0.25, 0.25])
+    no_weak = np.full((4, 6), IGNORE, np.uint8)  # box labels: nothing to fall back on
+    untouched, _ = fill_nearest(labels, no_weak, probabilities, (3, 7), IGNORE, np.zeros((4, 6), np.float32))
+    assert np.array_equal(untouched, labels)
 
 
 class FixedBackend:
