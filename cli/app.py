@@ -195,6 +195,30 @@ def bench_quality(
     render.quality_table(rows, json_)
 
 
+@bench.command("conformal")
+@handled
+def bench_conformal(
+    manifest: ManifestArg,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    alpha: Annotated[Optional[list[float]], typer.Option(help="Target miscoverage (repeatable).")] = None,
+    splits: Annotated[int, typer.Option(min=1, help="Random calibration/test splits.")] = 20,
+    calibration: Annotated[int, typer.Option(min=1, help="Calibration images per split.")] = 50,
+    method: Annotated[str, typer.Option(help="risk-control, mondrian or pixel-split.")] = "risk-control",
+    seed: Annotated[int, typer.Option(help="Seed of the splits.")] = 0,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Fit conformal thresholds on random splits of the evaluation images; test miscoverage on the rest."""
+    from seglab.cli import render
+    from seglab.pipeline.bench_conformal import bench_conformal as measure
+    from seglab.stages.conformal import METHODS
+
+    if method not in METHODS:
+        raise SeglabError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    result = measure(_manifest(manifest, store), alphas=tuple(alpha or (0.05, 0.1)), splits=splits,
+                     calibration=calibration, method=method, seed=seed)
+    render.conformal_table(result, json_)
+
+
 @app.command()
 def schema() -> None:
     """Print the manifest's JSON schema (what manifests/schema.json holds)."""

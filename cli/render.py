@@ -70,6 +70,8 @@ def run_summary(report: RunReport) -> None:
     if report.work_done == 0 and report.ok:
         console.print(f"Nothing to do: every stage is complete in {report.store}.")
     for s in report.stages:
+        for warning in s.warnings:
+            errors.print(f"[yellow]{s.stage}: {warning}[/yellow]")
         for unit, reason in s.failures:
             errors.print(f"[red]{s.stage}: {unit}: {reason}[/red]")
     if not report.ok:
@@ -91,6 +93,12 @@ def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
     for r in rows:
         for change in r.changes:
             console.print(f"[red]{r.stage}[/red] changed: {change}")
+        if r.fitted:
+            f = r.fitted
+            thresholds = sorted(set(f["thresholds"]))
+            shown = f"{thresholds[0]:.4f}" if len(thresholds) == 1 else f"{thresholds[0]:.4f}..{thresholds[-1]:.4f}"
+            console.print(f"{r.stage}: {f['method']}, alpha {f['alpha']}, threshold {shown}, "
+                          f"n = {f['n']} calibration images{'' if r.fit_feasible else ' (too few for alpha)'}")
 
 
 def manifest_problems(exc: ManifestError) -> None:
@@ -131,6 +139,9 @@ def evaluation_tables(result: Evaluation, as_json: bool) -> None:
                       _pct(s.labelled_fraction), _pct(s.labelled_accuracy))
     console.print(table)
     for r in result.sources:
+        if r.measures:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in r.measures.items())
+            console.print(f"{r.source}: {shown} (mean over its {r.evaluated} images)")
         if r.stale:
             console.print(f"[yellow]{r.source}[/yellow]: the store's outputs were made with other settings and are "
                           "not evaluated (`seglab status` names the change)")
@@ -157,3 +168,19 @@ def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
     for r in rows:
         if r.failed:
             errors.print(f"[red]{r.manifest}: {r.failed} unit(s) failed; `seglab status` lists them[/red]")
+
+
+def conformal_table(result: dict, as_json: bool) -> None:
+    """Per alpha: test miscoverage (mean ± std over splits), kept pixels, their accuracy."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("alpha", "miscoverage", "kept pixels", "kept accuracy", "threshold",
+                  title=f"{result['method']} over {result['splits']} random splits: {result['calibration']} "
+                        f"calibration / {result['test']} test images")
+    for alpha, row in result["alphas"].items():
+        s = row["summary"]
+        table.add_row(alpha, f"{s['miscoverage']['mean']:.4f} ± {s['miscoverage']['std']:.4f}",
+                      f"{100 * s['kept']['mean']:.1f} %", f"{100 * s['kept_accuracy']['mean']:.2f} %",
+                      f"{s['threshold']['mean']:.4f}")
+    console.print(table)

@@ -6,13 +6,12 @@ map (``Stage.writes_class_map``) and that the store holds, in DAG order. The ima
 evaluated are those of ``data.evaluation``, matched to the run's units by resolved path.
 An image counts for a source only when the stage that made it is done with the current
 signature (as ``seglab status`` counts); every other image is reported as missing.
-Gold masks are ``<masks>/<image stem>.<ext>`` for the first existing ext of .png, .bmp,
-.tif, .tiff.
+Gold masks are found as pipeline/gold.py says.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,16 @@ import numpy as np
 
 from seglab.pipeline.errors import InputError, SeglabError
 from seglab.pipeline.fingerprint import digest
-from seglab.pipeline.manifest import GoldSet, Manifest
+from seglab.pipeline.gold import gold_mask_path, read_gold
+from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.simulate import read_mask
 from seglab.pipeline.store import Store
 from seglab.pipeline.units import enumerate_units, list_images
+from seglab.stages.base import MapStage
 from seglab.stages.nearest_label import nearest_label
 
 WEAK, NEAREST = "weak", "nearest-label"
-GOLD_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class SourceResult:
     missing: tuple[str, ...]
     stale: bool
     scores: Scores
+    measures: dict[str, float] = field(default_factory=dict)
+    """The stage's own per-image measures (``Stage.gold_measures``), averaged over images."""
 
 
 @dataclass(frozen=True)
@@ -76,18 +78,9 @@ class Evaluation:
                 "labelled_accuracy": json_number(r.scores.labelled_accuracy),
                 "pixels": r.scores.pixels,
                 "iou": {n: json_number(v) for n, v in zip(self.class_names, r.scores.iou)},
+                **{k: json_number(v) for k, v in r.measures.items()},
             } for r in self.sources],
         }
-
-
-def gold_mask_path(gold: GoldSet, image: Path) -> Path:
-    """The gold mask of ``image``; InputError naming the candidates when there is none."""
-    folder = Path(gold.masks)
-    for suffix in GOLD_SUFFIXES:
-        path = folder / f"{image.stem}{suffix}"
-        if path.is_file():
-            return path
-    raise InputError(folder, f"no gold mask for {image} (looked for {image.stem}{{{','.join(GOLD_SUFFIXES)}}})")
 
 
 def evaluation_set(manifest: Manifest) -> list[tuple[Path, str | None]]:
@@ -100,13 +93,14 @@ def evaluation_set(manifest: Manifest) -> list[tuple[Path, str | None]]:
     return [(p, unit_of.get(p)) for p in images]
 
 
-def class_map_stages(manifest: Manifest) -> tuple[list[str], dict[str, str]]:
-    """-> (stages writing a class map, in DAG order; every stage's current signature digest)."""
+def class_map_stages(manifest: Manifest) -> tuple[Any, list[str], dict[str, str]]:
+    """-> (the manifest's Runner, the stages writing a class map in DAG order, every stage's
+    current signature digest)."""
     from seglab.pipeline.runner import Runner
 
     runner = Runner(manifest)
     stages = [s for s in runner.dag.order if runner.stages[s].writes_class_map]
-    return stages, {s: digest(sig) for s, sig in runner.signatures.items()}
+    return runner, stages, {s: digest(sig) for s, sig in runner.signatures.items()}
 
 
 def _done(store: Store, stage: str, current: str) -> tuple[set[str], bool]:
@@ -129,13 +123,25 @@ def _predictions(store: Store, stages: list[str], done: dict[str, set[str]], uni
             yield stage, store.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
 
 
+def _measures(runner: Any, store: Store, stage: str, unit: str, gold: Any, image: Path,
+              hw: tuple[int, int]) -> dict[str, float]:
+    """The stage's own measures of one image against its gold mask (none for most stages)."""
+    if type(runner.stages[stage]).gold_measures is MapStage.gold_measures:
+        return {}
+    index, valid = read_gold(gold, image, tuple(c.id for c in runner.manifest.data.classes), hw)
+    return runner.stages[stage].gold_measures(store.read_unit(runner.read_paths(stage), unit), index, valid)
+
+
 def evaluate(manifest: Manifest) -> Evaluation:
     """Score every label source of ``manifest``'s store on its evaluation images."""
     items = evaluation_set(manifest)
     gold = manifest.data.evaluation
     store = Store(manifest.store_path)
-    stages, current = class_map_stages(manifest)
+    runner, stages, current = class_map_stages(manifest)
     stages = [s for s in stages if s in store.stages()]
+    for stage in stages:
+        if runner.stages[stage].gold_set:
+            runner.stages[stage].fitted = store.stage_attrs(stage).get("fitted")
     done, stale = {}, {}
     for stage in ("ingest", *stages):
         done[stage], stale[stage] = _done(store, stage, current[stage])
@@ -143,6 +149,7 @@ def evaluate(manifest: Manifest) -> Evaluation:
     sources = (WEAK, NEAREST, *stages)
     matrices = {s: np.zeros((len(class_ids), len(class_ids) + 1), np.int64) for s in sources}
     evaluated = dict.fromkeys(sources, 0)
+    measured: dict[str, list[dict[str, float]]] = {s: [] for s in stages}
     for image, unit in items:
         predictions = list(_predictions(store, stages, done, unit, manifest.data.ignore_id)) if unit else []
         if not predictions:
@@ -155,11 +162,15 @@ def evaluate(manifest: Manifest) -> Evaluation:
             except ValueError as exc:
                 raise InputError(mask_path, f"{exc} (image {image}, source {source})") from None
             evaluated[source] += 1
+            if source in measured:
+                measured[source].append(_measures(runner, store, source, unit, gold, image, mask.shape))
     results = []
     for source in sources:
         stage = "ingest" if source in (WEAK, NEAREST) else source
         missing = tuple(str(image) for image, unit in items if unit not in done[stage])
-        results.append(SourceResult(source, evaluated[source], missing, stale[stage], scores(matrices[source])))
+        per_image = measured.get(source, [])
+        means = {k: float(np.nanmean([m[k] for m in per_image])) for k in (per_image[0] if per_image else {})}
+        results.append(SourceResult(source, evaluated[source], missing, stale[stage], scores(matrices[source]), means))
     return Evaluation(
         manifest=manifest.path, store=str(store.path), class_ids=class_ids,
         class_names=tuple(c.name for c in manifest.data.classes), images=len(items), sources=tuple(results),

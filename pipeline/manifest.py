@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.paths import is_url, resolve as _resolve
+from seglab.stages.calibrate import CalibrateConfig
 from seglab.stages.embed import EmbedConfig
 from seglab.stages.ingest import IngestConfig
 from seglab.stages.prompts import PromptsConfig
@@ -164,6 +165,7 @@ class Manifest(_Frozen):
     embed: EmbedConfig = EmbedConfig()
     prompts: PromptsConfig = PromptsConfig()
     select: SelectConfig = SelectConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @property
     def store_path(self) -> Path:

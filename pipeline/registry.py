@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from seglab.stages.base import Stage
+from seglab.stages.calibrate import Calibrate
 from seglab.stages.embed import Embed
 from seglab.stages.ingest import Ingest
 from seglab.stages.prompts import Prompts
@@ -12,4 +13,5 @@ STAGES: dict[str, type[Stage]] = {
     "embed": Embed,
     "prompts": Prompts,
     "select": Select,
+    "calibrate": Calibrate,
 }

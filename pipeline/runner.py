@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Any, Protocol
 
 from seglab.pipeline.dag import Dag
-from seglab.pipeline.errors import SignatureMismatch
+from seglab.pipeline.errors import SeglabError, SignatureMismatch
 from seglab.pipeline.fingerprint import diff_signatures, digest, stage_signature
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.registry import STAGES
 from seglab.pipeline.store import Store
-from seglab.pipeline.units import enumerate_units, unit_input_digest
+from seglab.pipeline.units import enumerate_units, file_stat, gold_units, unit_input_digest
 from seglab.stages.base import ClassTable, Context, Stage, Unit
 
 
@@ -55,6 +56,7 @@ class StageReport:
     blocked: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +90,12 @@ def build_context(manifest: Manifest) -> Context:
     )
 
 
+def active_stages(manifest: Manifest) -> dict[str, type[Stage]]:
+    """The registry's stages this manifest runs: a stage fitted on a gold set runs only
+    when the manifest names that set."""
+    return {n: s for n, s in STAGES.items() if s.gold_set is None or getattr(manifest.data, s.gold_set) is not None}
+
+
 def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str, Any]]:
     """Signature of every stage, in DAG order (each includes its parents' digests)."""
     from seglab.workers.backend import backend_signature
@@ -113,7 +121,7 @@ class Runner:
         self.manifest = manifest
         self.options = options or RunOptions()
         self.progress = progress or NoProgress()
-        self.dag = Dag(STAGES)
+        self.dag = Dag(active_stages(manifest))
         self.context = build_context(manifest)
         self.signatures = signatures(manifest, self.dag, self.context)
         self.stages: dict[str, Stage] = {n: STAGES[n](manifest.stage_config(n)) for n in self.dag.order}
@@ -142,8 +150,11 @@ class Runner:
                 paths.extend(f"{path}/{out}" for out in self.stages[path].outputs(self.context))
         return paths
 
-    def plan(self, store: Store, name: str, units: Sequence[Unit]):
-        """-> (ledger entries, todo units with their input digests, blocked count)."""
+    def plan(self, store: Store, name: str, units: Sequence[Unit], fitted: str | None = None):
+        """-> (ledger entries, todo units with their input digests, blocked count).
+
+        ``fitted``: digest of the parameters the stage was fitted with; part of every
+        unit's input digest, so a refit that changes them recomputes the units."""
         ledger = store.ledger(name).load()
         parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
         sig = digest(self.signatures[name])
@@ -155,7 +166,8 @@ class Runner:
                 if any(e is None or e.get("status") != "done" for e in upstream):
                     blocked += 1
                     continue
-                inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream])
+                inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream]
+                                + ([fitted] if fitted else []))
             else:
                 inputs = unit_input_digest(unit)
             entry = ledger.get(unit.id)
@@ -179,9 +191,14 @@ class Runner:
         pools: dict[tuple[float, float], Any] = {}
         try:
             for name in selected:
-                _, todo, blocked = self.plan(store, name, units)
+                fitted = None
+                if self.stages[name].gold_set and not self.options.dry_run:
+                    fitted = self._fitted(store, name, units, pools)
+                _, todo, blocked = self.plan(store, name, units, fitted=fitted and digest(fitted))
                 already = len(units) - blocked - len(todo)
                 report = StageReport(name, len(units), already, len(todo), blocked=blocked)
+                if fitted and (warning := self.stages[name].fit_warning(fitted)):
+                    report.warnings.append(warning)
                 reports.append(report)
                 if self.options.dry_run or not todo:
                     self.progress.start(name, len(units), report.already_done)
@@ -203,6 +220,30 @@ class Runner:
             for pool in pools.values():
                 pool.shutdown()
         return RunReport(str(store.path), reports, dry_run=self.options.dry_run)
+
+    def _fitted(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
+        """The stage's parameters fitted on its gold set: reused from the store when the
+        gold units' upstream outputs, their gold masks and the signature are unchanged,
+        else fitted anew in a worker and stored as the stage's ``fitted`` attribute."""
+        from seglab.pipeline.gold import gold_mask_path
+
+        gold = getattr(self.manifest.data, self.stages[name].gold_set)
+        samples = gold_units(self.manifest, self.stages[name].gold_set, units)
+        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
+        missing = [u.id for u in samples if any(parents[d].get(u.id, {}).get("status") != "done" for d in parents)]
+        if missing:
+            raise SeglabError(f"{name}: cannot fit, {len(missing)} {self.stages[name].gold_set} image(s) have no "
+                              f"finished {'/'.join(parents)} output (first: {missing[0]})")
+        masks = [gold_mask_path(gold, Path(u.image)) for u in samples]
+        key = digest([self.signatures[name], [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in samples],
+                      [file_stat(m) for m in masks]])
+        attrs = store.stage_attrs(name)
+        if attrs.get("fitted_from") == key and "fitted" in attrs:
+            return attrs["fitted"]
+        pool = self._pool_for(name, pools)
+        fitted = pool.fit(name, samples, self.read_paths(name), gold)
+        store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
+        return fitted
 
     def _pool_for(self, name: str, pools: dict) -> Any:
         """The pool for a stage's resource shape; consecutive stages with the same shape share

@@ -20,6 +20,12 @@ class StageStatus:
     changes: tuple[str, ...]
     seconds: float | None
     failures: tuple[tuple[str, str], ...]
+    fitted: dict[str, Any] | None = None  # parameters fitted on a gold set (calibrate: method, alpha, thresholds, n)
+
+    @property
+    def fit_feasible(self) -> bool:
+        feasible = (self.fitted or {}).get("feasible", True)
+        return all(feasible) if isinstance(feasible, list) else bool(feasible)
 
     @property
     def complete(self) -> bool:
@@ -50,5 +56,6 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
             stage=name, total=len(unit_ids), done=len(done), failed=len(failed), signature=state,
             changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
             seconds=(attrs.get("summary") or {}).get("seconds"), failures=tuple(sorted(failed)),
+            fitted=attrs.get("fitted"),
         ))
     return out

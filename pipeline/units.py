@@ -87,13 +87,38 @@ def enumerate_units(manifest: Manifest) -> list[Unit]:
     return units
 
 
+def file_stat(path: str | Path | None) -> list:
+    """[path, size, mtime in ns] (or [path, None] when it does not exist): what identifies
+    a file's content without reading it."""
+    if path is None or not Path(path).exists():
+        return [str(path) if path else None, None]
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def unit_input_digest(unit: Unit) -> str:
     """What identifies a unit's raw inputs without reading them: paths, sizes, mtimes,
     and the table rows themselves. A change recomputes the unit (and what depends on it)."""
-    def stat(path: str | None) -> list:
-        if path is None or not Path(path).exists():
-            return [path, None]
-        st = Path(path).stat()
-        return [path, st.st_size, st.st_mtime_ns]
+    return digest([file_stat(unit.image), file_stat(unit.weak_map), list(unit.weak_rows)])
 
-    return digest([stat(unit.image), stat(unit.weak_map), list(unit.weak_rows)])
+
+def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Unit]:
+    """The run's units whose images make up ``data.<gold_set>`` (calibration, evaluation).
+
+    ManifestError when a gold image is not among data.images, or when the calibration and
+    evaluation sets share an image (a guarantee checked on its own calibration data is none).
+    """
+    data, root = manifest.data, Path(manifest.data.root)
+    by_image = {Path(u.image).resolve(): u for u in units}
+    images = [p.resolve() for p in list_images(getattr(data, gold_set).images, root, manifest.path)]
+    outside = [p for p in images if p not in by_image]
+    if outside:
+        raise ManifestError(manifest.path, [(f"data.{gold_set}.images", f"{len(outside)} image(s) are not among "
+                                             f"data.images, e.g. {outside[0]}")])
+    if data.calibration is not None and data.evaluation is not None:
+        other = "evaluation" if gold_set == "calibration" else "calibration"
+        shared = set(images) & {p.resolve() for p in list_images(getattr(data, other).images, root, manifest.path)}
+        if shared:
+            raise ManifestError(manifest.path, [("data.calibration", f"{len(shared)} image(s) are also evaluation "
+                                                 f"images, e.g. {sorted(shared)[0]}; keep the two sets apart")])
+    return [by_image[p] for p in images]

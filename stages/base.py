@@ -85,6 +85,9 @@ class Stage(ABC):
     resources: ClassVar[Resources] = Resources()
     writes_class_map: ClassVar[bool] = False
     """True when the stage's ``labels`` output is a dense HxW class map (what evaluate scores)."""
+    gold_set: ClassVar[str | None] = None
+    """'calibration': the stage is fitted on that gold set of the manifest before it maps
+    (``MapStage.fit``), and it runs only when the manifest names one."""
 
     def __init__(self, config: StageConfig):
         self.config = config
@@ -94,8 +97,45 @@ class Stage(ABC):
         """Names of the arrays written per unit under this stage's group."""
 
 
+@dataclass(frozen=True)
+class GoldSample:
+    """One gold-labelled unit for ``MapStage.fit``.
+
+    inputs: the stage's reads for the unit ('stage/array' -> array).
+    gold_index: HxW int64, the gold class's position in the manifest's class order.
+    valid: HxW bool, False where the gold mask holds an ignored value.
+    """
+
+    unit: str
+    inputs: Mapping[str, np.ndarray]
+    gold_index: np.ndarray
+    valid: np.ndarray
+
+
 class MapStage(Stage):
-    """Independent per unit: the runner fans units out to workers in batches."""
+    """Independent per unit: the runner fans units out to workers in batches.
+
+    A stage with a ``gold_set`` is first fitted: ``fit`` runs once (in a worker) on the
+    gold set's units and returns JSON-able parameters; the runner stores them as the
+    stage's ``fitted`` attribute and hands them to every worker as ``self.fitted``.
+    """
+
+    fitted: dict[str, Any] | None = None
+
+    def fit(self, samples: Sequence[GoldSample], ctx: Context) -> dict[str, Any]:
+        """Parameters fitted on the gold samples (JSON-able); only for stages with a gold_set."""
+        raise NotImplementedError(f"stage '{self.name}' has no gold set to fit on")
+
+    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray,
+                      valid: np.ndarray) -> dict[str, float]:
+        """Per-image measures of this stage against a gold mask beyond its class map (which
+        ``seglab evaluate`` scores anyway), averaged over images by evaluate; default none.
+        inputs: the stage's reads for the image; gold_index, valid: as in ``GoldSample``."""
+        return {}
+
+    def fit_warning(self, fitted: dict[str, Any]) -> str | None:
+        """A sentence for the operator when the fit could not keep its promise (default none)."""
+        return None
 
     @abstractmethod
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:

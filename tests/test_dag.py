@@ -11,11 +11,12 @@ def fake(name: str, reads: tuple[str, ...]):
 
 def test_pipeline_order_comes_from_reads():
     dag = Dag(STAGES)
-    assert dag.order == ("ingest", "embed", "prompts", "select")
+    assert dag.order == ("ingest", "embed", "prompts", "select", "calibrate")
     assert set(dag.deps["select"]) == {"embed", "prompts", "ingest"}
-    assert dag.downstream("embed") == ("select",)
-    assert dag.downstream("ingest") == ("embed", "prompts", "select")
-    assert dag.upstream("select") == ("ingest", "embed", "prompts")
+    assert dag.deps["calibrate"] == ("select",)
+    assert dag.downstream("embed") == ("select", "calibrate")
+    assert dag.downstream("ingest") == ("embed", "prompts", "select", "calibrate")
+    assert dag.upstream("calibrate") == ("ingest", "embed", "prompts", "select")
 
 
 def test_order_follows_dependencies_not_registry_order():
@@ -33,6 +34,6 @@ def test_cycles_and_unknown_reads_are_errors():
 def test_selecting_stages():
     dag = Dag(STAGES)
     assert dag.select(only="prompts") == ("prompts",)
-    assert dag.select(start="prompts") == ("prompts", "select")
+    assert dag.select(start="prompts") == ("prompts", "select", "calibrate")
     with pytest.raises(DagError, match="unknown stage 'nope'"):
         dag.select(start="nope")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -79,8 +80,23 @@ class StageWorker:
         """The worker's process id (for operators and fault-injection tests)."""
         return os.getpid()
 
+    def fit(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], gold: Any) -> dict[str, Any]:
+        """Fit a stage on its gold units: their inputs and gold masks -> the fitted parameters."""
+        from seglab.pipeline.gold import read_gold
+        from seglab.stages.base import GoldSample
+
+        samples = []
+        for unit in units:
+            inputs = self.store.read_unit(read_paths, unit.id)
+            hw = next(iter(inputs.values())).shape[-2:]
+            index, valid = read_gold(gold, Path(unit.image), self.context.classes.ids, hw)
+            samples.append(GoldSample(unit.id, inputs, index, valid))
+        return self._stage(stage_name).fit(samples, self.context)
+
     def run(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str]) -> list[dict[str, Any]]:
         stage = self._stage(stage_name)
+        if stage.gold_set:
+            stage.fitted = self.store.stage_attrs(stage_name).get("fitted")
         receipts: list[dict[str, Any]] = []
         ready_units, inputs = [], []
         for unit in units:
@@ -119,6 +135,15 @@ class WorkerPool:
             num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=0, max_task_retries=0
         )
         self.actors = [self._cls.remote(spec) for _ in range(size)]
+
+    def fit(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], gold: Any) -> dict[str, Any]:
+        """Run ``StageWorker.fit`` on one actor; a failure names the stage."""
+        try:
+            return ray.get(self.actors[0].fit.remote(stage_name, units, read_paths, gold))
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            cause = cause if isinstance(cause, SeglabError) else exc
+            raise StageFailed(f"{stage_name}: fitting on the gold set failed: {cause}") from None
 
     def replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)

@@ -1,0 +1,46 @@
+"""Gold masks of a manifest's gold sets (calibration, evaluation): finding and reading them.
+
+A gold mask is ``<masks>/<image stem>.<ext>`` for the first existing ext of .png, .bmp,
+.tif, .tiff, holding per pixel a class id or a value of the gold set's ``ignore``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from seglab.pipeline.errors import InputError
+from seglab.pipeline.manifest import GoldSet
+from seglab.pipeline.metrics import class_index
+from seglab.pipeline.simulate import read_mask
+
+GOLD_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
+
+def gold_mask_path(gold: GoldSet, image: Path) -> Path:
+    """The gold mask of ``image``; InputError naming the candidates when there is none."""
+    folder = Path(gold.masks)
+    for suffix in GOLD_SUFFIXES:
+        path = folder / f"{image.stem}{suffix}"
+        if path.is_file():
+            return path
+    raise InputError(folder, f"no gold mask for {image} (looked for {image.stem}{{{','.join(GOLD_SUFFIXES)}}})")
+
+
+def read_gold(gold: GoldSet, image: Path, class_ids: tuple[int, ...],
+              expected_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (HxW int64 position of the gold class in ``class_ids``, HxW bool valid).
+
+    Ignored values are invalid pixels; any other value that is not a class id, or a mask
+    whose size is not ``expected_hw``, is an InputError naming the mask file."""
+    path = gold_mask_path(gold, image)
+    mask = read_mask(path)
+    if mask.shape != tuple(expected_hw):
+        raise InputError(path, f"gold mask is {mask.shape[1]}x{mask.shape[0]}, the image "
+                               f"{expected_hw[1]}x{expected_hw[0]}")
+    index, is_class = class_index(mask, class_ids)
+    unknown = ~is_class & ~np.isin(mask, np.asarray(gold.ignore, np.int64))
+    if unknown.any():
+        raise InputError(path, f"gold values {np.unique(mask[unknown]).tolist()} are neither class ids "
+                               f"{list(class_ids)} nor ignored {list(gold.ignore)}")
+    return index.astype(np.int64), is_class

@@ -1,0 +1,120 @@
+"""The calibrate stage end to end: fitted on the calibration gold set, applied per image."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import shapes_image, write_dataset, write_manifest
+from seglab.cli.app import app
+from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.store import Store
+from seglab.stages.conformal import prediction_sets
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 70), (66, 60)]
+
+
+def calibrated_manifest(tmp_path, *, calibration="images/img0[0-3].png", evaluation="images/img0[45].png",
+                        alpha=0.3, method="risk-control"):
+    data = tmp_path / "data"
+    write_dataset(data, SIZES)
+    (data / "gold").mkdir()
+    for i, (h, w) in enumerate(SIZES):
+        Image.fromarray(shapes_image(h, w, seed=i)[1]).save(data / "gold" / f"img{i:02d}.png")
+    path = write_manifest(tmp_path, extra=f"calibrate: {{method: {method}, alpha: {alpha}}}\n")
+    gold = (f"  calibration: {{images: {{glob: '{calibration}'}}, masks: gold}}\n"
+            f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\n")
+    path.write_text(path.read_text().replace("store:\n", gold + "store:\n", 1))
+    return path
+
+
+def test_thresholds_are_fitted_stored_and_applied(tmp_path):
+    path = calibrated_manifest(tmp_path)
+    report = Runner(load_manifest(path)).run()
+    assert report.ok and [s.stage for s in report.stages][-1] == "calibrate"
+    assert not report.stages[-1].warnings  # 4 images suffice for alpha = 0.3
+    store = Store(tmp_path / "run.zarr")
+    fitted = store.stage_attrs("calibrate")["fitted"]
+    assert fitted["method"] == "risk-control" and fitted["alpha"] == 0.3 and fitted["n"] == 4
+    for unit in store.ledger("calibrate").load():
+        arrays = store.read_unit(["select/probabilities", "calibrate/labels", "calibrate/set_size"], unit)
+        sets = prediction_sets(arrays["select/probabilities"], fitted["thresholds"])
+        assert np.array_equal(arrays["calibrate/set_size"], sets.sum(0))
+        single = sets.sum(0) == 1
+        assert np.array_equal(arrays["calibrate/labels"][single], sets.argmax(0)[single])  # class ids = 0, 1, 2
+        assert np.all(arrays["calibrate/labels"][~single] == 255)
+    status = CliRunner().invoke(app, ["status", str(path)])
+    assert "calibrate: risk-control, alpha 0.3" in status.output and "n = 4" in status.output
+    rows = {r["stage"]: r for r in json.loads(CliRunner().invoke(app, ["status", str(path), "--json"]).stdout)}
+    assert rows["calibrate"]["fitted"]["thresholds"] == fitted["thresholds"]
+    again = Runner(load_manifest(path)).run()  # nothing changed: the fit is reused, nothing recomputed
+    assert again.work_done == 0
+
+
+def test_a_new_alpha_refits_and_too_few_images_warn_with_the_number_needed(tmp_path):
+    path = calibrated_manifest(tmp_path)
+    Runner(load_manifest(path)).run()
+    path.write_text(path.read_text().replace("alpha: 0.3", "alpha: 0.05"))
+    report = Runner(load_manifest(path), RunOptions(force=("calibrate",))).run()
+    calibrate = report.stages[-1]
+    assert calibrate.done_now == 6
+    assert calibrate.warnings and "19 are needed for alpha=0.05" in calibrate.warnings[0]
+    fitted = Store(tmp_path / "run.zarr").stage_attrs("calibrate")["fitted"]
+    assert fitted["feasible"] is False and set(fitted["thresholds"]) == {1.0}
+
+
+def test_without_a_calibration_set_the_stage_does_not_run(tiny):
+    report = Runner(load_manifest(tiny)).run()
+    assert [s.stage for s in report.stages] == ["ingest", "embed", "prompts", "select"]
+
+
+def test_calibration_and_evaluation_images_must_be_apart(tmp_path):
+    path = calibrated_manifest(tmp_path, evaluation="images/img0[34].png")
+    with pytest.raises(ManifestError, match="also evaluation images"):
+        Runner(load_manifest(path)).run()
+
+
+def test_evaluate_reports_the_miscoverage_of_the_calibrated_sets(tmp_path):
+    path = calibrated_manifest(tmp_path)
+    assert Runner(load_manifest(path)).run().ok
+    result = CliRunner().invoke(app, ["evaluate", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["source"]: r for r in json.loads(result.stdout)["sources"]}
+    assert list(rows) == ["weak", "nearest-label", "select", "calibrate"]
+    calibrate = rows["calibrate"]
+    assert calibrate["evaluated"] == 2 and 0.0 <= calibrate["miscoverage"] <= 1.0
+    # recompute it by hand from the stored probabilities and thresholds
+    store = Store(tmp_path / "run.zarr")
+    thresholds = np.asarray(store.stage_attrs("calibrate")["fitted"]["thresholds"])
+    shares = []
+    for unit, seed in (("images__img04.png", 4), ("images__img05.png", 5)):
+        probabilities = store.read_unit(["select/probabilities"], unit)["select/probabilities"]
+        truth = shapes_image(*probabilities.shape[1:], seed=seed)[1]
+        covered = (1.0 - probabilities.astype(np.float64)) <= thresholds[:, None, None]
+        shares.append(1.0 - np.take_along_axis(covered, truth[None].astype(np.int64), axis=0).mean())
+    assert abs(calibrate["miscoverage"] - np.mean(shares)) < 1e-9
+    assert calibrate["labelled_fraction"] <= rows["select"]["labelled_fraction"]
+
+
+def test_bench_conformal_tests_every_split_on_the_images_it_did_not_calibrate_on(tmp_path):
+    path = calibrated_manifest(tmp_path)
+    path.write_text(path.read_text().replace("images/img0[45].png", "images/*.png").replace(
+        "  calibration: {images: {glob: 'images/img0[0-3].png'}, masks: gold}\n", ""))
+    assert Runner(load_manifest(path)).run().ok
+    result = CliRunner().invoke(app, ["bench", "conformal", str(path), "--splits", "3", "--calibration", "4",
+                                      "--alpha", "0.3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 6 and report["test"] == 2
+    splits = report["alphas"]["0.3"]["splits"]
+    assert len(splits) == 3 and all(0.0 <= s["miscoverage"] <= 1.0 and 0.0 <= s["kept"] <= 1.0 for s in splits)
+    mean = report["alphas"]["0.3"]["summary"]["miscoverage"]["mean"]
+    assert abs(mean - np.mean([s["miscoverage"] for s in splits])) < 1e-12
+    too_many = CliRunner().invoke(app, ["bench", "conformal", str(path), "--calibration", "6"])
+    assert too_many.exit_code == 1 and "needs more" in too_many.output
