@@ -192,8 +192,9 @@ class Runner:
         try:
             for name in selected:
                 fitted = None
-                if self.stages[name].gold_set and not self.options.dry_run:
-                    fitted = self._fitted(store, name, units, pools)
+                if self.stages[name].gold_set:  # a dry run plans with the stored fit
+                    fitted = (store.stage_attrs(name).get("fitted") if self.options.dry_run
+                              else self._fitted(store, name, units, pools))
                 _, todo, blocked = self.plan(store, name, units, fitted=fitted and digest(fitted))
                 already = len(units) - blocked - len(todo)
                 report = StageReport(name, len(units), already, len(todo), blocked=blocked)

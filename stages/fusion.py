@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.nearest_label import nearest_label
@@ -25,12 +26,10 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Fused:
-    """labels: HxW class ids (``ignore_id`` where untrusted); confidence: HxW float32,
-    the probability of the pixel's label (0 where ignored); probabilities: float32
-    [C, H, W] per class in ``class_ids`` order."""
+    """labels: HxW class ids (``ignore_id`` where untrusted); probabilities: float32
+    [C, H, W] per class in ``class_ids`` order, the largest kept-mask probability."""
 
     labels: np.ndarray
-    confidence: np.ndarray
     probabilities: np.ndarray
 
 
@@ -42,7 +41,6 @@ def fuse_masks(kept_probability: np.ndarray, kept_classes: np.ndarray, frame: Im
     slot = {c: i for i, c in enumerate(class_ids)}
     probabilities = np.zeros((len(class_ids), height, width), np.float32)
     labels = np.full((height, width), ignore_id, label_dtype)
-    confidence = np.zeros((height, width), np.float32)
     areas = (kept_probability > 0.5).sum(axis=(1, 2))
     for k in np.argsort(-areas, kind="stable"):
         prob = frame.grid_to_image(kept_probability[k].astype(np.float32))
@@ -51,30 +49,56 @@ def fuse_masks(kept_probability: np.ndarray, kept_classes: np.ndarray, frame: Im
         if overlap == "smaller":
             paint = prob >= min_probability
             labels[paint] = kept_classes[k]
-            confidence[paint] = prob[paint]
     if overlap == "probability" and len(kept_classes):
         best = probabilities.argmax(axis=0)
         top = np.take_along_axis(probabilities, best[None], axis=0)[0]
         trusted = top >= min_probability
         labels[trusted] = np.asarray(class_ids)[best[trusted]]
-        confidence = np.where(trusted, top, 0.0).astype(np.float32)
-    return Fused(labels, confidence, probabilities)
+    return Fused(labels, probabilities)
 
 
-def fill_nearest(labels: np.ndarray, weak: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...],
-                 ignore_id: int, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fill_nearest(labels: np.ndarray, weak: np.ndarray, ignore_id: int) -> np.ndarray:
     """Give every ``ignore_id`` pixel of labels (HxW) the class of the nearest weak-label
-    pixel (the nearest-label baseline: where no mask speaks, fall back on it); its
-    confidence becomes that class's probability there (float32 [C, H, W] in ``class_ids``
-    order). Without weak pixels (box labels) nothing is filled."""
+    pixel (the nearest-label baseline: where no mask speaks, fall back on it). Without
+    weak pixels (box labels) nothing is filled."""
     empty = labels == ignore_id
     if not empty.any() or (weak == ignore_id).all():
-        return labels, confidence
-    filled = np.where(empty, nearest_label(weak, ignore_id), labels)
+        return labels
+    return np.where(empty, nearest_label(weak, ignore_id), labels).astype(labels.dtype)
+
+
+def label_probability(labels: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...],
+                      ignore_id: int) -> np.ndarray:
+    """HxW float32: the probability (float [C, H, W] in ``class_ids`` order) of each pixel's
+    label; 0 where the label is ``ignore_id``."""
     order = np.argsort(class_ids)  # class_ids need not be sorted
-    slot = order[np.clip(np.searchsorted(np.asarray(class_ids)[order], filled), 0, len(class_ids) - 1)]
-    filled_confidence = np.take_along_axis(probabilities, slot[None], axis=0)[0]
-    return filled, np.where(empty, filled_confidence, confidence).astype(np.float32)
+    ids = np.asarray(class_ids)[order]
+    slot = order[np.clip(np.searchsorted(ids, labels), 0, len(class_ids) - 1)]
+    picked = np.take_along_axis(probabilities, slot[None].astype(np.intp), axis=0)[0]
+    return np.where(labels == ignore_id, 0.0, picked).astype(np.float32)
+
+
+def class_distribution(evidence: np.ndarray, weak: np.ndarray, class_ids: tuple[int, ...], ignore_id: int, *,
+                       mask_weight: float, prior_scale: float) -> np.ndarray:
+    """Per-pixel class distribution (float32 [C, H, W], sums to 1 over C) from the masks'
+    evidence (float [C, H, W] in [0, 1]: per class the largest kept-mask probability) and a
+    prior from the weak label: exp(-d_c / (prior_scale * image diagonal)), d_c the
+    distance to the nearest weak pixel of class c (0 for classes without one). The two
+    are mixed ``mask_weight : 1 - mask_weight`` and normalised; weak pixels are one-hot.
+    Where no mask speaks, the prior still says which classes are near, so a conformal
+    score 1 - p has meaning everywhere."""
+    height, width = weak.shape
+    prior = np.zeros(evidence.shape, np.float32)
+    scale = prior_scale * float(np.hypot(height, width))
+    for slot, cls in enumerate(class_ids):
+        if (weak == cls).any():
+            prior[slot] = np.exp(-ndimage.distance_transform_edt(weak != cls) / scale)
+    mixed = mask_weight * evidence.astype(np.float32) + (1.0 - mask_weight) * prior + 1e-6
+    distribution = mixed / mixed.sum(axis=0, keepdims=True)
+    labelled = weak != ignore_id
+    for slot, cls in enumerate(class_ids):
+        distribution[slot][labelled] = weak[labelled] == cls
+    return distribution
 
 
 class ViewEnsemble:
@@ -82,9 +106,9 @@ class ViewEnsemble:
 
     ``add`` takes a view's class map (HxW) and probabilities (float32 [C, H, W]).
     ``result`` gives per pixel the class most views voted for when a strict majority did
-    (ties go to the larger mean probability), else ``ignore_id``; its mean probability as
-    confidence; the mean probabilities [C, H, W]; and the variance across views of the
-    label's probability (HxW float32; 0 with one view).
+    (ties go to the larger mean probability), else ``ignore_id``; the mean probabilities
+    [C, H, W]; and the variance across views of the label's probability (HxW float32; 0
+    with one view).
     """
 
     def __init__(self, class_ids: tuple[int, ...], hw: tuple[int, int]):
@@ -101,12 +125,11 @@ class ViewEnsemble:
         for slot, cls in enumerate(self.class_ids):
             self.votes[slot] += labels == cls
 
-    def result(self, ignore_id: int, label_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def result(self, ignore_id: int, label_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mean = self.total / self.views
         variance = np.maximum(self.squares / self.views - mean**2, 0.0)
         best = (self.votes + 0.5 * mean).argmax(axis=0)  # mean < 1 only breaks ties between votes
         pick = lambda a: np.take_along_axis(a, best[None], axis=0)[0]  # noqa: E731
         majority = 2 * pick(self.votes) > self.views
         labels = np.where(majority, self.class_ids[best], ignore_id).astype(label_dtype)
-        confidence = np.where(majority, pick(mean), 0.0).astype(np.float32)
-        return labels, confidence, mean.astype(np.float32), pick(variance).astype(np.float32)
+        return labels, mean.astype(np.float32), pick(variance).astype(np.float32)

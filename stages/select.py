@@ -3,7 +3,7 @@
 Per prompt the backend's M candidates are scored on the low-resolution grid by their
 coverage of the weak label and their purity (stages/coverage.py, SeSAM's (tau1, tau2)
 rule together with the predicted quality); the kept masks alone are upsampled and fused
-into per-class probabilities and a class map (stages/fusion.py). When ``embed`` cached
+into a class map and per-class evidence (stages/fusion.py). When ``embed`` cached
 augmented views, every view is decoded the same way with the prompts and the weak label
 moved into it, mapped back, and the views vote (SCALER's ensemble; stages/fusion.py).
 Weak-label pixels keep their class with probability 1.
@@ -12,8 +12,9 @@ Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
   labels:        HxW class ids (uint8/uint16), ``ignore_id`` where no class is trusted;
   confidence:    HxW float16 in [0, 1], the probability of the pixel's label (1 on weak
                  pixels, 0 where ignored);
-  probabilities: float16 [C, H, W], per manifest class (in manifest order), the mean
-                 over views;
+  probabilities: float16 [C, H, W] in manifest class order, a distribution per pixel:
+                 the masks' evidence (mean over views) mixed with a weak-label distance
+                 prior (``mask_weight``, ``prior_scale``; fusion.class_distribution);
   variance:      HxW float16, the variance across views of the label's probability
                  (0 without views and on weak pixels);
   chosen:        int32 [P], the candidate kept per prompt, -1 when none was admissible;
@@ -32,7 +33,15 @@ from pydantic import Field, model_validator
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
 from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
 from seglab.stages.embed import view_prefix
-from seglab.stages.fusion import Fused, ViewEnsemble, fill_nearest, fuse_masks, sigmoid
+from seglab.stages.fusion import (
+    Fused,
+    ViewEnsemble,
+    class_distribution,
+    fill_nearest,
+    fuse_masks,
+    label_probability,
+    sigmoid,
+)
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import PromptBatch
 from seglab.stages.views import View
@@ -48,6 +57,10 @@ class SelectConfig(StageConfig):
         "smaller", description="Between overlapping masks of different classes: the smaller mask wins, or the more probable class."
     )
     min_probability: float = Field(0.5, gt=0.0, lt=1.0, description="Below this a pixel is left as ignore_id.")
+    mask_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the masks' evidence (against the weak-label "
+                               "distance prior) in the per-pixel class distribution.")
+    prior_scale: float = Field(0.05, gt=0.0, le=1.0, description="Decay length of the weak-label distance prior, as "
+                               "a share of the image diagonal.")
     fill: Literal["none", "nearest"] = Field(
         "nearest", description="Pixels no kept mask claims: left as ignore_id, or given the class of the nearest "
         "weak-label pixel (their confidence stays their class probability, usually low)."
@@ -85,7 +98,7 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
 
 class Select(MapStage):
     name = "select"
-    version = 3  # 3: unclaimed pixels fall back on the nearest weak label
+    version = 4  # 4: probabilities are a class distribution (masks + weak-label distance prior)
     Config = SelectConfig
     reads = ("embed", "prompts", "ingest/weak")
     resources = Resources(cpus=1, needs_backend=True)
@@ -108,15 +121,15 @@ class Select(MapStage):
             else:
                 seen = self._decode(view_features, view.prompts(prompts), view.label_map(weak), ctx)
                 ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
-        labels, confidence, probabilities, variance = ensemble.result(classes.ignore_id, classes.label_dtype)
+        labels, evidence, variance = ensemble.result(classes.ignore_id, classes.label_dtype)
+        probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id,
+                                           mask_weight=self.config.mask_weight, prior_scale=self.config.prior_scale)
         weak_pixels = weak != classes.ignore_id
         labels[weak_pixels] = weak[weak_pixels]
-        confidence[weak_pixels] = 1.0
         variance[weak_pixels] = 0.0
-        for slot, cls in enumerate(classes.ids):
-            probabilities[slot][weak_pixels] = (weak[weak_pixels] == cls).astype(np.float32)
         if self.config.fill == "nearest":
-            labels, confidence = fill_nearest(labels, weak, probabilities, classes.ids, classes.ignore_id, confidence)
+            labels = fill_nearest(labels, weak, classes.ignore_id)
+        confidence = label_probability(labels, probabilities, classes.ids, classes.ignore_id)
         return {
             "labels": labels,
             "confidence": confidence.astype(np.float16),

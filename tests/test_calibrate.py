@@ -55,6 +55,7 @@ def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     assert rows["calibrate"]["fitted"]["thresholds"] == fitted["thresholds"]
     again = Runner(load_manifest(path)).run()  # nothing changed: the fit is reused, nothing recomputed
     assert again.work_done == 0
+    assert Runner(load_manifest(path), RunOptions(dry_run=True)).run().stages[-1].todo == 0
 
 
 def test_a_new_alpha_refits_and_too_few_images_warn_with_the_number_needed(tmp_path):

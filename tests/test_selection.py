@@ -5,7 +5,7 @@ import numpy as np
 
 from seglab.stages.base import ClassTable, Context
 from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
-from seglab.stages.fusion import fill_nearest, fuse_masks
+from seglab.stages.fusion import class_distribution, fill_nearest, fuse_masks, label_probability
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import POSITIVE, PromptBatch
 from seglab.stages.select import Select, SelectConfig
@@ -93,20 +93,33 @@ def test_smaller_mask_wins_an_overlap_unless_probability_decides():
     assert np.all(nothing.labels == IGNORE) and not nothing.probabilities.any()
 
 
-def test_fill_nearest_falls_back_on_the_nearest_weak_label_and_its_probability():
+def test_fill_nearest_falls_back_on_the_nearest_weak_label():
     labels = np.full((4, 6), IGNORE, np.uint8)
     labels[:, 0] = 7                       # claimed by a mask
     weak = np.full((4, 6), IGNORE, np.uint8)
     weak[:, 1], weak[:, 5] = 7, 3
-    probabilities = np.zeros((2, 4, 6), np.float32)
-    probabilities[0] = 0.25  # class 3 (slot 0 of class_ids (3, 7))
-    probabilities[1] = 0.4   # class 7
-    filled, confidence = fill_nearest(labels, weak, probabilities, (3, 7), IGNORE, np.ones((4, 6), np.float32))
-    assert filled[0].tolist() == [7, 7, 7, 7, 3, 3]
-    np.testing.assert_allclose(confidence[0], [1, 0.4, 0.4, 0.4, 0.25, 0.25])
+    assert fill_nearest(labels, weak, IGNORE)[0].tolist() == [7, 7, 7, 7, 3, 3]
     no_weak = np.full((4, 6), IGNORE, np.uint8)  # box labels: nothing to fall back on
-    untouched, _ = fill_nearest(labels, no_weak, probabilities, (3, 7), IGNORE, np.zeros((4, 6), np.float32))
-    assert np.array_equal(untouched, labels)
+    assert np.array_equal(fill_nearest(labels, no_weak, IGNORE), labels)
+
+
+def test_label_probability_picks_each_pixels_class_with_unsorted_ids():
+    probabilities = np.stack([np.full((2, 2), 0.25), np.full((2, 2), 0.75)]).astype(np.float32)  # ids (7, 3)
+    labels = np.array([[7, 3], [IGNORE, 3]], np.uint8)
+    np.testing.assert_allclose(label_probability(labels, probabilities, (7, 3), IGNORE), [[0.25, 0.75], [0, 0.75]])
+
+
+def test_class_distribution_mixes_mask_evidence_with_the_weak_distance_prior():
+    weak = np.full((1, 101), IGNORE, np.uint8)
+    weak[0, 0], weak[0, 100] = 0, 1
+    evidence = np.zeros((2, 1, 101), np.float32)
+    p = class_distribution(evidence, weak, (0, 1), IGNORE, mask_weight=0.5, prior_scale=0.05)
+    np.testing.assert_allclose(p.sum(axis=0), 1.0, atol=1e-6)
+    assert p[0, 0, 0] == 1.0 and p[1, 0, 100] == 1.0           # weak pixels are one-hot
+    assert p[0, 0, 20] > 0.9 and abs(p[0, 0, 50] - 0.5) < 1e-3  # no mask: the nearer class, even halfway
+    evidence[1, 0, 10:30] = 1.0                                  # a class-1 mask near class 0's point
+    q = class_distribution(evidence, weak, (0, 1), IGNORE, mask_weight=0.5, prior_scale=0.05)
+    assert q[1, 0, 20] > p[1, 0, 20] and q[1, 0, 20] > 0.5
 
 
 class FixedBackend:
