@@ -25,7 +25,6 @@ from seglab.pipeline.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.simulate import read_mask
 from seglab.pipeline.store import Store
 from seglab.pipeline.units import enumerate_units, list_images
-from seglab.stages.base import MapStage
 from seglab.stages.nearest_label import nearest_label
 
 WEAK, NEAREST = "weak", "nearest-label"
@@ -126,10 +125,11 @@ def _predictions(store: Store, stages: list[str], done: dict[str, set[str]], uni
 def _measures(runner: Any, store: Store, stage: str, unit: str, gold: Any, image: Path,
               hw: tuple[int, int]) -> dict[str, float]:
     """The stage's own measures of one image against its gold mask (none for most stages)."""
-    if type(runner.stages[stage]).gold_measures is MapStage.gold_measures:
+    reads = runner.stages[stage].gold_reads
+    if not reads:
         return {}
     index, valid = read_gold(gold, image, tuple(c.id for c in runner.manifest.data.classes), hw)
-    return runner.stages[stage].gold_measures(store.read_unit(runner.read_paths(stage), unit), index, valid)
+    return runner.stages[stage].gold_measures(store.read_unit(reads, unit), index, valid, runner.context)
 
 
 def evaluate(manifest: Manifest) -> Evaluation:

@@ -85,6 +85,8 @@ class Stage(ABC):
     resources: ClassVar[Resources] = Resources()
     writes_class_map: ClassVar[bool] = False
     """True when the stage's ``labels`` output is a dense HxW class map (what evaluate scores)."""
+    gold_reads: ClassVar[tuple[str, ...]] = ()
+    """Store paths ('stage/array') that ``gold_measures`` needs; none: it measures nothing."""
     gold_set: ClassVar[str | None] = None
     """'calibration': the stage is fitted on that gold set of the manifest before it maps
     (``MapStage.fit``), and it runs only when the manifest names one."""
@@ -126,11 +128,11 @@ class MapStage(Stage):
         """Parameters fitted on the gold samples (JSON-able); only for stages with a gold_set."""
         raise NotImplementedError(f"stage '{self.name}' has no gold set to fit on")
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray,
-                      valid: np.ndarray) -> dict[str, float]:
+    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
+                      ctx: Context) -> dict[str, float]:
         """Per-image measures of this stage against a gold mask beyond its class map (which
         ``seglab evaluate`` scores anyway), averaged over images by evaluate; default none.
-        inputs: the stage's reads for the image; gold_index, valid: as in ``GoldSample``."""
+        inputs: the image's arrays named in ``gold_reads``; gold_index, valid: as in ``GoldSample``."""
         return {}
 
     def fit_warning(self, fitted: dict[str, Any]) -> str | None:

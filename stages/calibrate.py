@@ -41,6 +41,7 @@ class Calibrate(MapStage):
     resources = Resources(cpus=1)
     writes_class_map = True
     gold_set = "calibration"
+    gold_reads = ("select/probabilities",)
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
         return ("labels", "set_size")
@@ -58,8 +59,8 @@ class Calibrate(MapStage):
         return (f"calibration set too small for the guarantee ({fitted['n']} images{more}): "
                 "the affected thresholds are 1, so those pixels are left unlabelled")
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray,
-                      valid: np.ndarray) -> dict[str, float]:
+    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
+                      ctx: Context) -> dict[str, float]:
         """miscoverage: the share of the image's gold pixels whose class is outside its set."""
         thresholds = self._thresholds()
         return {"miscoverage": image_miscoverage(inputs["select/probabilities"], gold_index, valid, thresholds)}

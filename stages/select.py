@@ -44,6 +44,7 @@ from seglab.stages.fusion import (
 )
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import PromptBatch
+from seglab.stages.ranking import auroc
 from seglab.stages.views import View
 
 
@@ -103,6 +104,7 @@ class Select(MapStage):
     reads = ("embed", "prompts", "ingest/weak")
     resources = Resources(cpus=1, needs_backend=True)
     writes_class_map = True
+    gold_reads = ("select/labels", "select/confidence")
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
         return ("labels", "confidence", "probabilities", "variance", "chosen", "coverage", "purity")
@@ -161,6 +163,16 @@ class Select(MapStage):
                            min_probability=cfg.min_probability, overlap=cfg.overlap)
         return _Decoded(fused, chosen.astype(np.int32), np.asarray(coverage, np.float32),
                         np.asarray(purity, np.float32))
+
+    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
+                      ctx: Context) -> dict[str, float]:
+        """uncertainty_auroc: how well 1 - confidence ranks the image's wrong labels above its
+        right ones (AUROC over the labelled valid pixels; NaN when either kind is absent)."""
+        labels = inputs["select/labels"]
+        labelled = valid & (labels != ctx.classes.ignore_id)
+        gold = np.asarray(ctx.classes.ids)[gold_index]
+        wrong = (labels != gold)[labelled]
+        return {"uncertainty_auroc": auroc(1.0 - inputs["select/confidence"].astype(np.float64)[labelled], wrong)}
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
         chosen = outputs["chosen"]

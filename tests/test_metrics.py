@@ -8,6 +8,7 @@ import pytest
 
 from seglab.pipeline.metrics import confusion, scores
 from seglab.stages.nearest_label import nearest_label
+from seglab.stages.ranking import auroc
 
 
 def test_known_case_with_ignored_gold_unlabelled_prediction_and_an_absent_class():
@@ -92,3 +93,12 @@ def test_nearest_label_takes_a_nearest_labelled_class_everywhere():
 def test_nearest_label_without_any_weak_pixel_stays_ignore():
     weak = np.full((5, 6), 255, np.uint8)
     assert (nearest_label(weak, 255) == 255).all()
+
+
+def test_auroc_known_cases():
+    assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
+    assert auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([True, True, False, False])) == 0.0
+    assert auroc(np.array([0.5, 0.5, 0.5]), np.array([True, False, False])) == 0.5  # ties count half
+    # 3 positives, 2 negatives: pairs (pos > neg): 0.7>0.4, 0.7>0.2, 0.3>0.2, 0.5>0.4, 0.5>0.2 -> 5 of 6
+    assert abs(auroc(np.array([0.7, 0.3, 0.5, 0.4, 0.2]), np.array([1, 1, 1, 0, 0], bool)) - 5 / 6) < 1e-12
+    assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([False, False])))

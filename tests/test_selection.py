@@ -149,3 +149,18 @@ def test_select_stage_keeps_admissible_masks_and_the_weak_pixels():
     assert out["confidence"][50, 10] == 1.0
     dense = Select(SelectConfig()).process(None, inputs, ctx)["labels"]
     assert dense[40, 10] == 2 and not np.any(dense == IGNORE)
+
+
+def test_select_measures_how_well_its_confidence_ranks_its_errors():
+    ctx = Context(classes=ClassTable((0, 5), ("a", "b"), IGNORE), weak_kind="scribbles", seed=0)
+    labels = np.array([[0, 0, 5, IGNORE]], np.uint8)
+    confidence = np.array([[0.9, 0.2, 0.6, 0.0]], np.float16)
+    gold_index = np.array([[0, 1, 0, 0]])   # positions: class 0, class 5, class 0, class 0
+    valid = np.ones((1, 4), bool)
+    measured = Select(SelectConfig()).gold_measures(
+        {"select/labels": labels, "select/confidence": confidence}, gold_index, valid, ctx)
+    # labelled pixels: right (u=0.1), wrong (u=0.8), wrong (u=0.4): both errors above the right one
+    assert measured == {"uncertainty_auroc": 1.0}
+    confidence[0, 0] = 0.5  # now u=0.5 sits between the errors' 0.8 and 0.4
+    assert Select(SelectConfig()).gold_measures(
+        {"select/labels": labels, "select/confidence": confidence}, gold_index, valid, ctx)["uncertainty_auroc"] == 0.5
