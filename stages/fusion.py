@@ -67,14 +67,14 @@ def fill_nearest(labels: np.ndarray, weak: np.ndarray, ignore_id: int) -> np.nda
     return np.where(empty, nearest_label(weak, ignore_id), labels).astype(labels.dtype)
 
 
-def label_probability(labels: np.ndarray, probabilities: np.ndarray, class_ids: tuple[int, ...],
-                      ignore_id: int) -> np.ndarray:
-    """HxW float32: the probability (float [C, H, W] in ``class_ids`` order) of each pixel's
-    label; 0 where the label is ``ignore_id``."""
+def value_of_label(labels: np.ndarray, per_class: np.ndarray, class_ids: tuple[int, ...],
+                   ignore_id: int) -> np.ndarray:
+    """HxW float32: per pixel the value of ``per_class`` (float [C, H, W] in ``class_ids``
+    order, e.g. probabilities) at the pixel's label; 0 where the label is ``ignore_id``."""
     order = np.argsort(class_ids)  # class_ids need not be sorted
     ids = np.asarray(class_ids)[order]
     slot = order[np.clip(np.searchsorted(ids, labels), 0, len(class_ids) - 1)]
-    picked = np.take_along_axis(probabilities, slot[None].astype(np.intp), axis=0)[0]
+    picked = np.take_along_axis(per_class, slot[None].astype(np.intp), axis=0)[0]
     return np.where(labels == ignore_id, 0.0, picked).astype(np.float32)
 
 
@@ -107,8 +107,7 @@ class ViewEnsemble:
     ``add`` takes a view's class map (HxW) and probabilities (float32 [C, H, W]).
     ``result`` gives per pixel the class most views voted for when a strict majority did
     (ties go to the larger mean probability), else ``ignore_id``; the mean probabilities
-    [C, H, W]; and the variance across views of the label's probability (HxW float32; 0
-    with one view).
+    [C, H, W]; and their variance across views [C, H, W] (0 with one view).
     """
 
     def __init__(self, class_ids: tuple[int, ...], hw: tuple[int, int]):
@@ -129,7 +128,6 @@ class ViewEnsemble:
         mean = self.total / self.views
         variance = np.maximum(self.squares / self.views - mean**2, 0.0)
         best = (self.votes + 0.5 * mean).argmax(axis=0)  # mean < 1 only breaks ties between votes
-        pick = lambda a: np.take_along_axis(a, best[None], axis=0)[0]  # noqa: E731
-        majority = 2 * pick(self.votes) > self.views
+        majority = 2 * np.take_along_axis(self.votes, best[None], axis=0)[0] > self.views
         labels = np.where(majority, self.class_ids[best], ignore_id).astype(label_dtype)
-        return labels, mean.astype(np.float32), pick(variance).astype(np.float32)
+        return labels, mean.astype(np.float32), variance.astype(np.float32)

@@ -3,9 +3,12 @@
 Per prompt the backend's M candidates are scored on the low-resolution grid by their
 coverage of the weak label and their purity (stages/coverage.py, SeSAM's (tau1, tau2)
 rule together with the predicted quality); the kept masks alone are upsampled and fused
-into a class map and per-class evidence (stages/fusion.py). When ``embed`` cached
+into per-class evidence, mixed with a weak-label distance prior into a class distribution per
+pixel whose most probable class is the label (``labels: distribution``; ``masks`` paints
+the kept masks instead, by the overlap rule, and fills the rest; stages/fusion.py). When ``embed`` cached
 augmented views, every view is decoded the same way with the prompts and the weak label
-moved into it, mapped back, and the views vote (SCALER's ensemble; stages/fusion.py).
+moved into it, mapped back and averaged (SCALER's ensemble; under ``labels: masks`` the
+views vote; stages/fusion.py).
 Weak-label pixels keep their class with probability 1.
 
 Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
@@ -15,7 +18,7 @@ Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
   probabilities: float16 [C, H, W] in manifest class order, a distribution per pixel:
                  the masks' evidence (mean over views) mixed with a weak-label distance
                  prior (``mask_weight``, ``prior_scale``; fusion.class_distribution);
-  variance:      HxW float16, the variance across views of the label's probability
+  variance:      HxW float16, the variance across views of the label's mask evidence
                  (0 without views and on weak pixels);
   chosen:        int32 [P], the candidate kept per prompt, -1 when none was admissible;
   coverage:      float32 [P, M] and purity: float32 [P, M], the scores behind the choice
@@ -39,8 +42,8 @@ from seglab.stages.fusion import (
     class_distribution,
     fill_nearest,
     fuse_masks,
-    label_probability,
     sigmoid,
+    value_of_label,
 )
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import PromptBatch
@@ -56,6 +59,11 @@ class SelectConfig(StageConfig):
     )
     overlap: Literal["smaller", "probability"] = Field(
         "smaller", description="Between overlapping masks of different classes: the smaller mask wins, or the more probable class."
+    )
+    labels: Literal["distribution", "masks"] = Field(
+        "distribution", description="A pixel's label: the most probable class of its distribution (masks' evidence "
+        "and weak-label prior), or the kept masks painted by the overlap rule. Without weak pixels (box labels) "
+        "it is always the masks."
     )
     min_probability: float = Field(0.5, gt=0.0, lt=1.0, description="Below this a pixel is left as ignore_id.")
     mask_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the masks' evidence (against the weak-label "
@@ -99,7 +107,7 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
 
 class Select(MapStage):
     name = "select"
-    version = 4  # 4: probabilities are a class distribution (masks + weak-label distance prior)
+    version = 5  # 5: labels are the distribution's most probable class
     Config = SelectConfig
     reads = ("embed", "prompts", "ingest/weak")
     resources = Resources(cpus=1, needs_backend=True)
@@ -123,15 +131,18 @@ class Select(MapStage):
             else:
                 seen = self._decode(view_features, view.prompts(prompts), view.label_map(weak), ctx)
                 ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
-        labels, evidence, variance = ensemble.result(classes.ignore_id, classes.label_dtype)
+        labels, evidence, class_variance = ensemble.result(classes.ignore_id, classes.label_dtype)
         probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id,
                                            mask_weight=self.config.mask_weight, prior_scale=self.config.prior_scale)
         weak_pixels = weak != classes.ignore_id
-        labels[weak_pixels] = weak[weak_pixels]
-        variance[weak_pixels] = 0.0
-        if self.config.fill == "nearest":
-            labels = fill_nearest(labels, weak, classes.ignore_id)
-        confidence = label_probability(labels, probabilities, classes.ids, classes.ignore_id)
+        if self.config.labels == "distribution" and weak_pixels.any():
+            labels = np.asarray(classes.ids, classes.label_dtype)[probabilities.argmax(axis=0)]
+        else:
+            labels[weak_pixels] = weak[weak_pixels]
+            if self.config.fill == "nearest":
+                labels = fill_nearest(labels, weak, classes.ignore_id)
+        confidence = value_of_label(labels, probabilities, classes.ids, classes.ignore_id)
+        variance = np.where(weak_pixels, 0.0, value_of_label(labels, class_variance, classes.ids, classes.ignore_id))
         return {
             "labels": labels,
             "confidence": confidence.astype(np.float16),

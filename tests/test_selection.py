@@ -5,7 +5,7 @@ import numpy as np
 
 from seglab.stages.base import ClassTable, Context
 from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
-from seglab.stages.fusion import class_distribution, fill_nearest, fuse_masks, label_probability
+from seglab.stages.fusion import class_distribution, fill_nearest, fuse_masks, value_of_label
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import POSITIVE, PromptBatch
 from seglab.stages.select import Select, SelectConfig
@@ -103,10 +103,10 @@ def test_fill_nearest_falls_back_on_the_nearest_weak_label():
     assert np.array_equal(fill_nearest(labels, no_weak, IGNORE), labels)
 
 
-def test_label_probability_picks_each_pixels_class_with_unsorted_ids():
+def test_value_of_label_picks_each_pixels_class_with_unsorted_ids():
     probabilities = np.stack([np.full((2, 2), 0.25), np.full((2, 2), 0.75)]).astype(np.float32)  # ids (7, 3)
     labels = np.array([[7, 3], [IGNORE, 3]], np.uint8)
-    np.testing.assert_allclose(label_probability(labels, probabilities, (7, 3), IGNORE), [[0.25, 0.75], [0, 0.75]])
+    np.testing.assert_allclose(value_of_label(labels, probabilities, (7, 3), IGNORE), [[0.25, 0.75], [0, 0.75]])
 
 
 def test_class_distribution_mixes_mask_evidence_with_the_weak_distance_prior():
@@ -140,15 +140,19 @@ def test_select_stage_keeps_admissible_masks_and_the_weak_pixels():
                   backend=FixedBackend())
     inputs = {"ingest/weak": weak, "embed/frame": FRAME.to_array(),
               **{f"prompts/{k}": v for k, v in prompts.to_arrays().items()}}
-    out = Select(SelectConfig(fill="none")).process(None, inputs, ctx)
+    out = Select(SelectConfig(labels="masks", fill="none")).process(None, inputs, ctx)
     # class 1: candidate 0 covers its stroke purely. class 2: every candidate misses or mixes -> none.
     assert out["chosen"].tolist() == [0, -1]
     assert np.all(out["labels"][:24] == 1) and out["labels"][50, 10] == 2 and out["labels"][40, 10] == IGNORE
     assert out["probabilities"].shape == (3, 64, 64)
     assert out["probabilities"][2, 50, 10] == 1.0 and out["probabilities"][1, 50, 10] == 0.0
     assert out["confidence"][50, 10] == 1.0
-    dense = Select(SelectConfig()).process(None, inputs, ctx)["labels"]
+    dense = Select(SelectConfig(labels="masks")).process(None, inputs, ctx)["labels"]
     assert dense[40, 10] == 2 and not np.any(dense == IGNORE)
+    by_distribution = Select(SelectConfig()).process(None, inputs, ctx)  # the default rule
+    expected = np.array([0, 1, 2])[by_distribution["probabilities"].argmax(axis=0)]
+    assert np.array_equal(by_distribution["labels"], expected)
+    assert by_distribution["labels"][20, 10] == 1 and by_distribution["labels"][44, 10] == 2
 
 
 def test_select_measures_how_well_its_confidence_ranks_its_errors():

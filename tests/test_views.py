@@ -51,7 +51,7 @@ def test_ensemble_votes_by_majority_and_reports_the_variance():
     labels, mean, variance = ensemble.result(255, np.dtype(np.uint8))
     assert labels.tolist() == [[1, 2, 255]]  # 2 of 3; 2 of 3; only 1 of 3 -> no majority
     np.testing.assert_allclose(mean[:, 0, 0], [0.6, 0.4], atol=1e-6)
-    np.testing.assert_allclose(variance[0, 0], np.var([0.9, 0.7, 0.2]), atol=1e-6)
+    np.testing.assert_allclose(variance[:, 0, 0], [np.var([0.9, 0.7, 0.2]), np.var([0.1, 0.3, 0.8])], atol=1e-6)
 
 
 def test_select_decodes_every_cached_view_and_agrees_with_the_truth():
