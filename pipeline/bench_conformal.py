@@ -57,8 +57,7 @@ def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int,
     started = time.perf_counter()
     store = Store(manifest.store_path)
     _, _, current = class_map_stages(manifest)
-    done = {u for u, e in store.ledger("select").load().items()
-            if e.get("status") == "done" and e.get("signature") == current["select"]}
+    done = store.ledger("select").done(current["select"])
     images = _load(manifest, store, done)
     if len(images) <= calibration:
         raise SeglabError(f"{manifest.path}: {len(images)} evaluation images have select output; "

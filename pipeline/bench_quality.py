@@ -23,11 +23,10 @@ from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation, evaluate
 from seglab.pipeline.manifest import ImageSource, Manifest, load_manifest
 from seglab.pipeline.metrics import json_number
 from seglab.pipeline.simulate import simulate_weak
-from seglab.pipeline.units import list_images
+from seglab.pipeline.units import TABLE_KINDS, list_images
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "manifests" / "bench"
 SELECT = "select"
-TABLE_KINDS = ("points", "boxes")  # one table for all images (simulate_weak writes <kind>.csv)
 
 
 def default_manifests() -> list[Path]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from seglab.pipeline.errors import InputError, SeglabError
 from seglab.pipeline.fingerprint import digest
-from seglab.pipeline.gold import gold_mask_path, read_gold
+from seglab.pipeline.gold import gold_indices, gold_mask_path
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.simulate import read_mask
@@ -104,8 +104,7 @@ def class_map_stages(manifest: Manifest) -> tuple[Any, list[str], dict[str, str]
 
 def _done(store: Store, stage: str, current: str) -> tuple[set[str], bool]:
     """-> (units done with the ``current`` signature digest, whether the stored stage is stale)."""
-    done = {u for u, e in store.ledger(stage).load().items()
-            if e.get("status") == "done" and e.get("signature") == current}
+    done = store.ledger(stage).done(current)
     stored = store.stage_attrs(stage).get("signature")
     return done, stored is not None and digest(stored) != current
 
@@ -122,14 +121,12 @@ def _predictions(store: Store, stages: list[str], done: dict[str, set[str]], uni
             yield stage, store.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
 
 
-def _measures(runner: Any, store: Store, stage: str, unit: str, gold: Any, image: Path,
-              hw: tuple[int, int]) -> dict[str, float]:
-    """The stage's own measures of one image against its gold mask (none for most stages)."""
+def _measures(runner: Any, store: Store, stage: str, unit: str, gold: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """The stage's own measures of one image against its gold (index, valid) (none for most stages)."""
     reads = runner.stages[stage].gold_reads
     if not reads:
         return {}
-    index, valid = read_gold(gold, image, tuple(c.id for c in runner.manifest.data.classes), hw)
-    return runner.stages[stage].gold_measures(store.read_unit(reads, unit), index, valid, runner.context)
+    return runner.stages[stage].gold_measures(store.read_unit(reads, unit), *gold, runner.context)
 
 
 def evaluate(manifest: Manifest) -> Evaluation:
@@ -150,12 +147,14 @@ def evaluate(manifest: Manifest) -> Evaluation:
     matrices = {s: np.zeros((len(class_ids), len(class_ids) + 1), np.int64) for s in sources}
     evaluated = dict.fromkeys(sources, 0)
     measured: dict[str, list[dict[str, float]]] = {s: [] for s in stages}
+    measuring = any(runner.stages[s].gold_reads for s in stages)  # gold as class indices, read once per image
     for image, unit in items:
         predictions = list(_predictions(store, stages, done, unit, manifest.data.ignore_id)) if unit else []
         if not predictions:
             continue
         mask_path = gold_mask_path(gold, image)
         mask = read_mask(mask_path)
+        indexed = gold_indices(mask, mask_path, gold, class_ids) if measuring else None
         for source, labels in predictions:
             try:
                 matrices[source] += confusion(mask, labels, class_ids, gold.ignore)
@@ -163,7 +162,7 @@ def evaluate(manifest: Manifest) -> Evaluation:
                 raise InputError(mask_path, f"{exc} (image {image}, source {source})") from None
             evaluated[source] += 1
             if source in measured:
-                measured[source].append(_measures(runner, store, source, unit, gold, image, mask.shape))
+                measured[source].append(_measures(runner, store, source, unit, indexed))
     results = []
     for source in sources:
         stage = "ingest" if source in (WEAK, NEAREST) else source

@@ -38,6 +38,12 @@ def read_gold(gold: GoldSet, image: Path, class_ids: tuple[int, ...],
     if mask.shape != tuple(expected_hw):
         raise InputError(path, f"gold mask is {mask.shape[1]}x{mask.shape[0]}, the image "
                                f"{expected_hw[1]}x{expected_hw[0]}")
+    return gold_indices(mask, path, gold, class_ids)
+
+
+def gold_indices(mask: np.ndarray, path: Path, gold: GoldSet, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A read gold mask (HxW values) -> (HxW int64 position of the class in ``class_ids``,
+    HxW bool valid); a value neither a class id nor ignored is an InputError naming ``path``."""
     index, is_class = class_index(mask, class_ids)
     unknown = ~is_class & ~np.isin(mask, np.asarray(gold.ignore, np.int64))
     if unknown.any():

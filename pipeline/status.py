@@ -6,7 +6,7 @@ from typing import Any
 
 from seglab.pipeline.fingerprint import diff_signatures, digest
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.store import Store
+from seglab.pipeline.store import Store, done_units
 from seglab.pipeline.units import enumerate_units
 
 
@@ -50,7 +50,7 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
         expected = runner.signatures[name]
         state = "none" if stored is None else ("current" if digest(stored) == digest(expected) else "stale")
         sig = digest(expected)
-        done = [u for u, e in entries.items() if u in unit_ids and e.get("status") == "done" and e.get("signature") == sig]
+        done = done_units(entries, sig) & unit_ids
         failed = [(u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"]
         out.append(StageStatus(
             stage=name, total=len(unit_ids), done=len(done), failed=len(failed), signature=state,

@@ -130,6 +130,11 @@ class Store:
         return f"{path}/{unit}" in self._root
 
 
+def done_units(entries: Mapping[str, Mapping[str, Any]], signature: str) -> set[str]:
+    """Of loaded ledger entries, the units done with the stage ``signature`` digest."""
+    return {u for u, e in entries.items() if e.get("status") == "done" and e.get("signature") == signature}
+
+
 class Ledger:
     """Append-only JSON lines: {"unit", "status": done|failed, "inputs", "signature",
     "receipt" | "error", "time"}. The last line for a unit wins; a torn last line (the
@@ -151,6 +156,10 @@ class Ledger:
                 if isinstance(entry, dict) and "unit" in entry:
                     entries[entry["unit"]] = entry
         return entries
+
+    def done(self, signature: str) -> set[str]:
+        """Units whose last line says done with the stage ``signature`` digest."""
+        return done_units(self.load(), signature)
 
     def append(self, entries: Sequence[Mapping[str, Any]]) -> None:
         if not entries:

@@ -119,3 +119,10 @@ def test_bench_conformal_tests_every_split_on_the_images_it_did_not_calibrate_on
     assert abs(mean - np.mean([s["miscoverage"] for s in splits])) < 1e-12
     too_many = CliRunner().invoke(app, ["bench", "conformal", str(path), "--calibration", "6"])
     assert too_many.exit_code == 1 and "needs more" in too_many.output
+
+
+def test_calibration_images_must_be_among_the_run_images(tmp_path):
+    path = calibrated_manifest(tmp_path, calibration="gold/*.png")
+    with pytest.raises(ManifestError) as info:
+        Runner(load_manifest(path)).run()
+    assert any(loc == "data.calibration.images" and "not among data.images" in msg for loc, msg in info.value.problems)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pydantic
+import pytest
 
 from seglab.stages.base import ClassTable, Context
 from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
@@ -168,3 +170,8 @@ def test_select_measures_how_well_its_confidence_ranks_its_errors():
     confidence[0, 0] = 0.5  # now u=0.5 sits between the errors' 0.8 and 0.4
     assert Select(SelectConfig()).gold_measures(
         {"select/labels": labels, "select/confidence": confidence}, gold_index, valid, ctx)["uncertainty_auroc"] == 0.5
+
+
+def test_tau_out_of_order_is_refused_with_its_values():
+    with pytest.raises(pydantic.ValidationError, match=r"tau needs 0 <= tau1 <= tau2 <= 1, got \[0.8, 0.3\]"):
+        SelectConfig(tau=(0.8, 0.3))
