@@ -101,7 +101,7 @@ def export(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
     out: Annotated[Path, typer.Option(help="Output folder (created atomically).")],
     format_: Annotated[str, typer.Option("--format", help="Export format.")] = "png",
-    stage: Annotated[str, typer.Option(help="Stage whose labels to export.")] = "select",
+    stage: Annotated[str, typer.Option(help="Stage whose labels to export.")] = "refine",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write the labels as files other trainers read directly."""

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from seglab.pipeline.bench_quality import SELECT, QualityRow
+from seglab.pipeline.bench_quality import REFINE, SELECT, QualityRow
 from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
 from seglab.pipeline.runner import RunReport, StageReport
@@ -151,19 +151,27 @@ def evaluation_tables(result: Evaluation, as_json: bool) -> None:
     console.print(per_class)
 
 
+def _points(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:+.1f}"
+
+
 def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
-    """Per manifest: mIoU of weak labels, the nearest-label baseline and select, the gain, wall time."""
+    """Per manifest: mIoU of weak labels, the nearest-label baseline, select and refine, the gains,
+    refine's uncertainty AUROC, wall time."""
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
     table = Table(Column("dataset", no_wrap=True), Column("kind", no_wrap=True), "images", "weak", "nearest",
-                  "select", "gain", "wall s", title="mIoU % (gain: select − nearest-label, in points)")
+                  "select", "gain", "refine", "Δ refine", "AUROC", "wall s",
+                  title="mIoU % (gain: select − nearest-label; Δ refine: refine − select, in points; "
+                        "AUROC: refine's uncertainty against its errors)")
     for r in rows:
         select = r.source(SELECT)
-        gain = "-" if math.isnan(r.gain_points) else f"{r.gain_points:+.1f}"
         images = f"{select.evaluated}/{r.evaluation.images}" if select else f"0/{r.evaluation.images}"
+        auroc = "-" if math.isnan(r.uncertainty_auroc) else f"{r.uncertainty_auroc:.3f}"
         table.add_row(r.dataset, r.kind, images, _pct(r.miou(WEAK)), _pct(r.miou(NEAREST)), _pct(r.miou(SELECT)),
-                      gain, f"{r.seconds['total']:.0f}")
+                      _points(r.gain_points), _pct(r.miou(REFINE)), _points(r.refine_points), auroc,
+                      f"{r.seconds['total']:.0f}")
     console.print(table)
     for r in rows:
         if r.failed:

@@ -26,7 +26,7 @@ from seglab.pipeline.simulate import simulate_weak
 from seglab.pipeline.units import TABLE_KINDS, list_images
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "manifests" / "bench"
-SELECT = "select"
+SELECT, REFINE = "select", "refine"
 
 
 def default_manifests() -> list[Path]:
@@ -132,13 +132,26 @@ class QualityRow:
         """select − nearest-label baseline, in mIoU points (NaN when either is missing)."""
         return 100 * (self.miou(SELECT) - self.miou(NEAREST))
 
+    @property
+    def refine_points(self) -> float:
+        """refine − select, in mIoU points (NaN when either is missing)."""
+        return 100 * (self.miou(REFINE) - self.miou(SELECT))
+
+    @property
+    def uncertainty_auroc(self) -> float:
+        """How well refine's uncertainty ranks its wrong labels (mean AUROC over images; NaN without refine)."""
+        found = self.source(REFINE)
+        return found.measures.get("uncertainty_auroc", float("nan")) if found else float("nan")
+
     def to_json(self) -> dict[str, Any]:
         select = self.source(SELECT)
         return {
             "manifest": self.manifest, "dataset": self.dataset, "kind": self.kind, "limit": self.limit,
             "images": select.evaluated if select else 0, "failed": self.failed,
-            "miou": {s: json_number(self.miou(s)) for s in (WEAK, NEAREST, SELECT)},
+            "miou": {s: json_number(self.miou(s)) for s in (WEAK, NEAREST, SELECT, REFINE)},
             "gain_points": json_number(self.gain_points),
+            "refine_points": json_number(self.refine_points),
+            "uncertainty_auroc": json_number(self.uncertainty_auroc),
             "seconds": self.seconds,
             "evaluation": self.evaluation.to_json(),
         }

@@ -13,14 +13,19 @@ class DagError(SeglabError):
 
 
 class Dag:
-    """Dependencies between stages: stage A depends on B when A reads 'B' or 'B/...'."""
+    """Dependencies between stages: stage A depends on B when A reads 'B' or 'B/...', or
+    names it among its optional reads and B is one of ``stages``."""
 
     def __init__(self, stages: Mapping[str, type[Stage]]):
         self.stages = dict(stages)
         self.deps: dict[str, tuple[str, ...]] = {}
+        self.reads: dict[str, tuple[str, ...]] = {}
+        """Per stage, its reads and the optional reads of stages in ``stages``."""
         for name, stage in self.stages.items():
             deps = []
-            for path in stage.reads:
+            optional = tuple(p for p in stage.optional_reads if p.split("/", 1)[0] in self.stages)
+            self.reads[name] = (*stage.reads, *optional)
+            for path in self.reads[name]:
                 source = path.split("/", 1)[0]
                 if source not in self.stages:
                     raise DagError(f"stage '{name}' reads '{path}', but no stage '{source}' exists")

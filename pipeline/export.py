@@ -36,7 +36,7 @@ def palette(num: int = 256) -> list[int]:
     return colours
 
 
-def export_png(store_path: Path | str, out: Path | str, *, stage: str = "select", overwrite: bool = False) -> dict:
+def export_png(store_path: Path | str, out: Path | str, *, stage: str = "refine", overwrite: bool = False) -> dict:
     """Write every done unit's ``<stage>/labels`` as a PNG; returns the index written."""
     store = Store(store_path)
     entries = {u: e for u, e in store.ledger(stage).load().items() if e.get("status") == "done"}

@@ -19,6 +19,7 @@ from seglab.stages.calibrate import CalibrateConfig
 from seglab.stages.embed import EmbedConfig
 from seglab.stages.ingest import IngestConfig
 from seglab.stages.prompts import PromptsConfig
+from seglab.stages.refine import RefineConfig
 from seglab.stages.select import SelectConfig
 from seglab.workers.model_configs import Sam2Config, SamConfig
 from seglab.workers.weightfree import WeightFreeConfig
@@ -166,6 +167,7 @@ class Manifest(_Frozen):
     prompts: PromptsConfig = PromptsConfig()
     select: SelectConfig = SelectConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    refine: RefineConfig = RefineConfig()
 
     @property
     def store_path(self) -> Path:

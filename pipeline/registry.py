@@ -6,6 +6,7 @@ from seglab.stages.calibrate import Calibrate
 from seglab.stages.embed import Embed
 from seglab.stages.ingest import Ingest
 from seglab.stages.prompts import Prompts
+from seglab.stages.refine import Refine
 from seglab.stages.select import Select
 
 STAGES: dict[str, type[Stage]] = {
@@ -14,4 +15,5 @@ STAGES: dict[str, type[Stage]] = {
     "prompts": Prompts,
     "select": Select,
     "calibrate": Calibrate,
+    "refine": Refine,
 }

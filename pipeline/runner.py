@@ -141,9 +141,10 @@ class Runner:
                 raise SignatureMismatch(name, diff_signatures(stored, self.signatures[name]))
 
     def read_paths(self, name: str) -> list[str]:
-        """Resolve a stage's reads to explicit 'stage/output' paths."""
+        """Resolve a stage's reads (and its optional reads of stages this run has) to explicit
+        'stage/output' paths."""
         paths: list[str] = []
-        for path in self.stages[name].reads:
+        for path in self.dag.reads[name]:
             if "/" in path:
                 paths.append(path)
             else:

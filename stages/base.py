@@ -82,6 +82,9 @@ class Stage(ABC):
     Config: ClassVar[type[StageConfig]]
     reads: ClassVar[tuple[str, ...]] = ()
     """Store paths 'stage/array', or 'stage' for every array that stage writes."""
+    optional_reads: ClassVar[tuple[str, ...]] = ()
+    """Like ``reads``, for stages a manifest may not run (``calibrate`` without a calibration
+    set): read when that stage runs, absent from ``inputs`` otherwise."""
     resources: ClassVar[Resources] = Resources()
     writes_class_map: ClassVar[bool] = False
     """True when the stage's ``labels`` output is a dense HxW class map (what evaluate scores)."""

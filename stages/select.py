@@ -27,69 +27,31 @@ Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
+from seglab.stages.base import Context, MapStage, Resources, Unit
+from seglab.stages.decoding import DecodeConfig, decode_view
 from seglab.stages.embed import view_prefix
-from seglab.stages.fusion import (
-    Fused,
-    ViewEnsemble,
-    class_distribution,
-    fill_nearest,
-    fuse_masks,
-    sigmoid,
-    value_of_label,
-)
-from seglab.stages.geometry import ImageFrame
+from seglab.stages.fusion import ViewEnsemble, class_distribution, fill_nearest, value_of_label
 from seglab.stages.promptset import PromptBatch
 from seglab.stages.ranking import auroc
 from seglab.stages.views import View
 
 
-class SelectConfig(StageConfig):
+class SelectConfig(DecodeConfig):
     batch_size: int = Field(4, ge=1, le=1024)
-    tau: tuple[float, float] = Field(
-        (0.3, 0.7), description="(tau1, tau2): least coverage of the weak label to keep a mask, and the purity it "
-        "needs and the coverage that ranks it first (SeSAM: 0.3, 0.7)."
-    )
-    overlap: Literal["smaller", "probability"] = Field(
-        "smaller", description="Between overlapping masks of different classes: the smaller mask wins, or the more probable class."
-    )
     labels: Literal["distribution", "masks"] = Field(
         "distribution", description="A pixel's label: the most probable class of its distribution (masks' evidence "
         "and weak-label prior), or the kept masks painted by the overlap rule. Without weak pixels (box labels) "
         "it is always the masks."
     )
-    min_probability: float = Field(0.5, gt=0.0, lt=1.0, description="Below this a pixel is left as ignore_id.")
-    mask_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the masks' evidence (against the weak-label "
-                               "distance prior) in the per-pixel class distribution.")
-    prior_scale: float = Field(0.05, gt=0.0, le=1.0, description="Decay length of the weak-label distance prior, as "
-                               "a share of the image diagonal.")
     fill: Literal["none", "nearest"] = Field(
         "nearest", description="Pixels no kept mask claims: left as ignore_id, or given the class of the nearest "
         "weak-label pixel (their confidence stays their class probability, usually low)."
     )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "SelectConfig":
-        if not 0.0 <= self.tau[0] <= self.tau[1] <= 1.0:
-            raise ValueError(f"tau needs 0 <= tau1 <= tau2 <= 1, got {list(self.tau)}")
-        return self
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """One view's outcome: the fused maps and, per prompt, the choice and its scores."""
-
-    fused: Fused
-    chosen: np.ndarray
-    coverage: np.ndarray
-    purity: np.ndarray
 
 
 def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, dict[str, np.ndarray]]]:
@@ -126,10 +88,11 @@ class Select(MapStage):
         original = None
         for view, view_features in split_views(features):
             if view is None:
-                original = self._decode(view_features, prompts, weak, ctx)
+                original = decode_view(ctx.backend, view_features, prompts, weak, classes, self.config)
                 ensemble.add(original.fused.labels, original.fused.probabilities)
             else:
-                seen = self._decode(view_features, view.prompts(prompts), view.label_map(weak), ctx)
+                seen = decode_view(ctx.backend, view_features, view.prompts(prompts), view.label_map(weak), classes,
+                                   self.config)
                 ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
         labels, evidence, class_variance = ensemble.result(classes.ignore_id, classes.label_dtype)
         probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id,
@@ -152,28 +115,6 @@ class Select(MapStage):
             "coverage": original.coverage,
             "purity": original.purity,
         }
-
-    def _decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch, weak: np.ndarray,
-                ctx: Context) -> "_Decoded":
-        """Decode, choose and fuse one view; everything in that view's pixels."""
-        frame = ImageFrame.from_array(features["frame"])
-        classes, cfg = ctx.classes, self.config
-        m = ctx.backend.num_candidates
-        coverage = purity = np.zeros((len(prompts), m), np.float32)
-        chosen = np.zeros((0,), np.int32)
-        kept = np.zeros((0,), np.intp)
-        kept_probability = np.zeros((0, frame.grid_size, frame.grid_size), np.float32)
-        if len(prompts):
-            logits, quality = ctx.backend.decode(features, prompts)
-            coverage, purity = coverage_scores(logits, prompts, grid_evidence(weak, classes.ignore_id, frame), frame)
-            chosen = choose_by_coverage(coverage, purity, quality, cfg.tau)
-            kept = np.flatnonzero(chosen >= 0)
-            kept_probability = sigmoid(logits[kept, chosen[kept]]).astype(np.float32)
-        fused = fuse_masks(kept_probability, prompts.classes[kept], frame, class_ids=classes.ids,
-                           ignore_id=classes.ignore_id, label_dtype=classes.label_dtype,
-                           min_probability=cfg.min_probability, overlap=cfg.overlap)
-        return _Decoded(fused, chosen.astype(np.int32), np.asarray(coverage, np.float32),
-                        np.asarray(purity, np.float32))
 
     def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
                       ctx: Context) -> dict[str, float]:

@@ -15,6 +15,8 @@ from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.store import Store
 from seglab.stages.conformal import prediction_sets
+from seglab.stages.ranking import auroc
+from seglab.stages.uncertainty import SIGNALS
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 70), (66, 60)]
@@ -37,8 +39,8 @@ def calibrated_manifest(tmp_path, *, calibration="images/img0[0-3].png", evaluat
 def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     path = calibrated_manifest(tmp_path)
     report = Runner(load_manifest(path)).run()
-    assert report.ok and [s.stage for s in report.stages][-1] == "calibrate"
-    assert not report.stages[-1].warnings  # 4 images suffice for alpha = 0.3
+    assert report.ok and [s.stage for s in report.stages][-2:] == ["calibrate", "refine"]
+    assert not report.stages[-2].warnings  # 4 images suffice for alpha = 0.3
     store = Store(tmp_path / "run.zarr")
     fitted = store.stage_attrs("calibrate")["fitted"]
     assert fitted["method"] == "risk-control" and fitted["alpha"] == 0.3 and fitted["n"] == 4
@@ -55,7 +57,7 @@ def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     assert rows["calibrate"]["fitted"]["thresholds"] == fitted["thresholds"]
     again = Runner(load_manifest(path)).run()  # nothing changed: the fit is reused, nothing recomputed
     assert again.work_done == 0
-    assert Runner(load_manifest(path), RunOptions(dry_run=True)).run().stages[-1].todo == 0
+    assert all(s.todo == 0 for s in Runner(load_manifest(path), RunOptions(dry_run=True)).run().stages)
 
 
 def test_a_new_alpha_refits_and_too_few_images_warn_with_the_number_needed(tmp_path):
@@ -63,7 +65,7 @@ def test_a_new_alpha_refits_and_too_few_images_warn_with_the_number_needed(tmp_p
     Runner(load_manifest(path)).run()
     path.write_text(path.read_text().replace("alpha: 0.3", "alpha: 0.05"))
     report = Runner(load_manifest(path), RunOptions(force=("calibrate",))).run()
-    calibrate = report.stages[-1]
+    calibrate = report.stages[-2]
     assert calibrate.done_now == 6
     assert calibrate.warnings and "19 are needed for alpha=0.05" in calibrate.warnings[0]
     fitted = Store(tmp_path / "run.zarr").stage_attrs("calibrate")["fitted"]
@@ -72,7 +74,7 @@ def test_a_new_alpha_refits_and_too_few_images_warn_with_the_number_needed(tmp_p
 
 def test_without_a_calibration_set_the_stage_does_not_run(tiny):
     report = Runner(load_manifest(tiny)).run()
-    assert [s.stage for s in report.stages] == ["ingest", "embed", "prompts", "select"]
+    assert [s.stage for s in report.stages] == ["ingest", "embed", "prompts", "select", "refine"]
 
 
 def test_calibration_and_evaluation_images_must_be_apart(tmp_path):
@@ -87,7 +89,7 @@ def test_evaluate_reports_the_miscoverage_of_the_calibrated_sets(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(path), "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["source"]: r for r in json.loads(result.stdout)["sources"]}
-    assert list(rows) == ["weak", "nearest-label", "select", "calibrate"]
+    assert list(rows) == ["weak", "nearest-label", "select", "calibrate", "refine"]
     calibrate = rows["calibrate"]
     assert calibrate["evaluated"] == 2 and 0.0 <= calibrate["miscoverage"] <= 1.0
     # recompute it by hand from the stored probabilities and thresholds
@@ -101,6 +103,18 @@ def test_evaluate_reports_the_miscoverage_of_the_calibrated_sets(tmp_path):
         shares.append(1.0 - np.take_along_axis(covered, truth[None].astype(np.int64), axis=0).mean())
     assert abs(calibrate["miscoverage"] - np.mean(shares)) < 1e-9
     assert calibrate["labelled_fraction"] <= rows["select"]["labelled_fraction"]
+    # refine reads the calibrated labels: its calibration signal marks where they differ from its own
+    aurocs = []
+    for unit, seed in (("images__img04.png", 4), ("images__img05.png", 5)):
+        arrays = store.read_unit(["calibrate/labels", "refine/labels", "refine/uncertainty", "refine/signals"], unit)
+        labels = arrays["refine/labels"]
+        kept = labels != 255
+        calibration = arrays["refine/signals"][SIGNALS.index("calibration")]
+        assert np.array_equal(calibration[kept] == 1, (arrays["calibrate/labels"] != labels)[kept])
+        truth = shapes_image(*labels.shape, seed=seed)[1]
+        aurocs.append(auroc(arrays["refine/uncertainty"][kept], (labels != truth)[kept]))
+    assert rows["refine"]["uncertainty_auroc"] == pytest.approx(np.nanmean(aurocs), abs=1e-9)
+    assert "auroc_calibration" in rows["refine"] and "auroc_probability" in rows["refine"]
 
 
 def test_bench_conformal_tests_every_split_on_the_images_it_did_not_calibrate_on(tmp_path):

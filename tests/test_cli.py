@@ -32,14 +32,14 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 @pytest.mark.usefixtures("ray_local")
 def test_run_status_export(tiny, tmp_path):
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
-    assert [s["done"] for s in status] == [0, 0, 0, 0] and not any(s["complete"] for s in status)
+    assert [s["done"] for s in status] == [0, 0, 0, 0, 0] and not any(s["complete"] for s in status)
 
     result = runner.invoke(app, ["run", str(tiny)])
     assert result.exit_code == 0, result.output
     assert "select" in result.output and "4/4" in result.output
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert [(s["stage"], s["done"], s["total"], s["complete"]) for s in status] == [
-        (name, 4, 4, True) for name in ("ingest", "embed", "prompts", "select")
+        (name, 4, 4, True) for name in ("ingest", "embed", "prompts", "select", "refine")
     ]
     result = runner.invoke(app, ["run", str(tiny)])
     assert result.exit_code == 0 and "Nothing to do" in result.output
@@ -48,7 +48,7 @@ def test_run_status_export(tiny, tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "run.zarr"), "--format", "png", "--out", str(out)])
     assert result.exit_code == 0, result.output
     index = json.loads((out / "index.json").read_text())
-    assert len(index["images"]) == 4 and index["ignore_id"] == 255
+    assert len(index["images"]) == 4 and index["ignore_id"] == 255 and index["stage"] == "refine"
     for entry in index["images"]:
         label = Image.open(out / entry["label"])
         assert label.mode == "P" and label.size == Image.open(entry["image"]).size

@@ -55,7 +55,7 @@ def test_evaluate_scores_every_source_and_counts_missing_images(tiny):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rows = {r["source"]: r for r in report["sources"]}
-    assert list(rows) == ["weak", "nearest-label", "select"] and report["images"] == 5
+    assert list(rows) == ["weak", "nearest-label", "select", "refine"] and report["images"] == 5
     for row in rows.values():
         assert row["evaluated"] == 4 and row["missing"] == 1
         assert row["missing_images"] == [str((tiny.parent / "data" / "images" / "img04.png").resolve())]
@@ -63,7 +63,9 @@ def test_evaluate_scores_every_source_and_counts_missing_images(tiny):
     assert rows["weak"]["labelled_fraction"] < 0.1
     assert rows["nearest-label"]["labelled_fraction"] == 1.0
     assert rows["select"]["miou"] > rows["nearest-label"]["miou"] > rows["weak"]["miou"]
-    assert rows["select"]["miou"] > 0.8
+    assert rows["select"]["miou"] > 0.8 and rows["refine"]["miou"] > 0.8
+    assert 0.0 <= rows["refine"]["uncertainty_auroc"] <= 1.0 and "auroc_spread" in rows["refine"]
+    assert "auroc_calibration" not in rows["refine"]  # no calibration set: that signal is absent, not 0
 
     result = cli.invoke(app, ["evaluate", str(tiny)])
     assert result.exit_code == 0, result.output
@@ -71,8 +73,9 @@ def test_evaluate_scores_every_source_and_counts_missing_images(tiny):
 
     tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, min_probability: 0.6}"))
     report = json.loads(cli.invoke(app, ["evaluate", str(tiny), "--json"]).stdout)
-    select = report["sources"][-1]
-    assert select["stale"] and select["evaluated"] == 0 and select["missing"] == 5 and select["miou"] is None
+    rows = {r["source"]: r for r in report["sources"]}
+    for stale in (rows["select"], rows["refine"]):  # refine was made from the old select
+        assert stale["stale"] and stale["evaluated"] == 0 and stale["missing"] == 5 and stale["miou"] is None
     assert "made with other settings" in cli.invoke(app, ["evaluate", str(tiny)]).output
 
     gold = tiny.parent / "data" / "gold" / "img00.png"
@@ -109,8 +112,9 @@ def test_bench_quality_on_two_grabcut_images(tmp_path):
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.stdout)
     assert (row["dataset"], row["kind"], row["images"], row["failed"]) == ("grabcut", "points", 2, 0)
-    assert set(row["miou"]) == {"weak", "nearest-label", "select"}
+    assert set(row["miou"]) == {"weak", "nearest-label", "select", "refine"}
     assert all(0 <= v <= 1 for v in row["miou"].values())
+    assert row["refine_points"] == pytest.approx(100 * (row["miou"]["refine"] - row["miou"]["select"]))
     for source in row["evaluation"]["sources"]:
         assert source["evaluated"] == 2 and source["missing"] == 0
         assert set(source["iou"]) == {"background", "object"}

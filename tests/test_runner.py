@@ -14,7 +14,7 @@ from seglab.pipeline.store import Store
 from conftest import shapes_image
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-STAGES = ("ingest", "embed", "prompts", "select")
+STAGES = ("ingest", "embed", "prompts", "select", "refine")
 
 
 def run(path, **options):
@@ -32,7 +32,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_end_to_end_then_rerun_does_nothing(tiny):
     report = run(tiny)
-    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4]
+    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4, 4]
     store = Store(tiny.parent / "run.zarr")
     for i, unit in enumerate(sorted(store.ledger("select").load())):
         labels = store.read_unit(["select/labels"], unit)["select/labels"]
@@ -58,10 +58,11 @@ def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream
     assert "config.points_per_component: 5 -> 3" in info.value.changes
     report = run(tiny, force=("prompts",))
     assert report.ok
-    assert {s.stage: s.done_now for s in report.stages} == {"ingest": 0, "embed": 0, "prompts": 4, "select": 4}
+    assert {s.stage: s.done_now for s in report.stages} == {"ingest": 0, "embed": 0, "prompts": 4, "select": 4,
+                                                                "refine": 4}
     after = {s: len(ledger_lines(store, s)) for s in STAGES}
     assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
-    assert after["prompts"] == 4 and after["select"] == 4  # cleared, then written once
+    assert after["prompts"] == after["select"] == after["refine"] == 4  # cleared, then written once
 
 
 def test_a_bad_image_fails_alone_and_a_fixed_one_is_all_that_reruns(tiny):
@@ -91,14 +92,14 @@ def test_added_images_are_processed_without_touching_finished_ones(tiny):
         tiny.parent / "data" / "scribbles" / "img09.png"
     )
     report = run(tiny)
-    assert report.ok and [s.done_now for s in report.stages] == [1, 1, 1, 1]
-    assert [s.already_done for s in report.stages] == [4, 4, 4, 4]
+    assert report.ok and [s.done_now for s in report.stages] == [1] * len(STAGES)
+    assert [s.already_done for s in report.stages] == [4] * len(STAGES)
 
 
 def test_dry_run_and_only(tiny):
     report = run(tiny, dry_run=True)
-    assert [s.todo for s in report.stages] == [4, 0, 0, 0]
-    assert [s.blocked for s in report.stages] == [0, 4, 4, 4]
+    assert [s.todo for s in report.stages] == [4, 0, 0, 0, 0]
+    assert [s.blocked for s in report.stages] == [0, 4, 4, 4, 4]
     assert not (tiny.parent / "run.zarr" / "_ledger" / "ingest.jsonl").exists()
     report = run(tiny, only="ingest")
     assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4

@@ -170,14 +170,14 @@ def test_sam_manifest_runs_end_to_end_and_a_rerun_encodes_nothing(tiny, sam_chec
     )
     tiny.write_text(text)
     report = Runner(load_manifest(tiny)).run()
-    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4]
+    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4, 4]
     store = Store(tiny.parent / "run.zarr")
     signature = store.stage_attrs("embed")["signature"]["model"]
     assert signature["checkpoint"] == SamBackend(tiny_sam_config(sam_checkpoint)).signature()["checkpoint"]
     for unit, entry in store.ledger("embed").load().items():
         assert entry["outputs"]["image_embed"]["shape"] == [256, 64, 64]
-        labels = store.read_unit(["select/labels", "ingest/image"], unit)
-        assert labels["select/labels"].shape == labels["ingest/image"].shape[:2]
+        labels = store.read_unit(["select/labels", "refine/uncertainty", "ingest/image"], unit)
+        assert labels["select/labels"].shape == labels["refine/uncertainty"].shape == labels["ingest/image"].shape[:2]
 
     again = Runner(load_manifest(tiny)).run()
     assert again.work_done == 0  # the encoder ran zero times
@@ -199,7 +199,7 @@ def test_sam2_manifest_runs_end_to_end(tiny, sam2_checkpoint):
 
     tiny.write_text(tiny.read_text() + f"backend: {{name: sam2, checkpoint: {sam2_checkpoint}}}\n")
     report = Runner(load_manifest(tiny)).run()
-    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4]
+    assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4, 4]
     store = Store(tiny.parent / "run.zarr")
     entry = next(iter(store.ledger("embed").load().values()))
     assert entry["outputs"]["high_res_feats_0"]["shape"] == [32, 256, 256]

@@ -1,0 +1,139 @@
+"""refine: a per-pixel uncertainty map, and uncertain regions re-prompted from confident ones.
+
+Per image (SUM's refinement with SeSAM's pseudo-label prompting):
+1. First-pass uncertainty u0 of select's labels: the weighted noisy-or of the probability,
+   calibration (when ``calibrate`` ran) and view-variance signals (stages/uncertainty.py).
+2. Pixels with u0 < ``certain_below`` (and every weak-label pixel) are confident; their
+   labels form a pseudo weak label. It is compiled into prompts as the ``prompts`` stage
+   does (one per component, ``reprompt``), with the positive points drawn with probability
+   proportional to the certainty 1 - u0, so prompts sit away from uncertain pixels (SUM).
+3. The prompts are decoded from the cached features (original view), a mask is kept per
+   prompt by coverage of the pseudo label (SeSAM's tau rule) and the kept masks become a
+   class distribution as in ``select``. On the uncertain pixels it is mixed with select's
+   distribution (``reprompt_weight``); confident pixels keep select's label and distribution.
+4. The final uncertainty composes the probability (of the refined distribution),
+   calibration, variance and candidate-spread signals. Pixels whose uncertainty reaches
+   ``ignore_above`` become ``ignore_id`` (at 1.0: only pixels about which nothing is known).
+
+Reads ``select/labels``, ``select/probabilities`` (float16 [C, H, W]), ``select/variance``,
+``embed`` (features), ``ingest/weak`` and, when the manifest calibrates, ``calibrate/labels``.
+Writes
+  labels:      HxW class ids, ``ignore_id`` where the uncertainty reaches ``ignore_above``;
+  uncertainty: HxW float16 in [0, 1], 0 = certain;
+  signals:     float16 [4, H, W], the signals in uncertainty.SIGNALS order (probability,
+               calibration, variance, spread), NaN for a signal the run lacks (no
+               calibration set).
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from seglab.stages.base import Context, MapStage, Resources, Unit
+from seglab.stages.decoding import DecodeConfig, decode_view
+from seglab.stages.fusion import class_distribution, value_of_label
+from seglab.stages.prompts import Prompts, PromptsConfig
+from seglab.stages.ranking import auroc
+from seglab.stages.uncertainty import SIGNALS, calibration_signal, compose, probability_signal, variance_signal
+
+CALIBRATED = "calibrate/labels"
+
+
+class SignalWeights(BaseModel):
+    """How far each uncertainty signal is trusted (noisy-or weights, 0 = ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probability: float = Field(1.0, ge=0.0, le=1.0)
+    calibration: float = Field(0.5, ge=0.0, le=1.0)
+    variance: float = Field(1.0, ge=0.0, le=1.0)
+    spread: float = Field(0.25, ge=0.0, le=1.0)
+
+
+class RefineConfig(DecodeConfig):
+    batch_size: int = Field(4, ge=1, le=1024)
+    weights: SignalWeights = Field(SignalWeights(), description="Noisy-or weight of each uncertainty signal.")
+    certain_below: float = Field(0.5, gt=0.0, le=1.0, description="First-pass uncertainty below which a pixel's "
+                                 "label is evidence for re-prompting.")
+    reprompt_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the re-prompted distribution on "
+                                   "uncertain pixels (against select's).")
+    ignore_above: float = Field(1.0, gt=0.0, le=1.0, description="Pixels whose uncertainty reaches this become ignore_id.")
+    reprompt: PromptsConfig = Field(PromptsConfig(), description="How the confident pseudo label becomes prompts "
+                                    "(as the prompts stage; batch_size unused).")
+
+
+class Refine(MapStage):
+    name = "refine"
+    Config = RefineConfig
+    reads = ("select/labels", "select/probabilities", "select/variance", "embed", "ingest/weak")
+    optional_reads = (CALIBRATED,)
+    resources = Resources(cpus=1, needs_backend=True)
+    writes_class_map = True
+    gold_reads = ("refine/labels", "refine/uncertainty", "refine/signals")
+
+    def outputs(self, ctx: Context) -> tuple[str, ...]:
+        return ("labels", "uncertainty", "signals")
+
+    def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
+        cfg, classes = self.config, ctx.classes
+        weak = inputs["ingest/weak"]
+        selected = inputs["select/labels"]
+        probabilities = inputs["select/probabilities"].astype(np.float32)
+        weights = cfg.weights.model_dump()
+        signals = {"variance": variance_signal(inputs["select/variance"])}
+        calibrated = inputs.get(CALIBRATED)
+
+        def label_signals(labels: np.ndarray, distribution: np.ndarray) -> dict[str, np.ndarray]:
+            own = {"probability": probability_signal(value_of_label(labels, distribution, classes.ids,
+                                                                    classes.ignore_id), len(classes.ids))}
+            if calibrated is not None:
+                own["calibration"] = calibration_signal(calibrated, labels)
+            return own
+
+        first = compose({**signals, **label_signals(selected, probabilities)}, weights)
+        certain = (first < cfg.certain_below) | (weak != classes.ignore_id)
+        pseudo = np.where(certain, selected, classes.ignore_id).astype(selected.dtype)
+        labels = selected.copy()
+        signals["spread"] = np.zeros(weak.shape, np.float32)
+        if not certain.all() and (pseudo != classes.ignore_id).any():
+            features = {k.split("/", 1)[1]: v for k, v in inputs.items()
+                        if k.startswith("embed/") and not k.startswith("embed/view")}
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(unit.id.encode())])
+            prompts = Prompts(cfg.reprompt).compile(pseudo, np.zeros((0, 5), np.float32), classes.ignore_id,
+                                                    with_boxes=cfg.reprompt.component_boxes == "always",
+                                                    certainty=1.0 - first, rng=rng)
+            decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg)
+            reprompted = class_distribution(decoded.fused.probabilities, pseudo, classes.ids, classes.ignore_id,
+                                            mask_weight=cfg.mask_weight, prior_scale=cfg.prior_scale)
+            uncertain = ~certain
+            w = cfg.reprompt_weight
+            probabilities[:, uncertain] = (1.0 - w) * probabilities[:, uncertain] + w * reprompted[:, uncertain]
+            labels[uncertain] = np.asarray(classes.ids, selected.dtype)[probabilities[:, uncertain].argmax(axis=0)]
+            signals["spread"] = decoded.spread
+        signals.update(label_signals(labels, probabilities))
+        uncertainty = compose(signals, weights)
+        labels[uncertainty >= cfg.ignore_above] = classes.ignore_id
+        stacked = np.stack([signals.get(name, np.full(weak.shape, np.nan, np.float32)) for name in SIGNALS])
+        return {"labels": labels, "uncertainty": uncertainty.astype(np.float16), "signals": stacked.astype(np.float16)}
+
+    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
+                      ctx: Context) -> dict[str, float]:
+        """uncertainty_auroc: how well the uncertainty ranks the image's wrong labels above
+        its right ones (over labelled valid pixels); ``auroc_<signal>`` the same for each
+        signal the run has (NaN when either kind of pixel is absent)."""
+        labels = inputs["refine/labels"]
+        labelled = valid & (labels != ctx.classes.ignore_id)
+        wrong = (labels != np.asarray(ctx.classes.ids)[gold_index])[labelled]
+        measures = {"uncertainty_auroc": auroc(inputs["refine/uncertainty"][labelled], wrong)}
+        for name, signal in zip(SIGNALS, inputs["refine/signals"]):
+            if not np.isnan(signal).all():
+                measures[f"auroc_{name}"] = auroc(signal[labelled], wrong)
+        return measures
+
+    def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
+        uncertainty = outputs["uncertainty"].astype(np.float32)
+        return {"mean_uncertainty": round(float(uncertainty.mean()), 4),
+                "uncertain": round(float((uncertainty >= 0.5).mean()), 4)}
