@@ -51,6 +51,9 @@ class RichProgress:
         speed = task.speed
         self.bars.update(self.tasks[stage], advance=count, rate=f"{speed:.1f} img/s" if speed else "")
 
+    def note(self, stage: str, text: str) -> None:
+        self.bars.console.print(f"[bold]{stage}[/bold]: {text}")
+
     def finish(self, stage: str, report: StageReport) -> None:
         note = "nothing to do" if not report.todo else f"{report.done_now} done in {report.seconds:.1f}s"
         if report.failures:
@@ -93,12 +96,8 @@ def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
     for r in rows:
         for change in r.changes:
             console.print(f"[red]{r.stage}[/red] changed: {change}")
-        if r.fitted:
-            f = r.fitted
-            thresholds = sorted(set(f["thresholds"]))
-            shown = f"{thresholds[0]:.4f}" if len(thresholds) == 1 else f"{thresholds[0]:.4f}..{thresholds[-1]:.4f}"
-            console.print(f"{r.stage}: {f['method']}, alpha {f['alpha']}, threshold {shown}, "
-                          f"n = {f['n']} calibration images{'' if r.fit_feasible else ' (too few for alpha)'}")
+        if r.fit_summary:
+            console.print(f"{r.stage}: {r.fit_summary}")
 
 
 def manifest_problems(exc: ManifestError) -> None:

@@ -107,6 +107,9 @@ class _Named:
     def finish(self, stage: str, report: Any) -> None:
         self.progress.finish(f"{self.name} {stage}", report)
 
+    def note(self, stage: str, text: str) -> None:
+        self.progress.note(f"{self.name} {stage}", text)
+
 
 @dataclass(frozen=True)
 class QualityRow:

@@ -137,7 +137,7 @@ def evaluate(manifest: Manifest) -> Evaluation:
     runner, stages, current = class_map_stages(manifest)
     stages = [s for s in stages if s in store.stages()]
     for stage in stages:
-        if runner.stages[stage].gold_set:
+        if runner.stages[stage].fits:
             runner.stages[stage].fitted = store.stage_attrs(stage).get("fitted")
     done, stale = {}, {}
     for stage in ("ingest", *stages):

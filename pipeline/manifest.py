@@ -20,6 +20,7 @@ from seglab.stages.embed import EmbedConfig
 from seglab.stages.ingest import IngestConfig
 from seglab.stages.prompts import PromptsConfig
 from seglab.stages.refine import RefineConfig
+from seglab.stages.retrain import RetrainConfig
 from seglab.stages.select import SelectConfig
 from seglab.workers.model_configs import Sam2Config, SamConfig
 from seglab.workers.weightfree import WeightFreeConfig
@@ -168,6 +169,16 @@ class Manifest(_Frozen):
     select: SelectConfig = SelectConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     refine: RefineConfig = RefineConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    rounds: int = Field(0, ge=0, description="Rounds of segmenter retraining on the refined labels (retrain); "
+                        "0: none. Only 0 and 1 are available so far.")
+
+    @field_validator("rounds")
+    @classmethod
+    def _available_rounds(cls, v: int) -> int:
+        if v > 1:
+            raise ValueError(f"rounds: {v} needs iterated refine -> retrain rounds, which are not available yet; use 0 or 1")
+        return v
 
     @property
     def store_path(self) -> Path:

@@ -7,6 +7,7 @@ from seglab.stages.embed import Embed
 from seglab.stages.ingest import Ingest
 from seglab.stages.prompts import Prompts
 from seglab.stages.refine import Refine
+from seglab.stages.retrain import Retrain
 from seglab.stages.select import Select
 
 STAGES: dict[str, type[Stage]] = {
@@ -16,4 +17,5 @@ STAGES: dict[str, type[Stage]] = {
     "select": Select,
     "calibrate": Calibrate,
     "refine": Refine,
+    "retrain": Retrain,
 }

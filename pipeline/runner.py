@@ -7,6 +7,7 @@ Resume is therefore the default: a rerun does only what is missing or changed.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from seglab.pipeline.fingerprint import diff_signatures, digest, stage_signature
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.registry import STAGES
 from seglab.pipeline.store import Store
-from seglab.pipeline.units import enumerate_units, file_stat, gold_units, unit_input_digest
+from seglab.pipeline.units import enumerate_units, file_stat, gold_units, training_units, unit_input_digest
 from seglab.stages.base import ClassTable, Context, Stage, Unit
 
 
@@ -29,12 +30,14 @@ class Progress(Protocol):
     def start(self, stage: str, total: int, done: int) -> None: ...
     def advance(self, stage: str, count: int) -> None: ...
     def finish(self, stage: str, report: "StageReport") -> None: ...
+    def note(self, stage: str, text: str) -> None: ...
 
 
 class NoProgress:
     def start(self, stage: str, total: int, done: int) -> None: ...
     def advance(self, stage: str, count: int) -> None: ...
     def finish(self, stage: str, report: "StageReport") -> None: ...
+    def note(self, stage: str, text: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,10 @@ def build_context(manifest: Manifest) -> Context:
 
 def active_stages(manifest: Manifest) -> dict[str, type[Stage]]:
     """The registry's stages this manifest runs: a stage fitted on a gold set runs only
-    when the manifest names that set."""
-    return {n: s for n, s in STAGES.items() if s.gold_set is None or getattr(manifest.data, s.gold_set) is not None}
+    when the manifest names that set, a trained stage only when it asks for rounds."""
+    return {n: s for n, s in STAGES.items()
+            if (s.gold_set is None or getattr(manifest.data, s.gold_set) is not None)
+            and (not s.trains or manifest.rounds >= 1)}
 
 
 def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str, Any]]:
@@ -193,9 +198,9 @@ class Runner:
         try:
             for name in selected:
                 fitted = None
-                if self.stages[name].gold_set:  # a dry run plans with the stored fit
-                    fitted = (store.stage_attrs(name).get("fitted") if self.options.dry_run
-                              else self._fitted(store, name, units, pools))
+                if self.stages[name].fits:  # a dry run plans with the stored fit
+                    fit = self._trained if self.stages[name].trains else self._fitted
+                    fitted = store.stage_attrs(name).get("fitted") if self.options.dry_run else fit(store, name, units, pools)
                 _, todo, blocked = self.plan(store, name, units, fitted=fitted and digest(fitted))
                 already = len(units) - blocked - len(todo)
                 report = StageReport(name, len(units), already, len(todo), blocked=blocked)
@@ -245,6 +250,56 @@ class Runner:
         pool = self._pool_for(name, pools)
         fitted = pool.fit(name, samples, self.read_paths(name), gold)
         store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
+        return fitted
+
+    def _trained(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
+        """The stage's model trained on the run's training units (those whose upstream
+        outputs are done): reused while those outputs and the signature are unchanged,
+        else trained on Ray Train (resuming from the checkpoints of an interrupted run with
+        the same inputs) and described in the stage's ``fitted`` attribute."""
+        from seglab.pipeline.fingerprint import file_sha256
+        from seglab.workers.raysession import ensure_ray
+        from seglab.workers.trainer import TrainingJob, train
+
+        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
+        candidates = training_units(self.manifest, list(units))
+        training = [u for u in candidates if all(parents[d].get(u.id, {}).get("status") == "done" for d in parents)]
+        if not training:
+            raise SeglabError(f"{name}: nothing to train on: no image outside the calibration and evaluation sets "
+                              f"has finished {'/'.join(parents)} outputs")
+        key = digest([self.signatures[name], [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in training]])
+        attrs = store.stage_attrs(name)
+        fitted = attrs.get("fitted")
+        if attrs.get("fitted_from") == key and fitted and (store.path / fitted["checkpoint"]).is_file() \
+                and file_sha256(store.path / fitted["checkpoint"]) == fitted["sha256"]:
+            return fitted
+        for pool in pools.values():  # the trainer's workers need the CPUs/GPUs
+            pool.shutdown()
+        pools.clear()
+        config = self.manifest.stage_config(name)
+        labels, uncertainty = self.stages[name].training_targets
+        ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
+        job = TrainingJob(
+            store_path=str(store.path), units=tuple(u.id for u in training), class_ids=self.context.classes.ids,
+            ignore_id=self.context.classes.ignore_id, labels=labels, uncertainty=uncertainty,
+            checkpoint_dir=str(store.checkpoint_dir(name) / key[:16]), settings=config.model_dump(mode="json"),
+            seed=self.manifest.run.seed,
+        )
+        self.progress.note(name, f"training {config.architecture} on {len(training)} images for {config.epochs} epochs "
+                                 f"({config.workers} Ray Train worker(s))")
+        started = time.perf_counter()
+        path, state = train(job, num_workers=config.workers, use_gpu=_wants_gpu(config.use_gpu),
+                            max_failures=self.manifest.ray.max_retries)
+        self.progress.note(name, f"trained in {time.perf_counter() - started:.0f}s, "
+                                 f"final loss {state['history'][-1]['loss']:.4f}")
+        fitted = {"architecture": config.architecture, "checkpoint": str(path.relative_to(store.path)),
+                  "sha256": file_sha256(path), "epochs": len(state["history"]), "units": len(training),
+                  "skipped": len(candidates) - len(training), "input_size": list(config.input_size),
+                  "history": state["history"]}
+        store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
+        for old in store.checkpoint_dir(name).iterdir():  # checkpoints of other training inputs
+            if old.name not in (key[:16], "_ray"):
+                shutil.rmtree(old, ignore_errors=True)
         return fitted
 
     def _pool_for(self, name: str, pools: dict) -> Any:
@@ -299,3 +354,12 @@ class Runner:
         )
         report.seconds = time.perf_counter() - started
         self.progress.finish(name, report)
+
+
+def _wants_gpu(setting: str) -> bool:
+    """'yes' / 'no', or 'auto': whether the Ray cluster this driver joined has GPUs."""
+    if setting != "auto":
+        return setting == "yes"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -20,12 +20,8 @@ class StageStatus:
     changes: tuple[str, ...]
     seconds: float | None
     failures: tuple[tuple[str, str], ...]
-    fitted: dict[str, Any] | None = None  # parameters fitted on a gold set (calibrate: method, alpha, thresholds, n)
-
-    @property
-    def fit_feasible(self) -> bool:
-        feasible = (self.fitted or {}).get("feasible", True)
-        return all(feasible) if isinstance(feasible, list) else bool(feasible)
+    fitted: dict[str, Any] | None = None  # what the stage was fitted with (calibrate: thresholds; retrain: model)
+    fit_summary: str | None = None  # the stage's one-line description of ``fitted``
 
     @property
     def complete(self) -> bool:
@@ -57,5 +53,6 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
             changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
             seconds=(attrs.get("summary") or {}).get("seconds"), failures=tuple(sorted(failed)),
             fitted=attrs.get("fitted"),
+            fit_summary=runner.stages[name].describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
         ))
     return out

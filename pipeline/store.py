@@ -7,7 +7,8 @@ Layout::
       <stage>/                  group; attrs: signature, signature digest, summary
         <output>/<unit id>      one array per unit (images differ in size), one chunk
       _ledger/<stage>.jsonl     append-only: one line per finished or failed unit
-                                (_ledger is an empty zarr group holding plain files)
+      _checkpoints/<stage>/     a trained stage's checkpoint files (written atomically)
+                                (_ledger and _checkpoints are empty zarr groups holding plain files)
 
 Only this module imports zarr. Data arrays are written by workers (one unit = one writer);
 group attributes and the ledger only by the driver. A unit is done when its ledger line
@@ -30,6 +31,7 @@ from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.fingerprint import array_sha256
 
 LEDGER_DIR = "_ledger"
+CHECKPOINT_DIR = "_checkpoints"
 
 
 class StoreError(SeglabError):
@@ -47,8 +49,9 @@ class Store:
             self._root = zarr.open_group(self.path, mode="a" if create else "r+", zarr_format=3)
         except Exception as exc:  # zarr raises several types for a damaged folder
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        if create and LEDGER_DIR not in self._root:
-            self._root.require_group(LEDGER_DIR)  # a group, so zarr recognises the folder
+        for folder in (LEDGER_DIR, CHECKPOINT_DIR):
+            if create and folder not in self._root:
+                self._root.require_group(folder)  # a group, so zarr recognises the folder
         if create and attrs:
             missing = {k: v for k, v in attrs.items() if k not in self._root.attrs}
             if missing:
@@ -63,7 +66,7 @@ class Store:
         self._root.attrs.update(attrs)
 
     def stages(self) -> list[str]:
-        return sorted(name for name, _ in self._root.groups() if name != LEDGER_DIR)
+        return sorted(name for name, _ in self._root.groups() if name not in (LEDGER_DIR, CHECKPOINT_DIR))
 
     def stage_attrs(self, stage: str) -> dict[str, Any]:
         return dict(self._root[stage].attrs) if stage in self._root else {}
@@ -80,12 +83,17 @@ class Store:
             group.require_group(name)
 
     def clear_stage(self, stage: str) -> None:
-        """Remove a stage's arrays, attributes and ledger."""
+        """Remove a stage's arrays, attributes, ledger and checkpoints."""
         if stage in self._root:
             del self._root[stage]
         ledger = self.path / LEDGER_DIR / f"{stage}.jsonl"
         ledger.unlink(missing_ok=True)
         shutil.rmtree(self.path / stage, ignore_errors=True)
+        shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        """Where a trained stage keeps its checkpoint files (outside the Zarr hierarchy)."""
+        return self.path / CHECKPOINT_DIR / stage
 
     def ledger(self, stage: str) -> "Ledger":
         return Ledger(self.path / LEDGER_DIR / f"{stage}.jsonl")

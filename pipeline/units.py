@@ -122,3 +122,12 @@ def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Uni
             raise ManifestError(manifest.path, [("data.calibration", f"{len(shared)} image(s) are also evaluation "
                                                  f"images, e.g. {sorted(shared)[0]}; keep the two sets apart")])
     return [by_image[p] for p in images]
+
+
+def training_units(manifest: Manifest, units: list[Unit]) -> list[Unit]:
+    """The run's units a trained stage may learn from: every image that is neither a
+    calibration nor an evaluation image (their gold masks must stay unseen by training)."""
+    data, root = manifest.data, Path(manifest.data.root)
+    held_out = {p.resolve() for gold in (data.calibration, data.evaluation) if gold is not None
+                for p in list_images(gold.images, root, manifest.path)}
+    return [u for u in units if Path(u.image).resolve() not in held_out]

@@ -93,9 +93,20 @@ class Stage(ABC):
     gold_set: ClassVar[str | None] = None
     """'calibration': the stage is fitted on that gold set of the manifest before it maps
     (``MapStage.fit``), and it runs only when the manifest names one."""
+    trains: ClassVar[bool] = False
+    """True: the stage is fitted by training a model on the run's training units (workers/
+    trainer.py) before it maps, and it runs only when the manifest asks for ``rounds``."""
+    training_targets: ClassVar[tuple[str, str]] = ("", "")
+    """For a stage that trains: the store paths of the HxW labels and the HxW [0, 1]
+    uncertainty it learns from."""
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    @property
+    def fits(self) -> bool:
+        """Whether the stage is fitted (on a gold set, or by training) before it maps."""
+        return self.gold_set is not None or self.trains
 
     @abstractmethod
     def outputs(self, ctx: Context) -> tuple[str, ...]:
@@ -137,6 +148,10 @@ class MapStage(Stage):
         ``seglab evaluate`` scores anyway), averaged over images by evaluate; default none.
         inputs: the image's arrays named in ``gold_reads``; gold_index, valid: as in ``GoldSample``."""
         return {}
+
+    def describe_fit(self, fitted: dict[str, Any]) -> str:
+        """One line for the operator about the stored fit (``seglab status``); for fitted stages."""
+        raise NotImplementedError(f"stage '{self.name}' is not fitted")
 
     def fit_warning(self, fitted: dict[str, Any]) -> str | None:
         """A sentence for the operator when the fit could not keep its promise (default none)."""

@@ -59,6 +59,12 @@ class Calibrate(MapStage):
         return (f"calibration set too small for the guarantee ({fitted['n']} images{more}): "
                 "the affected thresholds are 1, so those pixels are left unlabelled")
 
+    def describe_fit(self, fitted: dict[str, Any]) -> str:
+        thresholds = sorted(set(fitted["thresholds"]))
+        shown = f"{thresholds[0]:.4f}" if len(thresholds) == 1 else f"{thresholds[0]:.4f}..{thresholds[-1]:.4f}"
+        too_few = "" if self.fit_warning(fitted) is None else " (too few for alpha)"
+        return f"{fitted['method']}, alpha {fitted['alpha']}, threshold {shown}, n = {fitted['n']} calibration images{too_few}"
+
     def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
                       ctx: Context) -> dict[str, float]:
         """miscoverage: the share of the image's gold pixels whose class is outside its set."""

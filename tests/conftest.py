@@ -96,3 +96,15 @@ def tiny(tmp_path) -> Path:
     """A manifest over 4 synthetic images of different sizes with scribbles."""
     write_dataset(tmp_path / "data", [(60, 80), (72, 64), (50, 90), (64, 64)])
     return write_manifest(tmp_path)
+
+
+def add_gold(manifest: Path, evaluation: str = "images/*.png") -> None:
+    """Gold masks (the shapes' truth) in data/gold and a data.evaluation section over ``evaluation``."""
+    data = manifest.parent / "data"
+    (data / "gold").mkdir(exist_ok=True)
+    for i, path in enumerate(sorted((data / "images").glob("*.png"))):
+        height, width = np.asarray(Image.open(path)).shape[:2]
+        Image.fromarray(shapes_image(height, width, seed=i)[1]).save(data / "gold" / path.name)
+    text = manifest.read_text().replace(
+        "store:\n", f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\nstore:\n", 1)
+    manifest.write_text(text)

@@ -14,22 +14,10 @@ from seglab.cli.app import app
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
 
-from conftest import SHARED_DATA, scribbles_from_truth, shapes_image
+from conftest import SHARED_DATA, add_gold, scribbles_from_truth, shapes_image
 
 ROOT = Path(__file__).resolve().parents[1]
 cli = CliRunner()
-
-
-def add_gold(manifest: Path) -> None:
-    """Gold masks (the shapes' truth) in data/gold and a data.evaluation section over all images."""
-    data = manifest.parent / "data"
-    (data / "gold").mkdir(exist_ok=True)
-    for i, path in enumerate(sorted((data / "images").glob("*.png"))):
-        height, width = np.asarray(Image.open(path)).shape[:2]
-        Image.fromarray(shapes_image(height, width, seed=i)[1]).save(data / "gold" / path.name)
-    text = manifest.read_text().replace(
-        "store:\n", "  evaluation: {images: {glob: 'images/*.png'}, masks: gold}\nstore:\n", 1)
-    manifest.write_text(text)
 
 
 def add_image(manifest: Path, name: str, seed: int) -> None:

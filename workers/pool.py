@@ -76,6 +76,21 @@ class StageWorker:
             self.stages[name] = stage
         return self.stages[name]
 
+    def _load_segmenter(self, stage) -> None:
+        """Put the stage's trained teacher into the context (``stages.retrain.SEGMENTER``),
+        loaded once per checkpoint."""
+        from seglab.stages.retrain import SEGMENTER
+        from seglab.workers.segmenter import TeacherPredictor
+
+        fitted = stage.fitted
+        if fitted is None:
+            raise RuntimeError(f"stage '{stage.name}' runs only after it was trained")
+        if self.context.extras.get("segmenter_sha256") != fitted["sha256"]:
+            self.context.extras[SEGMENTER] = TeacherPredictor(
+                str(self.store.path / fitted["checkpoint"]), fitted["architecture"],
+                len(self.context.classes.ids), tuple(fitted["input_size"]))
+            self.context.extras["segmenter_sha256"] = fitted["sha256"]
+
     def pid(self) -> int:
         """The worker's process id (for operators and fault-injection tests)."""
         return os.getpid()
@@ -95,8 +110,10 @@ class StageWorker:
 
     def run(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str]) -> list[dict[str, Any]]:
         stage = self._stage(stage_name)
-        if stage.gold_set:
+        if stage.fits:
             stage.fitted = self.store.stage_attrs(stage_name).get("fitted")
+        if stage.trains:
+            self._load_segmenter(stage)
         receipts: list[dict[str, Any]] = []
         ready_units, inputs = [], []
         for unit in units:

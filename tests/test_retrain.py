@@ -1,0 +1,130 @@
+"""retrain: the uncertainty-aware losses, atomic checkpoints, and training on Ray Train end to end."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import add_gold
+from seglab.cli.app import app
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner
+from seglab.pipeline.store import Store
+from seglab.workers.losses import IGNORE_INDEX, batch_loss, dice_loss, focal_loss, image_weights
+from seglab.workers.trainer import checkpoint_files, latest_checkpoint, save_checkpoint
+
+RETRAIN = "rounds: 1\nretrain: {{epochs: {epochs}, input_size: [48, 64], train_batch: 2, batch_size: 2}}\n"
+
+
+def test_focal_loss_counts_only_labelled_pixels_weighted_by_certainty():
+    logits = torch.zeros(1, 3, 2, 2)  # uniform: p_t = 1/3 everywhere
+    target = torch.tensor([[[0, 1], [2, IGNORE_INDEX]]])
+    per_pixel = -((1 - 1 / 3) ** 2) * np.log(1 / 3)
+    full = focal_loss(logits, target, torch.ones(1, 2, 2), gamma=2.0)
+    assert full.item() == pytest.approx(per_pixel)  # mean over the 3 labelled pixels
+    half = focal_loss(logits, target, torch.tensor([[[1.0, 0.0], [0.5, 1.0]]]), gamma=2.0)
+    assert half.item() == pytest.approx(per_pixel * 1.5 / 3)
+    assert focal_loss(logits, target, torch.zeros(1, 2, 2), gamma=2.0).item() == 0.0
+
+
+def test_dice_uses_only_confident_pixels_and_image_weights_follow_entropy():
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    perfect = torch.tensor([[[[9.0, 9.0], [-9.0, -9.0]], [[-9.0, -9.0], [9.0, 9.0]]]])
+    assert dice_loss(perfect, target, torch.ones(1, 2, 2)).item() == pytest.approx(0.0, abs=1e-3)
+    assert dice_loss(-perfect, target, torch.ones(1, 2, 2)).item() == pytest.approx(1.0, abs=1e-3)
+    # the wrong row is uncertain (certainty 0.4 < 0.5): dice ignores it
+    half_wrong = torch.cat([perfect[..., :1, :], -perfect[..., 1:, :]], dim=2)
+    certainty = torch.tensor([[[1.0, 1.0], [0.4, 0.4]]])
+    assert dice_loss(half_wrong, target, certainty).item() == pytest.approx(0.0, abs=1e-3)
+    weights = image_weights(target.repeat(2, 1, 1), torch.stack([torch.zeros(2, 2), torch.full((2, 2), 0.5)]))
+    assert weights.tolist() == pytest.approx([1.0, 0.0], abs=1e-4)
+    loss = batch_loss(perfect.repeat(2, 1, 1, 1), target.repeat(2, 1, 1),
+                      torch.stack([torch.zeros(2, 2), torch.full((2, 2), 0.5)]), gamma=2.0, dice_weight=1.0)
+    assert loss.item() < 1e-3  # the undecided image has weight 0
+
+
+def test_checkpoints_are_atomic_and_a_torn_newest_falls_back(tmp_path):
+    for epoch in range(3):
+        save_checkpoint(tmp_path, epoch, {"epoch": epoch, "w": torch.full((2,), float(epoch))})
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["epoch-0001.pt", "epoch-0002.pt"]  # the newest two
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    newest = checkpoint_files(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # torn
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "epoch-0001.pt" and state["epoch"] == 1
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_retrain_trains_on_images_outside_the_gold_sets_predicts_every_image_and_is_reused(tiny):
+    add_gold(tiny, evaluation="images/img03.png")
+    tiny.write_text(tiny.read_text() + RETRAIN.format(epochs=2))
+    report = Runner(load_manifest(tiny)).run()
+    assert report.ok and report.stages[-1].stage == "retrain" and report.stages[-1].done_now == 4
+    store = Store(tiny.parent / "run.zarr")
+    fitted = store.stage_attrs("retrain")["fitted"]
+    assert fitted["epochs"] == 2 and fitted["units"] == 3 and len(fitted["history"]) == 2  # img03 held out
+    checkpoint = store.path / fitted["checkpoint"]
+    assert checkpoint.is_file() and all(np.isfinite(h["loss"]) for h in fitted["history"])
+    for unit in store.ledger("retrain").load():
+        arrays = store.read_unit(["retrain/labels", "retrain/probabilities", "ingest/image"], unit)
+        assert arrays["retrain/labels"].shape == arrays["ingest/image"].shape[:2]
+        assert arrays["retrain/probabilities"].shape == (3, 48, 64)
+        np.testing.assert_allclose(arrays["retrain/probabilities"].astype(np.float32).sum(0), 1.0, atol=1e-2)
+    stamp = checkpoint.stat().st_mtime_ns
+    again = Runner(load_manifest(tiny)).run()
+    assert again.work_done == 0 and checkpoint.stat().st_mtime_ns == stamp  # nothing retrained
+    status = json.loads(CliRunner().invoke(app, ["status", str(tiny), "--json"]).stdout)
+    assert {r["stage"]: r for r in status}["retrain"]["fitted"]["epochs"] == 2
+    shown = CliRunner().invoke(app, ["status", str(tiny)]).output
+    assert "retrain: lraspp_mobilenet_v3_large, 2 epochs on 3 images" in shown
+    evaluation = json.loads(CliRunner().invoke(app, ["evaluate", str(tiny), "--json"]).stdout)
+    segmenter = {r["source"]: r for r in evaluation["sources"]}["retrain"]
+    assert segmenter["evaluated"] == 1 and 0.0 <= segmenter["miou"] <= 1.0
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
+    tiny.write_text(tiny.read_text() + RETRAIN.format(epochs=8))
+    store_path = tiny.parent / "run.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    saved = []
+    while time.time() < deadline and proc.poll() is None:
+        saved = list((store_path / "_checkpoints" / "retrain").glob("*/epoch-0002.pt"))
+        if saved:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert saved, "training never reached epoch 2 before the deadline"
+    _, before = latest_checkpoint(saved[0].parent)
+    assert 2 <= before["epoch"] < 7  # killed mid-training
+
+    rerun = subprocess.run([sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    fitted = Store(store_path).stage_attrs("retrain")["fitted"]
+    assert [h["epoch"] for h in fitted["history"]] == list(range(8))
+    # the epochs finished before the kill come from the old checkpoint, not from a new start
+    assert fitted["history"][: before["epoch"] + 1] == before["history"]
+
+
+def test_rounds_switch_retrain_on_and_more_than_one_is_refused(tiny):
+    from seglab.pipeline.errors import ManifestError
+    from seglab.pipeline.runner import active_stages
+
+    assert "retrain" not in active_stages(load_manifest(tiny))
+    tiny.write_text(tiny.read_text() + "rounds: 1\n")
+    assert "retrain" in active_stages(load_manifest(tiny))
+    tiny.write_text(tiny.read_text().replace("rounds: 1", "rounds: 2"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tiny)
+    assert any(loc == "rounds" and "not available yet" in msg for loc, msg in info.value.problems)

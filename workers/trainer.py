@@ -1,0 +1,224 @@
+"""Train the segmenter on Ray Train (``TorchTrainer``), with a mean teacher and resumable checkpoints.
+
+One ``TrainingJob`` says what to train on: the store, the training units, where their labels
+and uncertainty live, and the settings. ``train`` runs ``train_loop`` on ``num_workers`` Ray
+Train workers (data parallel: each takes every world_size-th unit; GPUs when asked). Each
+epoch, rank 0 writes a checkpoint file (student, EMA teacher, optimizer, RNG state and the
+metrics of every epoch so far) to a temporary name and renames it into place, so a file
+that exists is whole. A rerun, or a worker restarted by Ray Train after a failure, resumes
+from the newest checkpoint that loads (a torn or corrupt one is skipped).
+
+Images are resized to ``input_size`` (H, W) for training (bilinear; labels and gold masks
+nearest), with random horizontal flips.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seglab.workers.losses import IGNORE_INDEX, batch_loss
+from seglab.workers.segmenter import Segmenter
+
+CHECKPOINT = re.compile(r"^epoch-(\d{4})\.pt$")
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What to train, JSON-able (it travels to every Ray Train worker).
+
+    labels / uncertainty: store paths ('stage/array') of the HxW class ids and HxW [0, 1]
+    uncertainty per unit; ``uncertainty`` None means every label is certain.
+    settings: the retrain stage's config (model_dump).
+    """
+
+    store_path: str
+    units: tuple[str, ...]
+    class_ids: tuple[int, ...]
+    ignore_id: int
+    labels: str
+    uncertainty: str | None
+    checkpoint_dir: str
+    settings: dict[str, Any]
+    seed: int
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def checkpoint_files(folder: Path | str) -> list[Path]:
+    """Checkpoint files in ``folder``, oldest epoch first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if CHECKPOINT.match(p.name)), key=lambda p: p.name)
+
+
+def latest_checkpoint(folder: Path | str) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint that loads as tensors (weights_only), or None."""
+    for path in reversed(checkpoint_files(folder)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or corrupt file: fall back to the one before
+            continue
+    return None
+
+
+def save_checkpoint(folder: Path | str, epoch: int, state: dict[str, Any]) -> Path:
+    """Write ``state`` as epoch-NNNN.pt atomically (tmp file, fsync, rename); keep the newest few."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch-{epoch:04d}.pt"
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_files(folder)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+# -- data -----------------------------------------------------------------------------------
+def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> torch.Tensor:
+    """HxW or HxWxC numpy -> torch [C, h, w] (or [h, w]) at ``size``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    else:
+        tensor = tensor.permute(2, 0, 1)
+    mode = "nearest" if nearest else "bilinear"
+    resized = F.interpolate(tensor[None].float(), size=size, mode=mode, **({} if nearest else {"align_corners": False}))
+    return resized[0]
+
+
+def class_indices(labels: np.ndarray, class_ids: tuple[int, ...], ignore_id: int) -> np.ndarray:
+    """HxW class ids -> HxW int64 position in ``class_ids``, IGNORE_INDEX for ignore_id."""
+    lookup = np.full(max(*class_ids, ignore_id) + 1, IGNORE_INDEX, np.int64)
+    lookup[list(class_ids)] = np.arange(len(class_ids))
+    return lookup[labels.astype(np.int64)]
+
+
+def load_examples(job: TrainingJob, units: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> images uint8 [N, 3, h, w], targets int64 [N, h, w], uncertainty float16 [N, h, w]."""
+    from seglab.pipeline.store import Store
+
+    store = Store(job.store_path)
+    size = tuple(job.settings["input_size"])
+    images, targets, uncertainties = [], [], []
+    for unit in units:
+        paths = ["ingest/image", job.labels] + ([job.uncertainty] if job.uncertainty else [])
+        arrays = store.read_unit(paths, unit)
+        images.append(_resize(arrays["ingest/image"], size, nearest=False).round().clamp(0, 255).to(torch.uint8))
+        index = class_indices(arrays[job.labels], job.class_ids, job.ignore_id)
+        targets.append(_resize(index, size, nearest=True)[0].long())
+        u = arrays[job.uncertainty].astype(np.float32) if job.uncertainty else np.zeros(index.shape, np.float32)
+        uncertainties.append(_resize(u, size, nearest=False)[0].clamp(0, 1).half())
+    return torch.stack(images), torch.stack(targets), torch.stack(uncertainties)
+
+
+# -- the loop -------------------------------------------------------------------------------
+def _learning_rate(base: float, step: int, total: int) -> float:
+    """Polynomial decay (power 0.9), the usual schedule for segmentation."""
+    return base * (1.0 - min(step, total - 1) / total) ** 0.9
+
+
+@torch.no_grad()
+def _update_teacher(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker (``config['job']`` is a TrainingJob as a dict)."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainingJob(**{**config["job"], "units": tuple(config["job"]["units"]),
+                         "class_ids": tuple(config["job"]["class_ids"])})
+    s = job.settings
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(job.seed)
+    images, targets, uncertainty = load_examples(job, job.units[rank::world])
+    student = Segmenter(s["architecture"], len(job.class_ids))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=s["learning_rate"], weight_decay=s["weight_decay"])
+    start, history = 0, []
+    found = latest_checkpoint(job.checkpoint_dir)
+    if found is not None:
+        _, state = found
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, history = int(state["epoch"]) + 1, list(state["history"])
+    device = ray.train.torch.get_device()
+    teacher.to(device)
+    model = ray.train.torch.prepare_model(student)  # DDP across workers, on the worker's device
+    steps_per_epoch = max(1, -(-len(images) // s["train_batch"]))
+    total_steps = s["epochs"] * steps_per_epoch
+    for epoch in range(start, s["epochs"]):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(images))
+        losses = []
+        for step, first in enumerate(range(0, len(images), s["train_batch"])):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(s["learning_rate"], epoch * steps_per_epoch + step, total_steps)
+            pick = order[first:first + s["train_batch"]]
+            flip = torch.rand(len(pick)) < 0.5
+            x = images[pick].float().div(255)
+            y, u = targets[pick], uncertainty[pick].float()
+            x[flip], y[flip], u[flip] = x[flip].flip(-1), y[flip].flip(-1), u[flip].flip(-1)
+            loss = batch_loss(model(x.to(device)), y.to(device), u.to(device), gamma=s["focal_gamma"],
+                              dice_weight=s["dice_weight"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _update_teacher(teacher, student, s["ema_decay"])
+            losses.append(float(loss.detach()))
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "seconds": round(time.perf_counter() - started, 3), "images": len(images) * world}
+        history.append(metrics)
+        if rank == 0:
+            save_checkpoint(job.checkpoint_dir, epoch, {
+                "student": {k: v.cpu() for k, v in student.state_dict().items()},
+                "teacher": {k: v.cpu() for k, v in teacher.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                "epoch": epoch, "history": history, "architecture": s["architecture"],
+                "class_ids": list(job.class_ids),
+            })
+        ray.train.report(metrics)
+
+
+def train(job: TrainingJob, *, num_workers: int, use_gpu: bool, max_failures: int) -> tuple[Path, dict[str, Any]]:
+    """Run ``train_loop`` on Ray Train until every epoch has a checkpoint -> (the last
+    checkpoint file, its state). Resumes from ``job.checkpoint_dir`` when it holds epochs."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    found = latest_checkpoint(job.checkpoint_dir)
+    if found is None or int(found[1]["epoch"]) + 1 < job.settings["epochs"]:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"job": asdict(job)},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            run_config=RunConfig(name="train", storage_path=str(Path(job.checkpoint_dir).resolve().parent / "_ray"),
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        trainer.fit()
+        found = latest_checkpoint(job.checkpoint_dir)
+    if found is None:
+        raise RuntimeError(f"{job.checkpoint_dir}: training finished without a readable checkpoint")
+    return found
