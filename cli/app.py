@@ -219,6 +219,28 @@ def bench_conformal(
     render.conformal_table(result, json_)
 
 
+@bench.command("retrain")
+@handled
+def bench_retrain(
+    manifest: ManifestArg,
+    gold_masks: Annotated[Path, typer.Option(help="Folder of gold masks (<image stem>.png) of the training images.")],
+    gold_ignore: Annotated[Optional[list[int]], typer.Option(help="Gold mask value not to learn from (repeatable).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Segmenter trained on seglab's labels against the same one trained on ground truth."""
+    from seglab.cli import render
+    from seglab.pipeline.bench_retrain import bench_retrain as measure
+
+    loaded = _manifest(manifest, store)
+    if json_:
+        result = measure(loaded, gold_masks=gold_masks, gold_ignore=tuple(gold_ignore or ()))
+    else:
+        with render.RichProgress() as progress:
+            result = measure(loaded, gold_masks=gold_masks, gold_ignore=tuple(gold_ignore or ()), progress=progress)
+    render.retrain_table(result, json_)
+
+
 @app.command()
 def schema() -> None:
     """Print the manifest's JSON schema (what manifests/schema.json holds)."""

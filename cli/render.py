@@ -121,8 +121,8 @@ def figures(values: dict, as_json: bool) -> None:
     console.print(table)
 
 
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def evaluation_tables(result: Evaluation, as_json: bool) -> None:
@@ -191,3 +191,21 @@ def conformal_table(result: dict, as_json: bool) -> None:
                       f"{100 * s['kept']['mean']:.1f} %", f"{100 * s['kept_accuracy']['mean']:.2f} %",
                       f"{s['threshold']['mean']:.4f}")
     console.print(table)
+
+
+def retrain_table(result: dict, as_json: bool) -> None:
+    """Per round: label and segmenter mIoU; then the ground-truth segmenter and the ratio."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("trained on", "label mIoU %", "segmenter mIoU %", "train s",
+                  title=f"{result['architecture']}, {result['epochs']} epochs, {result['training_images']} training "
+                        f"images, scored on {result['evaluation_images']} evaluation images")
+    for r in result["rounds"]:
+        table.add_row(f"round {r['round']} labels", _pct(r["label_miou"]), _pct(r["segmenter_miou"]),
+                      f"{r['train_seconds']:.0f}")
+    truth = result["ground_truth"]
+    table.add_row("ground truth", "100.0", _pct(truth["segmenter_miou"]), f"{truth['train_seconds']:.0f}")
+    console.print(table)
+    ratio = result["ratio"]
+    console.print(f"segmenter on seglab labels / on ground truth: {'-' if ratio is None else f'{100 * ratio:.1f} %'}")

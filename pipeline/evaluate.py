@@ -154,7 +154,7 @@ def evaluate(manifest: Manifest) -> Evaluation:
             continue
         mask_path = gold_mask_path(gold, image)
         mask = read_mask(mask_path)
-        indexed = gold_indices(mask, mask_path, gold, class_ids) if measuring else None
+        indexed = gold_indices(mask, mask_path, gold.ignore, class_ids) if measuring else None
         for source, labels in predictions:
             try:
                 matrices[source] += confusion(mask, labels, class_ids, gold.ignore)

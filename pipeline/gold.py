@@ -5,6 +5,7 @@ A gold mask is ``<masks>/<image stem>.<ext>`` for the first existing ext of .png
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,11 @@ GOLD_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 def gold_mask_path(gold: GoldSet, image: Path) -> Path:
     """The gold mask of ``image``; InputError naming the candidates when there is none."""
-    folder = Path(gold.masks)
+    return mask_in_folder(Path(gold.masks), image)
+
+
+def mask_in_folder(folder: Path, image: Path) -> Path:
+    """``folder``/<image stem><first existing suffix>; InputError when there is none."""
     for suffix in GOLD_SUFFIXES:
         path = folder / f"{image.stem}{suffix}"
         if path.is_file():
@@ -33,20 +38,26 @@ def read_gold(gold: GoldSet, image: Path, class_ids: tuple[int, ...],
 
     Ignored values are invalid pixels; any other value that is not a class id, or a mask
     whose size is not ``expected_hw``, is an InputError naming the mask file."""
-    path = gold_mask_path(gold, image)
+    return read_gold_file(gold_mask_path(gold, image), gold.ignore, class_ids, expected_hw)
+
+
+def read_gold_file(path: Path | str, ignore: Sequence[int], class_ids: tuple[int, ...],
+                   expected_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``read_gold`` for a known mask file and its ignored values."""
     mask = read_mask(path)
     if mask.shape != tuple(expected_hw):
         raise InputError(path, f"gold mask is {mask.shape[1]}x{mask.shape[0]}, the image "
                                f"{expected_hw[1]}x{expected_hw[0]}")
-    return gold_indices(mask, path, gold, class_ids)
+    return gold_indices(mask, Path(path), ignore, class_ids)
 
 
-def gold_indices(mask: np.ndarray, path: Path, gold: GoldSet, class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def gold_indices(mask: np.ndarray, path: Path, ignore: Sequence[int],
+                 class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """A read gold mask (HxW values) -> (HxW int64 position of the class in ``class_ids``,
-    HxW bool valid); a value neither a class id nor ignored is an InputError naming ``path``."""
+    HxW bool valid); a value neither a class id nor in ``ignore`` is an InputError naming ``path``."""
     index, is_class = class_index(mask, class_ids)
-    unknown = ~is_class & ~np.isin(mask, np.asarray(gold.ignore, np.int64))
+    unknown = ~is_class & ~np.isin(mask, np.asarray(ignore, np.int64))
     if unknown.any():
         raise InputError(path, f"gold values {np.unique(mask[unknown]).tolist()} are neither class ids "
-                               f"{list(class_ids)} nor ignored {list(gold.ignore)}")
+                               f"{list(class_ids)} nor ignored {list(ignore)}")
     return index.astype(np.int64), is_class

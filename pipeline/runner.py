@@ -281,7 +281,7 @@ class Runner:
         ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
         job = TrainingJob(
             store_path=str(store.path), units=tuple(u.id for u in training), class_ids=self.context.classes.ids,
-            ignore_id=self.context.classes.ignore_id, labels=labels, uncertainty=uncertainty,
+            labels=labels, uncertainty=uncertainty,
             checkpoint_dir=str(store.checkpoint_dir(name) / key[:16]), settings=config.model_dump(mode="json"),
             seed=self.manifest.run.seed,
         )
@@ -295,6 +295,7 @@ class Runner:
         fitted = {"architecture": config.architecture, "checkpoint": str(path.relative_to(store.path)),
                   "sha256": file_sha256(path), "epochs": len(state["history"]), "units": len(training),
                   "skipped": len(candidates) - len(training), "input_size": list(config.input_size),
+                  "trained_on": [u.id for u in training],
                   "history": state["history"]}
         store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
         for old in store.checkpoint_dir(name).iterdir():  # checkpoints of other training inputs

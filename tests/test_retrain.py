@@ -89,6 +89,17 @@ def test_retrain_trains_on_images_outside_the_gold_sets_predicts_every_image_and
     segmenter = {r["source"]: r for r in evaluation["sources"]}["retrain"]
     assert segmenter["evaluated"] == 1 and 0.0 <= segmenter["miou"] <= 1.0
 
+    # the same segmenter and budget on the gold masks of the same three training images
+    result = CliRunner().invoke(app, ["bench", "retrain", str(tiny), "--gold-masks",
+                                      str(tiny.parent / "data" / "gold"), "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert (bench["training_images"], bench["evaluation_images"]) == (3, 1)
+    assert bench["rounds"][0]["segmenter_miou"] == pytest.approx(segmenter["miou"])
+    truth = bench["ground_truth"]["segmenter_miou"]
+    assert 0.0 < truth <= 1.0 and bench["ratio"] == pytest.approx(segmenter["miou"] / truth)
+    assert list((store.path / "_checkpoints" / "bench-retrain-gold").glob("*/epoch-0001.pt"))
+
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     tiny.write_text(tiny.read_text() + RETRAIN.format(epochs=8))

@@ -38,18 +38,21 @@ class TrainingJob:
 
     labels / uncertainty: store paths ('stage/array') of the HxW class ids and HxW [0, 1]
     uncertainty per unit; ``uncertainty`` None means every label is certain.
+    label_files: instead of ``labels``, one gold mask file per unit (values: class ids, or
+    ``label_ignore`` values, which are not learnt from); for training on ground truth.
     settings: the retrain stage's config (model_dump).
     """
 
     store_path: str
     units: tuple[str, ...]
     class_ids: tuple[int, ...]
-    ignore_id: int
     labels: str
     uncertainty: str | None
     checkpoint_dir: str
     settings: dict[str, Any]
     seed: int
+    label_files: tuple[str, ...] = ()
+    label_ignore: tuple[int, ...] = ()
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -100,25 +103,26 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> torch.Te
     return resized[0]
 
 
-def class_indices(labels: np.ndarray, class_ids: tuple[int, ...], ignore_id: int) -> np.ndarray:
-    """HxW class ids -> HxW int64 position in ``class_ids``, IGNORE_INDEX for ignore_id."""
-    lookup = np.full(max(*class_ids, ignore_id) + 1, IGNORE_INDEX, np.int64)
-    lookup[list(class_ids)] = np.arange(len(class_ids))
-    return lookup[labels.astype(np.int64)]
-
-
-def load_examples(job: TrainingJob, units: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> images uint8 [N, 3, h, w], targets int64 [N, h, w], uncertainty float16 [N, h, w]."""
+def load_examples(job: TrainingJob, units: tuple[str, ...],
+                  label_files: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> images uint8 [N, 3, h, w], targets int64 [N, h, w], uncertainty float16 [N, h, w].
+    ``label_files``: the units' gold masks, when training on ground truth."""
+    from seglab.pipeline.gold import read_gold_file
+    from seglab.pipeline.metrics import class_index
     from seglab.pipeline.store import Store
 
     store = Store(job.store_path)
     size = tuple(job.settings["input_size"])
     images, targets, uncertainties = [], [], []
-    for unit in units:
-        paths = ["ingest/image", job.labels] + ([job.uncertainty] if job.uncertainty else [])
+    for i, unit in enumerate(units):
+        paths = ["ingest/image"] + ([] if label_files else [job.labels]) + ([job.uncertainty] if job.uncertainty else [])
         arrays = store.read_unit(paths, unit)
         images.append(_resize(arrays["ingest/image"], size, nearest=False).round().clamp(0, 255).to(torch.uint8))
-        index = class_indices(arrays[job.labels], job.class_ids, job.ignore_id)
+        if label_files:
+            index, valid = read_gold_file(label_files[i], job.label_ignore, job.class_ids, arrays["ingest/image"].shape[:2])
+        else:
+            index, valid = class_index(arrays[job.labels], job.class_ids)  # the ignore id is no class
+        index = np.where(valid, index, IGNORE_INDEX)
         targets.append(_resize(index, size, nearest=True)[0].long())
         u = arrays[job.uncertainty].astype(np.float32) if job.uncertainty else np.zeros(index.shape, np.float32)
         uncertainties.append(_resize(u, size, nearest=False)[0].clamp(0, 1).half())
@@ -144,13 +148,12 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    job = TrainingJob(**{**config["job"], "units": tuple(config["job"]["units"]),
-                         "class_ids": tuple(config["job"]["class_ids"])})
+    job = TrainingJob(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["job"].items()})
     s = job.settings
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(job.seed)
-    images, targets, uncertainty = load_examples(job, job.units[rank::world])
+    images, targets, uncertainty = load_examples(job, job.units[rank::world], job.label_files[rank::world])
     student = Segmenter(s["architecture"], len(job.class_ids))
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=s["learning_rate"], weight_decay=s["weight_decay"])

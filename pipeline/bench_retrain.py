@@ -1,0 +1,77 @@
+"""``seglab bench retrain``: how good is a segmenter trained on seglab's labels, against one
+trained on the ground truth with the same budget?
+
+Runs the manifest (``rounds: 1``: ... refine -> retrain), evaluates it, then trains the same
+architecture with the same settings (epochs, input size, batch, seed) on the same training
+images with their gold masks (``gold_masks``: a folder of <image stem>.png) instead of
+refine's labels and uncertainty, and scores both segmenters on the evaluation gold set.
+Prints per round the label mIoU (refine on the evaluation images) and the segmenter mIoU,
+the ground-truth segmenter's mIoU, and their ratio. The ground-truth training keeps its
+checkpoints under ``_checkpoints/bench-retrain-gold/`` and resumes like retrain does.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.evaluate import evaluate, evaluation_set
+from seglab.pipeline.fingerprint import digest
+from seglab.pipeline.gold import gold_mask_path, mask_in_folder
+from seglab.pipeline.manifest import Manifest
+from seglab.pipeline.metrics import json_number, scores
+from seglab.pipeline.store import Store
+from seglab.pipeline.units import enumerate_units, file_stat
+
+GOLD_RUN = "bench-retrain-gold"
+
+
+def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence[int], progress: Any = None) -> dict:
+    from seglab.pipeline.runner import Runner, _wants_gpu, build_context
+    from seglab.workers.scoring import score_checkpoint
+    from seglab.workers.trainer import TrainingJob, train
+
+    if manifest.rounds < 1 or manifest.data.evaluation is None:
+        raise SeglabError(f"{manifest.path}: bench retrain needs rounds: 1 and a data.evaluation gold set")
+    started = time.perf_counter()
+    report = Runner(manifest, progress=progress).run()
+    if not report.ok:
+        raise SeglabError(f"{manifest.path}: the run has failed units; `seglab status` lists them")
+    evaluation = evaluate(manifest)
+    found = {r.source: r for r in evaluation.sources}
+    store = Store(manifest.store_path)
+    fitted = store.stage_attrs("retrain")["fitted"]
+    by_id = {u.id: u for u in enumerate_units(manifest)}
+    units = tuple(fitted["trained_on"])
+    # absolute: Ray Train workers do not run in the driver's working directory
+    label_files = tuple(str(mask_in_folder(Path(gold_masks), Path(by_id[u].image)).resolve()) for u in units)
+    config = manifest.retrain
+    settings = config.model_dump(mode="json")
+    key = digest([settings, units, [file_stat(f) for f in label_files], list(gold_ignore), manifest.run.seed])
+    classes = build_context(manifest).classes
+    job = TrainingJob(store_path=str(store.path), units=units, class_ids=classes.ids,
+                      labels="", uncertainty=None, checkpoint_dir=str(store.checkpoint_dir(GOLD_RUN) / key[:16]),
+                      settings=settings, seed=manifest.run.seed, label_files=label_files,
+                      label_ignore=tuple(gold_ignore))
+    trained = time.perf_counter()
+    path, state = train(job, num_workers=config.workers, use_gpu=_wants_gpu(config.use_gpu),
+                        max_failures=manifest.ray.max_retries)
+    gold = manifest.data.evaluation
+    items = [(unit, str(gold_mask_path(gold, Path(image)))) for image, unit in evaluation_set(manifest) if unit]
+    matrix = score_checkpoint(str(store.path), str(path), config.architecture, config.input_size, items, classes,
+                              gold.ignore)
+    truth = scores(matrix).miou
+    segmenter = found["retrain"].scores.miou
+    return {
+        "manifest": manifest.path, "architecture": config.architecture, "epochs": config.epochs,
+        "training_images": len(units), "evaluation_images": len(items),
+        "rounds": [{"round": 0, "label_miou": json_number(found["refine"].scores.miou),
+                    "segmenter_miou": json_number(segmenter),
+                    "train_seconds": round(sum(h["seconds"] for h in fitted["history"]), 1)}],
+        "ground_truth": {"segmenter_miou": json_number(truth),
+                         "train_seconds": round(sum(h["seconds"] for h in state["history"]), 1)},
+        "ratio": json_number(segmenter / truth if truth else float("nan")),
+        "seconds": {"pipeline": round(trained - started, 1), "ground_truth": round(time.perf_counter() - trained, 1)},
+    }
