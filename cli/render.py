@@ -198,14 +198,13 @@ def retrain_table(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("trained on", "label mIoU %", "segmenter mIoU %", "train s",
+    table = Table("trained on", "label mIoU %", "segmenter mIoU %", "of ground truth's", "train s",
                   title=f"{result['architecture']}, {result['epochs']} epochs, {result['training_images']} training "
                         f"images, scored on {result['evaluation_images']} evaluation images")
     for r in result["rounds"]:
+        seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         table.add_row(f"round {r['round']} labels", _pct(r["label_miou"]), _pct(r["segmenter_miou"]),
-                      f"{r['train_seconds']:.0f}")
+                      _pct(r["ratio"]), seconds)
     truth = result["ground_truth"]
-    table.add_row("ground truth", "100.0", _pct(truth["segmenter_miou"]), f"{truth['train_seconds']:.0f}")
+    table.add_row("ground truth", "100.0", _pct(truth["segmenter_miou"]), "100.0", f"{truth['train_seconds']:.0f}")
     console.print(table)
-    ratio = result["ratio"]
-    console.print(f"segmenter on seglab labels / on ground truth: {'-' if ratio is None else f'{100 * ratio:.1f} %'}")

@@ -1,12 +1,14 @@
 """``seglab bench retrain``: how good is a segmenter trained on seglab's labels, against one
 trained on the ground truth with the same budget?
 
-Runs the manifest (``rounds: 1``: ... refine -> retrain), evaluates it, then trains the same
-architecture with the same settings (epochs, input size, batch, seed) on the same training
-images with their gold masks (``gold_masks``: a folder of <image stem>.png) instead of
-refine's labels and uncertainty, and scores both segmenters on the evaluation gold set.
-Prints per round the label mIoU (refine on the evaluation images) and the segmenter mIoU,
-the ground-truth segmenter's mIoU, and their ratio. The ground-truth training keeps its
+Runs the manifest (``rounds: R`` >= 1: refine -> retrain R times, then the last refine),
+evaluates it, then trains the same architecture with the same settings (epochs, input
+size, batch, seed) on the same training images with their gold masks (``gold_masks``: a
+folder of <image stem>.png) instead of refine's labels and uncertainty, and scores it on the
+evaluation gold set as evaluate scores the pipeline's segmenters. Reports per round r in
+0..R the label mIoU (that round's refine on the evaluation images) and the mIoU of the
+segmenter trained on those labels (none for round R), the ground-truth segmenter's mIoU,
+and per round the ratio segmenter / ground truth. The ground-truth training keeps its
 checkpoints under ``_checkpoints/bench-retrain-gold/`` and resumes like retrain does.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.metrics import json_number, scores
 from seglab.pipeline.store import Store
 from seglab.pipeline.units import enumerate_units, file_stat
+from seglab.stages.base import round_name
 
 GOLD_RUN = "bench-retrain-gold"
 
@@ -34,7 +37,7 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     from seglab.workers.trainer import TrainingJob, train
 
     if manifest.rounds < 1 or manifest.data.evaluation is None:
-        raise SeglabError(f"{manifest.path}: bench retrain needs rounds: 1 and a data.evaluation gold set")
+        raise SeglabError(f"{manifest.path}: bench retrain needs rounds >= 1 and a data.evaluation gold set")
     started = time.perf_counter()
     report = Runner(manifest, progress=progress).run()
     if not report.ok:
@@ -42,9 +45,9 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     evaluation = evaluate(manifest)
     found = {r.source: r for r in evaluation.sources}
     store = Store(manifest.store_path)
-    fitted = store.stage_attrs("retrain")["fitted"]
+    fitted = {r: store.stage_attrs(round_name("retrain", r))["fitted"] for r in range(manifest.rounds)}
     by_id = {u.id: u for u in enumerate_units(manifest)}
-    units = tuple(fitted["trained_on"])
+    units = tuple(fitted[0]["trained_on"])  # the same in every round
     # absolute: Ray Train workers do not run in the driver's working directory
     label_files = tuple(str(mask_in_folder(Path(gold_masks), Path(by_id[u].image)).resolve()) for u in units)
     config = manifest.retrain
@@ -63,15 +66,18 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     matrix = score_checkpoint(str(store.path), str(path), config.architecture, config.input_size, items, classes,
                               gold.ignore)
     truth = scores(matrix).miou
-    segmenter = found["retrain"].scores.miou
+    rounds = []
+    for r in range(manifest.rounds + 1):
+        segmenter = found[round_name("retrain", r)].scores.miou if r in fitted else None
+        rounds.append({
+            "round": r, "label_miou": json_number(found[round_name("refine", r)].scores.miou),
+            "segmenter_miou": None if segmenter is None else json_number(segmenter),
+            "ratio": None if segmenter is None else json_number(segmenter / truth if truth else float("nan")),
+            "train_seconds": round(sum(h["seconds"] for h in fitted[r]["history"]), 1) if r in fitted else None})
     return {
         "manifest": manifest.path, "architecture": config.architecture, "epochs": config.epochs,
-        "training_images": len(units), "evaluation_images": len(items),
-        "rounds": [{"round": 0, "label_miou": json_number(found["refine"].scores.miou),
-                    "segmenter_miou": json_number(segmenter),
-                    "train_seconds": round(sum(h["seconds"] for h in fitted["history"]), 1)}],
+        "training_images": len(units), "evaluation_images": len(items), "rounds": rounds,
         "ground_truth": {"segmenter_miou": json_number(truth),
                          "train_seconds": round(sum(h["seconds"] for h in state["history"]), 1)},
-        "ratio": json_number(segmenter / truth if truth else float("nan")),
         "seconds": {"pipeline": round(trained - started, 1), "ground_truth": round(time.perf_counter() - trained, 1)},
     }

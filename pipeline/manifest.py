@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.paths import is_url, resolve as _resolve
+from seglab.stages.base import ROUND_SEPARATOR
 from seglab.stages.calibrate import CalibrateConfig
 from seglab.stages.embed import EmbedConfig
 from seglab.stages.ingest import IngestConfig
@@ -170,15 +171,9 @@ class Manifest(_Frozen):
     calibrate: CalibrateConfig = CalibrateConfig()
     refine: RefineConfig = RefineConfig()
     retrain: RetrainConfig = RetrainConfig()
-    rounds: int = Field(0, ge=0, description="Rounds of segmenter retraining on the refined labels (retrain); "
-                        "0: none. Only 0 and 1 are available so far.")
-
-    @field_validator("rounds")
-    @classmethod
-    def _available_rounds(cls, v: int) -> int:
-        if v > 1:
-            raise ValueError(f"rounds: {v} needs iterated refine -> retrain rounds, which are not available yet; use 0 or 1")
-        return v
+    rounds: int = Field(0, ge=0, le=20, description="Rounds of segmenter retraining: R runs refine -> retrain R "
+                        "times, each round's mean teacher feeding the next refine (store groups retrain, refine.1, "
+                        "retrain.1, ..., refine.R); 0: no retraining.")
 
     @property
     def store_path(self) -> Path:
@@ -187,7 +182,8 @@ class Manifest(_Frozen):
         return Path(self.path).resolve().parent / "runs" / f"{self.run.name}.zarr"
 
     def stage_config(self, stage: str):
-        return getattr(self, stage)
+        """The manifest section of ``stage``; every round's instance ('refine.2') shares its stage's."""
+        return getattr(self, stage.split(ROUND_SEPARATOR, 1)[0])
 
 
 class _StrictLoader(yaml.SafeLoader):

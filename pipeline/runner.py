@@ -20,9 +20,9 @@ from seglab.pipeline.dag import Dag
 from seglab.pipeline.errors import SeglabError, SignatureMismatch
 from seglab.pipeline.fingerprint import diff_signatures, digest, stage_signature
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.registry import STAGES
+from seglab.pipeline.registry import STAGES, round_stages
 from seglab.pipeline.store import Store
-from seglab.pipeline.units import enumerate_units, file_stat, gold_units, training_units, unit_input_digest
+from seglab.pipeline.units import enumerate_units, file_stat, gold_units, held_out, training_units, unit_input_digest
 from seglab.stages.base import ClassTable, Context, Stage, Unit
 
 
@@ -94,11 +94,12 @@ def build_context(manifest: Manifest) -> Context:
 
 
 def active_stages(manifest: Manifest) -> dict[str, type[Stage]]:
-    """The registry's stages this manifest runs: a stage fitted on a gold set runs only
-    when the manifest names that set, a trained stage only when it asks for rounds."""
-    return {n: s for n, s in STAGES.items()
-            if (s.gold_set is None or getattr(manifest.data, s.gold_set) is not None)
-            and (not s.trains or manifest.rounds >= 1)}
+    """The stages this manifest runs: a stage fitted on a gold set runs only when the
+    manifest names that set; trained stages, and the refinements that use their teachers,
+    only in the ``rounds`` it asks for."""
+    return {**{n: s for n, s in STAGES.items()
+               if (s.gold_set is None or getattr(manifest.data, s.gold_set) is not None) and not s.trains},
+            **round_stages(manifest.rounds)}
 
 
 def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str, Any]]:
@@ -110,11 +111,10 @@ def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str
     model = backend_signature(manifest.backend, manifest.embed.tiling)
     sigs: dict[str, dict[str, Any]] = {}
     for name in dag.order:
-        stage = STAGES[name]
-        config = manifest.stage_config(name).model_dump(mode="json", exclude={"batch_size"})
+        stage = dag.stages[name](manifest.stage_config(name))
         sigs[name] = stage_signature(
             version=stage.version,
-            config={**config, "_data": shared},
+            config={**stage.signature_config(), "_data": shared},
             model=model if stage.resources.needs_backend else None,
             upstream={dep: digest(sigs[dep]) for dep in dag.deps[name]},
         )
@@ -129,7 +129,7 @@ class Runner:
         self.dag = Dag(active_stages(manifest))
         self.context = build_context(manifest)
         self.signatures = signatures(manifest, self.dag, self.context)
-        self.stages: dict[str, Stage] = {n: STAGES[n](manifest.stage_config(n)) for n in self.dag.order}
+        self.stages: dict[str, Stage] = {n: self.dag.stages[n](manifest.stage_config(n)) for n in self.dag.order}
 
     # -- planning ---------------------------------------------------------------------
     def open_store(self) -> Store:
@@ -220,7 +220,8 @@ class Runner:
                                                      "failed": len(report.failures), "seconds": round(report.seconds, 3)})
             if not self.options.dry_run:
                 classes = self.context.classes
-                store.set_root_attrs(manifest_hash=store_manifest_hash, seglab_version=seglab_version(),
+                store.set_root_attrs(manifest_hash=store_manifest_hash, manifest_path=self.manifest.path,
+                                     splits=held_out(self.manifest, units), seglab_version=seglab_version(),
                                      classes=[{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)],
                                      ignore_id=classes.ignore_id)
         finally:

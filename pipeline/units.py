@@ -124,10 +124,21 @@ def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Uni
     return [by_image[p] for p in images]
 
 
+def held_out(manifest: Manifest, units: list[Unit]) -> dict[str, list[str]]:
+    """Ids of the run's units in each gold set the manifest names ('calibration',
+    'evaluation'), in run order; gold images outside data.images are not units."""
+    data, root = manifest.data, Path(manifest.data.root)
+    sets = {}
+    for name in ("calibration", "evaluation"):
+        gold = getattr(data, name)
+        if gold is not None:
+            images = {p.resolve() for p in list_images(gold.images, root, manifest.path)}
+            sets[name] = [u.id for u in units if Path(u.image).resolve() in images]
+    return sets
+
+
 def training_units(manifest: Manifest, units: list[Unit]) -> list[Unit]:
     """The run's units a trained stage may learn from: every image that is neither a
     calibration nor an evaluation image (their gold masks must stay unseen by training)."""
-    data, root = manifest.data, Path(manifest.data.root)
-    held_out = {p.resolve() for gold in (data.calibration, data.evaluation) if gold is not None
-                for p in list_images(gold.images, root, manifest.path)}
-    return [u for u in units if Path(u.image).resolve() not in held_out]
+    gold = {u for ids in held_out(manifest, units).values() for u in ids}
+    return [u for u in units if u.id not in gold]

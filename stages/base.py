@@ -76,6 +76,14 @@ class Context:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+ROUND_SEPARATOR = "."
+
+
+def round_name(stage: str, r: int) -> str:
+    """Name (= store group) of ``stage`` in round ``r``: 'refine', 'refine.1', ..."""
+    return stage if r == 0 else f"{stage}{ROUND_SEPARATOR}{r}"
+
+
 class Stage(ABC):
     name: ClassVar[str]
     version: ClassVar[int] = 1
@@ -99,9 +107,24 @@ class Stage(ABC):
     training_targets: ClassVar[tuple[str, str]] = ("", "")
     """For a stage that trains: the store paths of the HxW labels and the HxW [0, 1]
     uncertainty it learns from."""
+    round: ClassVar[int] = 0
+    """Which refine -> retrain round this instance of the stage belongs to (``in_round``)."""
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    @classmethod
+    def in_round(cls, r: int) -> "type[Stage]":
+        """The stage as it runs in round ``r`` (its store group ``round_name(name, r)``);
+        round 0 is the stage itself, only stages that repeat per round have others."""
+        if r == 0:
+            return cls
+        raise ValueError(f"stage '{cls.name}' does not repeat in rounds")
+
+    def signature_config(self) -> dict[str, Any]:
+        """The config settings that decide the stage's outputs (its signature's config part);
+        default: all of them but ``batch_size``."""
+        return self.config.model_dump(mode="json", exclude={"batch_size"})
 
     @property
     def fits(self) -> bool:

@@ -8,8 +8,9 @@ that is neither a calibration nor an evaluation image), workers/trainer.py train
 ``ema_decay``). The fitted attribute names the final checkpoint (sha256, epochs, per-epoch
 metrics). Then per image the teacher predicts class probabilities.
 
-Runs only when the manifest asks for ``rounds`` >= 1. Reads ``ingest/image``,
-``refine/labels`` and ``refine/uncertainty`` (the last two are the training targets).
+Runs only when the manifest asks for ``rounds`` >= 1; round r's instance ``retrain.r`` ('retrain'
+in round 0) learns from that round's refined labels. Reads ``ingest/image``,
+``<refine of the round>/labels`` and ``/uncertainty`` (the last two are the training targets).
 Writes
   labels:        HxW class ids, the teacher's most probable class (upsampled bilinearly);
   probabilities: float16 [C, h, w], the teacher's softmax at the training size ``input_size``.
@@ -17,13 +18,14 @@ Writes
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 from skimage.transform import resize
 
-from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
+from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit, round_name
 
 SEGMENTER = "segmenter"
 """``ctx.extras`` key of the trained teacher: image HxWx3 uint8 -> float32 [C, h, w] probabilities."""
@@ -54,6 +56,16 @@ class Retrain(MapStage):
     resources = Resources(cpus=1)
     writes_class_map = True
     trains = True
+
+    @classmethod
+    @cache
+    def in_round(cls, r: int) -> type["Retrain"]:
+        if r == 0:
+            return cls
+        refined = round_name("refine", r)
+        targets = (f"{refined}/labels", f"{refined}/uncertainty")
+        return type(f"RetrainRound{r}", (cls,), {"name": round_name(cls.name, r), "round": r,
+                                                 "training_targets": targets, "reads": ("ingest/image", *targets)})
 
     def describe_fit(self, fitted: dict[str, Any]) -> str:
         last = fitted["history"][-1] if fitted["history"] else {}

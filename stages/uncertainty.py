@@ -8,7 +8,10 @@ Each signal is an HxW map in [0, 1], 0 = nothing speaks against the pixel's labe
   variance:    the variance of the label's mask evidence across augmented views, times 4
                (a share in [0, 1] varies by at most 1/4);
   spread:      the disagreement between the candidate masks of the prompts near the pixel
-               (max - min candidate probability).
+               (max - min candidate probability);
+  teacher:     the disagreement between the label's class distribution and the mean
+               teacher's of the previous round (from round 1 on): their total variation
+               distance, which for two classes is SUM's |sigma(label logits) - sigma(teacher logits)|.
 They are combined as a weighted noisy-or, u = 1 - prod_k (1 - w_k s_k): any one signal can
 raise the uncertainty, none lowers it, and weights in [0, 1] say how far each is trusted.
 """
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-SIGNALS = ("probability", "calibration", "variance", "spread")
+SIGNALS = ("probability", "calibration", "variance", "spread", "teacher")
 
 
 def probability_signal(label_probability: np.ndarray, n_classes: int) -> np.ndarray:
@@ -36,6 +39,13 @@ def calibration_signal(calibrated_labels: np.ndarray, labels: np.ndarray) -> np.
 def variance_signal(variance: np.ndarray) -> np.ndarray:
     """variance: HxW float, across views of evidence in [0, 1] -> HxW float32 in [0, 1]."""
     return np.clip(4.0 * np.asarray(variance, np.float32), 0.0, 1.0)
+
+
+def teacher_signal(distribution: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """distribution, teacher: float [C, H, W] class distributions (each sums to 1 over C) ->
+    HxW float32 total variation distance 1/2 sum_c |p_c - q_c| in [0, 1]."""
+    gap = np.abs(np.asarray(distribution, np.float32) - np.asarray(teacher, np.float32)).sum(axis=0)
+    return np.clip(0.5 * gap, 0.0, 1.0)
 
 
 def compose(signals: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:

@@ -8,7 +8,8 @@ from seglab.stages.base import ClassTable, Context, Unit
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import POSITIVE, PromptBatch
 from seglab.stages.refine import Refine, RefineConfig
-from seglab.stages.uncertainty import SIGNALS, calibration_signal, compose, probability_signal, variance_signal
+from seglab.stages.uncertainty import (SIGNALS, calibration_signal, compose, probability_signal, teacher_signal,
+                                      variance_signal)
 
 IGNORE = 255
 S = 32
@@ -49,6 +50,8 @@ class TruthBackend:
         logits = np.full((len(prompts), 3, S, S), -8.0, np.float32)
         for p, cls in enumerate(prompts.classes):
             region = truth_grid == cls
+            if not region.any():  # a class the truth lacks: empty masks
+                continue
             logits[p, :2][:, region] = 8.0
             half = region.copy()
             half[np.flatnonzero(region.any(axis=1))[len(np.flatnonzero(region.any(axis=1))) // 2]:] = False
@@ -70,10 +73,10 @@ def select_outputs():
             "select/variance": np.zeros((64, 64), np.float16), "embed/frame": FRAME.to_array()}
 
 
-def run_refine(inputs=None, **config):
+def run_refine(inputs=None, round=0, **config):
     backend = TruthBackend()
     ctx = Context(classes=CLASSES, weak_kind="scribbles", seed=0, backend=backend)
-    out = Refine(RefineConfig(**config)).process(Unit("u", "u.png"), inputs or select_outputs(), ctx)
+    out = Refine.in_round(round)(RefineConfig(**config)).process(Unit("u", "u.png"), inputs or select_outputs(), ctx)
     return out, backend
 
 
@@ -98,7 +101,7 @@ def test_without_reprompt_weight_the_labels_are_selects_and_signals_are_stored()
     out, _ = run_refine(reprompt_weight=0.0)
     np.testing.assert_array_equal(out["labels"], select_outputs()["select/labels"])
     signals = out["signals"].astype(np.float32)
-    assert signals.shape == (len(SIGNALS), 64, 64)
+    assert signals.shape == (len(Refine.signals), 64, 64) and "teacher" not in Refine.signals  # round 0
     assert np.isnan(signals[SIGNALS.index("calibration")]).all()  # no calibrate stage in this run
     spread = signals[SIGNALS.index("spread")]
     assert spread.max() > 0.9 and spread.min() == 0.0  # the third candidate disagrees on half of each region
@@ -119,3 +122,42 @@ def test_calibration_signal_and_ignore_rule():
     assert uncertainty[24:40].min() >= 0.5 and np.all(labels[24:40] == IGNORE)
     assert uncertainty[:24].max() < 0.5 and uncertainty[40:].max() < 0.5
     assert not (labels[:24] == IGNORE).any() and not (labels[40:] == IGNORE).any()
+
+
+def teacher_probabilities():
+    """A round-0 teacher at half resolution, float16 [3, 32, 32]: confidently the truth,
+    except class 0 on the top rows 0..7 (where select is confident in class 1)."""
+    teacher = np.full((3, 32, 32), 0.025, np.float32)
+    rows = np.arange(32)
+    teacher[1, (rows >= 4) & (rows < 16)] = 0.95
+    teacher[2, rows >= 16] = 0.95
+    teacher[0, rows < 4] = 0.95
+    return teacher.astype(np.float16)
+
+
+def test_teacher_signal_is_total_variation_and_sums_formula_for_two_classes():
+    p = np.array([[[0.9]], [[0.1]]], np.float32)
+    q = np.array([[[0.3]], [[0.7]]], np.float32)
+    np.testing.assert_allclose(teacher_signal(p, q), [[0.6]], atol=1e-6)  # |0.9 - 0.3|
+    np.testing.assert_allclose(teacher_signal(p, p), [[0.0]])
+
+
+def test_later_rounds_read_their_teacher_take_its_confident_pixels_as_evidence_and_mix_it_in():
+    round1 = Refine.in_round(1)
+    assert round1.name == "refine.1" and "retrain/probabilities" in round1.reads
+    assert Refine.in_round(2).teacher_read == "retrain.1/probabilities" and Refine.in_round(1) is round1
+    inputs = {**select_outputs(), "retrain/probabilities": teacher_probabilities()}
+    out, backend = run_refine(inputs, round=1, reprompt_weight=0.0, teacher={"mix": 0.5})
+    # SeSAM: the teacher's confident class 0 on the top rows joins the evidence the prompts come from
+    assert set(backend.prompts[0].classes.tolist()) == {0, 1, 2}
+    without, plain = run_refine(select_outputs(), reprompt_weight=0.0)
+    assert set(plain.prompts[0].classes.tolist()) == {1, 2}
+    # on the uncertain band the teacher's distribution decides (select alone keeps class 1 down to row 40)
+    labels = out["labels"]
+    assert np.all(labels[26:30] == 1) and np.all(labels[34:40] == 2)
+    assert np.all(without["labels"][34:40] == 1)
+    signals = out["signals"].astype(np.float32)
+    assert signals.shape == (len(SIGNALS), 64, 64)
+    teacher = signals[SIGNALS.index("teacher")]
+    assert teacher[:6].min() > 0.4 and teacher[12:20].max() < 0.05  # disagreement where they differ only
+    assert out["uncertainty"][:6].astype(np.float32).min() > out["uncertainty"][12:20].astype(np.float32).max()

@@ -18,10 +18,11 @@ from seglab.cli.app import app
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
 from seglab.pipeline.store import Store
+from seglab.stages.uncertainty import SIGNALS
 from seglab.workers.losses import IGNORE_INDEX, batch_loss, dice_loss, focal_loss, image_weights
 from seglab.workers.trainer import checkpoint_files, latest_checkpoint, save_checkpoint
 
-RETRAIN = "rounds: 1\nretrain: {{epochs: {epochs}, input_size: [48, 64], train_batch: 2, batch_size: 2}}\n"
+RETRAIN = "rounds: {rounds}\nretrain: {{epochs: {epochs}, input_size: [48, 64], train_batch: 2, batch_size: 2}}\n"
 
 
 def test_focal_loss_counts_only_labelled_pixels_weighted_by_certainty():
@@ -63,31 +64,43 @@ def test_checkpoints_are_atomic_and_a_torn_newest_falls_back(tmp_path):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_retrain_trains_on_images_outside_the_gold_sets_predicts_every_image_and_is_reused(tiny):
+def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_are_reused(tiny):
     add_gold(tiny, evaluation="images/img03.png")
-    tiny.write_text(tiny.read_text() + RETRAIN.format(epochs=2))
+    tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=2, epochs=2))
     report = Runner(load_manifest(tiny)).run()
-    assert report.ok and report.stages[-1].stage == "retrain" and report.stages[-1].done_now == 4
+    order = [s.stage for s in report.stages]
+    assert report.ok and order[order.index("refine"):] == ["refine", "retrain", "refine.1", "retrain.1", "refine.2"]
+    assert all(s.done_now == 4 for s in report.stages)
     store = Store(tiny.parent / "run.zarr")
-    fitted = store.stage_attrs("retrain")["fitted"]
-    assert fitted["epochs"] == 2 and fitted["units"] == 3 and len(fitted["history"]) == 2  # img03 held out
-    checkpoint = store.path / fitted["checkpoint"]
-    assert checkpoint.is_file() and all(np.isfinite(h["loss"]) for h in fitted["history"])
+    for name, trained_on in (("retrain", "refine"), ("retrain.1", "refine.1")):  # one segmenter per round
+        fitted = store.stage_attrs(name)["fitted"]
+        assert fitted["epochs"] == 2 and fitted["units"] == 3 and len(fitted["history"]) == 2  # img03 held out
+        assert fitted["checkpoint"].startswith(f"_checkpoints/{name}/")
+        checkpoint = store.path / fitted["checkpoint"]
+        assert checkpoint.is_file() and all(np.isfinite(h["loss"]) for h in fitted["history"])
+        assert store.stage_attrs(name)["signature"]["upstream"].keys() >= {trained_on, "ingest"}
+    assert store.stage_attrs("retrain")["fitted"]["sha256"] != store.stage_attrs("retrain.1")["fitted"]["sha256"]
     for unit in store.ledger("retrain").load():
-        arrays = store.read_unit(["retrain/labels", "retrain/probabilities", "ingest/image"], unit)
+        arrays = store.read_unit(["retrain/labels", "retrain/probabilities", "ingest/image", "refine/signals",
+                                  "refine.2/signals"], unit)
         assert arrays["retrain/labels"].shape == arrays["ingest/image"].shape[:2]
         assert arrays["retrain/probabilities"].shape == (3, 48, 64)
         np.testing.assert_allclose(arrays["retrain/probabilities"].astype(np.float32).sum(0), 1.0, atol=1e-2)
+        # round 0 has no teacher; later rounds measure the disagreement with theirs
+        assert len(arrays["refine/signals"]) == len(SIGNALS) - 1
+        assert np.isfinite(arrays["refine.2/signals"][SIGNALS.index("teacher")].astype(np.float32)).all()
     stamp = checkpoint.stat().st_mtime_ns
     again = Runner(load_manifest(tiny)).run()
     assert again.work_done == 0 and checkpoint.stat().st_mtime_ns == stamp  # nothing retrained
     status = json.loads(CliRunner().invoke(app, ["status", str(tiny), "--json"]).stdout)
-    assert {r["stage"]: r for r in status}["retrain"]["fitted"]["epochs"] == 2
+    assert {r["stage"]: r for r in status}["retrain.1"]["fitted"]["epochs"] == 2
     shown = CliRunner().invoke(app, ["status", str(tiny)]).output
-    assert "retrain: lraspp_mobilenet_v3_large, 2 epochs on 3 images" in shown
+    assert "retrain.1: lraspp_mobilenet_v3_large, 2 epochs on 3 images" in shown
     evaluation = json.loads(CliRunner().invoke(app, ["evaluate", str(tiny), "--json"]).stdout)
-    segmenter = {r["source"]: r for r in evaluation["sources"]}["retrain"]
-    assert segmenter["evaluated"] == 1 and 0.0 <= segmenter["miou"] <= 1.0
+    sources = {r["source"]: r for r in evaluation["sources"]}
+    assert [s for s in sources if s.startswith("re")] == ["refine", "retrain", "refine.1", "retrain.1", "refine.2"]
+    assert all(sources[s]["evaluated"] == 1 and 0.0 <= sources[s]["miou"] <= 1.0 for s in sources)
+    assert "auroc_teacher" in sources["refine.1"] and "auroc_teacher" not in sources["refine"]
 
     # the same segmenter and budget on the gold masks of the same three training images
     result = CliRunner().invoke(app, ["bench", "retrain", str(tiny), "--gold-masks",
@@ -95,14 +108,21 @@ def test_retrain_trains_on_images_outside_the_gold_sets_predicts_every_image_and
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)
     assert (bench["training_images"], bench["evaluation_images"]) == (3, 1)
-    assert bench["rounds"][0]["segmenter_miou"] == pytest.approx(segmenter["miou"])
     truth = bench["ground_truth"]["segmenter_miou"]
-    assert 0.0 < truth <= 1.0 and bench["ratio"] == pytest.approx(segmenter["miou"] / truth)
+    assert 0.0 < truth <= 1.0 and [r["round"] for r in bench["rounds"]] == [0, 1, 2]
+    for r, (labels, segmenter) in enumerate((("refine", "retrain"), ("refine.1", "retrain.1"), ("refine.2", None))):
+        row = bench["rounds"][r]
+        assert row["label_miou"] == pytest.approx(sources[labels]["miou"])
+        if segmenter is None:  # the last round's labels have no segmenter yet
+            assert row["segmenter_miou"] is None and row["ratio"] is None
+        else:
+            assert row["segmenter_miou"] == pytest.approx(sources[segmenter]["miou"])
+            assert row["ratio"] == pytest.approx(sources[segmenter]["miou"] / truth)
     assert list((store.path / "_checkpoints" / "bench-retrain-gold").glob("*/epoch-0001.pt"))
 
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
-    tiny.write_text(tiny.read_text() + RETRAIN.format(epochs=8))
+    tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=1, epochs=8))
     store_path = tiny.parent / "run.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -128,14 +148,17 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     assert fitted["history"][: before["epoch"] + 1] == before["history"]
 
 
-def test_rounds_switch_retrain_on_and_more_than_one_is_refused(tiny):
+def test_rounds_add_a_retrain_and_a_refine_per_round_and_are_bounded(tiny):
+    from seglab.pipeline.dag import Dag
     from seglab.pipeline.errors import ManifestError
     from seglab.pipeline.runner import active_stages
 
-    assert "retrain" not in active_stages(load_manifest(tiny))
-    tiny.write_text(tiny.read_text() + "rounds: 1\n")
-    assert "retrain" in active_stages(load_manifest(tiny))
-    tiny.write_text(tiny.read_text().replace("rounds: 1", "rounds: 2"))
+    assert not any(s.startswith("retrain") for s in active_stages(load_manifest(tiny)))
+    tiny.write_text(tiny.read_text() + "rounds: 3\n")
+    order = Dag(active_stages(load_manifest(tiny))).order
+    assert order[order.index("refine"):] == ("refine", "retrain", "refine.1", "retrain.1", "refine.2", "retrain.2",
+                                             "refine.3")
+    tiny.write_text(tiny.read_text().replace("rounds: 3", "rounds: 21"))
     with pytest.raises(ManifestError) as info:
         load_manifest(tiny)
-    assert any(loc == "rounds" and "not available yet" in msg for loc, msg in info.value.problems)
+    assert any(loc == "rounds" for loc, _ in info.value.problems)

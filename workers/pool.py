@@ -57,18 +57,18 @@ class StageWorker:
     """Actor body (made remote by ``WorkerPool``)."""
 
     def __init__(self, spec: WorkerSpec):
-        from seglab.pipeline.registry import STAGES
+        from seglab.pipeline.registry import stage_class
         from seglab.pipeline.store import Store
 
         self.spec = spec
         self.store = Store(spec.store_path)
-        self.registry = STAGES
+        self.stage_class = stage_class
         self.stages: dict[str, Any] = {}
         self.context = spec.context
 
     def _stage(self, name: str):
         if name not in self.stages:
-            stage = self.registry[name](self.spec.stage_configs[name])
+            stage = self.stage_class(name)(self.spec.stage_configs[name])
             if stage.resources.needs_backend and self.context.backend is None:
                 from seglab.workers.backend import build_backend
 
