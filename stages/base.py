@@ -107,8 +107,6 @@ class Stage(ABC):
     training_targets: ClassVar[tuple[str, str]] = ("", "")
     """For a stage that trains: the store paths of the HxW labels and the HxW [0, 1]
     uncertainty it learns from."""
-    round: ClassVar[int] = 0
-    """Which refine -> retrain round this instance of the stage belongs to (``in_round``)."""
 
     def __init__(self, config: StageConfig):
         self.config = config

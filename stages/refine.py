@@ -109,7 +109,7 @@ class Refine(MapStage):
         name = round_name(cls.name, r)
         teacher = f"{round_name('retrain', r - 1)}/probabilities"
         return type(f"RefineRound{r}", (cls,), {
-            "name": name, "round": r, "reads": (*cls.reads, teacher), "teacher_read": teacher, "signals": SIGNALS,
+            "name": name, "reads": (*cls.reads, teacher), "teacher_read": teacher, "signals": SIGNALS,
             "gold_reads": (f"{name}/labels", f"{name}/uncertainty", f"{name}/signals")})
 
     def signature_config(self) -> dict[str, Any]:

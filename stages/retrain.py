@@ -64,8 +64,8 @@ class Retrain(MapStage):
             return cls
         refined = round_name("refine", r)
         targets = (f"{refined}/labels", f"{refined}/uncertainty")
-        return type(f"RetrainRound{r}", (cls,), {"name": round_name(cls.name, r), "round": r,
-                                                 "training_targets": targets, "reads": ("ingest/image", *targets)})
+        return type(f"RetrainRound{r}", (cls,), {"name": round_name(cls.name, r), "training_targets": targets,
+                                                 "reads": ("ingest/image", *targets)})
 
     def describe_fit(self, fitted: dict[str, Any]) -> str:
         last = fitted["history"][-1] if fitted["history"] else {}
