@@ -100,18 +100,26 @@ def validate(manifest: ManifestArg) -> None:
 def export(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
     out: Annotated[Path, typer.Option(help="Output folder (created atomically).")],
-    format_: Annotated[str, typer.Option("--format", help="Export format.")] = "png",
-    stage: Annotated[str, typer.Option(help="Stage whose labels to export.")] = "refine",
+    format_: Annotated[str, typer.Option("--format", help="png, coco or parquet.")] = "png",
+    round_: Annotated[Optional[int], typer.Option("--round", min=0, help="Export this round's refine.")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="Export this stage's labels (default: the last round's refine).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only training, calibration or evaluation images.")] = None,
+    max_uncertain: Annotated[Optional[float], typer.Option(
+        help="Drop images whose share of uncertain pixels exceeds this (0..1).")] = None,
+    uncertain_above: Annotated[float, typer.Option(help="A pixel is uncertain at or above this uncertainty.")] = 0.5,
+    ignore_value: Annotated[int, typer.Option(help="Value of unlabelled pixels in the export.")] = 255,
+    uncertainty: Annotated[str, typer.Option(help="png format: uncertainty as 8-bit png or float16 npy.")] = "png",
+    embed_images: Annotated[bool, typer.Option(help="parquet format: store image file bytes, not only paths.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Write the labels as files other trainers read directly."""
+    """Write a stage's labels and uncertainty as a dataset other trainers load directly."""
     from seglab.cli import render
-    from seglab.pipeline.export import export_png
+    from seglab.pipeline.exports import ExportOptions, export as write_export
 
-    if format_ != "png":
-        raise SeglabError(f"unknown export format '{format_}'; available: png")
-    index = export_png(store, out, stage=stage, overwrite=overwrite)
-    render.console.print(f"wrote {len(index['images'])} label maps to {out}")
+    options = ExportOptions(format=format_, stage=stage, round=round_, split=split, max_uncertain=max_uncertain,
+                            uncertain_above=uncertain_above, ignore_value=ignore_value,
+                            uncertainty_format=uncertainty, embed_images=embed_images, overwrite=overwrite)
+    render.export_summary(write_export(store, out, options), out)
 
 
 @app.command()
@@ -126,6 +134,28 @@ def evaluate(
     from seglab.pipeline.evaluate import evaluate as score
 
     render.evaluation_tables(score(_manifest(manifest, store)), json_)
+
+
+@app.command()
+@handled
+def report(
+    store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write (self-contained).")],
+    manifest: Annotated[Optional[str], typer.Option(
+        help="Manifest with the gold sets (default: the one the store records, if it exists).")] = None,
+    sample: Annotated[int, typer.Option(min=0, help="Images shown, evenly over the units.")] = 6,
+    queue: Annotated[int, typer.Option(min=0, help="Most uncertain images in the review queue.")] = 12,
+    queue_out: Annotated[Optional[Path], typer.Option(help="Also write the review queue to this CSV file.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+) -> None:
+    """One HTML page showing, in pictures, whether a run's labels can be trusted."""
+    from seglab.cli import render
+    from seglab.pipeline.report_html import write_report
+
+    written = write_report(store, out, manifest=manifest, sample=sample, queue=queue, queue_out=queue_out,
+                           overwrite=overwrite)
+    render.console.print(f"wrote {written['path']} ({written['bytes'] / 1024:.0f} KB): {written['sample']} sample "
+                         f"and {written['queue']} review-queue images in {written['seconds']:.1f}s")
 
 
 @app.command("simulate-weak")

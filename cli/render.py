@@ -15,7 +15,7 @@ from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
 from seglab.pipeline.runner import RunReport, StageReport
 from seglab.pipeline.status import StageStatus
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -208,3 +208,17 @@ def retrain_table(result: dict, as_json: bool) -> None:
     truth = result["ground_truth"]
     table.add_row("ground truth", "100.0", _pct(truth["segmenter_miou"]), "100.0", f"{truth['train_seconds']:.0f}")
     console.print(table)
+
+
+def export_summary(meta: dict, out) -> None:
+    """One line per export: what was written where, and what the filters dropped."""
+    written = meta["written"]
+    extra = f", {written['annotations']} region annotations" if "annotations" in written else ""
+    console.print(f"wrote {written['images']} images of [bold]{meta['stage']}[/bold] (round {meta['round']}) "
+                  f"as {meta['format']} to {out}{extra}")
+    if meta["dropped"]:
+        console.print(f"dropped {len(meta['dropped'])} images with more than {meta['filters']['max_uncertain']:.0%} "
+                      f"uncertain pixels (listed in export.json)")
+    if meta["unfinished"]:
+        console.print(f"[yellow]{len(meta['unfinished'])} images of the run have no finished {meta['stage']} "
+                      f"labels and are not exported[/yellow] (listed in export.json as 'unfinished')")

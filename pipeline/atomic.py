@@ -1,4 +1,10 @@
-"""Folders written outside Zarr (exports, simulated weak labels) appear whole or not at all."""
+"""Folders written outside Zarr (exports, simulated weak labels) appear whole or not at all.
+
+The folder is filled under a hidden sibling named after the writing process
+(``.<name>.<pid>.<random>``) and renamed into place when complete. A writer killed
+without warning leaves only that sibling; the next write to the same folder removes the
+siblings of processes that are gone.
+"""
 from __future__ import annotations
 
 import os
@@ -11,6 +17,27 @@ from pathlib import Path
 from seglab.pipeline.errors import SeglabError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_abandoned(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` left by writers that no longer run; -> removed."""
+    removed = []
+    for sibling in out.parent.glob(f".{out.name}.*"):
+        pid = sibling.name[len(out.name) + 2:].split(".", 1)[0]
+        if sibling.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_folder(out: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it is renamed to ``out``
@@ -19,12 +46,17 @@ def atomic_folder(out: Path | str, *, overwrite: bool = False) -> Iterator[Path]
     if out.exists() and not overwrite:
         raise SeglabError(f"{out} already exists (choose a new folder, or pass --overwrite where offered)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_abandoned(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # the old folder leaves by rename too, so a kill here leaves one whole folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,44 +11,71 @@ exchangeable, which is what the guarantee assumes.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.evaluate import class_map_stages, evaluation_set
+from seglab.pipeline.evaluate import class_map_stages, gold_set_images
 from seglab.pipeline.gold import read_gold
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.store import Store
-from seglab.stages.conformal import METHODS, ScoreTable, image_miscoverage, prediction_sets
+from seglab.stages.conformal import METHODS, Calibration, ScoreTable, image_miscoverage, prediction_sets
+
+GoldImage = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(select probabilities float16 [C, H, W] in class order, gold class index int64 HxW, valid bool HxW)."""
 
 
-def _load(manifest: Manifest, store: Store, done: set[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """-> per finished evaluation image: (probabilities float16 [C, H, W], gold index, valid)."""
+def gold_images(manifest: Manifest, store: Store, done: Collection[str],
+                gold_set: str = "evaluation") -> Iterator[tuple[str, GoldImage]]:
+    """Lazily, in listing order, per image of data.<gold_set> whose unit is in ``done``:
+    (unit id, its select probabilities with its gold mask as ``GoldImage``)."""
     class_ids = tuple(c.id for c in manifest.data.classes)
-    images = []
-    for image, unit in evaluation_set(manifest):
+    gold = getattr(manifest.data, gold_set)
+    for image, unit in gold_set_images(manifest, gold_set):
         if unit in done:
             probabilities = store.read_unit(["select/probabilities"], unit)["select/probabilities"]
-            index, valid = read_gold(manifest.data.evaluation, Path(image), class_ids, probabilities.shape[1:])
-            images.append((probabilities, index, valid))
-    return images
+            index, valid = read_gold(gold, Path(image), class_ids, probabilities.shape[1:])
+            yield unit, (probabilities, index, valid)
 
 
-def _test(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], thresholds: np.ndarray) -> dict[str, float]:
+def _load(manifest: Manifest, store: Store, done: set[str]) -> list[GoldImage]:
+    """-> per finished evaluation image: (probabilities float16 [C, H, W], gold index, valid)."""
+    return [image for _, image in gold_images(manifest, store, done)]
+
+
+def fit_thresholds(tables: Sequence[ScoreTable], method: str, alpha: float) -> Calibration:
+    """Fit ``method`` at ``alpha`` on the calibration images' score tables (``ScoreTable.of_image``)."""
+    return METHODS[method](ScoreTable.concatenate(list(tables)), alpha)
+
+
+def image_figures(probabilities: np.ndarray, index: np.ndarray, valid: np.ndarray,
+                  thresholds: np.ndarray) -> dict[str, float]:
+    """One test image (a ``GoldImage``) under per-class ``thresholds``: its miscoverage
+    (``image_miscoverage``; NaN without valid pixels), and pixel counts: valid ``pixels``,
+    ``kept`` (valid pixels whose set is a single class) and ``correct`` (kept and right)."""
+    sets = prediction_sets(probabilities, thresholds)
+    single = (sets.sum(axis=0) == 1) & valid
+    return {"miscoverage": image_miscoverage(probabilities, index, valid, thresholds),
+            "kept": int(single.sum()), "correct": int((sets.argmax(axis=0) == index)[single].sum()),
+            "pixels": int(valid.sum())}
+
+
+def summarize(figures: Iterable[dict[str, float]]) -> dict[str, float]:
+    """``image_figures`` of several test images -> miscoverage (mean over images, NaN when
+    none has valid pixels), kept share and kept accuracy (over pixels)."""
+    figures = list(figures)
+    miscoverage = [f["miscoverage"] for f in figures]
+    kept, correct, pixels = (sum(f[k] for f in figures) for k in ("kept", "correct", "pixels"))
+    return {"miscoverage": float(np.nanmean(miscoverage)) if np.isfinite(miscoverage).any() else float("nan"),
+            "kept": kept / max(pixels, 1), "kept_accuracy": correct / kept if kept else float("nan")}
+
+
+def _test(images: Sequence[GoldImage], thresholds: np.ndarray) -> dict[str, float]:
     """Miscoverage (mean over images), kept share and kept accuracy (over pixels) of the test images."""
-    miscoverage, kept, correct, pixels = [], 0, 0, 0
-    for probabilities, index, valid in images:
-        miscoverage.append(image_miscoverage(probabilities, index, valid, thresholds))
-        sets = prediction_sets(probabilities, thresholds)
-        single = (sets.sum(axis=0) == 1) & valid
-        kept += int(single.sum())
-        correct += int((sets.argmax(axis=0) == index)[single].sum())
-        pixels += int(valid.sum())
-    return {"miscoverage": float(np.nanmean(miscoverage)), "kept": kept / max(pixels, 1),
-            "kept_accuracy": correct / kept if kept else float("nan")}
+    return summarize(image_figures(*image, thresholds) for image in images)
 
 
 def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int, calibration: int,
@@ -72,7 +99,7 @@ def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int,
         rows = []
         for order in orders:
             cal, test = order[:calibration], order[calibration:]
-            fitted = METHODS[method](ScoreTable.concatenate([tables[i] for i in cal]), alpha)
+            fitted = fit_thresholds([tables[i] for i in cal], method, alpha)
             rows.append({**_test([images[i] for i in test], np.asarray(fitted.thresholds)),
                          "threshold": float(np.mean(fitted.thresholds)), "feasible": fitted.feasible})
         summary = {k: {"mean": float(np.nanmean([r[k] for r in rows])), "std": float(np.nanstd([r[k] for r in rows]))}

@@ -84,12 +84,20 @@ class Evaluation:
 
 def evaluation_set(manifest: Manifest) -> list[tuple[Path, str | None]]:
     """-> (evaluation image, its unit id or None when it is not among data.images), in listing order."""
-    gold = manifest.data.evaluation
+    return gold_set_images(manifest, "evaluation")
+
+
+def gold_set_images(manifest: Manifest, gold_set: str) -> list[tuple[Path, str | None]]:
+    """-> (image of data.<gold_set> ('calibration' or 'evaluation'), its unit id or None when
+    it is not among data.images), in listing order; SeglabError when the manifest names no such set."""
+    gold = getattr(manifest.data, gold_set)
     if gold is None:
-        raise SeglabError(f"{manifest.path}: the manifest names no evaluation gold set (data.evaluation)")
+        raise SeglabError(f"{manifest.path}: the manifest names no {gold_set} gold set (data.{gold_set})")
     unit_of = {Path(u.image).resolve(): u.id for u in enumerate_units(manifest)}
-    images = [p.resolve() for p in list_images(gold.images, Path(manifest.data.root), manifest.path)]
-    return [(p, unit_of.get(p)) for p in images]
+    images = list_images(gold.images, Path(manifest.data.root), manifest.path)
+    # matched by resolved path, but returned as listed: the gold mask is named after the listed
+    # file (a symlink's own name), as the runner finds it when it fits calibrate
+    return [(p, unit_of.get(p.resolve())) for p in images]
 
 
 def class_map_stages(manifest: Manifest) -> tuple[Any, list[str], dict[str, str]]:

@@ -217,7 +217,8 @@ class Runner:
                                       signature_digest=digest(self.signatures[name]))
                 self._run_stage(store, name, todo, report, pool)
                 store.set_stage_attrs(name, summary={"total": report.total, "done": report.already_done + report.done_now,
-                                                     "failed": len(report.failures), "seconds": round(report.seconds, 3)})
+                                                     "failed": len(report.failures), "seconds": round(report.seconds, 3),
+                                                     "computed": report.done_now})
             if not self.options.dry_run:
                 classes = self.context.classes
                 store.set_root_attrs(manifest_hash=store_manifest_hash, manifest_path=self.manifest.path,
@@ -291,12 +292,13 @@ class Runner:
         started = time.perf_counter()
         path, state = train(job, num_workers=config.workers, use_gpu=_wants_gpu(config.use_gpu),
                             max_failures=self.manifest.ray.max_retries)
-        self.progress.note(name, f"trained in {time.perf_counter() - started:.0f}s, "
+        seconds = time.perf_counter() - started
+        self.progress.note(name, f"trained in {seconds:.0f}s, "
                                  f"final loss {state['history'][-1]['loss']:.4f}")
         fitted = {"architecture": config.architecture, "checkpoint": str(path.relative_to(store.path)),
                   "sha256": file_sha256(path), "epochs": len(state["history"]), "units": len(training),
                   "skipped": len(candidates) - len(training), "input_size": list(config.input_size),
-                  "trained_on": [u.id for u in training],
+                  "trained_on": [u.id for u in training], "seconds": round(seconds, 1),
                   "history": state["history"]}
         store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
         for old in store.checkpoint_dir(name).iterdir():  # checkpoints of other training inputs

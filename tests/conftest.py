@@ -108,3 +108,22 @@ def add_gold(manifest: Path, evaluation: str = "images/*.png") -> None:
     text = manifest.read_text().replace(
         "store:\n", f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\nstore:\n", 1)
     manifest.write_text(text)
+
+
+CALIBRATED_SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 70), (66, 60)]
+
+
+def calibrated_manifest(tmp_path: Path, *, calibration="images/img0[0-3].png", evaluation="images/img0[45].png",
+                        alpha=0.3, method="risk-control") -> Path:
+    """A manifest over 6 synthetic images with gold masks: calibration and evaluation gold
+    sets (globs over data/images) and a calibrate section with ``alpha`` and ``method``."""
+    data = tmp_path / "data"
+    write_dataset(data, CALIBRATED_SIZES)
+    (data / "gold").mkdir()
+    for i, (h, w) in enumerate(CALIBRATED_SIZES):
+        Image.fromarray(shapes_image(h, w, seed=i)[1]).save(data / "gold" / f"img{i:02d}.png")
+    path = write_manifest(tmp_path, extra=f"calibrate: {{method: {method}, alpha: {alpha}}}\n")
+    gold = (f"  calibration: {{images: {{glob: '{calibration}'}}, masks: gold}}\n"
+            f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\n")
+    path.write_text(path.read_text().replace("store:\n", gold + "store:\n", 1))
+    return path

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import shapes_image, write_dataset, write_manifest
+from conftest import calibrated_manifest, shapes_image
 from seglab.cli.app import app
 from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.evaluate import evaluate
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.store import Store
@@ -19,23 +20,6 @@ from seglab.stages.ranking import auroc
 from seglab.stages.uncertainty import SIGNALS
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 70), (66, 60)]
-
-
-def calibrated_manifest(tmp_path, *, calibration="images/img0[0-3].png", evaluation="images/img0[45].png",
-                        alpha=0.3, method="risk-control"):
-    data = tmp_path / "data"
-    write_dataset(data, SIZES)
-    (data / "gold").mkdir()
-    for i, (h, w) in enumerate(SIZES):
-        Image.fromarray(shapes_image(h, w, seed=i)[1]).save(data / "gold" / f"img{i:02d}.png")
-    path = write_manifest(tmp_path, extra=f"calibrate: {{method: {method}, alpha: {alpha}}}\n")
-    gold = (f"  calibration: {{images: {{glob: '{calibration}'}}, masks: gold}}\n"
-            f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\n")
-    path.write_text(path.read_text().replace("store:\n", gold + "store:\n", 1))
-    return path
-
-
 def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     path = calibrated_manifest(tmp_path)
     report = Runner(load_manifest(path)).run()
@@ -140,3 +124,15 @@ def test_calibration_images_must_be_among_the_run_images(tmp_path):
     with pytest.raises(ManifestError) as info:
         Runner(load_manifest(path)).run()
     assert any(loc == "data.calibration.images" and "not among data.images" in msg for loc, msg in info.value.problems)
+
+
+def test_gold_masks_of_symlinked_images_are_found_by_the_link_name_everywhere(tmp_path):
+    path = calibrated_manifest(tmp_path, calibration="images/img0[0-2].png", evaluation="images/img0[45].png")
+    data = tmp_path / "data"
+    (data / "raw").mkdir()
+    target = data / "raw" / "frame-a.png"  # the link keeps the name the gold mask and the weak label use
+    (data / "images" / "img05.png").rename(target)
+    (data / "images" / "img05.png").symlink_to(target)
+    assert Runner(load_manifest(path)).run().ok  # calibrate fitted with the link's gold mask
+    scored = evaluate(load_manifest(path))
+    assert {s.source: (s.evaluated, len(s.missing)) for s in scored.sources}["refine"] == (2, 0)

@@ -48,12 +48,13 @@ def test_run_status_export(tiny, tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "run.zarr"), "--format", "png", "--out", str(out)])
     assert result.exit_code == 0, result.output
     index = json.loads((out / "index.json").read_text())
-    assert len(index["images"]) == 4 and index["ignore_id"] == 255 and index["stage"] == "refine"
+    assert len(index["images"]) == 4 and index["ignore_value"] == 255
+    assert json.loads((out / "export.json").read_text())["stage"] == "refine"
     for entry in index["images"]:
         label = Image.open(out / entry["label"])
         assert label.mode == "P" and label.size == Image.open(entry["image"]).size
         assert set(np.unique(np.asarray(label))) <= {0, 1, 2, 255}
-    assert (out / "index.csv").read_text().splitlines()[0] == "image,label"
+    assert (out / "index.csv").read_text().splitlines()[0] == "image,label,uncertainty"
     result = runner.invoke(app, ["export", str(tmp_path / "run.zarr"), "--out", str(out)])
     assert result.exit_code == 1 and "already exists" in result.output
 

@@ -1,0 +1,160 @@
+"""A stored label source, read from the store alone: a stage's class maps, their per-pixel
+uncertainty when the stage writes one, the images they label and where they came from.
+
+Used by ``seglab export`` and ``seglab report``. A unit counts when its ledger line says
+done with the signature the stage's arrays were last written with (the stage group's
+``signature_digest``); anything else the ledger holds is stale or failed and is not read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.store import Store
+from seglab.stages.base import ROUND_SEPARATOR, round_name
+
+SPLITS = ("training", "calibration", "evaluation")
+"""'calibration' and 'evaluation': the run's units in those gold sets (store attr ``splits``);
+'training': the others, the units a trained stage learns from."""
+
+
+def stage_round(stage: str) -> int:
+    """'refine.2' -> 2; a stage outside rounds ('select') -> 0."""
+    _, _, r = stage.partition(ROUND_SEPARATOR)
+    return int(r) if r.isdigit() else 0
+
+
+def done_units(store: Store, stage: str) -> list[str]:
+    """Units of ``stage`` done with the signature its stored arrays carry, sorted."""
+    digest = store.stage_attrs(stage).get("signature_digest")
+    return sorted(store.ledger(stage).done(digest)) if digest else []
+
+
+def refine_rounds(store: Store) -> list[int]:
+    """Rounds whose refine stage the store holds, ascending ([0] for a run without rounds)."""
+    return sorted(stage_round(s) for s in store.stages() if s.partition(ROUND_SEPARATOR)[0] == "refine")
+
+
+def provenance(store: Store, stage: str) -> dict[str, Any]:
+    """Where ``stage``'s labels came from, as JSON-able facts.
+
+    seglab_version, manifest_hash, manifest: of the last ``seglab run`` (store root attrs);
+    stage, round: the stage and its refine -> retrain round (0 for stages outside rounds);
+    backend: {model, checkpoint}: the encoder's name and checkpoint sha256 ('none' for the
+    weight-free backend), from the signature of the stage that ran it (embed);
+    calibration: {method, alpha, n} of calibrate's fit, or None without a calibration set;
+    segmenter: {stage, architecture, sha256, epochs} of the segmenter the labels come from
+    (retrain.r) or whose mean teacher refined them (refine.r, r >= 1), else None.
+    """
+    attrs = store.attrs
+    stages = set(store.stages())
+    model = store.stage_attrs("embed").get("signature", {}).get("model") or {}
+    fit = store.stage_attrs("calibrate").get("fitted") if "calibrate" in stages else None
+    r = stage_round(stage)
+    base = stage.partition(ROUND_SEPARATOR)[0]
+    teacher = round_name("retrain", r if base == "retrain" else r - 1) if (base == "retrain" or r > 0) else None
+    trained = store.stage_attrs(teacher).get("fitted") if teacher in stages else None
+    return {
+        "seglab_version": attrs.get("seglab_version"),
+        "manifest_hash": attrs.get("manifest_hash"),
+        "manifest": attrs.get("manifest_path"),
+        "stage": stage,
+        "round": r,
+        "backend": {"model": model.get("model"), "checkpoint": model.get("checkpoint")},
+        "calibration": None if not fit else {k: fit.get(k) for k in ("method", "alpha", "n")},
+        "segmenter": None if not trained else {"stage": teacher, "architecture": trained.get("architecture"),
+                                               "sha256": trained.get("sha256"), "epochs": trained.get("epochs")},
+    }
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """One stage's class maps in a store.
+
+    units: the done units, sorted; images: unit -> absolute path of its source image (as
+    ingest read it); classes: ((id, name), ...) in manifest order; ignore_id: the value of
+    unlabelled pixels in the store; has_uncertainty: whether the stage writes 'uncertainty'.
+    """
+
+    store: Store
+    stage: str
+    units: tuple[str, ...]
+    images: dict[str, str]
+    classes: tuple[tuple[int, str], ...]
+    ignore_id: int
+    has_uncertainty: bool
+
+    @property
+    def round(self) -> int:
+        return stage_round(self.stage)
+
+    def labels(self, unit: str) -> np.ndarray:
+        """HxW class ids (uint8, or uint16 for ids above 255), ``ignore_id`` where unlabelled."""
+        return self.store.read_unit([f"{self.stage}/labels"], unit)[f"{self.stage}/labels"]
+
+    def uncertainty(self, unit: str) -> np.ndarray | None:
+        """HxW float32 in [0, 1] (0 = certain), or None when the stage writes none."""
+        if not self.has_uncertainty:
+            return None
+        return self.store.read_unit([f"{self.stage}/uncertainty"], unit)[f"{self.stage}/uncertainty"].astype(np.float32)
+
+    def unfinished(self) -> list[str]:
+        """Units the run ingested that this stage has not finished (failed, stale or not reached)."""
+        finished = set(self.units)
+        return [u for u in done_units(self.store, "ingest") if u not in finished]
+
+    def in_split(self, split: str) -> tuple[str, ...]:
+        """The done units of one of ``SPLITS``, as the run recorded its gold sets."""
+        if split not in SPLITS:
+            raise SeglabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+        recorded = self.store.attrs.get("splits") or {}
+        if split != "training" and split not in recorded:
+            raise SeglabError(f"{self.store.path}: the run has no {split} set (data.{split} in the manifest)")
+        if split == "training":
+            held = {u for ids in recorded.values() for u in ids}
+            return tuple(u for u in self.units if u not in held)
+        chosen = set(recorded[split])
+        return tuple(u for u in self.units if u in chosen)
+
+
+def default_stage(store: Store) -> str:
+    """The labels a user wants by default: the last round's refinement, else select."""
+    rounds = refine_rounds(store)
+    return round_name("refine", rounds[-1]) if rounds else "select"
+
+
+def open_source(store: Store, *, stage: str | None = None, round: int | None = None) -> LabelSource:
+    """The class maps of ``stage``, or of round ``round``'s refine, or of ``default_stage``.
+
+    SeglabError when both are given, the stage is not in the store, writes no class map,
+    or has no finished unit."""
+    from seglab.pipeline.registry import stage_class
+
+    if stage is not None and round is not None:
+        raise SeglabError("give --stage or --round, not both")
+    if round is not None:
+        if round not in refine_rounds(store):
+            raise SeglabError(f"{store.path}: no refine stage of round {round}; the store has rounds "
+                              f"{', '.join(map(str, refine_rounds(store))) or 'none'}")
+        stage = round_name("refine", round)
+    stage = stage or default_stage(store)
+    try:
+        cls = stage_class(stage)
+    except KeyError as exc:
+        raise SeglabError(str(exc.args[0])) from None
+    if not cls.writes_class_map:
+        raise SeglabError(f"stage '{stage}' writes no class map; stages that do: select, calibrate, refine, retrain")
+    if stage not in store.stages():
+        raise SeglabError(f"{store.path}: stage '{stage}' has not run (stages here: {', '.join(store.stages())})")
+    units = done_units(store, stage)
+    if not units:
+        raise SeglabError(f"{store.path}: stage '{stage}' has no finished units")
+    images = {u: (e.get("info") or {}).get("source") for u, e in store.ledger("ingest").load().items()}
+    attrs = store.attrs
+    classes = tuple((int(c["id"]), str(c["name"])) for c in attrs.get("classes", []))
+    return LabelSource(store=store, stage=stage, units=tuple(units), images={u: images.get(u) for u in units},
+                       classes=classes, ignore_id=int(attrs.get("ignore_id", 255)),
+                       has_uncertainty=store.has_unit(f"{stage}/uncertainty", units[0]))

@@ -1,0 +1,421 @@
+"""``seglab report``: what a run's store says about whether its labels can be trusted, as data.
+
+``build_report`` reads the store (and the manifest, for the gold sets) and returns a
+``ReportData`` of plain values (``to_json`` gives JSON types); pipeline/report_figures.py
+draws it and pipeline/report_html.py writes the self-contained HTML page. Every section is
+always present: a section without the data it needs carries a one-sentence ``reason``
+instead. Image arrays are not part of the data: ``UnitReader`` reads one unit's when
+the page draws its overlay row, so at most one unit's arrays are in memory at a time.
+
+Label sources are read as pipeline/labelsource.py says: a unit counts for a stage when its
+ledger line says done with the signature the stage's arrays carry.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.labelsource import LabelSource, default_stage, done_units, open_source, provenance, stage_round
+from seglab.pipeline.store import Store
+from seglab.pipeline.store import done_units as ledger_done
+
+MAX_FAILURES = 20
+"""Failures listed by name; the rest are counted."""
+UNCERTAIN = 0.5
+"""A pixel whose uncertainty reaches this is 'uncertain' (the review queue's tie-break)."""
+ALPHAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+"""Nominal miscoverage levels of the calibration curve (the manifest's and the stored fit's alpha join them)."""
+
+
+# -- the data ---------------------------------------------------------------------------
+@dataclass
+class StageRow:
+    """One stage of the store. done: units done with the stored signature; failed: units whose
+    last ledger line failed; total: units ingest's ledger knows; seconds / computed: the
+    stage's ``summary`` of the last run that computed units (None when the store has none);
+    train_seconds: training time of a trained stage's fit; throughput: computed / seconds
+    in images/s (None when nothing was computed); fit: one line on the stage's fit."""
+
+    stage: str
+    done: int
+    failed: int
+    total: int
+    seconds: float | None
+    train_seconds: float | None
+    computed: int | None
+    throughput: float | None
+    fit: str | None
+
+    @property
+    def time(self) -> float | None:
+        parts = [v for v in (self.seconds, self.train_seconds) if v is not None]
+        return sum(parts) if parts else None
+
+
+@dataclass
+class Failure:
+    stage: str
+    unit: str
+    message: str
+
+
+@dataclass
+class StagesSection:
+    rows: list[StageRow]
+    failures: list[Failure]
+    """The first ``MAX_FAILURES`` failures in run order."""
+    failures_total: int
+    reason: str | None = None
+    throughput_reason: str | None = None
+
+
+@dataclass
+class QueueRow:
+    """A unit of the review queue: its mean uncertainty and the share of its pixels whose
+    uncertainty is at least ``UNCERTAIN``."""
+
+    rank: int
+    unit: str
+    image: str | None
+    mean_uncertainty: float
+    uncertain_fraction: float
+
+
+@dataclass
+class OverlaySection:
+    """stage: the default label source; uncertainty_from: what the uncertainty maps are
+    ('<stage>/uncertainty', or '1 - select/confidence' when the stage writes none);
+    sample: units chosen evenly over the sorted units; queue: the most uncertain units."""
+
+    stage: str | None
+    uncertainty_from: str | None
+    units: int
+    sample: list[str]
+    queue: list[QueueRow]
+    images: dict[str, str | None] = field(default_factory=dict)
+    reason: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class ClassShare:
+    """One label source over all its done units: ``shares[k]`` is the share of all pixels
+    labelled with class k (``classes`` order), ``abstention`` the share of ``ignore_id``
+    pixels, ``other`` the share of any other value (0 in a sound store); they sum to 1."""
+
+    source: str
+    units: int
+    pixels: int
+    shares: list[float]
+    abstention: float
+    other: float
+
+
+@dataclass
+class SharesSection:
+    sources: list[ClassShare]
+    reason: str | None = None
+
+
+@dataclass
+class CalibrationRow:
+    """Thresholds fitted at nominal ``alpha`` on the calibration images, measured on the
+    evaluation images: miscoverage (image_miscoverage averaged over images), kept (share of
+    valid gold pixels whose set is a single class), kept_accuracy, mean threshold, feasible."""
+
+    alpha: float
+    miscoverage: float | None
+    kept: float | None
+    kept_accuracy: float | None
+    threshold: float
+    feasible: bool
+
+
+@dataclass
+class CalibrationSection:
+    method: str | None = None
+    fitted_alpha: float | None = None
+    manifest_alpha: float | None = None
+    calibration_images: int = 0
+    evaluation_images: int = 0
+    rows: list[CalibrationRow] = field(default_factory=list)
+    stored: CalibrationRow | None = None
+    """The store's own thresholds measured the same way."""
+    reason: str | None = None
+
+
+@dataclass
+class QualityRow:
+    source: str
+    evaluated: int
+    missing: int
+    stale: bool
+    miou: float | None
+    pixel_accuracy: float | None
+    labelled_fraction: float | None
+    labelled_accuracy: float | None
+
+
+@dataclass
+class QualitySection:
+    images: int = 0
+    rows: list[QualityRow] = field(default_factory=list)
+    rounds: dict[str, list[tuple[int, float | None]]] = field(default_factory=dict)
+    """'refine' / 'retrain' -> [(round, mIoU)] ascending; empty without rounds."""
+    reason: str | None = None
+    rounds_reason: str | None = None
+
+
+@dataclass
+class ReportData:
+    header: dict[str, Any]
+    classes: list[tuple[int, str]]
+    ignore_id: int
+    stages: StagesSection
+    overlays: OverlaySection
+    shares: SharesSection
+    calibration: CalibrationSection
+    quality: QualitySection
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types; NaN becomes null."""
+        return _plain(asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+# -- stages ---------------------------------------------------------------------------
+def run_order(stages: Iterable[str]) -> list[str]:
+    """The store's stages in run order: ingest, embed, prompts, select, calibrate, refine,
+    retrain, refine.1, retrain.1, ... (names the registry does not know go last, sorted)."""
+    from seglab.pipeline.registry import STAGES, round_stages
+
+    stages = set(stages)
+    rounds = max((stage_round(s) for s in stages), default=0) + 1
+    order = list(dict.fromkeys([*STAGES, *round_stages(rounds)]))
+    return [s for s in order if s in stages] + sorted(stages - set(order))
+
+
+def describe_fit(stage: str, fitted: dict[str, Any] | None) -> str | None:
+    """The stage's own one line on its stored fit (``MapStage.describe_fit``), None without one."""
+    from seglab.pipeline.registry import stage_class
+
+    if not fitted:
+        return None
+    try:
+        cls = stage_class(stage)
+    except KeyError:
+        return None
+    return cls(cls.Config()).describe_fit(fitted)
+
+
+def stage_rows(store: Store) -> StagesSection:
+    """Per stage of the store, in run order: done, failed, total, time, throughput, fit."""
+    stages = run_order(store.stages())
+    if not stages:
+        return StagesSection([], [], 0, reason="The store holds no stage yet (nothing has run).")
+    total = len(store.ledger("ingest").load())
+    rows, failures = [], []
+    for stage in stages:
+        entries = store.ledger(stage).load()
+        attrs = store.stage_attrs(stage)
+        signature = attrs.get("signature_digest")
+        done = len(ledger_done(entries, signature)) if signature else 0
+        failed = sorted((u, str((e.get("error") or {}).get("message", ""))) for u, e in entries.items()
+                        if e.get("status") == "failed")
+        failures += [Failure(stage, u, m) for u, m in failed]
+        summary = attrs.get("summary") or {}
+        seconds, computed = summary.get("seconds"), summary.get("computed")
+        fitted = attrs.get("fitted")
+        train = fitted.get("seconds") if isinstance(fitted, dict) and "architecture" in fitted else None
+        throughput = computed / seconds if computed and seconds else None
+        rows.append(StageRow(stage, done, len(failed), total, seconds, train, computed, throughput,
+                             describe_fit(stage, fitted)))
+    reason = None
+    if not any(r.throughput for r in rows):
+        reason = ("No stage records units computed with their time (stage summaries without 'computed', "
+                  "written by an older seglab, or nothing computed), so there is no throughput to plot.")
+    return StagesSection(rows, failures[:MAX_FAILURES], len(failures), throughput_reason=reason)
+
+
+# -- label sources: shares and the review queue ----------------------------------------
+@dataclass
+class UnitArrays:
+    """One unit's full-resolution arrays for its overlay row (None where the store lacks one).
+
+    image: HxWx3 uint8 RGB; weak: HxW class ids (``ignore_id`` unlabelled); boxes: float32
+    [B, 5] (x0, y0, x1, y1, class) of box weak labels; select, labels: HxW class ids of
+    select and of the default source; uncertainty: HxW float32 in [0, 1], 0 = certain.
+    """
+
+    image: np.ndarray | None
+    weak: np.ndarray | None
+    boxes: np.ndarray | None
+    select: np.ndarray | None
+    labels: np.ndarray | None
+    uncertainty: np.ndarray | None
+
+
+def _read(store: Store, path: str, unit: str) -> np.ndarray | None:
+    return store.read_unit([path], unit)[path] if store.has_unit(path, unit) else None
+
+
+def unit_uncertainty(store: Store, source: LabelSource, unit: str) -> np.ndarray | None:
+    """HxW float32 in [0, 1]: the source's uncertainty, or 1 - select/confidence when the
+    source writes none; None when neither exists for ``unit``."""
+    if source.has_uncertainty and store.has_unit(f"{source.stage}/uncertainty", unit):
+        return source.uncertainty(unit)
+    confidence = _read(store, "select/confidence", unit)
+    return None if confidence is None else 1.0 - confidence.astype(np.float32)
+
+
+class UnitReader:
+    """Reads the overlay rows' arrays of one label source: a stage's array only when the unit
+    is done there (the done sets are read once)."""
+
+    def __init__(self, store: Store, source: LabelSource):
+        self.store, self.source = store, source
+        self.ingest = set(done_units(store, "ingest"))
+        self.select = set(done_units(store, "select"))
+        self.labelled = set(source.units)
+
+    def read(self, unit: str) -> UnitArrays:
+        store, ingested = self.store, unit in self.ingest
+        return UnitArrays(
+            image=_read(store, "ingest/image", unit) if ingested else None,
+            weak=_read(store, "ingest/weak", unit) if ingested else None,
+            boxes=_read(store, "ingest/boxes", unit) if ingested else None,
+            select=_read(store, "select/labels", unit) if unit in self.select else None,
+            labels=self.source.labels(unit) if unit in self.labelled else None,
+            uncertainty=unit_uncertainty(store, self.source, unit) if unit in self.labelled else None,
+        )
+
+
+class _Counts:
+    """Pixel counts of one label source, accumulated unit by unit."""
+
+    def __init__(self, source: str, class_ids: Sequence[int], ignore_id: int):
+        self.source, self.class_ids, self.ignore_id = source, list(class_ids), ignore_id
+        self.units, self.counts = 0, np.zeros(max([*self.class_ids, ignore_id]) + 1, np.int64)
+
+    def add(self, labels: np.ndarray) -> None:
+        counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(self.counts))
+        if len(counts) > len(self.counts):
+            self.counts = np.pad(self.counts, (0, len(counts) - len(self.counts)))
+        self.counts[: len(counts)] += counts
+        self.units += 1
+
+    def share(self) -> ClassShare:
+        pixels = int(self.counts.sum())
+        of = (lambda n: float(n) / pixels) if pixels else (lambda n: float("nan"))
+        classes = [int(self.counts[i]) for i in self.class_ids]
+        ignored = int(self.counts[self.ignore_id])
+        return ClassShare(self.source, self.units, pixels, [of(n) for n in classes], of(ignored),
+                          of(pixels - sum(classes) - ignored))
+
+
+def _sample(units: Sequence[str], count: int) -> list[str]:
+    """``count`` units evenly spread over the sorted ``units`` (first and last included)."""
+    units = sorted(units)
+    if count <= 0 or not units:
+        return []
+    if count >= len(units):
+        return units
+    picks = np.unique(np.round(np.linspace(0, len(units) - 1, count)).astype(int))
+    return [units[i] for i in picks]
+
+
+def label_sections(store: Store, *, sample: int, queue: int) -> tuple[OverlaySection, SharesSection]:
+    """One pass over the units of select and the default source: per-class shares of both,
+    and the review queue ranked by the default source's mean uncertainty."""
+    stage = default_stage(store)
+    attrs = store.attrs
+    classes = [(int(c["id"]), str(c["name"])) for c in attrs.get("classes", [])]
+    ignore_id = int(attrs.get("ignore_id", 255))
+    try:
+        source = open_source(store, stage=stage)
+    except SeglabError as exc:
+        reason = f"No label source to show: {exc}."
+        return OverlaySection(stage, None, 0, [], [], reason=reason), SharesSection([], reason=reason)
+    select = set(done_units(store, "select"))
+    counters = {"select": _Counts("select", [i for i, _ in classes], ignore_id)}
+    if stage != "select":
+        counters[stage] = _Counts(stage, [i for i, _ in classes], ignore_id)
+    ranked = []
+    labelled = set(source.units)
+    for unit in sorted(select | labelled):
+        if unit in select:
+            counters["select"].add(store.read_unit(["select/labels"], unit)["select/labels"])
+        if unit in labelled:
+            if stage != "select":
+                counters[stage].add(source.labels(unit))
+            u = unit_uncertainty(store, source, unit)
+            if u is not None and u.size:
+                ranked.append((float(u.mean()), float((u >= UNCERTAIN).mean()), unit))
+    ranked.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    rows = [QueueRow(i + 1, unit, source.images.get(unit), mean, fraction)
+            for i, (mean, fraction, unit) in enumerate(ranked[:queue])]
+    chosen = _sample(source.units, sample)
+    note = None
+    if source.has_uncertainty:
+        uncertainty_from = f"{stage}/uncertainty"
+    else:
+        uncertainty_from = "1 − select/confidence"
+        note = (f"The default label source '{stage}' writes no uncertainty, so images are ranked and shown by "
+                f"1 − select/confidence instead.")
+    images = {u: source.images.get(u) for u in {*chosen, *(r.unit for r in rows)}}
+    overlays = OverlaySection(stage, uncertainty_from, len(source.units), chosen, rows, images, note=note)
+    return overlays, SharesSection([c.share() for c in counters.values() if c.units])
+
+
+# -- everything ----------------------------------------------------------------------------
+def build_report(store_path: Path | str, *, manifest: str | Path | None = None, sample: int = 6,
+                 queue: int = 12) -> ReportData:
+    """Collect every section's data from the store at ``store_path`` (and the manifest's gold
+    sets). ``sample``: images shown evenly over the units; ``queue``: most uncertain images listed."""
+    store = Store(store_path)
+    attrs = store.attrs
+    from seglab.pipeline.report_gold import calibration_section, quality_section, resolve_manifest
+
+    loaded, why_not = resolve_manifest(store, manifest)
+    stage = default_stage(store)
+    header = {
+        "store": str(store.path.resolve()),
+        "manifest": loaded.path if loaded else attrs.get("manifest_path"),
+        "recorded_manifest": attrs.get("manifest_path"),
+        "seglab_version": attrs.get("seglab_version"),
+        "manifest_hash": attrs.get("manifest_hash"),
+        "default_stage": stage,
+        "provenance": provenance(store, stage),
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    overlays, shares = label_sections(store, sample=sample, queue=queue)
+    return ReportData(
+        header=header,
+        classes=[(int(c["id"]), str(c["name"])) for c in attrs.get("classes", [])],
+        ignore_id=int(attrs.get("ignore_id", 255)),
+        stages=stage_rows(store),
+        overlays=overlays,
+        shares=shares,
+        calibration=calibration_section(store, loaded, why_not),
+        quality=quality_section(store, loaded, why_not),
+    )

@@ -1,0 +1,223 @@
+"""seglab export: every format read back by its consumer library equals the store."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from skimage.measure import label as connected_components
+from typer.testing import CliRunner
+
+from conftest import calibrated_manifest
+from seglab.cli.app import app
+from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.exports import ExportOptions, coco, export
+from seglab.pipeline.labelsource import done_units
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner
+from seglab.pipeline.store import Store
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+IGNORE = 255
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, ray_local) -> Path:
+    """A finished run over 6 images: calibration img00-01, evaluation img02, training img03-05."""
+    folder = tmp_path_factory.mktemp("run")
+    path = calibrated_manifest(folder, calibration="images/img0[01].png", evaluation="images/img02.png")
+    assert Runner(load_manifest(path)).run().ok
+    return folder / "run.zarr"
+
+
+def stored(store: Path, stage: str = "refine") -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
+    """unit -> (labels, uncertainty or None, source image) as the store holds them."""
+    s = Store(store)
+    sources = {u: e["info"]["source"] for u, e in s.ledger("ingest").load().items()}
+    out = {}
+    for unit in done_units(s, stage):
+        labels = s.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
+        u = s.read_unit([f"{stage}/uncertainty"], unit)[f"{stage}/uncertainty"] if stage.startswith("refine") else None
+        out[unit] = (labels, None if u is None else u.astype(np.float32), sources[unit])
+    return out
+
+
+def assert_checksums(folder: Path) -> None:
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    listed = {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert set(listed) == files
+    for name, digest in listed.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+def test_png_layout_reads_back_with_pil_and_carries_provenance(store, tmp_path):
+    truth = stored(store)
+    out = tmp_path / "png"
+    meta = export(store, out, ExportOptions(format="png", ignore_value=254))
+    assert meta["stage"] == "refine" and meta["round"] == 0 and meta["written"]["images"] == len(truth) == 6
+    provenance = json.loads((out / "export.json").read_text())["provenance"]
+    assert provenance["backend"] == {"model": "weightfree", "checkpoint": "none"}
+    assert provenance["calibration"]["method"] == "risk-control" and provenance["calibration"]["alpha"] == 0.3
+    assert provenance["manifest_hash"] == Store(store).attrs["manifest_hash"] and provenance["seglab_version"]
+    with open(out / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_image = {r["image"]: r for r in rows}
+    for unit, (labels, uncertainty, image) in truth.items():
+        row = by_image[image]
+        label = Image.open(out / row["label"])
+        assert label.mode == "P" and Path(row["label"]).stem == Path(image).stem
+        assert np.array_equal(np.asarray(label), np.where(labels == IGNORE, 254, labels))
+        written = np.asarray(Image.open(out / row["uncertainty"]))
+        assert written.dtype == np.uint8 and np.abs(written.astype(int) - np.rint(uncertainty * 255)).max() == 0
+    assert [c["name"] for c in json.loads((out / "palette.json").read_text())] == ["background", "disc", "rectangle"]
+    assert_checksums(out)
+
+    npy = tmp_path / "npy"
+    export(store, npy, ExportOptions(format="png", uncertainty_format="npy"))
+    index = json.loads((npy / "index.json").read_text())
+    for entry in index["images"]:
+        assert np.array_equal(np.load(npy / entry["uncertainty"]).astype(np.float32), truth[entry["unit"]][1])
+
+
+def test_coco_loads_with_pycocotools_one_annotation_per_region(store, tmp_path):
+    truth = stored(store)
+    out = tmp_path / "coco"
+    meta = export(store, out, ExportOptions(format="coco"))
+    api = COCO(str(out / "annotations.json"))
+    assert sorted(api.getCatIds()) == [0, 1, 2] and len(api.getImgIds()) == 6
+    assert meta["written"]["annotations"] == len(api.getAnnIds())
+    for image_id in api.getImgIds():
+        record = api.loadImgs(image_id)[0]
+        labels, uncertainty, _ = truth[record["seglab_unit"]]
+        painted = np.full(labels.shape, IGNORE, labels.dtype)
+        for ann in api.loadAnns(api.getAnnIds(imgIds=image_id)):
+            mask = api.annToMask(ann).astype(bool)
+            assert connected_components(mask, connectivity=2).max() == 1  # one region per annotation
+            assert (painted[mask] == IGNORE).all()  # regions do not overlap
+            painted[mask] = ann["category_id"]
+            assert ann["area"] == mask.sum()
+            assert ann["uncertainty"] == pytest.approx(float(uncertainty[mask].mean()), abs=1e-6)
+            assert ann["score"] == pytest.approx(1.0 - ann["uncertainty"])
+        assert np.array_equal(painted, labels)
+    assert_checksums(out)
+
+
+def test_parquet_loads_with_pyarrow_and_datasets(store, tmp_path):
+    truth = stored(store)
+    out = tmp_path / "parquet"
+    meta = export(store, out, ExportOptions(format="parquet", embed_images=True))
+    table = pq.read_table(out / "labels.parquet")
+    assert table.num_rows == 6 and json.loads(table.schema.metadata[b"seglab"])["stage"] == "refine"
+    for row in table.to_pylist():
+        labels, uncertainty, image = truth[row["unit"]]
+        decoded = np.asarray(Image.open(io.BytesIO(row["label"]["bytes"])))
+        assert np.array_equal(decoded, labels) and (row["height"], row["width"]) == labels.shape
+        assert row["image"]["path"] == image and row["image"]["bytes"] == Path(image).read_bytes()
+        present = sorted(set(np.unique(labels).tolist()) - {IGNORE})
+        assert row["class_ids"] == present
+        assert row["class_names"] == [["background", "disc", "rectangle"][c] for c in present]
+        assert row["mean_uncertainty"] == pytest.approx(float(uncertainty.mean()), rel=1e-5)
+        assert json.loads(row["provenance"]) == meta["provenance"]
+
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "labels.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+    assert len(loaded) == 6 and type(loaded.features["label"]).__name__ == "Image"
+    for row in loaded:
+        assert np.array_equal(np.asarray(row["label"]), truth[row["unit"]][0])
+        assert np.asarray(row["image"]).shape[:2] == truth[row["unit"]][0].shape
+
+
+def test_split_and_uncertainty_filters(store, tmp_path):
+    s = Store(store)
+    splits = s.attrs["splits"]
+    meta = export(store, tmp_path / "evaluation", ExportOptions(split="evaluation"))
+    assert [i["unit"] for i in json.loads((tmp_path / "evaluation" / "index.json").read_text())["images"]] \
+        == splits["evaluation"] and meta["filters"]["split"] == "evaluation"
+    training = export(store, tmp_path / "training", ExportOptions(format="coco", split="training"))
+    held = set(splits["evaluation"]) | set(splits["calibration"])
+    assert training["written"]["images"] == 6 - len(held) == 3
+
+    fractions = {u: float((v[1] >= 0.3).mean()) for u, v in stored(store).items()}
+    limit = float(np.median(list(fractions.values())))
+    meta = export(store, tmp_path / "filtered", ExportOptions(max_uncertain=limit, uncertain_above=0.3))
+    kept = {i["unit"] for i in json.loads((tmp_path / "filtered" / "index.json").read_text())["images"]}
+    assert kept == {u for u, f in fractions.items() if f <= limit} and 0 < len(kept)
+    assert {d["unit"] for d in meta["dropped"]} == set(fractions) - kept
+
+    selected = export(store, tmp_path / "select", ExportOptions(stage="select"))
+    assert selected["stage"] == "select" and not (tmp_path / "select" / "uncertainty").exists()
+    with pytest.raises(SeglabError, match="no per-pixel uncertainty"):
+        export(store, tmp_path / "bad", ExportOptions(stage="select", max_uncertain=0.5))
+    with pytest.raises(SeglabError, match="no refine stage of round 1"):
+        export(store, tmp_path / "bad", ExportOptions(round=1))
+    with pytest.raises(SeglabError, match="is a class id"):
+        export(store, tmp_path / "bad", ExportOptions(ignore_value=2))
+    with pytest.raises(SeglabError, match="no finished units|has not run"):
+        export(store, tmp_path / "bad", ExportOptions(stage="retrain"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_export_leaves_nothing_and_a_killed_one_is_cleaned_up(store, tmp_path, monkeypatch):
+    out = tmp_path / "coco"
+    calls = []
+
+    def failing(item, *args):
+        calls.append(item.unit)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return iter(())
+
+    monkeypatch.setattr(coco, "annotations", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export(store, out, ExportOptions(format="coco"))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    # a process killed without warning mid-export: nothing at OUT, then the next export is whole
+    script = (
+        "import os, signal, sys\n"
+        "from seglab.pipeline.exports import export, ExportOptions, png\n"
+        "real, seen = png.label_image, []\n"
+        "def dying(labels):\n"
+        "    seen.append(1)\n"
+        "    if len(seen) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(labels)\n"
+        "png.label_image = dying\n"
+        "export(sys.argv[1], sys.argv[2], ExportOptions(format='png'))\n"
+    )
+    out = tmp_path / "png"
+    killed = subprocess.run([sys.executable, "-c", script, str(store), str(out)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists() and len(list(tmp_path.glob(".png.*"))) == 1
+    result = CliRunner().invoke(app, ["export", str(store), "--format", "png", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.glob(".png.*")) == [] and len(list((out / "labels").iterdir())) == 6
+    assert_checksums(out)
+    result = CliRunner().invoke(app, ["export", str(store), "--format", "parquet", "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0 and "6 images" in result.output
+    assert (out / "labels.parquet").exists() and not (out / "labels").exists() and os.listdir(tmp_path) == ["png"]
+
+
+def test_images_the_stage_has_not_finished_are_named_not_silently_missing(store, tmp_path):
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    unit = sorted(Store(copy).ledger("refine").load())[0]
+    Store(copy).ledger("refine").append([{"unit": unit, "status": "failed", "error": {"message": "lost"}}])
+    result = CliRunner().invoke(app, ["export", str(copy), "--format", "coco", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "1 images of the run have no finished refine labels" in result.output
+    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert meta["unfinished"] == [unit] and meta["written"]["images"] == 5
