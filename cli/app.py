@@ -202,6 +202,28 @@ def bench_encoder(
     render.figures(measure(model=model, images=images, batch_size=batch_size, precision=precision), json_)
 
 
+@bench.command("decode")
+@handled
+def bench_decode(
+    model: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    images: Annotated[int, typer.Option(min=1, help="Images (480x640, synthetic).")] = 4,
+    prompts_per_image: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per image (from simulated scribbles).")] = 32,
+    prompt_batch: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Prompts per decoder call (default: the backend's).")] = None,
+    precision: Annotated[str, typer.Option(help="Encoder autocast of the pipeline: auto, bf16, fp16 or fp32.")] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Prompts/s decoded by the pipeline from cached features vs the naive SamPredictor loop."""
+    from seglab.cli import render
+    from seglab.workers.bench_decode import bench_decode as measure
+
+    if model not in ("vit_b", "vit_l", "vit_h"):
+        raise SeglabError(f"bench decode measures SAM vit_b, vit_l or vit_h; got '{model}'")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise SeglabError(f"unknown precision '{precision}'; choose auto, bf16, fp16 or fp32")
+    render.figures(measure(model=model, images=images, prompts_per_image=prompts_per_image, batch=prompt_batch,
+                           precision=precision), json_)
+
+
 @bench.command("quality")
 @handled
 def bench_quality(
@@ -269,6 +291,37 @@ def bench_retrain(
         with render.RichProgress() as progress:
             result = measure(loaded, gold_masks=gold_masks, gold_ignore=tuple(gold_ignore or ()), progress=progress)
     render.retrain_table(result, json_)
+
+
+@bench.command("scale")
+@handled
+def bench_scale(
+    images: Annotated[Optional[list[int]], typer.Option(min=1, help="Dataset sizes (repeatable).")] = None,
+    workers: Annotated[Optional[list[int]], typer.Option(min=1, help="Workers per stage (repeatable).")] = None,
+    folder: Annotated[Path, typer.Option(help="Where the synthetic images and the stores go.")] = Path("runs/bench/scale"),
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Synthetic images through the whole DAG: wall time, images/s per stage, peak memory of
+    driver and workers, at each size and worker count."""
+    from seglab.cli import render
+    from seglab.pipeline.bench_scale import bench_scale as measure
+
+    render.scale_table(measure(folder, images=tuple(images or (200, 2000)), workers=tuple(workers or (1, 2))), json_)
+
+
+@bench.command("rerun")
+@handled
+def bench_rerun(
+    manifest: Annotated[Optional[str], typer.Argument(help="Manifest to run twice (default: synthetic images).")] = None,
+    images: Annotated[int, typer.Option(min=1, help="Synthetic images when no manifest is given.")] = 200,
+    folder: Annotated[Path, typer.Option(help="Where the synthetic images and the store go.")] = Path("runs/bench/rerun"),
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """A run from nothing, then the same run again: wall times, their ratio, encoder calls in the rerun."""
+    from seglab.cli import render
+    from seglab.pipeline.bench_scale import bench_rerun as measure
+
+    render.figures(measure(folder, images=images, manifest=Path(manifest) if manifest else None), json_)
 
 
 @app.command()

@@ -56,6 +56,8 @@ class RichProgress:
 
     def finish(self, stage: str, report: StageReport) -> None:
         note = "nothing to do" if not report.todo else f"{report.done_now} done in {report.seconds:.1f}s"
+        if report.adopted:
+            note += f", {report.adopted} recovered from an interrupted run"
         if report.failures:
             note += f", [red]{len(report.failures)} failed[/red]"
         if report.blocked:
@@ -77,6 +79,10 @@ def run_summary(report: RunReport) -> None:
             errors.print(f"[yellow]{s.stage}: {warning}[/yellow]")
         for unit, reason in s.failures:
             errors.print(f"[red]{s.stage}: {unit}: {reason}[/red]")
+        if s.resubmitted:
+            errors.print(f"[yellow]{s.stage}: {s.resubmitted} unit(s) run again after their worker was lost[/yellow]")
+        for unit, path in s.invalidated:
+            errors.print(f"[yellow]{s.stage}: {unit}: stored {path} was damaged; it was recomputed[/yellow]")
     if not report.ok:
         failed = sum(len(s.failures) for s in report.stages)
         errors.print(f"[red]{failed} unit(s) failed; rerun after fixing them to finish the rest.[/red]")
@@ -222,3 +228,19 @@ def export_summary(meta: dict, out) -> None:
     if meta["unfinished"]:
         console.print(f"[yellow]{len(meta['unfinished'])} images of the run have no finished {meta['stage']} "
                       f"labels and are not exported[/yellow] (listed in export.json as 'unfinished')")
+
+
+def scale_table(result: dict, as_json: bool) -> None:
+    """``bench scale``: one row per run, then the ratios."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("images", "workers", "wall s", "map s", "img/s", "driver peak MB", "worker peak MB")
+    for r in result["runs"]:
+        table.add_row(str(r["images"]), str(r["workers"]), f"{r['seconds']:.1f}", f"{r['map_seconds']:.1f}",
+                      f"{r['images_per_second']:.2f}", f"{r['driver_peak_rss'] / 2**20:.0f}",
+                      f"{(r['worker_peak_rss'] or 0) / 2**20:.0f}")
+    console.print(table)
+    for key in ("driver_memory_ratio", "worker_memory_ratio", "worker_speedup"):
+        if key in result:
+            console.print(f"{key.replace('_', ' ')}: {result[key]}")

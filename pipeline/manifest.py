@@ -46,7 +46,9 @@ class ImageSource(_Frozen):
     @field_validator("glob")
     @classmethod
     def _safe_glob(cls, v: str | None) -> str | None:
-        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or is_url(v)):
+        if v is not None and is_url(v):
+            raise ValueError(f"glob '{v}' is a URL; only local paths relative to data.root are accepted")
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
             raise ValueError(f"glob '{v}' must be relative to data.root and must not contain '..'")
         return v
 
@@ -56,11 +58,38 @@ class ImageSource(_Frozen):
         return None if v is None else _resolve(v, info)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ImageSource":
+    def _exactly_one(self, info: ValidationInfo) -> "ImageSource":
         given = [k for k in ("glob", "list", "parquet", "sample") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of glob, list, parquet, sample (got {given or 'none'})")
+        if info.context and (self.list is not None or self.parquet is not None):
+            _check_index(self)  # a manifest being loaded: its image index must be readable now
         return self
+
+
+def _check_index(source: ImageSource) -> None:
+    """An image list or Parquet index must be a readable file of local paths: ValueError
+    naming the file otherwise (entries escaping data.root are refused when listed)."""
+    index = Path(source.list if source.list is not None else source.parquet)
+    what = "image list" if source.list is not None else "Parquet index"
+    if not index.is_file():
+        raise ValueError(f"{what} {index} is not a file")
+    try:
+        if source.list is not None:
+            entries = [line.strip() for line in index.read_text(encoding="utf-8").splitlines()]
+        else:
+            import pyarrow.parquet as pq
+
+            entries = [str(v) for v in pq.read_table(index, columns=[source.column]).column(0).to_pylist()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {index} is not UTF-8 text ({exc})") from None
+    except Exception as exc:  # OSError, pyarrow's errors for a corrupt file or a missing column
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {index} cannot be read: {reason}") from None
+    urls = [entry for entry in entries if is_url(entry)]
+    if urls:
+        raise ValueError(f"{what} {index} names URLs ({', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}); "
+                         f"only local paths relative to data.root are accepted")
 
 
 class WeakLabels(_Frozen):
@@ -153,6 +182,11 @@ class RayConfig(_Frozen):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     workers: int | None = Field(None, ge=1, description="Worker actors per map stage (default: what the CPUs allow).")
     max_retries: int = Field(2, ge=0, le=20, description="Retries of a unit after a transient failure.")
+    stall_timeout: float = Field(1800.0, gt=0, description="A stage fails, naming a unit in flight, when no batch "
+                                 "finishes for this many seconds (hung workers, or none can be scheduled).")
+    worker_start_timeout: float = Field(120.0, gt=0, description="A worker started to replace a lost one that does "
+                                        "not answer within this many seconds (no room left on the cluster) is given "
+                                        "up: the stage goes on with fewer workers.")
 
 
 class Manifest(_Frozen):
@@ -186,14 +220,73 @@ class Manifest(_Frozen):
         return getattr(self, stage.split(ROUND_SEPARATOR, 1)[0])
 
 
+#: most nodes a manifest may have once its aliases are expanded (real ones have a few hundred)
+MAX_YAML_NODES = 100_000
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document refused before it is built (an alias bomb, a recursive alias)."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes of the document with every alias expanded, counted without expanding anything
+    (each shared node is sized once); _Refused above MAX_YAML_NODES or for a recursive alias."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            ancestors.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise _Refused(problem=f"its aliases expand to more than {MAX_YAML_NODES} values (an alias bomb, "
+                                       f"like 'billion laughs'?); refused without expanding it",
+                               problem_mark=node.start_mark)
+        elif id(node) not in sizes:
+            if id(node) in ancestors:
+                raise _Refused(problem="an alias refers to a node that contains it (a recursive alias)",
+                               problem_mark=node.start_mark)
+            ancestors.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load that also refuses duplicate keys (YAML would keep the last silently)."""
+    """safe_load that also refuses duplicate keys (YAML would keep the last silently), alias
+    bombs and recursive aliases (before anything is built), and reports values that do not
+    convert (e.g. the date 2024-13-45) as YAML errors at their line."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # ValueError, AttributeError, ... from PyYAML's converters
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot convert the value {node.value!r:.80} ({exc})", node.start_mark
+            ) from None
 
 
 def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
     seen: set = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}'", key_node.start_mark
@@ -216,7 +309,10 @@ def parse_manifest(raw: object, path: Path) -> Manifest:
     manifest_dir = path.resolve().parent
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     root_value = data.get("root", ".") if isinstance(data.get("root", "."), str) else "."
-    root = (manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value)
+    try:
+        root = (manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value)
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte: the data.root validator names the problem
+        root = manifest_dir
     try:
         return Manifest.model_validate(
             {**raw, "path": str(path.resolve())},
@@ -235,8 +331,12 @@ def load_manifest(path: Path | str) -> Manifest:
         raise ManifestError(path, [("", f"cannot read: {exc}")]) from None
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise ManifestError(path, [("", f"refused: {exc}")]) from None
     except yaml.YAMLError as exc:
         raise ManifestError(path, [("", f"not valid YAML: {exc}")]) from None
+    except RecursionError:
+        raise ManifestError(path, [("", "not valid YAML: nested too deeply")]) from None
     return parse_manifest(raw, path)
 
 

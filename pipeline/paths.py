@@ -25,8 +25,11 @@ def resolve(value: str, info: ValidationInfo, *, under_root: bool = True) -> str
         raise ValueError(f"'{value}' is a URL; only local paths are accepted")
     ctx = info.context or {}
     base = Path(ctx.get("root" if under_root else "manifest_dir", "."))
-    path = Path(value).expanduser()
-    resolved = (path if path.is_absolute() else base / path).resolve()
+    try:
+        path = Path(value).expanduser()
+        resolved = (path if path.is_absolute() else base / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a symlink loop
+        raise ValueError(f"{value!r} is not a usable path ({exc})") from None
     if under_root and "root" in ctx and not resolved.is_relative_to(Path(ctx["root"]).resolve()):
         raise ValueError(f"'{value}' resolves to {resolved}, outside the data root {ctx['root']}")
     return str(resolved)

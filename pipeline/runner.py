@@ -60,6 +60,25 @@ class StageReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    adopted: int = 0
+    """Units a killed run had computed and committed but not ledgered: taken, not recomputed."""
+    resubmitted: int = 0
+    """Units run again because the worker running them was lost."""
+    invalidated: list[tuple[str, str]] = field(default_factory=list)
+    """(unit, 'stage/output') of inputs found damaged; their producer redid them."""
+    worker_peak_rss: int | None = None
+    """Largest peak resident memory of a worker of the stage's pool so far, bytes."""
+
+    def absorb(self, earlier: "StageReport") -> None:
+        """Fold an earlier pass over the same stage into this one (this run's totals)."""
+        self.done_now += earlier.done_now
+        self.adopted += earlier.adopted
+        self.already_done -= earlier.done_now + earlier.adopted
+        self.todo = earlier.todo
+        self.seconds += earlier.seconds
+        self.resubmitted += earlier.resubmitted
+        self.invalidated = earlier.invalidated + self.invalidated
+        self.worker_peak_rss = max((p for p in (self.worker_peak_rss, earlier.worker_peak_rss) if p), default=None)
 
 
 @dataclass
@@ -70,11 +89,28 @@ class RunReport:
 
     @property
     def work_done(self) -> int:
-        return sum(s.done_now + len(s.failures) for s in self.stages)
+        return sum(s.done_now + s.adopted + len(s.failures) for s in self.stages)
 
     @property
     def ok(self) -> bool:
         return all(not s.failures and not s.blocked for s in self.stages)
+
+
+@dataclass
+class Plan:
+    """A stage's remaining work: ``todo`` units with their worker ``tasks`` (input digest,
+    signature digest, expected input hashes), ledger entries of ``adopted`` units, and the
+    count of units ``blocked`` on an upstream stage."""
+
+    todo: list[Unit] = field(default_factory=list)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adopted: list[dict[str, Any]] = field(default_factory=list)
+    blocked: int = 0
+
+
+MAX_PASSES = 3
+"""Passes over the stages per run: a pass that finds damaged stored inputs invalidates
+them, and the next pass redoes them with everything that read them."""
 
 
 def seglab_version() -> str:
@@ -156,31 +192,40 @@ class Runner:
                 paths.extend(f"{path}/{out}" for out in self.stages[path].outputs(self.context))
         return paths
 
-    def plan(self, store: Store, name: str, units: Sequence[Unit], fitted: str | None = None):
-        """-> (ledger entries, todo units with their input digests, blocked count).
+    def plan(self, store: Store, name: str, units: Sequence[Unit], fitted: str | None = None) -> "Plan":
+        """What is left of stage ``name`` over ``units``.
 
         ``fitted``: digest of the parameters the stage was fitted with; part of every
-        unit's input digest, so a refit that changes them recomputes the units."""
+        unit's input digest, so a refit that changes them recomputes the units. A unit
+        without a ledger line but with a commit record made from the same inputs and
+        signature (its driver was killed before appending the line) is adopted, not redone."""
         ledger = store.ledger(name).load()
         parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
         sig = digest(self.signatures[name])
-        todo: list[tuple[Unit, str]] = []
-        blocked = 0
+        plan = Plan()
         for unit in units:
+            expected: dict[str, str] = {}
             if parents:
-                upstream = [parents[d].get(unit.id) for d in parents]
-                if any(e is None or e.get("status") != "done" for e in upstream):
-                    blocked += 1
+                upstream = {d: parents[d].get(unit.id) for d in parents}
+                if any(e is None or e.get("status") != "done" for e in upstream.values()):
+                    plan.blocked += 1
                     continue
-                inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream]
+                inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream.values()]
                                 + ([fitted] if fitted else []))
+                expected = {f"{d}/{k}": v["sha256"] for d, e in upstream.items() for k, v in e["outputs"].items()}
             else:
                 inputs = unit_input_digest(unit)
             entry = ledger.get(unit.id)
             if entry and entry.get("status") == "done" and entry.get("inputs") == inputs and entry.get("signature") == sig:
                 continue
-            todo.append((unit, inputs))
-        return ledger, todo, blocked
+            record = store.committed(name, unit.id)
+            if record and record.get("status") == "done" and record.get("inputs") == inputs \
+                    and record.get("signature") == sig:
+                plan.adopted.append({**record, "adopted": True})
+                continue
+            plan.todo.append(unit)
+            plan.tasks[unit.id] = {"inputs": inputs, "signature": sig, "expected": expected}
+        return plan
 
     # -- running ----------------------------------------------------------------------
     def run(self) -> RunReport:
@@ -193,32 +238,18 @@ class Runner:
                 for cleared in (name, *self.dag.downstream(name)):
                     store.clear_stage(cleared)
         self.check_signatures(store, selected)
-        reports: list[StageReport] = []
+        reports: dict[str, StageReport] = {}
         pools: dict[tuple[float, float], Any] = {}
         try:
-            for name in selected:
-                fitted = None
-                if self.stages[name].fits:  # a dry run plans with the stored fit
-                    fit = self._trained if self.stages[name].trains else self._fitted
-                    fitted = store.stage_attrs(name).get("fitted") if self.options.dry_run else fit(store, name, units, pools)
-                _, todo, blocked = self.plan(store, name, units, fitted=fitted and digest(fitted))
-                already = len(units) - blocked - len(todo)
-                report = StageReport(name, len(units), already, len(todo), blocked=blocked)
-                if fitted and (warning := self.stages[name].fit_warning(fitted)):
-                    report.warnings.append(warning)
-                reports.append(report)
-                if self.options.dry_run or not todo:
-                    self.progress.start(name, len(units), report.already_done)
-                    self.progress.finish(name, report)
-                    continue
-                pool = self._pool_for(name, pools)
-                store.prepare_stage(name, self.stages[name].outputs(self.context))
-                store.set_stage_attrs(name, signature=self.signatures[name],
-                                      signature_digest=digest(self.signatures[name]))
-                self._run_stage(store, name, todo, report, pool)
-                store.set_stage_attrs(name, summary={"total": report.total, "done": report.already_done + report.done_now,
-                                                     "failed": len(report.failures), "seconds": round(report.seconds, 3),
-                                                     "computed": report.done_now})
+            for _ in range(MAX_PASSES):
+                passed = self._run_pass(store, selected, units, pools)
+                damaged = any(r.invalidated for r in passed.values())
+                for name, report in passed.items():
+                    if name in reports:
+                        report.absorb(reports[name])
+                reports = passed
+                if self.options.dry_run or not damaged:
+                    break
             if not self.options.dry_run:
                 classes = self.context.classes
                 store.set_root_attrs(manifest_hash=store_manifest_hash, manifest_path=self.manifest.path,
@@ -228,7 +259,39 @@ class Runner:
         finally:
             for pool in pools.values():
                 pool.shutdown()
-        return RunReport(str(store.path), reports, dry_run=self.options.dry_run)
+        return RunReport(str(store.path), list(reports.values()), dry_run=self.options.dry_run)
+
+    def _run_pass(self, store: Store, selected: Sequence[str], units: Sequence[Unit], pools: dict) -> dict[str, StageReport]:
+        """Plan and run every selected stage once, in DAG order."""
+        reports: dict[str, StageReport] = {}
+        for name in selected:
+            fitted = None
+            if self.stages[name].fits:  # a dry run plans with the stored fit
+                fit = self._trained if self.stages[name].trains else self._fitted
+                fitted = store.stage_attrs(name).get("fitted") if self.options.dry_run else fit(store, name, units, pools)
+            plan = self.plan(store, name, units, fitted=fitted and digest(fitted))
+            report = StageReport(name, len(units), len(units) - plan.blocked - len(plan.todo), len(plan.todo),
+                                 blocked=plan.blocked)
+            if fitted and (warning := self.stages[name].fit_warning(fitted)):
+                report.warnings.append(warning)
+            reports[name] = report
+            if plan.adopted and not self.options.dry_run:
+                store.ledger(name).append(plan.adopted)
+                report.adopted, report.already_done = len(plan.adopted), report.already_done - len(plan.adopted)
+            if self.options.dry_run or not plan.todo:
+                self.progress.start(name, len(units), report.already_done + report.adopted)
+                self.progress.finish(name, report)
+                continue
+            pool = self._pool_for(name, pools)
+            store.prepare_stage(name, self.stages[name].outputs(self.context))
+            store.set_stage_attrs(name, signature=self.signatures[name], signature_digest=digest(self.signatures[name]))
+            self._run_stage(store, name, plan, report, pool)
+            store.set_stage_attrs(name, summary={"total": report.total,
+                                                 "done": report.already_done + report.adopted + report.done_now,
+                                                 "failed": len(report.failures), "seconds": round(report.seconds, 3),
+                                                 "computed": report.done_now,
+                                                 "worker_peak_rss": report.worker_peak_rss})
+        return reports
 
     def _fitted(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
         """The stage's parameters fitted on its gold set: reused from the store when the
@@ -326,38 +389,62 @@ class Runner:
                 backend_config=self.manifest.backend,
                 tiling=self.manifest.embed.tiling,
             )
-            pools[key] = WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers))
+            pools[key] = WorkerPool(spec, resources, pool_size(resources, self.manifest.ray.workers),
+                                    start_timeout=self.manifest.ray.worker_start_timeout)
         return pools[key]
 
-    def _run_stage(self, store: Store, name: str, todo: list[tuple[Unit, str]], report: StageReport, pool) -> None:
+    def _run_stage(self, store: Store, name: str, plan: Plan, report: StageReport, pool) -> None:
+        """Run the plan's units on ``pool``; every final receipt is appended to the ledger.
+        A unit whose input turned out damaged invalidates that input's unit in its producing
+        stage (a failed ledger line, its commit record dropped) for the next pass to redo."""
         from seglab.workers.pool import run_batches
 
         ledger = store.ledger(name)
-        sig = digest(self.signatures[name])
-        inputs_of = {u.id: d for u, d in todo}
-        self.progress.start(name, report.total, report.already_done)
+        self.progress.start(name, report.total, report.already_done + report.adopted)
         started = time.perf_counter()
 
         def record(receipts: list[dict[str, Any]]) -> None:
-            ledger.append([{**r, "inputs": inputs_of[r["unit"]], "signature": sig} for r in receipts])
+            ledger.append([{**r, "inputs": plan.tasks[r["unit"]]["inputs"],
+                            "signature": plan.tasks[r["unit"]]["signature"]} for r in receipts])
             for r in receipts:
                 if r["status"] == "done":
                     report.done_now += 1
+                elif r["error"].get("corrupt"):
+                    self._invalidate(store, r["unit"], r["error"]["corrupt"], r["error"]["message"])
+                    report.invalidated += [(r["unit"], path) for path in r["error"]["corrupt"]]
                 else:
                     report.failures.append((r["unit"], r["error"]["message"]))
             self.progress.advance(name, len(receipts))
 
-        run_batches(
+        def recover(units: Sequence[Unit]) -> list[dict[str, Any]]:
+            """Receipts of the units a lost worker had committed before it died."""
+            records = {u.id: store.committed(name, u.id) for u in units}
+            return [{k: v for k, v in r.items() if k not in ("inputs", "signature")} for u, r in records.items()
+                    if r and r.get("status") == "done" and r.get("inputs") == plan.tasks[u]["inputs"]
+                    and r.get("signature") == plan.tasks[u]["signature"]]
+
+        stats = run_batches(
             pool=pool,
             stage_name=name,
-            units=[u for u, _ in todo],
+            units=plan.todo,
             read_paths=self.read_paths(name),
             batch_size=self.manifest.stage_config(name).batch_size,
             max_retries=self.manifest.ray.max_retries,
             on_receipts=record,
+            tasks=plan.tasks,
+            recover=recover,
+            stall_timeout=self.manifest.ray.stall_timeout,
         )
+        report.resubmitted += stats.resubmitted
         report.seconds = time.perf_counter() - started
+        report.worker_peak_rss = pool.peak_rss()
         self.progress.finish(name, report)
+
+    def _invalidate(self, store: Store, unit: str, paths: Sequence[str], message: str) -> None:
+        for stage in dict.fromkeys(path.split("/", 1)[0] for path in paths):
+            store.forget_commit(stage, unit)
+            store.ledger(stage).append([{"unit": unit, "status": "failed", "error": {
+                "type": "CorruptOutput", "message": message, "transient": False}}])
 
 
 def _wants_gpu(setting: str) -> bool:

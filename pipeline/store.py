@@ -7,12 +7,20 @@ Layout::
       <stage>/                  group; attrs: signature, signature digest, summary
         <output>/<unit id>      one array per unit (images differ in size), one chunk
       _ledger/<stage>.jsonl     append-only: one line per finished or failed unit
+      _commits/<stage>/<unit>.json  the worker's record that a unit's outputs are complete
       _checkpoints/<stage>/     a trained stage's checkpoint files (written atomically)
-                                (_ledger and _checkpoints are empty zarr groups holding plain files)
+                                (_ledger, _commits and _checkpoints are zarr groups holding plain files)
 
 Only this module imports zarr. Data arrays are written by workers (one unit = one writer);
 group attributes and the ledger only by the driver. A unit is done when its ledger line
 says so, never because a chunk exists (zarr skips chunks equal to the fill value).
+
+A worker writes a unit's commit record (atomically, after every array of the unit is
+written) with the output hashes, the input digest and the stage signature it computed
+with. A driver killed before it appended the unit's ledger line finds the record on the
+next run and adopts the unit instead of recomputing it (``Runner.plan``); a unit killed
+mid-write has no record, so its torn chunks are never accepted. A reader checks every
+input it reads against the hash its producer recorded (``verify_reads``).
 """
 from __future__ import annotations
 
@@ -31,11 +39,26 @@ from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.fingerprint import array_sha256
 
 LEDGER_DIR = "_ledger"
+COMMIT_DIR = "_commits"
 CHECKPOINT_DIR = "_checkpoints"
+PLAIN_FOLDERS = (LEDGER_DIR, COMMIT_DIR, CHECKPOINT_DIR)
 
 
 class StoreError(SeglabError):
     pass
+
+
+class CorruptOutput(StoreError):
+    """Stored arrays of a unit that do not decode or do not match their producer's hash;
+    ``paths``: the 'stage/output' paths at fault. The producing stage must redo the unit."""
+
+    def __init__(self, store: Path | str, unit: str, paths: Sequence[str]):
+        self.store, self.unit, self.paths = str(store), unit, list(paths)
+        super().__init__(f"{store}: stored {', '.join(f'{p}/{unit}' for p in paths)} is damaged "
+                         "(does not decode or differs from the hash recorded when it was written)")
+
+    def __reduce__(self):  # keep the fields across Ray's pickling
+        return (type(self), (self.store, self.unit, self.paths))
 
 
 class Store:
@@ -49,7 +72,7 @@ class Store:
             self._root = zarr.open_group(self.path, mode="a" if create else "r+", zarr_format=3)
         except Exception as exc:  # zarr raises several types for a damaged folder
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        for folder in (LEDGER_DIR, CHECKPOINT_DIR):
+        for folder in PLAIN_FOLDERS:
             if create and folder not in self._root:
                 self._root.require_group(folder)  # a group, so zarr recognises the folder
         if create and attrs:
@@ -66,7 +89,7 @@ class Store:
         self._root.attrs.update(attrs)
 
     def stages(self) -> list[str]:
-        return sorted(name for name, _ in self._root.groups() if name not in (LEDGER_DIR, CHECKPOINT_DIR))
+        return sorted(name for name, _ in self._root.groups() if name not in PLAIN_FOLDERS)
 
     def stage_attrs(self, stage: str) -> dict[str, Any]:
         return dict(self._root[stage].attrs) if stage in self._root else {}
@@ -89,6 +112,7 @@ class Store:
         ledger = self.path / LEDGER_DIR / f"{stage}.jsonl"
         ledger.unlink(missing_ok=True)
         shutil.rmtree(self.path / stage, ignore_errors=True)
+        shutil.rmtree(self.path / COMMIT_DIR / stage, ignore_errors=True)
         shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)
 
     def checkpoint_dir(self, stage: str) -> Path:
@@ -123,15 +147,52 @@ class Store:
             receipt[name] = {"sha256": array_sha256(array), "shape": list(array.shape), "dtype": array.dtype.str}
         return receipt
 
+    def commit_unit(self, stage: str, unit: str, record: Mapping[str, Any]) -> None:
+        """Record (worker side, after ``write_unit``) that the unit's outputs are complete:
+        ``record`` holds its receipt (outputs, info), input digest and stage signature.
+        Written to a temporary file and renamed, so a record is whole or absent."""
+        path = self.path / COMMIT_DIR / stage / f"{unit}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def committed(self, stage: str, unit: str) -> dict[str, Any] | None:
+        """The unit's commit record, or None when there is none (or it cannot be read)."""
+        try:
+            record = json.loads((self.path / COMMIT_DIR / stage / f"{unit}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def forget_commit(self, stage: str, unit: str) -> None:
+        """Drop a unit's commit record (its outputs were found damaged: it must be redone)."""
+        (self.path / COMMIT_DIR / stage / f"{unit}.json").unlink(missing_ok=True)
+
     def read_unit(self, paths: Iterable[str], unit: str) -> dict[str, np.ndarray]:
-        """Read 'stage/output' arrays of one unit -> {'stage/output': array}."""
+        """Read 'stage/output' arrays of one unit -> {'stage/output': array}; StoreError when
+        one is missing, CorruptOutput when one does not decode."""
+        return self.verify_reads(paths, unit, {})
+
+    def verify_reads(self, paths: Iterable[str], unit: str, expected: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """``read_unit``, checking each array against the sha256 its producer recorded
+        (``expected``: 'stage/output' -> sha256; paths without one are not checked).
+        CorruptOutput names every array that cannot be decoded or differs from its record."""
         out: dict[str, np.ndarray] = {}
+        corrupt: list[str] = []
         for path in paths:
             key = f"{path}/{unit}"
             try:
                 out[path] = np.asarray(self._root[key][...])
             except KeyError:
                 raise StoreError(f"{self.path}: '{key}' is missing (upstream stage not done for this unit?)") from None
+            except Exception:  # a torn or truncated chunk fails to decode
+                corrupt.append(path)
+                continue
+            if path in expected and array_sha256(out[path]) != expected[path]:
+                corrupt.append(path)
+        if corrupt:
+            raise CorruptOutput(self.path, unit, corrupt)
         return out
 
     def has_unit(self, path: str, unit: str) -> bool:

@@ -42,6 +42,10 @@ def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Pat
     if source.glob is not None:
         paths = [Path(p) for p in globlib.glob(str(root / source.glob), recursive=True)]
         paths = [p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        outside = [p for p in paths if not p.resolve().is_relative_to(root.resolve())]
+        if outside:  # a symlink under the root that points elsewhere
+            raise ManifestError(manifest_path, [("data.images.glob", f"'{outside[0]}' resolves to {outside[0].resolve()}, "
+                                                 f"outside the data root {root}")])
         if not paths:
             raise ManifestError(manifest_path, [("data.images.glob", f"'{source.glob}' matches no image under {root}")])
         return sorted(paths)

@@ -5,7 +5,9 @@
 
 Rules (shared with the weak-label readers through ``open_checked``):
 
-* The file's *content* decides the format; its extension is ignored.
+* The file's *content* decides the format; its extension is ignored. PostScript (EPS)
+  is refused before decoding: Pillow renders it by running Ghostscript, an interpreter that
+  untrusted files must not reach.
 * The declared size is checked before any pixel is decoded: ``width * height`` above
   ``max_pixels`` is refused as a possible decompression bomb. Pillow's own bomb guard
   (``Image.MAX_IMAGE_PIXELS``) still applies on top: its hard error, and its warning
@@ -39,6 +41,8 @@ from seglab.pipeline.errors import InputError, TransientError
 #: formats whose mode "I" images hold 16-bit samples (Pillow widens them to int32)
 _SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+#: formats Pillow decodes by running an external program on the file
+_EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
 
 
 def read_file_bytes(path: Path) -> bytes:
@@ -95,6 +99,9 @@ def open_checked(path: Path, *, max_pixels: int,
     try:
         image = Image.open(io.BytesIO(data))
         fmt = image.format or ""
+        if fmt in _EXTERNAL_DECODER_FORMATS:
+            raise InputError(path, f"is {fmt} (PostScript), which is refused: decoding it would run Ghostscript "
+                                   f"on the file; convert it to PNG or TIFF first")
         declared_size = image.size
         _check_size(path, *declared_size, max_pixels, expected_hw)
         image.load()

@@ -106,17 +106,23 @@ def read_label_map(path: Path, *, expected_hw: tuple[int, int], class_ids: froze
     return np.ascontiguousarray(values.astype(dtype))
 
 
+def _shown(value, limit: int = 40) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _number(value, name: str) -> float:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{name} is missing")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{name} is not a number (got {value!r})")
+        raise ValueError(f"{name} is not a number (got {_shown(value)})")
     try:
         number = float(value)
     except (ValueError, OverflowError):
-        raise ValueError(f"{name} is not a number (got {value!r})") from None
+        raise ValueError(f"{name} is not a number (got {_shown(value)})") from None
     if not math.isfinite(number):
-        raise ValueError(f"{name} is {value!r}, not a finite number")
+        raise ValueError(f"{name} is {_shown(value)}, not a finite number")
     return number
 
 
@@ -127,10 +133,10 @@ def _normalise(image_path: str) -> PurePosixPath:
 
 def _image_key(value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"image must be a non-empty path or file name (got {value!r})")
+        raise ValueError(f"image must be a non-empty path or file name (got {_shown(value)})")
     key = _normalise(value)
     if key.is_absolute() or ".." in key.parts:
-        raise ValueError(f"image must be relative to the data root (got {value!r})")
+        raise ValueError(f"image must be relative to the data root (got {_shown(value)})")
     return str(key)
 
 
@@ -170,6 +176,11 @@ def _records(path: Path, columns: Sequence[str], list_key: str) -> list[dict]:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except ValueError as exc:  # e.g. Python's limit on the digits of an integer (a DoS guard)
+        what = "a number has too many digits" if "digits" in str(exc) else "it cannot be parsed"
+        raise InputError(path, f"is not usable JSON: {what} ({str(exc).split(';')[0]})") from None
+    except RecursionError:
+        raise InputError(path, "is not usable JSON: its arrays or objects are nested too deeply") from None
     if isinstance(document, dict) and isinstance(document.get(list_key), list):
         document = document[list_key]
     if not isinstance(document, list):
@@ -196,7 +207,7 @@ def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, 
             key = _image_key(record["image"])
             numbers = [_number(record[c], c) for c in columns[1:]]
             if not numbers[-1].is_integer():
-                raise ValueError(f"class is not an integer (got {record['class']!r})")
+                raise ValueError(f"class is not an integer (got {_shown(record['class'])})")
             if list_key == "boxes" and not (numbers[0] < numbers[2] and numbers[1] < numbers[3]):
                 raise ValueError(f"box needs x0 < x1 and y0 < y1 (got {numbers[:4]})")
         except ValueError as exc:

@@ -66,6 +66,19 @@ def test_unreadable_content(tmp_path, content, message):
         decode_image(path, max_pixels=LIMIT)
 
 
+def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    path = tmp_path / "photo.png"  # the content decides: EPS, whatever the name says
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(path, format="EPS")
+    with pytest.raises(InputError, match="EPS .*would run Ghostscript") as info:
+        decode_image(path, max_pixels=LIMIT)
+    assert info.value.path == str(path) and not ran
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(InputError, match="not found"):
         decode_image(tmp_path / "nope.png", max_pixels=LIMIT)

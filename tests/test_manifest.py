@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,65 @@ def test_python_tags_are_not_executed(tmp_path):
     bad.write_text("run: !!python/object/apply:os.system ['touch canary']\n")
     assert "not valid YAML" in str(problems(bad))
     assert not Path("canary").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [  # each raised TypeError, ValueError, ... (tests/test_fuzz.py)
+    ("? [a, b]\n: 1\n", "a key must be a plain value, not a list"),
+    ("run: {name: 2024-13-45}\n", "cannot convert the value '2024-13-45' (month must be in 1..12)"),
+    ("run: {name: !!int abc}\n", "cannot convert the value 'abc'"),
+    ("run: {name: !!float abc}\n", "cannot convert the value 'abc'"),
+    ("run: !!timestamp x\n", "cannot convert the value 'x'"),
+    ("run: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+])
+def test_yaml_values_that_do_not_convert_are_manifest_errors(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ManifestError, match="not valid YAML") as info:
+        load_manifest(bad)
+    assert message in str(info.value)
+
+
+def test_alias_bomb_and_recursive_alias_are_refused_but_aliases_still_work(tiny):
+    original = tiny.read_text()
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    tiny.write_text(bomb + original)  # 10**9 values once expanded
+    assert "alias bomb" in str(problems(tiny))
+    tiny.write_text("loop: &loop [*loop]\n" + original)
+    assert "recursive alias" in str(problems(tiny))
+    tiny.write_text(original.replace("embed: {batch_size: 2}", "embed: &batch {batch_size: 2}")
+                    .replace("prompts: {batch_size: 2}", "prompts: *batch"))
+    assert load_manifest(tiny).prompts.batch_size == 2
+
+
+def test_paths_that_cannot_be_resolved_are_named(tiny):
+    original = tiny.read_text()
+    tiny.write_text(original.replace("  root: data\n", '  root: "da\\0ta"\n'))  # raised ValueError
+    assert "not a usable path" in problems(tiny)["data.root"]
+    tiny.write_text(original.replace("store:\n", "  evaluation: {images: {glob: 'images/*.png'}, "
+                                     "masks: '~no-such-user-here/gold'}\nstore:\n"))  # raised RuntimeError
+    assert "not a usable path" in problems(tiny)["data.evaluation.masks"]
+
+
+@pytest.mark.parametrize(("index", "content", "message"), [  # each crashed `seglab validate` in pipeline/units.py
+    ("list.txt", None, "image list .*list.txt is not a file"),
+    ("list.txt", b"images/img00.png\n\xff\xfe\n", "is not UTF-8 text"),
+    ("list.txt", b"images/img00.png\nhttps://example.com/a.png\n", "names URLs"),
+    ("index.parquet", b"PAR1 not really", "Parquet index .*index.parquet cannot be read"),
+    ("index.parquet", "no-column", "cannot be read"),
+])
+def test_image_index_must_be_a_readable_file_of_local_paths(tiny, index, content, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tiny.parent / "data" / index
+    if content == "no-column":
+        pq.write_table(pa.table({"file": ["images/img00.png"]}), path)
+    elif content is not None:
+        path.write_bytes(content)
+    kind = "list" if index.endswith(".txt") else "parquet"
+    tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', f"images: {{{kind}: {index}}}"))
+    assert re.search(message, problems(tiny)["data.images"])
 
 
 def test_embedded_demo_manifest_loads_with_store_in_cwd(tmp_path, monkeypatch):

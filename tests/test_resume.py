@@ -1,6 +1,7 @@
-"""The most important test: kill `seglab run` mid-stage, rerun, and get a clean run's store."""
+"""The most important test: kill `seglab run` in several stages, rerun, and get a clean run's store."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,12 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from seglab.pipeline.store import Store
 
 from conftest import write_dataset, write_manifest
 
-STAGES = ("ingest", "embed", "prompts", "select")
+STAGES = ("ingest", "embed", "prompts", "select", "refine")
 SIZES = [(60 + 4 * i, 90 - 3 * i) for i in range(10)]
 
 
@@ -29,8 +31,6 @@ def ledger_units(store_path: Path, stage: str) -> list[tuple[str, str]]:
     path = store_path / "_ledger" / f"{stage}.jsonl"
     if not path.exists():
         return []
-    import json
-
     return [(e["unit"], e["status"]) for e in map(json.loads, path.read_text().splitlines())]
 
 
@@ -46,33 +46,53 @@ def kill_when(proc: subprocess.Popen, store: Path, stage: str, done: int, timeou
     proc.wait()
 
 
-def test_killed_run_resumes_to_the_same_store_without_redoing_work(tmp_path):
-    write_dataset(tmp_path / "data", SIZES)
-    clean = write_manifest(tmp_path, store="clean.zarr", batch=1)
-    out = seglab("run", str(clean)).communicate(timeout=600)[0].decode()
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, a clean run's store) over SIZES, run by the CLI."""
+    folder = tmp_path_factory.mktemp("clean")
+    write_dataset(folder / "data", SIZES)
+    manifest = write_manifest(folder, store="clean.zarr", batch=1)
+    out = seglab("run", str(manifest)).communicate(timeout=600)[0].decode()
     assert "Done." in out, out
+    return manifest, folder / "clean.zarr"
 
-    resumed = tmp_path / "resumed.zarr"
-    manifest = tmp_path / "resumed.yaml"
-    manifest.write_text(clean.read_text().replace("clean.zarr", "resumed.zarr"))
-    kill_when(seglab("run", str(manifest)), resumed, "embed", done=3)
+
+@pytest.mark.parametrize("stage,done", [
+    ("embed", 3), ("select", 2), ("refine", 4),
+    # the long variants: python -m pytest -m slow tests/test_resume.py
+    pytest.param("prompts", 5, marks=pytest.mark.slow),
+    pytest.param("embed", 8, marks=pytest.mark.slow),
+])
+def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage, done):
+    clean_manifest, clean_store = clean
+    resumed = clean_manifest.parent / f"resumed-{stage}.zarr"
+    manifest = clean_manifest.parent / f"resumed-{stage}.yaml"
+    manifest.write_text(clean_manifest.read_text().replace("clean.zarr", resumed.name))
+    kill_when(seglab("run", str(manifest)), resumed, stage, done=done)
     before = {s: ledger_units(resumed, s) for s in STAGES}
-    assert len(before["ingest"]) == len(SIZES) and 3 <= len(before["embed"]) < len(SIZES), before
-    assert before["select"] == []
+    assert done <= len(before[stage]) < len(SIZES), before
+    committed = {p.stem for p in (resumed / "_commits" / "embed").glob("*.json")}  # features already stored
 
     proc = seglab("run", str(manifest))
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
     after = {s: ledger_units(resumed, s) for s in STAGES}
-    for stage in STAGES:
-        units = [u for u, status in after[stage] if status == "done"]
-        assert sorted(units) == sorted(set(units)), f"{stage}: a unit was done twice"
+    for name in STAGES:
+        units = [u for u, status in after[name] if status == "done"]
+        assert sorted(units) == sorted(set(units)), f"{name}: a unit was done twice"
         assert len(units) == len(SIZES)
-        assert after[stage][: len(before[stage])] == before[stage]  # finished work kept, not redone
+        assert after[name][: len(before[name])] == before[name]  # finished work kept, not redone
+    new_embed = [json.loads(line) for line in (resumed / "_ledger" / "embed.jsonl").read_text().splitlines()
+                 [len(before["embed"]):]]
+    encoded = {e["unit"] for e in new_embed if not e.get("adopted")}
+    adopted = {e["unit"] for e in new_embed if e.get("adopted")}
+    assert not encoded & committed  # no image whose features were stored was encoded again
+    # what was committed but not ledgered is adopted (workers orphaned by the kill may commit a few more)
+    assert committed - {u for u, _ in before["embed"]} <= adopted
 
-    a, b = Store(tmp_path / "clean.zarr"), Store(resumed)
-    for stage in STAGES:
-        for unit in a.ledger(stage).load():
-            paths = [f"{stage}/{name}" for name in a.ledger(stage).load()[unit]["outputs"]]
+    a, b = Store(clean_store), Store(resumed)
+    for name in STAGES:
+        for unit in a.ledger(name).load():
+            paths = [f"{name}/{out}" for out in a.ledger(name).load()[unit]["outputs"]]
             for path, value in a.read_unit(paths, unit).items():
                 np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")

@@ -63,6 +63,25 @@ def test_checkpoints_are_atomic_and_a_torn_newest_falls_back(tmp_path):
     assert path.name == "epoch-0001.pt" and state["epoch"] == 1
 
 
+class _RunsCode:
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.canary}'",))
+
+
+def test_resume_skips_unsafe_and_foreign_checkpoints(tmp_path):
+    save_checkpoint(tmp_path, 0, {"epoch": 0, "w": torch.zeros(2)})
+    newest = tmp_path / "epoch-0001.pt"
+    for state in ({"epoch": 1, "w": _RunsCode(tmp_path / "canary")},  # unpickling would run code
+                  torch.zeros(3), {"epoch": "1"}, [1, 2]):  # tensors, but no training state: train() crashed
+        torch.save(state, newest)
+        path, loaded = latest_checkpoint(tmp_path)
+        assert path.name == "epoch-0000.pt" and loaded["epoch"] == 0
+    assert not (tmp_path / "canary").exists()
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_are_reused(tiny):
     add_gold(tiny, evaluation="images/img03.png")

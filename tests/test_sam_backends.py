@@ -136,6 +136,25 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, sam_checkpoi
     assert not canary.exists()
 
 
+def test_refusals_are_one_clear_line(tmp_path, sam_checkpoint):
+    torch.save({"weights": _RunsCode(str(tmp_path / "canary"))}, tmp_path / "evil.pth")
+    with pytest.raises(InputError) as info:
+        SamBackend(tiny_sam_config(tmp_path / "evil.pth")).model
+    message = str(info.value)  # torch's own text has colour codes and advises weights_only=False
+    assert "would call getattr" in message and "\x1b[" not in message and "weights_only=False" not in message
+    assert "\n" not in message and not (tmp_path / "canary").exists()
+
+
+@pytest.mark.parametrize("keep", [0, 100, -1])
+def test_empty_or_truncated_checkpoint_is_a_clear_error(tmp_path, sam_checkpoint, keep):
+    data = sam_checkpoint.read_bytes()
+    torn = tmp_path / "torn.pth"
+    torn.write_bytes(data[:keep] if keep >= 0 else data[:keep])  # the empty file raised IndexError
+    with pytest.raises(InputError, match="empty or truncated") as info:
+        SamBackend(tiny_sam_config(torn)).model
+    assert info.value.path == str(torn)
+
+
 def test_checkpoint_keys_must_match_exactly(tmp_path, sam_checkpoint):
     state = torch.load(sam_checkpoint, weights_only=True)
     del state["mask_decoder.iou_token.weight"]

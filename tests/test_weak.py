@@ -181,6 +181,7 @@ def test_points_json_object_form_bom_and_spaced_header(tmp_path):
     ([("a.jpg", True, 1, 1)], r"x is not a number \(got True\)"),
     ([(3, 1, 1, 1)], r"image must be"),
     ([("a.jpg", "x", 1, 1)] * 7, r"and 2 more"),
+    ([("a.jpg", "9" * 5000, 1, 1)], r"x is '9999.*\.\.\. \(5002 characters\), not a finite number$"),
 ])
 def test_malformed_json_rows(tmp_path, rows, message):
     with pytest.raises(InputError, match=message):
@@ -208,6 +209,9 @@ def test_malformed_csv(tmp_path, content, message):
     ("p.csv", b"image,x,y,class\n\xff\xfe,1,2,3\n", "not UTF-8"),
     ("p.parquet", b"PAR1 not really", "not a readable Parquet file"),
     ("p.txt", b"image,x,y,class\n", "unsupported table type '.txt'"),
+    # json.loads raised ValueError / RecursionError here, not JSONDecodeError (found by tests/test_fuzz.py)
+    ("p.json", b'[{"image": "a.jpg", "x": 1' + b"0" * 5000 + b', "y": 1, "class": 1}]', "a number has too many digits"),
+    ("p.json", b"[" * 100_000, "nested too deeply"),
 ])
 def test_unreadable_tables(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)

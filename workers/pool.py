@@ -10,6 +10,7 @@ failed transiently is retried up to ``max_retries``; a deterministic failure is 
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 import traceback
@@ -22,6 +23,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.errors import InputError, SeglabError, TransientError
+from seglab.pipeline.store import CorruptOutput
 from seglab.stages.base import Context, Resources, StageConfig, Unit
 
 TRANSIENT = (TransientError, TimeoutError, ConnectionError, MemoryError)
@@ -43,14 +45,15 @@ class WorkerSpec:
 
 
 def _failure(unit: Unit, exc: BaseException) -> dict[str, Any]:
+    """A failed unit's receipt. ``error.transient``: worth retrying; ``error.corrupt``: the
+    damaged input arrays ('stage/output') whose producing stage must redo the unit."""
     transient = isinstance(exc, TRANSIENT) and not isinstance(exc, InputError)
     message = str(exc) if isinstance(exc, SeglabError) else f"{type(exc).__name__}: {exc}"
-    return {
-        "unit": unit.id,
-        "status": "failed",
-        "error": {"type": type(exc).__name__, "message": message, "transient": transient,
-                  "detail": "".join(traceback.format_exception(exc))[-2000:]},
-    }
+    error = {"type": type(exc).__name__, "message": message, "transient": transient,
+             "detail": "".join(traceback.format_exception(exc))[-2000:]}
+    if isinstance(exc, CorruptOutput):
+        error["corrupt"] = exc.paths
+    return {"unit": unit.id, "status": "failed", "error": error}
 
 
 class StageWorker:
@@ -95,6 +98,10 @@ class StageWorker:
         """The worker's process id (for operators and fault-injection tests)."""
         return os.getpid()
 
+    def peak_rss(self) -> int:
+        """The most resident memory this worker process has held, in bytes."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def fit(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], gold: Any) -> dict[str, Any]:
         """Fit a stage on its gold units: their inputs and gold masks -> the fitted parameters."""
         from seglab.pipeline.gold import read_gold
@@ -108,7 +115,11 @@ class StageWorker:
             samples.append(GoldSample(unit.id, inputs, index, valid))
         return self._stage(stage_name).fit(samples, self.context)
 
-    def run(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str]) -> list[dict[str, Any]]:
+    def run(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str],
+            tasks: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Run a batch; -> one receipt per unit. ``tasks[unit id]``: 'inputs' (input digest)
+        and 'signature' (stage signature digest) for the commit record, 'expected': the
+        sha256 of each read array as its producer recorded it."""
         stage = self._stage(stage_name)
         if stage.fits:
             stage.fitted = self.store.stage_attrs(stage_name).get("fitted")
@@ -118,7 +129,7 @@ class StageWorker:
         ready_units, inputs = [], []
         for unit in units:
             try:
-                inputs.append(self.store.read_unit(read_paths, unit.id))
+                inputs.append(self.store.verify_reads(read_paths, unit.id, tasks[unit.id]["expected"]))
                 ready_units.append(unit)
             except Exception as exc:
                 receipts.append(_failure(unit, exc))
@@ -130,46 +141,119 @@ class StageWorker:
                 receipts.append(_failure(unit, result))
                 continue
             try:
-                outputs = self.store.write_unit(stage_name, unit.id, result)
-                info = stage.receipt_info(unit, result)
+                receipt = {"unit": unit.id, "status": "done", "outputs": self.store.write_unit(stage_name, unit.id, result),
+                           "info": stage.receipt_info(unit, result), "seconds": round(seconds, 4)}
+                self.store.commit_unit(stage_name, unit.id, {**receipt, "inputs": tasks[unit.id]["inputs"],
+                                                             "signature": tasks[unit.id]["signature"]})
             except Exception as exc:
                 receipts.append(_failure(unit, exc))
                 continue
-            receipts.append({"unit": unit.id, "status": "done", "outputs": outputs, "info": info,
-                             "seconds": round(seconds, 4)})
+            receipts.append(receipt)
         return receipts
 
 
 class WorkerPool:
-    """A set of ``StageWorker`` actors with the same resources."""
+    """A set of ``StageWorker`` actors with the same resources, one per slot.
 
-    def __init__(self, spec: WorkerSpec, resources: Resources, size: int):
+    A slot whose actor died is refilled while the cluster has room for it, else retired
+    (``None``). A refilled slot takes work only once its actor answers; one that does not
+    answer within ``start_timeout`` seconds (its resources left with a lost node, say) is
+    retired too, so a lost node shrinks the pool instead of leaving work waiting forever."""
+
+    def __init__(self, spec: WorkerSpec, resources: Resources, size: int, worker: type = StageWorker,
+                 start_timeout: float = 120.0):
+        """worker: the actor body (``StageWorker``, or one with the same ``run``/``fit``/``pid``)."""
         self.spec = spec
         self.resources = resources
         self.size = size
+        self.start_timeout = start_timeout
         self.replaced = 0
-        self._cls = ray.remote(StageWorker).options(
+        self._cls = ray.remote(worker).options(
             num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=0, max_task_retries=0
         )
-        self.actors = [self._cls.remote(spec) for _ in range(size)]
+        self.actors: list[Any] = [self._cls.remote(spec) for _ in range(size)]
+        self.starting: dict[int, tuple[Any, float]] = {}
+        """Refilled slots not yet answering: slot -> (the actor's ``pid`` call, deadline)."""
+
+    @property
+    def live(self) -> list[int]:
+        """Slots whose actor may take work (refilled slots once they answer)."""
+        return [i for i, actor in enumerate(self.actors) if actor is not None and i not in self.starting]
 
     def fit(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], gold: Any) -> dict[str, Any]:
         """Run ``StageWorker.fit`` on one actor; a failure names the stage."""
         try:
-            return ray.get(self.actors[0].fit.remote(stage_name, units, read_paths, gold))
+            return ray.get(self.actors[self.live[0]].fit.remote(stage_name, units, read_paths, gold))
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             cause = cause if isinstance(cause, SeglabError) else exc
             raise StageFailed(f"{stage_name}: fitting on the gold set failed: {cause}") from None
 
-    def replace(self, index: int) -> None:
+    def replace(self, index: int) -> bool:
+        """Refill a slot whose actor died; -> False when the cluster has no room for another
+        actor (the slot is retired)."""
+        from seglab.workers.raysession import capacity
+
         ray.kill(self.actors[index], no_restart=True)
+        others = sum(actor is not None for actor in self.actors) - 1
+        if capacity(self.resources) <= others:
+            self.actors[index] = None
+            return False
         self.actors[index] = self._cls.remote(self.spec)
+        self.starting[index] = (self.actors[index].pid.remote(), time.monotonic() + self.start_timeout)
         self.replaced += 1
+        return True
+
+    def check_starting(self, answered: Sequence[Any]) -> int:
+        """Promote refilled slots whose ``pid`` call is among ``answered``; retire those that
+        died starting or passed their deadline. -> slots retired."""
+        retired = 0
+        for index, (ref, deadline) in list(self.starting.items()):
+            if ref in answered:
+                del self.starting[index]
+                try:
+                    ray.get(ref)
+                    continue
+                except RayActorError:
+                    pass
+            elif time.monotonic() < deadline:
+                continue
+            self.starting.pop(index, None)
+            ray.kill(self.actors[index], no_restart=True)
+            self.actors[index] = None
+            retired += 1
+        return retired
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the earliest refilled slot must have answered (None: none starting)."""
+        if not self.starting:
+            return None
+        return max(0.0, min(deadline for _, deadline in self.starting.values()) - time.monotonic())
+
+    def peak_rss(self) -> int | None:
+        """The largest peak resident memory of the pool's live workers, in bytes (None when
+        none answers within 30 s)."""
+        try:
+            peaks = ray.get([self.actors[i].peak_rss.remote() for i in self.live], timeout=30)
+        except (RayActorError, GetTimeoutError):
+            return None
+        return max(peaks, default=None)
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+
+@dataclass
+class BatchStats:
+    """What ``run_batches`` had to redo: units resubmitted after their worker was lost,
+    units recovered from commit records instead, workers replaced and slots retired."""
+
+    resubmitted: int = 0
+    recovered: int = 0
+    replaced: int = 0
+    retired: int = 0
 
 
 def run_batches(
@@ -181,16 +265,27 @@ def run_batches(
     batch_size: int,
     max_retries: int,
     on_receipts: Callable[[list[dict[str, Any]]], None],
+    tasks: Mapping[str, Mapping[str, Any]],
+    recover: Callable[[Sequence[Unit]], list[dict[str, Any]]] | None = None,
+    stall_timeout: float = 1800.0,
     in_flight: int = 2,
     replace_limit: int | None = None,
-) -> None:
+) -> BatchStats:
     """Run ``stage_name`` over ``units``; every unit ends in exactly one final receipt
-    passed to ``on_receipts`` (done, or failed with its reason)."""
+    passed to ``on_receipts`` (done, or failed with its reason).
+
+    tasks: per unit id what ``StageWorker.run`` needs besides the unit. A worker lost with
+    batches in flight: ``recover`` turns the units it had already committed into done
+    receipts, the others are resubmitted (a transient failure, counted against
+    ``max_retries``). StageFailed, naming the stage and a unit, when the pool is exhausted
+    (more than ``replace_limit`` replacements, or no slot left) or when no batch finishes
+    for ``stall_timeout`` seconds (hung or unschedulable workers)."""
     attempts: dict[str, int] = {u.id: 0 for u in units}
     queue: deque[list[Unit]] = deque(list(units[i : i + batch_size]) for i in range(0, len(units), batch_size))
     pending: dict[Any, tuple[int, list[Unit]]] = {}
     load = [0] * pool.size
     limit = replace_limit if replace_limit is not None else 3 * pool.size + max_retries
+    stats = BatchStats()
 
     def retry_or_fail(batch: list[Unit], error: BaseException) -> list[dict[str, Any]]:
         final = []
@@ -198,19 +293,41 @@ def run_batches(
             attempts[unit.id] += 1
             if attempts[unit.id] <= max_retries:
                 queue.append([unit])
+                stats.resubmitted += 1
             else:
                 final.append(_failure(unit, TransientError(f"{error} (after {attempts[unit.id]} attempts)")))
         return final
 
+    def lost(batch: list[Unit], error: BaseException) -> None:
+        recovered = recover(batch) if recover else []
+        stats.recovered += len(recovered)
+        finished = {r["unit"] for r in recovered}
+        on_receipts(recovered + retry_or_fail([u for u in batch if u.id not in finished], error))
+
+    last_progress = time.monotonic()
     while queue or pending:
-        while queue:
-            idle = min(range(pool.size), key=load.__getitem__)
+        while queue and pool.live:
+            idle = min(pool.live, key=load.__getitem__)
             if load[idle] >= in_flight:
                 break
             batch = queue.popleft()
-            pending[pool.actors[idle].run.remote(stage_name, batch, list(read_paths))] = (idle, batch)
+            ref = pool.actors[idle].run.remote(stage_name, batch, list(read_paths), {u.id: tasks[u.id] for u in batch})
+            pending[ref] = (idle, batch)
             load[idle] += 1
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        if not pending and not pool.starting:
+            raise StageFailed(f"stage '{stage_name}': no worker left to run unit '{queue[0][0].id}' "
+                              f"({stats.retired} lost with their nodes, none can be replaced)")
+        starting = [ref for ref, _ in pool.starting.values()]
+        waits = [t for t in (pool.next_deadline(), stall_timeout - (time.monotonic() - last_progress)) if t is not None]
+        ready, _ = ray.wait(list(pending) + starting, num_returns=1, timeout=max(0.0, min(waits)))
+        stats.retired += pool.check_starting(ready)
+        ready = [ref for ref in ready if ref in pending]
+        if ready:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress >= stall_timeout:
+            waiting = [u.id for _, batch in pending.values() for u in batch] or [u.id for batch in queue for u in batch]
+            raise StageFailed(f"stage '{stage_name}': no unit finished in {stall_timeout:.0f}s (workers hung or "
+                              f"cannot be scheduled); {len(waiting)} units waiting, first '{waiting[0]}'")
         for ref in ready:
             index, batch = pending.pop(ref)
             load[index] -= 1
@@ -226,9 +343,12 @@ def run_batches(
                     if other_index == index:  # its other batches died with it
                         del pending[other_ref]
                         load[index] -= 1
-                        on_receipts(retry_or_fail(other_batch, exc))
-                pool.replace(index)
-                on_receipts(retry_or_fail(batch, TransientError(f"worker lost: {type(exc).__name__}")))
+                        lost(other_batch, exc)
+                if pool.replace(index):
+                    stats.replaced += 1
+                else:
+                    stats.retired += 1
+                lost(batch, TransientError(f"worker lost: {type(exc).__name__}"))
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
                 receipts = [_failure(unit, exc) for unit in batch]
@@ -241,3 +361,4 @@ def run_batches(
                         continue
                 final.append(receipt)
             on_receipts(final)
+    return stats

@@ -25,21 +25,27 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
 
 
-def pool_size(resources: Resources, requested: int | None) -> int:
-    """Actors for a pool: ``requested``, or as many as the cluster's CPUs/GPUs allow."""
+def capacity(resources: Resources) -> int:
+    """How many workers needing ``resources`` the cluster's live nodes have room for in all."""
     total = ray.cluster_resources()
     fits = []
     if resources.cpus:
         fits.append(int(total.get("CPU", 0) // resources.cpus))
     if resources.gpus:
         fits.append(int(total.get("GPU", 0) // resources.gpus))
-    capacity = min(fits) if fits else 1
-    if capacity < 1:
+    return min(fits) if fits else 1
+
+
+def pool_size(resources: Resources, requested: int | None) -> int:
+    """Actors for a pool: ``requested``, or as many as the cluster's CPUs/GPUs allow."""
+    room = capacity(resources)
+    if room < 1:
+        total = ray.cluster_resources()
         raise SeglabError(
             f"the Ray cluster cannot host one worker needing {resources.cpus} CPU and {resources.gpus} GPU "
             f"(it has {total.get('CPU', 0)} CPU, {total.get('GPU', 0)} GPU)"
         )
-    return max(1, min(requested or capacity, capacity))
+    return max(1, min(requested or room, room))
 
 
 def worker_resources(stage: Resources, backend_config) -> Resources:

@@ -65,12 +65,16 @@ def checkpoint_files(folder: Path | str) -> list[Path]:
 
 
 def latest_checkpoint(folder: Path | str) -> tuple[Path, dict[str, Any]] | None:
-    """(path, state) of the newest checkpoint that loads as tensors (weights_only), or None."""
+    """(path, state) of the newest checkpoint that loads as tensors (weights_only) and holds
+    a state with an integer ``epoch``, or None. A torn, corrupt or unsafe file (one whose
+    unpickling would run code: weights_only refuses it unrun) is skipped."""
     for path in reversed(checkpoint_files(folder)):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn or corrupt file: fall back to the one before
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn, corrupt or unsafe file: fall back to the one before
             continue
+        if isinstance(state, dict) and isinstance(state.get("epoch"), int) and not isinstance(state["epoch"], bool):
+            return path, state
     return None
 
 

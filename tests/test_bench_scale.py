@@ -1,0 +1,37 @@
+"""seglab bench scale / bench rerun on a few synthetic images (each run is a `seglab run` process)."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from seglab.cli.app import app
+from seglab.pipeline.bench_scale import bench_scale
+from seglab.pipeline.store import Store
+
+
+def test_rerun_of_a_finished_run_encodes_nothing_and_is_timed(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "rerun", "--images", "4", "--folder", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["encoder_calls_in_rerun"] == 0
+    assert set(figures["ledger_lines_added_by_rerun"]) == {"ingest", "embed", "prompts", "select", "refine"}
+    assert not any(figures["ledger_lines_added_by_rerun"].values())
+    assert 0 < figures["rerun_seconds"] < figures["first_seconds"]
+    assert figures["rerun_share"] == round(figures["rerun_seconds"] / figures["first_seconds"], 4)
+    again = CliRunner().invoke(app, ["bench", "rerun", "--images", "4", "--folder", str(tmp_path)])
+    assert again.exit_code == 1 and "times a first run from nothing" in again.output
+
+
+def test_scale_reports_every_run_with_stage_rates_and_peak_memory(tmp_path):
+    result = bench_scale(tmp_path, images=(3, 5), workers=(2,), size=(48, 64))
+    assert [(r["images"], r["workers"]) for r in result["runs"]] == [(3, 2), (5, 2)]
+    for run in result["runs"]:
+        stages = Store(tmp_path / f"scale-{run['images']}-w2.zarr").ledger("refine").load()
+        assert len(stages) == run["images"]
+        assert run["driver_peak_rss"] > 50 * 2**20 and run["worker_peak_rss"] > 50 * 2**20
+        embed = run["stages"]["embed"]
+        assert embed["computed"] == run["images"] and embed["images_per_second"] == round(
+            embed["computed"] / embed["seconds"], 3)
+    assert result["driver_memory_ratio"] == round(result["runs"][1]["driver_peak_rss"] / result["runs"][0]["driver_peak_rss"], 3)
+    assert "worker_speedup" not in result

@@ -1,0 +1,90 @@
+"""Node loss on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two worker
+nodes on this machine): a worker node removed without grace in the middle of a map stage."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import write_dataset, write_manifest
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.store import Store
+
+SIZES = [(48 + 4 * i, 64) for i in range(8)]
+STAGES = ("ingest", "embed", "prompts", "select", "refine")
+IN_FLIGHT = 2  # batches per worker (run_batches' default); batches hold one unit here
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head without CPUs (the driver only) and two 1-CPU worker nodes; the clean store of
+    a run over SIZES with both nodes up."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c.folder = tmp_path_factory.mktemp("cluster")
+    write_dataset(c.folder / "data", SIZES)
+    manifest = write_manifest(c.folder, store="clean.zarr", batch=1)
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    assert Runner(load_manifest(manifest), RunOptions(address=c.address)).run().ok
+    for node in nodes:
+        c.remove_node(node)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def ledger_lines(store: Path, stage: str) -> list[dict]:
+    import json
+
+    path = store / "_ledger" / f"{stage}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("stage,after", [
+    ("embed", 2), ("select", 3),
+    # the long variants: python -m pytest -m slow tests/test_cluster.py
+    pytest.param("ingest", 1, marks=pytest.mark.slow), pytest.param("embed", 6, marks=pytest.mark.slow),
+    pytest.param("prompts", 4, marks=pytest.mark.slow), pytest.param("refine", 2, marks=pytest.mark.slow),
+])
+def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, stage, after):
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    name = f"lost-{stage}"
+    manifest = cluster.folder / f"{name}.yaml"
+    manifest.write_text((cluster.folder / "manifest.yaml").read_text().replace("clean.zarr", f"{name}.zarr")
+                        .replace("  workers: 2\n", "  workers: 2\n  worker_start_timeout: 10\n"))
+    store_path = cluster.folder / f"{name}.zarr"
+    removed = threading.Event()
+
+    def remove_when_busy() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(ledger_lines(store_path, stage)) < after:
+            time.sleep(0.02)
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        removed.set()
+
+    remover = threading.Thread(target=remove_when_busy, daemon=True)
+    remover.start()
+    report = Runner(load_manifest(manifest), RunOptions(address=cluster.address)).run()
+    remover.join()
+    try:
+        assert removed.is_set() and report.ok, [(s.stage, s.failures, s.blocked) for s in report.stages]
+        lost = next(s for s in report.stages if s.stage == stage)
+        assert 1 <= lost.resubmitted <= IN_FLIGHT  # only the lost node's batches in flight were redone
+        clean, store = Store(cluster.folder / "clean.zarr"), Store(store_path)
+        for s in STAGES:
+            done = [e["unit"] for e in ledger_lines(store_path, s) if e["status"] == "done"]
+            assert sorted(done) == sorted(set(done)) and len(done) == len(SIZES), f"{s}: lost or done twice"
+            for unit, entry in clean.ledger(s).load().items():
+                paths = [f"{s}/{out}" for out in entry["outputs"]]
+                for path, value in clean.read_unit(paths, unit).items():
+                    np.testing.assert_array_equal(store.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
+    finally:
+        cluster.remove_node(nodes[0])
