@@ -64,6 +64,8 @@ class StageReport:
     """Units a killed run had computed and committed but not ledgered: taken, not recomputed."""
     resubmitted: int = 0
     """Units run again because the worker running them was lost."""
+    recovered: int = 0
+    """Units a lost worker had committed before it died: kept, not run again."""
     invalidated: list[tuple[str, str]] = field(default_factory=list)
     """(unit, 'stage/output') of inputs found damaged; their producer redid them."""
     worker_peak_rss: int | None = None
@@ -77,6 +79,7 @@ class StageReport:
         self.todo = earlier.todo
         self.seconds += earlier.seconds
         self.resubmitted += earlier.resubmitted
+        self.recovered += earlier.recovered
         self.invalidated = earlier.invalidated + self.invalidated
         self.worker_peak_rss = max((p for p in (self.worker_peak_rss, earlier.worker_peak_rss) if p), default=None)
 
@@ -436,6 +439,7 @@ class Runner:
             stall_timeout=self.manifest.ray.stall_timeout,
         )
         report.resubmitted += stats.resubmitted
+        report.recovered += stats.recovered
         report.seconds = time.perf_counter() - started
         report.worker_peak_rss = pool.peak_rss()
         self.progress.finish(name, report)

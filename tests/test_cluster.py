@@ -76,8 +76,12 @@ def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, sta
     remover.join()
     try:
         assert removed.is_set() and report.ok, [(s.stage, s.failures, s.blocked) for s in report.stages]
-        lost = next(s for s in report.stages if s.stage == stage)
-        assert 1 <= lost.resubmitted <= IN_FLIGHT  # only the lost node's batches in flight were redone
+        # the lost worker's batches (those in flight, or the next one sent to it) are redone or
+        # recovered from their commit records, in whichever stage noticed the loss. Before Ray
+        # marks the node dead, its replacement may be placed on that node too and lost with it:
+        # at most the in-flight batches of two workers on the lost node are redone.
+        redone = sum(s.resubmitted for s in report.stages)
+        assert 1 <= redone + sum(s.recovered for s in report.stages) and redone <= 2 * IN_FLIGHT
         clean, store = Store(cluster.folder / "clean.zarr"), Store(store_path)
         for s in STAGES:
             done = [e["unit"] for e in ledger_lines(store_path, s) if e["status"] == "done"]
