@@ -14,6 +14,7 @@ import numpy as np
 
 from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.store import Store
+from seglab.pipeline.store import done_units as ledger_done
 from seglab.stages.base import ROUND_SEPARATOR, round_name
 
 SPLITS = ("training", "calibration", "evaluation")
@@ -27,10 +28,20 @@ def stage_round(stage: str) -> int:
     return int(r) if r.isdigit() else 0
 
 
+def stage_outcomes(store: Store, stage: str) -> tuple[list[str], dict[str, str]]:
+    """From one read of ``stage``'s ledger: (units done with the signature its stored arrays
+    carry, sorted; {unit whose last line failed: its error message})."""
+    entries = store.ledger(stage).load()
+    digest = store.stage_attrs(stage).get("signature_digest")
+    done = sorted(ledger_done(entries, digest)) if digest else []
+    failed = {u: str((e.get("error") or {}).get("message", "")) for u, e in entries.items()
+              if e.get("status") == "failed"}
+    return done, failed
+
+
 def done_units(store: Store, stage: str) -> list[str]:
     """Units of ``stage`` done with the signature its stored arrays carry, sorted."""
-    digest = store.stage_attrs(stage).get("signature_digest")
-    return sorted(store.ledger(stage).done(digest)) if digest else []
+    return stage_outcomes(store, stage)[0]
 
 
 def refine_rounds(store: Store) -> list[int]:

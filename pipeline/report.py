@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.labelsource import LabelSource, default_stage, done_units, open_source, provenance, stage_round
+from seglab.pipeline.labelsource import (LabelSource, default_stage, done_units, open_source, provenance,
+                                         stage_outcomes, stage_round)
 from seglab.pipeline.store import Store
-from seglab.pipeline.store import done_units as ledger_done
 
 MAX_FAILURES = 20
 """Failures listed by name; the rest are counted."""
@@ -236,13 +236,10 @@ def stage_rows(store: Store) -> StagesSection:
     total = len(store.ledger("ingest").load())
     rows, failures = [], []
     for stage in stages:
-        entries = store.ledger(stage).load()
-        attrs = store.stage_attrs(stage)
-        signature = attrs.get("signature_digest")
-        done = len(ledger_done(entries, signature)) if signature else 0
-        failed = sorted((u, str((e.get("error") or {}).get("message", ""))) for u, e in entries.items()
-                        if e.get("status") == "failed")
+        done_list, failed_messages = stage_outcomes(store, stage)
+        done, failed = len(done_list), sorted(failed_messages.items())
         failures += [Failure(stage, u, m) for u, m in failed]
+        attrs = store.stage_attrs(stage)
         summary = attrs.get("summary") or {}
         seconds, computed = summary.get("seconds"), summary.get("computed")
         fitted = attrs.get("fitted")

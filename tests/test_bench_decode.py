@@ -19,7 +19,7 @@ TINY_VIT = VitShape(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,)
 def test_bench_decode_reports_both_paths_on_the_same_prompts():
     r = bench_decode(model="custom", encoder=TINY_VIT, images=1, prompts_per_image=3, height=96, width=128,
                      precision="fp32", sanity_prompts=2)
-    assert r["images"] == 1 and r["image_hw"] == [96, 128] and r["prompt_batch"] == 64
+    assert r["images"] == 1 and r["image_hw"] == [96, 128] and r["prompt_batch"] == 4  # the CPU default
     assert r["prompts"] == r["pipeline_prompts_decoded"] == r["naive_prompts_decoded"] == 3
     assert r["points_per_prompt"] == 5 + 16 and r["box_prompts"] == 0  # the prompts stage's defaults, scribbles
 

@@ -79,6 +79,26 @@ def test_sam_decode_from_cache_equals_sampredictor(sam_checkpoint):
     np.testing.assert_array_equal(again, logits)  # bit-for-bit from the cache, fp32
 
 
+def test_prompt_batch_defaults_to_the_device_and_never_changes_the_logits(sam_checkpoint):
+    image, _ = shapes_image(64, 80, seed=3)
+    default = SamBackend(tiny_sam_config(sam_checkpoint, feature_dtype="float32"))
+    assert default.prompt_batch == 4  # the CPU default (64 on a GPU)
+    features = default.encode([image])[0]
+    rng = np.random.default_rng(0)  # 11 point prompts and 2 box prompts: uneven batches of 4 and of 3
+    coords = rng.uniform(0, 64, (13, 2, 2)).astype(np.float32)
+    labels = np.ones((13, 2), np.int32)
+    boxes = np.full((13, 4), np.nan, np.float32)
+    boxes[[4, 9]] = (5, 5, 40, 50)
+    prompts = PromptBatch(coords, labels, boxes, np.zeros(13, np.int32), np.arange(13, dtype=np.int32))
+    expected, expected_iou = default.decode(features, prompts)
+    for batch in (1, 3, 64):
+        backend = SamBackend(tiny_sam_config(sam_checkpoint, feature_dtype="float32", prompt_batch=batch))
+        assert backend.prompt_batch == batch
+        logits, iou = backend.decode(features, prompts)
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(iou, expected_iou, rtol=0, atol=1e-5)
+
+
 def test_sam_fp16_features_stay_close(sam_checkpoint):
     image, _ = shapes_image(64, 64, seed=1)
     full = SamBackend(tiny_sam_config(sam_checkpoint, feature_dtype="float32"))

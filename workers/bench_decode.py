@@ -49,9 +49,8 @@ from seglab.stages.promptset import PromptBatch
 from seglab.stages.prompts import Prompts, PromptsConfig
 from seglab.stages.select import SelectConfig
 from seglab.stages.weak_simulation import simulate_scribbles
-from seglab.workers.backend import build_backend
-from seglab.workers.model_configs import SamConfig, VitShape
-from seglab.workers.sam import build_sam_architecture
+from seglab.workers.bench_sam import embed_into_store, image_units, random_weight_sam
+from seglab.workers.model_configs import VitShape
 
 CLASSES = 6  # class 0 is the background, 1..5 the regions
 IGNORE = 255
@@ -60,7 +59,7 @@ TARGET = 5.0  # the issue's target: pipeline from cache >= 5x the naive loop end
 
 def synthetic_scene(height: int, width: int, regions: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A textured background (class 0) with up to ``regions`` disjoint discs of classes
-    1..CLASSES-1, each its own colour and texture. -> (HxWx3 uint8, HxW uint8 classes)."""
+    1..CLASSES-1, a colour per class, noise everywhere. -> (HxWx3 uint8, HxW uint8 classes)."""
     truth = np.zeros((height, width), np.uint8)
     yy, xx = np.mgrid[:height, :width]
     typical = np.sqrt(height * width / max(regions, 1) / np.pi)
@@ -134,32 +133,22 @@ def bench_decode(*, model: str = "vit_b", images: int = 4, prompts_per_image: in
     busy_start, own_start, wall_start = machine_busy_seconds(), time.process_time(), time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as tmp:
-        checkpoint = Path(tmp) / f"sam_{model}_random.pth"
         options = {} if batch is None else {"prompt_batch": batch}
-        config = SamConfig(model=model, checkpoint=str(checkpoint), precision=precision, encoder=encoder, **options)
-        torch.manual_seed(seed)
-        torch.save(build_sam_architecture(config).state_dict(), checkpoint)
-        backend = build_backend(config)  # as the pipeline builds it (tiling wrapper, off for small images)
+        # as the pipeline builds it (tiling wrapper, off for small images)
+        config, backend = random_weight_sam(Path(tmp), seed, model=model, precision=precision, encoder=encoder,
+                                            **options)
         sam = backend.inner
         ctx.backend, ctx.extras["feature_names"] = backend, backend.feature_names()
         embed = Embed(EmbedConfig())
         store = Store(Path(tmp) / "bench.zarr", create=True)
         store.prepare_stage("embed", embed.outputs(ctx))
         cached = [f"embed/{name}" for name in embed.outputs(ctx)]
-        units = [Unit(id=f"img{i}", image="") for i in range(images)]
+        units = image_units(images)
 
         # pipeline: warm up (model load, first encoder and decoder calls), untimed
         warm = backend.encode(pictures[:1])[0]
         backend.decode(warm, prompt_sets[0])
-        start = time.perf_counter()
-        for i in range(0, images, embed.config.batch_size):
-            chunk = units[i : i + embed.config.batch_size]
-            results = embed.process_batch(chunk, [{"ingest/image": pictures[int(u.id[3:])]} for u in chunk], ctx)
-            for unit, result in zip(chunk, results):
-                if isinstance(result, BaseException):
-                    raise result
-                store.write_unit("embed", unit.id, result)
-        encode_seconds = time.perf_counter() - start
+        encode_seconds = embed_into_store(embed, ctx, store, pictures)
 
         # naive: SamPredictor on the same loaded model, warmed up the same way, untimed
         from segment_anything import SamPredictor
@@ -196,7 +185,7 @@ def bench_decode(*, model: str = "vit_b", images: int = 4, prompts_per_image: in
                 masks, _, low_res = predictor.predict(**naive_prompt(prompts, j), multimask_output=True)
                 predict_seconds += time.perf_counter() - start
                 predicted += 1
-                if i == 0 and j < sanity_prompts:
+                if i == 0 and j < max(1, sanity_prompts):
                     reference.append((masks, low_res))
 
             start = time.perf_counter()
@@ -225,7 +214,7 @@ def bench_decode(*, model: str = "vit_b", images: int = 4, prompts_per_image: in
     return {
         "backend": "sam", "model": model, "device": str(sam.device),
         "autocast": str(sam.dtype).replace("torch.", "") if sam.dtype else "fp32",
-        "feature_dtype": config.feature_dtype, "prompt_batch": config.prompt_batch,
+        "feature_dtype": config.feature_dtype, "prompt_batch": sam.prompt_batch,
         "torch_threads": torch.get_num_threads(), "load_average_1m": [round(load, 2), round(load_end, 2)],
         "other_processes_cpu_share": None if others is None else round(others / (wall * (os.cpu_count() or 1)), 3),
         "image_hw": [height, width], "images": images, "prompts": total,

@@ -17,12 +17,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from seglab.pipeline.store import Store
-from seglab.stages.base import ClassTable, Context, Unit
+from seglab.stages.base import ClassTable, Context
 from seglab.stages.embed import Embed, EmbedConfig
-from seglab.workers.backend import build_backend
+from seglab.workers.bench_sam import embed_into_store, random_weight_sam
 from seglab.workers.devices import autocast
-from seglab.workers.model_configs import SamConfig
-from seglab.workers.sam import build_sam_architecture
 
 
 def matmul_gflops(dtype: torch.dtype | None, size: int = 2048, repeats: int = 5) -> float:
@@ -39,29 +37,15 @@ def bench_encoder(*, model: str, images: int, batch_size: int, precision: str, s
     rng = np.random.default_rng(seed)
     pictures = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(images)]
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as tmp:
-        checkpoint = Path(tmp) / f"sam_{model}_random.pth"
-        torch.manual_seed(seed)
-        config = SamConfig(model=model, checkpoint=str(checkpoint), precision=precision)
-        torch.save(build_sam_architecture(config).state_dict(), checkpoint)
-        backend = build_backend(config)
+        _, backend = random_weight_sam(Path(tmp), seed, model=model, precision=precision)
         sam = backend.inner
         ctx = Context(classes=ClassTable((0,), ("x",), 255), weak_kind="points", seed=seed, backend=backend,
                       extras={"feature_names": backend.feature_names()})
         stage = Embed(EmbedConfig(batch_size=batch_size))
         store = Store(Path(tmp) / "bench.zarr", create=True)
         store.prepare_stage("embed", stage.outputs(ctx))
-        units = [Unit(id=f"img{i}", image="") for i in range(images)]
         sam.encode(pictures[:1])  # load the model and warm up, outside both timings
-
-        start = time.perf_counter()
-        for i in range(0, images, batch_size):
-            batch = units[i : i + batch_size]
-            results = stage.process_batch(batch, [{"ingest/image": pictures[int(u.id[3:])]} for u in batch], ctx)
-            for unit, result in zip(batch, results):
-                if isinstance(result, BaseException):
-                    raise result
-                store.write_unit("embed", unit.id, result)
-        stage_seconds = time.perf_counter() - start
+        stage_seconds = embed_into_store(stage, ctx, store, pictures)
         stored_bytes = sum(f.stat().st_size for f in (Path(tmp) / "bench.zarr" / "embed").rglob("*") if f.is_file())
 
         inputs = torch.stack([sam.preprocess(p) for p in pictures])

@@ -16,6 +16,13 @@ from seglab.workers.checkpoints import checkpoint_sha256, load_exact
 from seglab.workers.devices import autocast_dtype, pick_device
 
 
+#: default prompts per decoder call. On the CPU a batch of 64 needs ~256 MiB of attention
+#: activations that glibc maps fresh for every call; the page faults cost more than the
+#: arithmetic (measured by `seglab bench decode --prompt-batch N`).
+CPU_PROMPT_BATCH = 4
+ACCELERATOR_PROMPT_BATCH = 64
+
+
 class FrozenModelBackend(PromptableBackend):
     """Subclasses name the architecture, the checkpoint layout and the preprocessing."""
 
@@ -62,6 +69,14 @@ class FrozenModelBackend(PromptableBackend):
             self._model = model
         return self._model
 
+    @property
+    def prompt_batch(self) -> int:
+        """Prompts per decoder call: the manifest's, else the default of the model's device."""
+        self.model  # noqa: B018 - the device is known once loaded
+        if self.config.prompt_batch is not None:
+            return self.config.prompt_batch
+        return CPU_PROMPT_BATCH if self.device.type == "cpu" else ACCELERATOR_PROMPT_BATCH
+
     @abstractmethod
     def cached_tensors(self, features: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The cached features of one image as float32 tensors on the model's device."""
@@ -83,7 +98,7 @@ class FrozenModelBackend(PromptableBackend):
         coords = frame.scale_to_input(prompts.coords).astype(np.float32)
         boxes = frame.scale_to_input(prompts.boxes.reshape(-1, 2, 2)).reshape(-1, 4).astype(np.float32)
         cached = self.cached_tensors(features)
-        step = self.config.prompt_batch
+        step = self.prompt_batch
         with torch.inference_mode():
             # prompts with and without a box are decoded apart: the padding slots a shared
             # batch would need are tokens the decoder attends to, and would change its output

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from seglab.pipeline.paths import ManifestFile
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+PROMPT_BATCH_HELP = ("Prompts per mask-decoder call; unset: 64 on a GPU, 4 on the CPU, where a large "
+                     "batch's activations are mapped afresh by every call and page faults dominate.")
 
 
 class VitShape(BaseModel):
@@ -33,7 +35,7 @@ class SamConfig(BaseModel):
     precision: Precision = Field("auto", description="Encoder autocast: auto, bf16, fp16 or fp32 (off).")
     feature_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored embeddings.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    prompt_batch: int = Field(64, ge=1, le=4096, description="Prompts per mask-decoder call.")
+    prompt_batch: int | None = Field(None, ge=1, le=4096, description=PROMPT_BATCH_HELP)
 
 
 SAM2_CONFIGS = (
@@ -55,4 +57,4 @@ class Sam2Config(BaseModel):
     precision: Precision = "auto"
     feature_dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    prompt_batch: int = Field(64, ge=1, le=4096)
+    prompt_batch: int | None = Field(None, ge=1, le=4096, description=PROMPT_BATCH_HELP)
