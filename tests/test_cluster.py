@@ -49,9 +49,11 @@ def ledger_lines(store: Path, stage: str) -> list[dict]:
 
 @pytest.mark.parametrize("stage,after", [
     ("embed", 2), ("select", 3),
-    # the long variants: python -m pytest -m slow tests/test_cluster.py
+    # the long variants: python -m pytest -m slow tests/test_cluster.py. No point in refine:
+    # on these images it finishes its 8 units within 0.3 s of the removal, before the node's
+    # workers die, and no later stage is left to notice the loss
     pytest.param("ingest", 1, marks=pytest.mark.slow), pytest.param("embed", 6, marks=pytest.mark.slow),
-    pytest.param("prompts", 4, marks=pytest.mark.slow), pytest.param("refine", 2, marks=pytest.mark.slow),
+    pytest.param("prompts", 4, marks=pytest.mark.slow),
 ])
 def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, stage, after):
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
