@@ -8,8 +8,8 @@ siblings of processes that are gone.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +38,19 @@ def remove_abandoned(out: Path) -> list[Path]:
     return removed
 
 
+def _new_sibling(out: Path) -> Path:
+    """A new empty folder ``.<name>.<pid>.<random>`` beside ``out``. Made with mkdir's mode
+    0o777 less the umask, as any folder the user makes: tempfile.mkdtemp's 0o700 would keep
+    an export from the other users of a shared file system."""
+    while True:
+        sibling = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            sibling.mkdir(0o777)
+            return sibling
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_folder(out: Path | str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it is renamed to ``out``
@@ -47,11 +60,11 @@ def atomic_folder(out: Path | str, *, overwrite: bool = False) -> Iterator[Path]
         raise SeglabError(f"{out} already exists (choose a new folder, or pass --overwrite where offered)")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
+    tmp = _new_sibling(out)
     try:
         yield tmp
         if out.exists():  # the old folder leaves by rename too, so a kill here leaves one whole folder
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
+            old = _new_sibling(out)
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from seglab.pipeline.atomic import atomic_folder
@@ -20,3 +23,16 @@ def test_a_failed_write_leaves_nothing_and_a_good_one_appears_whole(tmp_path):
     with atomic_folder(out, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["b.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_folder_gets_the_mode_any_folder_of_the_user_gets(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with atomic_folder(tmp_path / "export") as tmp:
+            (tmp / "a.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o777 & ~umask
+    assert (tmp_path / "export").stat().st_mode == (tmp_path / "plain").stat().st_mode
