@@ -235,7 +235,7 @@ def scale_table(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("images", "workers", "wall s", "map s", "img/s", "driver peak MB", "worker peak MB")
+    table = Table("images", "workers", "wall s", "map s", "img/s", "driver peak MiB", "worker peak MiB")
     for r in result["runs"]:
         table.add_row(str(r["images"]), str(r["workers"]), f"{r['seconds']:.1f}", f"{r['map_seconds']:.1f}",
                       f"{r['images_per_second']:.2f}", f"{r['driver_peak_rss'] / 2**20:.0f}",

@@ -54,7 +54,7 @@ from seglab.workers.model_configs import VitShape
 
 CLASSES = 6  # class 0 is the background, 1..5 the regions
 IGNORE = 255
-TARGET = 5.0  # the target: pipeline from cache >= 5x the naive loop end to end
+TARGET = 5.0  # the aim: decoding from the cache >= 5x the naive loop end to end
 
 
 def synthetic_scene(height: int, width: int, regions: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
