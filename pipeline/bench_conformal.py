@@ -36,14 +36,9 @@ def gold_images(manifest: Manifest, store: Store, done: Collection[str],
     gold = getattr(manifest.data, gold_set)
     for image, unit in gold_set_images(manifest, gold_set):
         if unit in done:
-            probabilities = store.read_unit(["select/probabilities"], unit)["select/probabilities"]
+            probabilities = store.read_array("select/probabilities", unit)
             index, valid = read_gold(gold, Path(image), class_ids, probabilities.shape[1:])
             yield unit, (probabilities, index, valid)
-
-
-def _load(manifest: Manifest, store: Store, done: set[str]) -> list[GoldImage]:
-    """-> per finished evaluation image: (probabilities float16 [C, H, W], gold index, valid)."""
-    return [image for _, image in gold_images(manifest, store, done)]
 
 
 def fit_thresholds(tables: Sequence[ScoreTable], method: str, alpha: float) -> Calibration:
@@ -73,11 +68,6 @@ def summarize(figures: Iterable[dict[str, float]]) -> dict[str, float]:
             "kept": kept / max(pixels, 1), "kept_accuracy": correct / kept if kept else float("nan")}
 
 
-def _test(images: Sequence[GoldImage], thresholds: np.ndarray) -> dict[str, float]:
-    """Miscoverage (mean over images), kept share and kept accuracy (over pixels) of the test images."""
-    return summarize(image_figures(*image, thresholds) for image in images)
-
-
 def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int, calibration: int,
                     method: str = "risk-control", seed: int = 0) -> dict[str, Any]:
     """-> per alpha: every split's test figures and their mean and standard deviation."""
@@ -85,7 +75,7 @@ def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int,
     store = Store(manifest.store_path)
     _, _, current = class_map_stages(manifest)
     done = store.ledger("select").done(current["select"])
-    images = _load(manifest, store, done)
+    images = [image for _, image in gold_images(manifest, store, done)]
     if len(images) <= calibration:
         raise SeglabError(f"{manifest.path}: {len(images)} evaluation images have select output; "
                           f"a split of {calibration} calibration images needs more")
@@ -100,7 +90,8 @@ def bench_conformal(manifest: Manifest, *, alphas: Sequence[float], splits: int,
         for order in orders:
             cal, test = order[:calibration], order[calibration:]
             fitted = fit_thresholds([tables[i] for i in cal], method, alpha)
-            rows.append({**_test([images[i] for i in test], np.asarray(fitted.thresholds)),
+            thresholds = np.asarray(fitted.thresholds)
+            rows.append({**summarize(image_figures(*images[i], thresholds) for i in test),
                          "threshold": float(np.mean(fitted.thresholds)), "feasible": fitted.feasible})
         summary = {k: {"mean": float(np.nanmean([r[k] for r in rows])), "std": float(np.nanstd([r[k] for r in rows]))}
                    for k in ("miscoverage", "kept", "kept_accuracy", "threshold")}

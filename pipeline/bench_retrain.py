@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.evaluate import evaluate, evaluation_set
+from seglab.pipeline.evaluate import evaluate, gold_set_images
 from seglab.pipeline.fingerprint import digest
 from seglab.pipeline.gold import gold_mask_path, mask_in_folder
 from seglab.pipeline.manifest import Manifest
@@ -62,7 +62,7 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     path, state = train(job, num_workers=config.workers, use_gpu=_wants_gpu(config.use_gpu),
                         max_failures=manifest.ray.max_retries)
     gold = manifest.data.evaluation
-    items = [(unit, str(gold_mask_path(gold, Path(image)))) for image, unit in evaluation_set(manifest) if unit]
+    items = [(unit, str(gold_mask_path(gold, Path(image)))) for image, unit in gold_set_images(manifest, "evaluation") if unit]
     matrix = score_checkpoint(str(store.path), str(path), config.architecture, config.input_size, items, classes,
                               gold.ignore)
     truth = scores(matrix).miou

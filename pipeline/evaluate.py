@@ -82,11 +82,6 @@ class Evaluation:
         }
 
 
-def evaluation_set(manifest: Manifest) -> list[tuple[Path, str | None]]:
-    """-> (evaluation image, its unit id or None when it is not among data.images), in listing order."""
-    return gold_set_images(manifest, "evaluation")
-
-
 def gold_set_images(manifest: Manifest, gold_set: str) -> list[tuple[Path, str | None]]:
     """-> (image of data.<gold_set> ('calibration' or 'evaluation'), its unit id or None when
     it is not among data.images), in listing order; SeglabError when the manifest names no such set."""
@@ -121,12 +116,12 @@ def _predictions(store: Store, stages: list[str], done: dict[str, set[str]], uni
                  ignore_id: int) -> Iterator[tuple[str, np.ndarray]]:
     """(source, HxW labels) for every source that has this unit."""
     if unit in done["ingest"]:
-        weak = store.read_unit(["ingest/weak"], unit)["ingest/weak"]
+        weak = store.read_array("ingest/weak", unit)
         yield WEAK, weak
         yield NEAREST, nearest_label(weak, ignore_id)
     for stage in stages:
         if unit in done[stage]:
-            yield stage, store.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
+            yield stage, store.read_array(f"{stage}/labels", unit)
 
 
 def _measures(runner: Any, store: Store, stage: str, unit: str, gold: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -139,7 +134,7 @@ def _measures(runner: Any, store: Store, stage: str, unit: str, gold: tuple[np.n
 
 def evaluate(manifest: Manifest) -> Evaluation:
     """Score every label source of ``manifest``'s store on its evaluation images."""
-    items = evaluation_set(manifest)
+    items = gold_set_images(manifest, "evaluation")
     gold = manifest.data.evaluation
     store = Store(manifest.store_path)
     runner, stages, current = class_map_stages(manifest)

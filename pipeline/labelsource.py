@@ -104,13 +104,13 @@ class LabelSource:
 
     def labels(self, unit: str) -> np.ndarray:
         """HxW class ids (uint8, or uint16 for ids above 255), ``ignore_id`` where unlabelled."""
-        return self.store.read_unit([f"{self.stage}/labels"], unit)[f"{self.stage}/labels"]
+        return self.store.read_array(f"{self.stage}/labels", unit)
 
     def uncertainty(self, unit: str) -> np.ndarray | None:
         """HxW float32 in [0, 1] (0 = certain), or None when the stage writes none."""
         if not self.has_uncertainty:
             return None
-        return self.store.read_unit([f"{self.stage}/uncertainty"], unit)[f"{self.stage}/uncertainty"].astype(np.float32)
+        return self.store.read_array(f"{self.stage}/uncertainty", unit).astype(np.float32)
 
     def unfinished(self) -> list[str]:
         """Units the run ingested that this stage has not finished (failed, stale or not reached)."""
@@ -129,6 +129,14 @@ class LabelSource:
             return tuple(u for u in self.units if u not in held)
         chosen = set(recorded[split])
         return tuple(u for u in self.units if u in chosen)
+
+
+def stored_classes(store: Store) -> tuple[tuple[tuple[int, str], ...], int]:
+    """The run's class table as its last ``seglab run`` recorded it in the store's root
+    attributes: (((id, name), ...) in manifest order, the ignore id of unlabelled pixels)."""
+    attrs = store.attrs
+    return (tuple((int(c["id"]), str(c["name"])) for c in attrs.get("classes", [])),
+            int(attrs.get("ignore_id", 255)))
 
 
 def default_stage(store: Store) -> str:
@@ -164,8 +172,7 @@ def open_source(store: Store, *, stage: str | None = None, round: int | None = N
     if not units:
         raise SeglabError(f"{store.path}: stage '{stage}' has no finished units")
     images = {u: (e.get("info") or {}).get("source") for u, e in store.ledger("ingest").load().items()}
-    attrs = store.attrs
-    classes = tuple((int(c["id"]), str(c["name"])) for c in attrs.get("classes", []))
+    classes, ignore_id = stored_classes(store)
     return LabelSource(store=store, stage=stage, units=tuple(units), images={u: images.get(u) for u in units},
-                       classes=classes, ignore_id=int(attrs.get("ignore_id", 255)),
+                       classes=classes, ignore_id=ignore_id,
                        has_uncertainty=store.has_unit(f"{stage}/uncertainty", units[0]))

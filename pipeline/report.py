@@ -23,7 +23,7 @@ import numpy as np
 
 from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.labelsource import (LabelSource, default_stage, done_units, open_source, provenance,
-                                         stage_outcomes, stage_round)
+                                         stage_outcomes, stage_round, stored_classes)
 from seglab.pipeline.store import Store
 
 MAX_FAILURES = 20
@@ -273,7 +273,7 @@ class UnitArrays:
 
 
 def _read(store: Store, path: str, unit: str) -> np.ndarray | None:
-    return store.read_unit([path], unit)[path] if store.has_unit(path, unit) else None
+    return store.read_array(path, unit) if store.has_unit(path, unit) else None
 
 
 def unit_uncertainty(store: Store, source: LabelSource, unit: str) -> np.ndarray | None:
@@ -345,9 +345,7 @@ def label_sections(store: Store, *, sample: int, queue: int) -> tuple[OverlaySec
     """One pass over the units of select and the default source: per-class shares of both,
     and the review queue ranked by the default source's mean uncertainty."""
     stage = default_stage(store)
-    attrs = store.attrs
-    classes = [(int(c["id"]), str(c["name"])) for c in attrs.get("classes", [])]
-    ignore_id = int(attrs.get("ignore_id", 255))
+    classes, ignore_id = stored_classes(store)
     try:
         source = open_source(store, stage=stage)
     except SeglabError as exc:
@@ -361,7 +359,7 @@ def label_sections(store: Store, *, sample: int, queue: int) -> tuple[OverlaySec
     labelled = set(source.units)
     for unit in sorted(select | labelled):
         if unit in select:
-            counters["select"].add(store.read_unit(["select/labels"], unit)["select/labels"])
+            counters["select"].add(store.read_array("select/labels", unit))
         if unit in labelled:
             if stage != "select":
                 counters[stage].add(source.labels(unit))
@@ -406,10 +404,11 @@ def build_report(store_path: Path | str, *, manifest: str | Path | None = None, 
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     overlays, shares = label_sections(store, sample=sample, queue=queue)
+    classes, ignore_id = stored_classes(store)
     return ReportData(
         header=header,
-        classes=[(int(c["id"]), str(c["name"])) for c in attrs.get("classes", [])],
-        ignore_id=int(attrs.get("ignore_id", 255)),
+        classes=list(classes),
+        ignore_id=ignore_id,
         stages=stage_rows(store),
         overlays=overlays,
         shares=shares,

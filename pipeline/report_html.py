@@ -103,12 +103,15 @@ def header_section(data: ReportData) -> str:
              ("default label source", h["default_stage"])]
     if h.get("recorded_manifest") and h["recorded_manifest"] != h["manifest"]:
         facts.insert(2, ("manifest recorded by the run", h["recorded_manifest"]))
-    rows = [f"<tr><th>{escape(k)}</th><td><code>{_text(v)}</code></td></tr>" for k, v in facts]
-    provenance = [f"<tr><th>{escape(k)}</th><td><code>{_text(v)}</code></td></tr>"
-                  for k, v in _flatten("", h["provenance"])]
-    return _section("run", "Run", f'<table id="run-table">{"".join(rows)}</table>'
-                    f"<h3>Provenance of the default labels ({_text(h['default_stage'])})</h3>"
-                    f'<table id="provenance-table">{"".join(provenance)}</table>')
+    return _section("run", "Run", _facts_table("run-table", facts)
+                    + f"<h3>Provenance of the default labels ({_text(h['default_stage'])})</h3>"
+                    + _facts_table("provenance-table", _flatten("", h["provenance"])))
+
+
+def _facts_table(table_id: str, facts: Iterable[tuple[str, Any]]) -> str:
+    """A two-column table: each fact's name as a header cell, its value as code."""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td><code>{_text(v)}</code></td></tr>" for k, v in facts)
+    return f'<table id="{table_id}">{rows}</table>'
 
 
 def stages_section(data: ReportData) -> str:

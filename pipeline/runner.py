@@ -111,6 +111,13 @@ class Plan:
     blocked: int = 0
 
 
+def done_as(entry: dict[str, Any] | None, task: dict[str, Any]) -> bool:
+    """Whether a ledger line or commit record says the unit was done from the task's
+    ``inputs`` digest with its stage ``signature`` digest (else it must be computed)."""
+    return bool(entry) and entry.get("status") == "done" and entry.get("inputs") == task["inputs"] \
+        and entry.get("signature") == task["signature"]
+
+
 MAX_PASSES = 3
 """Passes over the stages per run: a pass that finds damaged stored inputs invalidates
 them, and the next pass redoes them with everything that read them."""
@@ -218,16 +225,15 @@ class Runner:
                 expected = {f"{d}/{k}": v["sha256"] for d, e in upstream.items() for k, v in e["outputs"].items()}
             else:
                 inputs = unit_input_digest(unit)
-            entry = ledger.get(unit.id)
-            if entry and entry.get("status") == "done" and entry.get("inputs") == inputs and entry.get("signature") == sig:
+            task = {"inputs": inputs, "signature": sig, "expected": expected}
+            if done_as(ledger.get(unit.id), task):
                 continue
             record = store.committed(name, unit.id)
-            if record and record.get("status") == "done" and record.get("inputs") == inputs \
-                    and record.get("signature") == sig:
+            if done_as(record, task):
                 plan.adopted.append({**record, "adopted": True})
                 continue
             plan.todo.append(unit)
-            plan.tasks[unit.id] = {"inputs": inputs, "signature": sig, "expected": expected}
+            plan.tasks[unit.id] = task
         return plan
 
     # -- running ----------------------------------------------------------------------
@@ -423,8 +429,7 @@ class Runner:
             """Receipts of the units a lost worker had committed before it died."""
             records = {u.id: store.committed(name, u.id) for u in units}
             return [{k: v for k, v in r.items() if k not in ("inputs", "signature")} for u, r in records.items()
-                    if r and r.get("status") == "done" and r.get("inputs") == plan.tasks[u]["inputs"]
-                    and r.get("signature") == plan.tasks[u]["signature"]]
+                    if done_as(r, plan.tasks[u])]
 
         stats = run_batches(
             pool=pool,

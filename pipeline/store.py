@@ -174,6 +174,10 @@ class Store:
         one is missing, CorruptOutput when one does not decode."""
         return self.verify_reads(paths, unit, {})
 
+    def read_array(self, path: str, unit: str) -> np.ndarray:
+        """One 'stage/output' array of one unit (``read_unit`` of a single path)."""
+        return self.read_unit([path], unit)[path]
+
     def verify_reads(self, paths: Iterable[str], unit: str, expected: Mapping[str, str]) -> dict[str, np.ndarray]:
         """``read_unit``, checking each array against the sha256 its producer recorded
         (``expected``: 'stage/output' -> sha256; paths without one are not checked).

@@ -63,9 +63,10 @@ def label_image(labels: np.ndarray) -> Image.Image:
     return Image.fromarray(labels.astype(np.uint16))
 
 
-def uncertainty_8bit(uncertainty: np.ndarray) -> np.ndarray:
-    """HxW [0, 1] float -> HxW uint8, round(255 u): 0 = certain, 255 = most uncertain."""
-    return np.rint(np.clip(uncertainty, 0.0, 1.0) * 255.0).astype(np.uint8)
+def uncertainty_image(uncertainty: np.ndarray) -> Image.Image:
+    """HxW [0, 1] float -> 8-bit greyscale ('L') image of round(255 u): 0 = certain,
+    255 = most uncertain."""
+    return Image.fromarray(np.rint(np.clip(uncertainty, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
 
 
 def png_bytes(image: Image.Image) -> bytes:

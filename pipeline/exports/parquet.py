@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from seglab.pipeline.exports.items import ExportItem, label_image, png_bytes, uncertainty_8bit
+from seglab.pipeline.exports.items import ExportItem, label_image, png_bytes, uncertainty_image
 
 ROW_GROUP = 64
 FILE = "labels.parquet"
@@ -63,7 +62,7 @@ def _row(item: ExportItem, meta: dict[str, Any], names: dict[int, str], embed_im
     present = [int(c) for c in np.unique(item.labels) if int(c) in names]
     uncertainty = None
     if item.uncertainty is not None:
-        uncertainty = {"bytes": png_bytes(Image.fromarray(uncertainty_8bit(item.uncertainty), mode="L")),
+        uncertainty = {"bytes": png_bytes(uncertainty_image(item.uncertainty)),
                        "path": f"{item.name}.uncertainty.png"}
     height, width = item.labels.shape
     return {

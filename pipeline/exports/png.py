@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from seglab.pipeline.exports.items import ExportItem, label_image, uncertainty_8bit
+from seglab.pipeline.exports.items import ExportItem, label_image, uncertainty_image
 from seglab.pipeline.palette import colour_of
 
 UNCERTAINTY_FORMATS = ("png", "npy")
@@ -42,7 +41,7 @@ def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], *, un
             if uncertainty_format == "npy":
                 np.save(folder / uncertainty, item.uncertainty.astype(np.float16))
             else:
-                Image.fromarray(uncertainty_8bit(item.uncertainty), mode="L").save(folder / uncertainty)
+                uncertainty_image(item.uncertainty).save(folder / uncertainty)
         height, width = item.labels.shape
         rows.append({"unit": item.unit, "image": item.image, "label": label, "uncertainty": uncertainty,
                      "height": height, "width": width, "mean_uncertainty": item.mean_uncertainty,
