@@ -179,3 +179,17 @@ def test_embedded_demo_manifest_loads_with_store_in_cwd(tmp_path, monkeypatch):
 def test_schema_file_is_current():
     stored = json.loads((ROOT / "manifests" / "schema.json").read_text())
     assert stored == manifest_schema(), "manifests/schema.json is stale: run `seglab schema > manifests/schema.json`"
+
+
+@pytest.mark.parametrize("value,message", [(0, "greater than or equal to 1"), (5000, "less than or equal to 4096"),
+                                           ("many", "valid integer")])
+def test_a_bad_prompt_batch_is_named_at_its_key(tiny, value, message):
+    (tiny.parent / "sam.pth").write_bytes(b"not read while validating")
+    tiny.write_text(tiny.read_text() + f"backend: {{name: sam, checkpoint: sam.pth, prompt_batch: {value}}}\n")
+    assert message in problems(tiny)["backend.sam.prompt_batch"]
+
+
+def test_prompt_batch_left_unset_is_chosen_by_the_device(tiny):
+    (tiny.parent / "sam.pth").write_bytes(b"not read while validating")
+    tiny.write_text(tiny.read_text() + "backend: {name: sam, checkpoint: sam.pth}\n")
+    assert load_manifest(tiny).backend.prompt_batch is None  # the backend picks 4 on the CPU, 64 on a GPU
