@@ -7,10 +7,68 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from seglab.pipeline.errors import ManifestError, SeglabError
+from seglab.pipeline.errors import ManifestError, SeglabError, StorageError, UsageError, os_error_cause
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Weak labels in, dense labels with uncertainty out.")
+STAGE_NAMES = "{stages}"
+"""Stands in an option's help for the names of the stages; filled in only when the help
+is shown, since the registry imports every stage (about a second)."""
+
+
+def stage_names() -> str:
+    """The stages by name in run order, the first rounds' included: 'ingest, …, refine.1, …'."""
+    from seglab.pipeline.registry import STAGES, round_stages
+
+    return ", ".join(dict.fromkeys([*STAGES, *round_stages(2)])) + " …"
+
+
+class _NamedArgument(TyperArgument):
+    """An argument shown by its name and help alone: typer (0.29) prints an argument's
+    ``<type>`` even when it has a metavar, and builds arguments of its own class."""
+
+    def display_type_rich(self, ctx) -> None:
+        return None
+
+
+def _plain(params) -> None:
+    """Make ``params`` read as the command line is typed: flags bare (no ``<bool>``),
+    arguments by name, options by their metavar; fill in the stage names."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.metavar = ""
+        elif isinstance(param, TyperArgument):
+            param.__class__ = _NamedArgument
+        if param.help and STAGE_NAMES in param.help:
+            param.help = param.help.replace(STAGE_NAMES, stage_names())
+
+
+class HelpCommand(TyperCommand):
+    """A command whose --help shows its parameters as they are typed (see ``_plain``)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _plain(self.get_params(ctx))
+        super().format_help(ctx, formatter)
+
+
+class HelpGroup(TyperGroup):
+    """A command group whose --help shows its options as they are typed (see ``_plain``)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _plain(self.get_params(ctx))
+        super().format_help(ctx, formatter)
+
+
+def examples(*lines: str) -> str:
+    """A help epilog: an 'Examples' heading over command lines (no '[': rich markup)."""
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=HelpGroup,
+                  help="Weak labels in, dense labels with uncertainty out.",
+                  epilog=examples("seglab run demo", "seglab status demo",
+                                  "seglab export runs/demo.zarr --format png --out labels",
+                                  "seglab report runs/demo.zarr --out report.html"))
 state = {"verbose": False}
 
 
@@ -29,6 +87,11 @@ def handled(command):
             if state["verbose"]:
                 raise
             render.error(str(exc))
+            raise typer.Exit(2 if isinstance(exc, UsageError) else 1) from None
+        except OSError as exc:  # a full disk or an unwritable folder outside a run's own handling
+            if state["verbose"] or (cause := os_error_cause(exc)) is None:
+                raise
+            render.error(str(StorageError.from_os_error(cause, "")))
             raise typer.Exit(1) from None
     return wrapper
 
@@ -45,36 +108,46 @@ def _manifest(path: str, store: Optional[Path] = None):
 
 
 ManifestArg = Annotated[str, typer.Argument(help="Manifest YAML file, or 'demo' for the embedded demo.")]
+StoreOption = Annotated[Optional[Path], typer.Option(metavar="PATH", help="Store folder (overrides the manifest).")]
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples(
+    "seglab run demo", "seglab run manifest.yaml --dry-run", "seglab run manifest.yaml --force select",
+    "seglab run manifest.yaml --only refine", "seglab run manifest.yaml --address head-node:6379"))
 @handled
 def run(
     manifest: ManifestArg,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Start at this stage.")] = None,
-    only: Annotated[Optional[str], typer.Option(help="Run only this stage.")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(help="Recompute this stage and everything downstream.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run.")] = False,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address.")] = None,
+    store: StoreOption = None,
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", metavar="STAGE", help=f"Run this stage and every stage after it ({STAGE_NAMES}).")] = None,
+    only: Annotated[Optional[str], typer.Option(metavar="STAGE", help=f"Run only this stage ({STAGE_NAMES}).")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(
+        metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES}).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan per stage; write nothing.")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        metavar="HOST:PORT", help="Join this Ray cluster (default: start Ray on this machine).")] = None,
 ) -> None:
     """Run the pipeline; finished work is kept and skipped."""
     from seglab.cli import render
     from seglab.pipeline.runner import Runner, RunOptions
 
     options = RunOptions(start=from_, only=only, force=tuple(force or ()), dry_run=dry_run, address=address)
-    with render.RichProgress() as progress:
-        report = Runner(_manifest(manifest, store), options, progress).run()
-    render.run_summary(report)
-    if not report.ok:
+    loaded = _manifest(manifest, store)
+    if dry_run:  # no progress bars: nothing runs
+        report = Runner(loaded, options).run()
+    else:
+        with render.RichProgress() as progress:
+            report = Runner(loaded, options, progress).run()
+    render.run_summary(report, render.Rerun(manifest, store))
+    if not report.ok and not dry_run:
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples("seglab status demo", "seglab status manifest.yaml --json"))
 @handled
 def status(
     manifest: ManifestArg,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    store: StoreOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per stage: done, total, failed, and whether stored outputs match the manifest."""
@@ -84,33 +157,45 @@ def status(
     render.status_table(store_status(_manifest(manifest, store)), json_)
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples("seglab validate manifest.yaml", "seglab validate demo"))
 @handled
 def validate(manifest: ManifestArg) -> None:
     """Check a manifest; every problem is listed with its location (exit 2 if any)."""
     from seglab.cli import render
-    from seglab.pipeline.units import enumerate_units
+    from seglab.pipeline.units import enumerate_units, unlabelled_images
 
-    units = enumerate_units(_manifest(manifest))
+    loaded = _manifest(manifest)
+    units = enumerate_units(loaded)
     render.console.print(f"[green]valid[/green]: {manifest} ({len(units)} images)")
+    render.unlabelled_images(unlabelled_images(loaded, units))
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples(
+    "seglab export runs/demo.zarr --format png --out labels",
+    "seglab export runs/demo.zarr --format coco --max-uncertain 0.2 --out labels-coco",
+    "seglab export runs/demo.zarr --format parquet --embed-images --split training --out labels-parquet"))
 @handled
 def export(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
-    out: Annotated[Path, typer.Option(help="Output folder (created atomically).")],
-    format_: Annotated[str, typer.Option("--format", help="png, coco or parquet.")] = "png",
-    round_: Annotated[Optional[int], typer.Option("--round", min=0, help="Export this round's refine.")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="Export this stage's labels (default: the last round's refine).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Only training, calibration or evaluation images.")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder (created atomically).")],
+    format_: Annotated[str, typer.Option("--format", metavar="FORMAT", help="png, coco or parquet.")] = "png",
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", min=0, metavar="N", help="Export this round's refine.")] = None,
+    stage: Annotated[Optional[str], typer.Option(
+        metavar="STAGE", help="Export this stage's labels (default: the last round's refine).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        metavar="SPLIT", help="Only this split's images: training, calibration or evaluation.")] = None,
     max_uncertain: Annotated[Optional[float], typer.Option(
-        help="Drop images whose share of uncertain pixels exceeds this (0..1).")] = None,
-    uncertain_above: Annotated[float, typer.Option(help="A pixel is uncertain at or above this uncertainty.")] = 0.5,
-    ignore_value: Annotated[int, typer.Option(help="Value of unlabelled pixels in the export.")] = 255,
-    uncertainty: Annotated[str, typer.Option(help="png format: uncertainty as 8-bit png or float16 npy.")] = "png",
+        metavar="F", help="Drop images whose share of uncertain pixels exceeds this (0..1).")] = None,
+    uncertain_above: Annotated[float, typer.Option(
+        metavar="U", help="A pixel is uncertain at or above this uncertainty.")] = 0.5,
+    ignore_value: Annotated[int, typer.Option(metavar="V", help="Value of unlabelled pixels in the export.")] = 255,
+    uncertainty: Annotated[str, typer.Option(
+        metavar="png|npy", help="png format: uncertainty as 8-bit png or float16 npy.")] = "png",
     embed_images: Annotated[bool, typer.Option(help="parquet format: store image file bytes, not only paths.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder if it is an unchanged seglab export.")] = False,
+    skip_damaged: Annotated[bool, typer.Option(
+        help="Export the other images when some stored arrays are damaged (listed in export.json).")] = False,
 ) -> None:
     """Write a stage's labels and uncertainty as a dataset other trainers load directly."""
     from seglab.cli import render
@@ -118,15 +203,16 @@ def export(
 
     options = ExportOptions(format=format_, stage=stage, round=round_, split=split, max_uncertain=max_uncertain,
                             uncertain_above=uncertain_above, ignore_value=ignore_value,
-                            uncertainty_format=uncertainty, embed_images=embed_images, overwrite=overwrite)
+                            uncertainty_format=uncertainty, embed_images=embed_images, overwrite=overwrite,
+                            skip_damaged=skip_damaged)
     render.export_summary(write_export(store, out, options), out)
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples("seglab evaluate manifest.yaml", "seglab evaluate manifest.yaml --json"))
 @handled
 def evaluate(
     manifest: ManifestArg,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    store: StoreOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Score the weak labels, the nearest-label baseline and every stage's labels against data.evaluation."""
@@ -136,16 +222,19 @@ def evaluate(
     render.evaluation_tables(score(_manifest(manifest, store)), json_)
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples(
+    "seglab report runs/demo.zarr --out report.html",
+    "seglab report runs/demo.zarr --out report.html --queue 50 --queue-out queue.csv --overwrite"))
 @handled
 def report(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
-    out: Annotated[Path, typer.Option(help="HTML file to write (self-contained).")],
+    out: Annotated[Path, typer.Option(metavar="FILE", help="HTML file to write (self-contained).")],
     manifest: Annotated[Optional[str], typer.Option(
-        help="Manifest with the gold sets (default: the one the store records, if it exists).")] = None,
-    sample: Annotated[int, typer.Option(min=0, help="Images shown, evenly over the units.")] = 6,
-    queue: Annotated[int, typer.Option(min=0, help="Most uncertain images in the review queue.")] = 12,
-    queue_out: Annotated[Optional[Path], typer.Option(help="Also write the review queue to this CSV file.")] = None,
+        metavar="FILE", help="Manifest with the gold sets (default: the one the store records, if it exists).")] = None,
+    sample: Annotated[int, typer.Option(min=0, metavar="N", help="Images shown, evenly over the units.")] = 6,
+    queue: Annotated[int, typer.Option(min=0, metavar="N", help="Most uncertain images in the review queue.")] = 12,
+    queue_out: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Also write the review queue to this CSV file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
     """One HTML page showing, in pictures, whether a run's labels can be trusted."""
@@ -158,39 +247,53 @@ def report(
                          f"and {written['queue']} review-queue images in {written['seconds']:.1f}s")
 
 
-@app.command("simulate-weak")
+@app.command("simulate-weak", cls=HelpCommand, epilog=examples(
+    "seglab simulate-weak --masks gold --kind scribbles --out weak/scribbles",
+    "seglab simulate-weak --masks camvid/trainannot --images camvid/train --kind points --ignore 11 "
+    "--list train.txt --out weak/points",
+    "seglab simulate-weak --masks gold --kind boxes --limit 20 --out weak/boxes-20"))
 @handled
 def simulate_weak(
-    masks: Annotated[Path, typer.Option(help="Folder of ground-truth class-id masks.")],
-    kind: Annotated[str, typer.Option(help="points, scribbles, coarse or boxes.")],
-    out: Annotated[Path, typer.Option(help="New folder for the weak labels.")],
-    seed: Annotated[int, typer.Option(help="Same seed, same weak labels.")] = 0,
-    ignore: Annotated[Optional[list[int]], typer.Option(help="Mask values that are not classes (repeatable).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image folder, to name table rows by image file.")] = None,
-    unlabelled: Annotated[int, typer.Option(min=0, max=65535,
+    masks: Annotated[Path, typer.Option(metavar="DIR", help="Folder of ground-truth class-id masks.")],
+    kind: Annotated[str, typer.Option(metavar="KIND", help="points, scribbles, coarse or boxes.")],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="New folder for the weak labels.")],
+    seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same weak labels.")] = 0,
+    ignore: Annotated[Optional[list[int]], typer.Option(
+        metavar="ID", help="Mask values that are not classes (repeatable).")] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Image folder, to name table rows by image file.")] = None,
+    unlabelled: Annotated[int, typer.Option(min=0, max=65535, metavar="V",
                                             help="Label-map value for 'no label' (scribbles, coarse).")] = 255,
+    list_: Annotated[Optional[Path], typer.Option(
+        "--list", metavar="FILE",
+        help="Only the masks named in this file: one image or mask file name, or stem, a line.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Only the first N masks (by name).")] = None,
 ) -> None:
     """Derive weak labels from ground-truth masks the way weakly supervised papers do."""
     from seglab.cli import render
-    from seglab.pipeline.simulate import simulate_weak as simulate
+    from seglab.pipeline.simulate import read_names, simulate_weak as simulate
 
-    count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images,
-                     unlabelled=unlabelled)
+    names = read_names(list_) if list_ else None
+    with render.RichProgress() as progress:
+        count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images,
+                         unlabelled=unlabelled, names=names, limit=limit, progress=progress)
     render.console.print(f"wrote {kind} for {count} masks to {out}")
 
 
-bench = typer.Typer(help="Benchmarks (measurements, not tests).", no_args_is_help=True)
+bench = typer.Typer(help="Benchmarks (measurements, not tests).", no_args_is_help=True, cls=HelpGroup,
+                    epilog=examples("seglab bench quality --limit 10", "seglab bench rerun --json"))
 app.add_typer(bench, name="bench")
 
 
-@bench.command("encoder")
+@bench.command("encoder", cls=HelpCommand, epilog=examples("seglab bench encoder --model vit_b --images 8 --json"))
 @handled
 def bench_encoder(
-    backend: Annotated[str, typer.Option(help="Backend to measure.")] = "sam",
-    model: Annotated[str, typer.Option(help="SAM encoder: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
-    images: Annotated[int, typer.Option(min=1, help="Images (480x640, random).")] = 4,
-    batch_size: Annotated[int, typer.Option(min=1)] = 2,
-    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    backend: Annotated[str, typer.Option(metavar="NAME", help="Backend to measure.")] = "sam",
+    model: Annotated[str, typer.Option(
+        metavar="MODEL", help="SAM encoder: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="Images (480x640, random).")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images per encoder call.")] = 2,
+    precision: Annotated[str, typer.Option(metavar="PRECISION", help="auto, bf16, fp16 or fp32.")] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Images/s through the embed stage vs a bare encoder forward, GFLOP/s, bytes stored."""
@@ -202,14 +305,19 @@ def bench_encoder(
     render.figures(measure(model=model, images=images, batch_size=batch_size, precision=precision), json_)
 
 
-@bench.command("decode")
+@bench.command("decode", cls=HelpCommand, epilog=examples(
+    "seglab bench decode", "seglab bench decode --prompts-per-image 64 --json"))
 @handled
 def bench_decode(
-    model: Annotated[str, typer.Option(help="SAM model: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
-    images: Annotated[int, typer.Option(min=1, help="Images (480x640, synthetic).")] = 4,
-    prompts_per_image: Annotated[int, typer.Option(min=1, max=4096, help="Prompts per image (from simulated scribbles).")] = 32,
-    prompt_batch: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Prompts per decoder call (default: the backend's).")] = None,
-    precision: Annotated[str, typer.Option(help="Encoder autocast of the pipeline: auto, bf16, fp16 or fp32.")] = "auto",
+    model: Annotated[str, typer.Option(
+        metavar="MODEL", help="SAM model: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="Images (480x640, synthetic).")] = 4,
+    prompts_per_image: Annotated[int, typer.Option(min=1, max=4096, metavar="N",
+                                                   help="Prompts per image (from simulated scribbles).")] = 32,
+    prompt_batch: Annotated[Optional[int], typer.Option(min=1, max=4096, metavar="B",
+                                                        help="Prompts per decoder call (default: the backend's).")] = None,
+    precision: Annotated[str, typer.Option(
+        metavar="PRECISION", help="Encoder autocast of the pipeline: auto, bf16, fp16 or fp32.")] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Prompts/s decoded by the pipeline from cached features vs the naive SamPredictor loop."""
@@ -224,13 +332,16 @@ def bench_decode(
                            precision=precision), json_)
 
 
-@bench.command("quality")
+@bench.command("quality", cls=HelpCommand, epilog=examples(
+    "seglab bench quality", "seglab bench quality manifests/bench/camvid-scribbles.yaml --limit 20 --force select"))
 @handled
 def bench_quality(
     manifests: Annotated[Optional[list[Path]], typer.Argument(
         help="Benchmark manifests (default: every manifests/bench/*.yaml of the source checkout).")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only each manifest's first N images.")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(help="Recompute this stage and everything downstream.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, metavar="N", help="Only each manifest's first N images.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(
+        metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES}).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Simulate weak labels from gold masks, run, evaluate: mIoU of weak, nearest-label, select."""
@@ -247,16 +358,18 @@ def bench_quality(
     render.quality_table(rows, json_)
 
 
-@bench.command("conformal")
+@bench.command("conformal", cls=HelpCommand, epilog=examples(
+    "seglab bench conformal manifests/bench/calibrated/camvid-scribbles.yaml --alpha 0.05 --alpha 0.1"))
 @handled
 def bench_conformal(
     manifest: ManifestArg,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
-    alpha: Annotated[Optional[list[float]], typer.Option(help="Target miscoverage (repeatable).")] = None,
-    splits: Annotated[int, typer.Option(min=1, help="Random calibration/test splits.")] = 20,
-    calibration: Annotated[int, typer.Option(min=1, help="Calibration images per split.")] = 50,
-    method: Annotated[str, typer.Option(help="risk-control, mondrian or pixel-split.")] = "risk-control",
-    seed: Annotated[int, typer.Option(help="Seed of the splits.")] = 0,
+    store: StoreOption = None,
+    alpha: Annotated[Optional[list[float]], typer.Option(metavar="A", help="Target miscoverage (repeatable).")] = None,
+    splits: Annotated[int, typer.Option(min=1, metavar="N", help="Random calibration/test splits.")] = 20,
+    calibration: Annotated[int, typer.Option(min=1, metavar="N", help="Calibration images per split.")] = 50,
+    method: Annotated[str, typer.Option(
+        metavar="METHOD", help="risk-control, mondrian or pixel-split.")] = "risk-control",
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the splits.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Fit conformal thresholds on random splits of the evaluation images; test miscoverage on the rest."""
@@ -271,13 +384,17 @@ def bench_conformal(
     render.conformal_table(result, json_)
 
 
-@bench.command("retrain")
+@bench.command("retrain", cls=HelpCommand, epilog=examples(
+    "seglab bench retrain manifests/bench/retrain/camvid-scribbles.yaml --gold-masks ../shared/data/camvid/trainannot "
+    "--gold-ignore 11"))
 @handled
 def bench_retrain(
     manifest: ManifestArg,
-    gold_masks: Annotated[Path, typer.Option(help="Folder of gold masks (<image stem>.png) of the training images.")],
-    gold_ignore: Annotated[Optional[list[int]], typer.Option(help="Gold mask value not to learn from (repeatable).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store folder (overrides the manifest).")] = None,
+    gold_masks: Annotated[Path, typer.Option(
+        metavar="DIR", help="Folder of gold masks of the training images, named by image stem (stem.png).")],
+    gold_ignore: Annotated[Optional[list[int]], typer.Option(
+        metavar="V", help="Gold mask value not to learn from (repeatable).")] = None,
+    store: StoreOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Segmenter trained on seglab's labels against the same one trained on ground truth."""
@@ -293,12 +410,15 @@ def bench_retrain(
     render.retrain_table(result, json_)
 
 
-@bench.command("scale")
+@bench.command("scale", cls=HelpCommand, epilog=examples(
+    "seglab bench scale --json", "seglab bench scale --images 200 --workers 1 --workers 2"))
 @handled
 def bench_scale(
-    images: Annotated[Optional[list[int]], typer.Option(min=1, help="Dataset sizes (repeatable).")] = None,
-    workers: Annotated[Optional[list[int]], typer.Option(min=1, help="Workers per stage (repeatable).")] = None,
-    folder: Annotated[Path, typer.Option(help="Where the synthetic images and the stores go.")] = Path("runs/bench/scale"),
+    images: Annotated[Optional[list[int]], typer.Option(min=1, metavar="N", help="Dataset sizes (repeatable).")] = None,
+    workers: Annotated[Optional[list[int]], typer.Option(
+        min=1, metavar="N", help="Workers per stage (repeatable).")] = None,
+    folder: Annotated[Path, typer.Option(
+        metavar="DIR", help="Where the synthetic images and the stores go.")] = Path("runs/bench/scale"),
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Synthetic images through the whole DAG: wall time, images/s per stage, peak memory of
@@ -309,12 +429,14 @@ def bench_scale(
     render.scale_table(measure(folder, images=tuple(images or (200, 2000)), workers=tuple(workers or (1, 2))), json_)
 
 
-@bench.command("rerun")
+@bench.command("rerun", cls=HelpCommand, epilog=examples(
+    "seglab bench rerun --json", "seglab bench rerun manifest.yaml"))
 @handled
 def bench_rerun(
     manifest: Annotated[Optional[str], typer.Argument(help="Manifest to run twice (default: synthetic images).")] = None,
-    images: Annotated[int, typer.Option(min=1, help="Synthetic images when no manifest is given.")] = 200,
-    folder: Annotated[Path, typer.Option(help="Where the synthetic images and the store go.")] = Path("runs/bench/rerun"),
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="Synthetic images when no manifest is given.")] = 200,
+    folder: Annotated[Path, typer.Option(
+        metavar="DIR", help="Where the synthetic images and the store go.")] = Path("runs/bench/rerun"),
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A run from nothing, then the same run again: wall times, their ratio, encoder calls in the rerun."""
@@ -324,7 +446,7 @@ def bench_rerun(
     render.figures(measure(folder, images=images, manifest=Path(manifest) if manifest else None), json_)
 
 
-@app.command()
+@app.command(cls=HelpCommand, epilog=examples("seglab schema > schema.json"))
 def schema() -> None:
     """Print the manifest's JSON schema (what manifests/schema.json holds)."""
     import json

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
@@ -14,6 +18,7 @@ from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
 from seglab.pipeline.runner import RunReport, StageReport
 from seglab.pipeline.status import StageStatus
+from seglab.pipeline.units import UnlabelledImages
 
 console = Console(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,12 +70,49 @@ class RichProgress:
         self.bars.update(self.tasks[stage], rate=note)
 
 
-def run_summary(report: RunReport) -> None:
+@dataclass(frozen=True)
+class Rerun:
+    """How the user named the run on the command line: the manifest argument as typed and
+    the ``--store`` given, if any; the commands suggested next repeat them."""
+
+    manifest: str
+    store: Path | None = None
+
+    def command(self, name: str, *extra: str) -> str:
+        """``seglab <name> <manifest> [--store S] <extra>``, quoted for a POSIX shell."""
+        store = ["--store", str(self.store)] if self.store else []
+        return shlex.join(["seglab", name, self.manifest, *store, *extra])
+
+
+def _plan_table(report: RunReport) -> Table:
+    table = Table("stage", "total", "done", "to do", "blocked", "why", title="plan (dry run)")
+    for s in report.stages:
+        table.add_row(escape(s.stage), str(s.total), str(s.already_done), str(s.todo), str(s.blocked),
+                      escape("; ".join(s.why)))
+    return table
+
+
+def next_steps(report: RunReport, rerun: Rerun) -> str:
+    """What exists and what to do next: the labels' commands, or how to finish a run that
+    failed or left units waiting."""
+    failed = sum(len(s.failures) for s in report.stages)
+    waiting = sum(s.blocked for s in report.stages)
+    if failed:
+        return (f"{failed} unit(s) failed (reasons above). Next: fix them and rerun {rerun.command('run')}; finished "
+                f"work is kept. {rerun.command('status', '--json')} lists the failures.")
+    if waiting:
+        return (f"{waiting} unit(s) wait on stages this run did not finish. Next: {rerun.command('status')} "
+                f"shows them; {rerun.command('run')} runs every stage.")
+    store = shlex.quote(report.store)
+    return (f"Labels in {report.store}. Next: {rerun.command('status')} · "
+            f"seglab export {store} --format png --out labels · seglab report {store} --out report.html")
+
+
+def run_summary(report: RunReport, rerun: Rerun) -> None:
+    """After ``seglab run``: the plan of a dry run, else warnings and failures, then what to do next."""
     if report.dry_run:
-        table = Table("stage", "total", "done", "to do", "blocked", title="plan (dry run)")
-        for s in report.stages:
-            table.add_row(s.stage, str(s.total), str(s.already_done), str(s.todo), str(s.blocked))
-        console.print(table)
+        console.print(_plan_table(report))
+        console.print(f"Dry run: nothing was written. To run it: {rerun.command('run')}", markup=False)
         return
     if report.work_done == 0 and report.ok:
         console.print(f"Nothing to do: every stage is complete in {report.store}.")
@@ -83,25 +125,30 @@ def run_summary(report: RunReport) -> None:
             errors.print(f"[yellow]{s.stage}: {s.resubmitted} unit(s) run again after their worker was lost[/yellow]")
         for unit, path in s.invalidated:
             errors.print(f"[yellow]{s.stage}: {unit}: stored {path} was damaged; it was recomputed[/yellow]")
-    if not report.ok:
-        failed = sum(len(s.failures) for s in report.stages)
-        errors.print(f"[red]{failed} unit(s) failed; rerun after fixing them to finish the rest.[/red]")
-    elif report.work_done:
-        console.print(f"Done. Store: {report.store}")
+    if report.ok:
+        console.print(next_steps(report, rerun), markup=False)
+    else:
+        errors.print(f"[red]{escape(next_steps(report, rerun))}[/red]")
 
 
 def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
-    table = Table("stage", "done", "total", "failed", "signature", "seconds")
+    table = Table("stage", "done", "total", "failed", "blocked", "signature", "seconds")
     for r in rows:
         sig = {"current": "[green]current[/green]", "stale": "[red]stale[/red]", "none": "-"}[r.signature]
-        table.add_row(r.stage, str(r.done), str(r.total), str(r.failed), sig, "" if r.seconds is None else f"{r.seconds:.1f}")
+        table.add_row(r.stage, str(r.done), str(r.total), str(r.failed), str(r.blocked), sig,
+                      "" if r.seconds is None else f"{r.seconds:.1f}")
     console.print(table)
     for r in rows:
         for change in r.changes:
             console.print(f"[red]{r.stage}[/red] changed: {change}")
+        if r.missing:
+            errors.print(f"[yellow]{r.stage}: {r.missing} finished unit(s) have arrays missing from the store; "
+                         f"`seglab run` computes them again[/yellow]")
+        for warning in r.warnings:
+            errors.print(f"[yellow]{r.stage}: {warning}[/yellow]")
         if r.fit_summary:
             console.print(f"{r.stage}: {r.fit_summary}")
 
@@ -114,6 +161,15 @@ def manifest_problems(exc: ManifestError) -> None:
 
 def error(message: str) -> None:
     errors.print(f"[red]error:[/red] {message}")
+
+
+def unlabelled_images(found: UnlabelledImages, examples: int = 3) -> None:
+    """One warning line for listed images without a weak label (none: nothing)."""
+    if not found.images:
+        return
+    shown = ", ".join(found.images[:examples]) + (", ..." if len(found.images) > examples else "")
+    errors.print(f"[yellow]warning[/yellow]: {len(found.images)} of {found.total} images have no weak label "
+                 f"({escape(found.absent)}): {escape(shown)}; `seglab run` fails each of them at ingest")
 
 
 def figures(values: dict, as_json: bool) -> None:
@@ -217,7 +273,9 @@ def retrain_table(result: dict, as_json: bool) -> None:
 
 
 def export_summary(meta: dict, out) -> None:
-    """One line per export: what was written where, and what the filters dropped."""
+    """What was written where, then a line for each kind of image left out: dropped by the
+    filters, damaged (skipped), and not finished by the run (naming the first few, with the
+    stage and error that stopped them)."""
     written = meta["written"]
     extra = f", {written['annotations']} region annotations" if "annotations" in written else ""
     console.print(f"wrote {written['images']} images of [bold]{meta['stage']}[/bold] (round {meta['round']}) "
@@ -225,9 +283,18 @@ def export_summary(meta: dict, out) -> None:
     if meta["dropped"]:
         console.print(f"dropped {len(meta['dropped'])} images with more than {meta['filters']['max_uncertain']:.0%} "
                       f"uncertain pixels (listed in export.json)")
-    if meta["unfinished"]:
-        console.print(f"[yellow]{len(meta['unfinished'])} images of the run have no finished {meta['stage']} "
-                      f"labels and are not exported[/yellow] (listed in export.json as 'unfinished')")
+    if meta["damaged"]:
+        console.print(f"[yellow]skipped {len(meta['damaged'])} images whose stored arrays are missing or damaged"
+                      f"[/yellow] (listed in export.json as 'damaged'; `seglab run` redoes them)", highlight=False)
+    failed = meta["failed"]
+    if failed:
+        console.print(f"[yellow]{len(failed)} images of the run have no finished {meta['stage']} labels and are not "
+                      f"exported[/yellow] (all listed in export.json as 'failed'):", highlight=False)
+        for f in failed[:5]:
+            why = f"failed: {f['error']}" if f["error"] else "not finished"
+            console.print(f"  {f['unit']}: {f['stage']} {why}", markup=False, highlight=False)
+        if len(failed) > 5:
+            console.print(f"  … and {len(failed) - 5} more", highlight=False)
 
 
 def scale_table(result: dict, as_json: bool) -> None:

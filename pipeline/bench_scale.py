@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.store import Store
+from seglab.pipeline.store import Store, is_store
 from seglab.pipeline.synthetic import write_dataset
 
 MANIFEST = """\
@@ -106,7 +106,9 @@ def measure(folder: Path, images: int, workers: int, size: tuple[int, int]) -> d
     name = f"scale-{images}-w{workers}"
     manifest = write_run_manifest(folder, name, images, workers, size)
     store = folder / f"{name}.zarr"
-    if store.exists():
+    if store.exists():  # a fresh run each time, over a store an earlier bench made
+        if not is_store(store):
+            raise SeglabError(f"{store}: exists and is not a seglab store; choose another --folder")
         shutil.rmtree(store)
     run = timed_run(manifest)
     stages = stage_figures(store)

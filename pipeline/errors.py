@@ -1,6 +1,7 @@
 """Errors seglab raises on purpose. Every message names the file or key at fault."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -47,3 +48,44 @@ class SignatureMismatch(SeglabError):
             f"stage '{stage}' was computed with different settings: {'; '.join(changes)}. "
             f"Rerun with --force {stage} to recompute it and everything downstream."
         )
+
+
+class UsageError(SeglabError):
+    """A command-line value that cannot be used (an unknown stage name, say); exit 2."""
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def os_error_cause(exc: BaseException) -> OSError | None:
+    """The OSError of a full disk or an unwritable file in ``exc`` or its chain of causes
+    (zarr and numcodecs wrap them), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE | NOT_WRITABLE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class StorageError(SeglabError):
+    """The disk is full, or a file cannot be written (read-only, another user's). Never
+    the fault of the unit being written: nothing is recorded against it."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, fallback: Path | str) -> "StorageError":
+        path = exc.filename or fallback
+        if exc.errno in NO_SPACE:
+            return cls(path, "no space left on the device; free some space (or choose another folder) and run "
+                             "again: finished work is kept")
+        return cls(path, f"cannot write here ({exc.strerror or 'not permitted'}): the folder is read-only or "
+                         "belongs to another user; use a folder you can write to")

@@ -4,9 +4,12 @@ uncertainty when the stage writes one, the images they label and where they came
 Used by ``seglab export`` and ``seglab report``. A unit counts when its ledger line says
 done with the signature the stage's arrays were last written with (the stage group's
 ``signature_digest``); anything else the ledger holds is stale or failed and is not read.
+Every array is read through ``StageOutputs``, which checks it against the shape, dtype and
+sha256 that its done ledger line recorded, so a damaged or swapped array is never returned.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +31,83 @@ def stage_round(stage: str) -> int:
     return int(r) if r.isdigit() else 0
 
 
-def stage_outcomes(store: Store, stage: str) -> tuple[list[str], dict[str, str]]:
-    """From one read of ``stage``'s ledger: (units done with the signature its stored arrays
-    carry, sorted; {unit whose last line failed: its error message})."""
+def _ledger_outcomes(store: Store, stage: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """From one read of ``stage``'s ledger: ({unit done with the signature its stored arrays
+    carry: its ledger line}, {unit whose last line failed: its error message})."""
     entries = store.ledger(stage).load()
     digest = store.stage_attrs(stage).get("signature_digest")
-    done = sorted(ledger_done(entries, digest)) if digest else []
+    done = {u: entries[u] for u in ledger_done(entries, digest)} if digest else {}
     failed = {u: str((e.get("error") or {}).get("message", "")) for u, e in entries.items()
               if e.get("status") == "failed"}
     return done, failed
+
+
+def stage_outcomes(store: Store, stage: str) -> tuple[list[str], dict[str, str]]:
+    """From one read of ``stage``'s ledger: (units done with the signature its stored arrays
+    carry, sorted; {unit whose last line failed: its error message})."""
+    done, failed = _ledger_outcomes(store, stage)
+    return sorted(done), failed
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """The arrays of a stage's done units as their ledger lines recorded them when written:
+    records: unit -> output name -> {"sha256", "shape", "dtype"}."""
+
+    store: Store
+    stage: str
+    records: Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+    def has(self, output: str, unit: str) -> bool:
+        """Whether ``unit`` is done and its line records ``output``."""
+        return output in self.records.get(unit, {})
+
+    def read(self, output: str, unit: str) -> np.ndarray:
+        """The unit's array, checked against its record before (shape, dtype) and after
+        (sha256) reading; StoreError when it is missing, CorruptOutput when it differs."""
+        return self.store.read_recorded(f"{self.stage}/{output}", unit, self.records[unit].get(output, {}))
+
+
+def stage_outputs(store: Store, stage: str) -> StageOutputs:
+    """The recorded outputs of ``stage``'s done units."""
+    done, _ = _ledger_outcomes(store, stage)
+    return StageOutputs(store, stage, {u: e.get("outputs") or {} for u, e in done.items()})
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A unit of the run that a label source lacks. stage: the first stage, in run order, of
+    those the source depends on (and the source itself) that failed the unit or has not
+    finished it; error: that stage's failure message, None when it did not fail (it never
+    reached the unit, or holds it done with an older signature); image: the source image
+    as ingest read it, None when ingest did not."""
+
+    unit: str
+    image: str | None
+    stage: str
+    error: str | None
+
+
+def run_units(store: Store, ingest: Mapping[str, Any]) -> set[str]:
+    """The units the store knows of: every unit ingest's ledger has a line for (ingest
+    attempts every unit of the run) and every unit the run put in a gold set (root attr
+    ``splits``), should ingest never have reached it."""
+    recorded = store.attrs.get("splits") or {}
+    return set(ingest) | {u for ids in recorded.values() for u in ids}
+
+
+def dependencies(store: Store, stage: str) -> tuple[str, ...]:
+    """The store's stages ``stage`` depends on, directly or not, in run order."""
+    from seglab.pipeline.dag import Dag
+    from seglab.pipeline.registry import stage_class
+
+    known = {}
+    for name in store.stages():
+        try:
+            known[name] = stage_class(name)
+        except KeyError:  # a group no stage of this seglab writes
+            continue
+    return Dag(known).upstream(stage)
 
 
 def done_units(store: Store, stage: str) -> list[str]:
@@ -87,7 +158,9 @@ class LabelSource:
 
     units: the done units, sorted; images: unit -> absolute path of its source image (as
     ingest read it); classes: ((id, name), ...) in manifest order; ignore_id: the value of
-    unlabelled pixels in the store; has_uncertainty: whether the stage writes 'uncertainty'.
+    unlabelled pixels in the store; has_uncertainty: whether the stage writes 'uncertainty';
+    outputs: the recorded arrays of the done units. ``labels`` and ``uncertainty`` raise
+    StoreError for a missing array, CorruptOutput for one that differs from its record.
     """
 
     store: Store
@@ -97,6 +170,7 @@ class LabelSource:
     classes: tuple[tuple[int, str], ...]
     ignore_id: int
     has_uncertainty: bool
+    outputs: StageOutputs
 
     @property
     def round(self) -> int:
@@ -104,18 +178,26 @@ class LabelSource:
 
     def labels(self, unit: str) -> np.ndarray:
         """HxW class ids (uint8, or uint16 for ids above 255), ``ignore_id`` where unlabelled."""
-        return self.store.read_array(f"{self.stage}/labels", unit)
+        return self.outputs.read("labels", unit)
 
     def uncertainty(self, unit: str) -> np.ndarray | None:
         """HxW float32 in [0, 1] (0 = certain), or None when the stage writes none."""
         if not self.has_uncertainty:
             return None
-        return self.store.read_array(f"{self.stage}/uncertainty", unit).astype(np.float32)
+        return self.outputs.read("uncertainty", unit).astype(np.float32)
 
-    def unfinished(self) -> list[str]:
-        """Units the run ingested that this stage has not finished (failed, stale or not reached)."""
-        finished = set(self.units)
-        return [u for u in done_units(self.store, "ingest") if u not in finished]
+    def unfinished(self) -> list[Unfinished]:
+        """The units of the run (``run_units``) this stage has not finished, sorted, each with
+        the stage that failed it or never finished it and that stage's error message."""
+        ingest = self.store.ledger("ingest").load()
+        chain = [(name, *_ledger_outcomes(self.store, name))
+                 for name in (*dependencies(self.store, self.stage), self.stage)]
+        out = []
+        for unit in sorted(run_units(self.store, ingest) - set(self.units)):
+            stage, _, failed = next((link for link in chain if unit not in link[1]), (self.stage, {}, {}))
+            image = ((ingest.get(unit) or {}).get("info") or {}).get("source")
+            out.append(Unfinished(unit, image, stage, failed.get(unit)))
+        return out
 
     def in_split(self, split: str) -> tuple[str, ...]:
         """The done units of one of ``SPLITS``, as the run recorded its gold sets."""
@@ -168,11 +250,12 @@ def open_source(store: Store, *, stage: str | None = None, round: int | None = N
         raise SeglabError(f"stage '{stage}' writes no class map; stages that do: select, calibrate, refine, retrain")
     if stage not in store.stages():
         raise SeglabError(f"{store.path}: stage '{stage}' has not run (stages here: {', '.join(store.stages())})")
-    units = done_units(store, stage)
+    outputs = stage_outputs(store, stage)
+    units = sorted(outputs.records)
     if not units:
         raise SeglabError(f"{store.path}: stage '{stage}' has no finished units")
     images = {u: (e.get("info") or {}).get("source") for u, e in store.ledger("ingest").load().items()}
     classes, ignore_id = stored_classes(store)
     return LabelSource(store=store, stage=stage, units=tuple(units), images={u: images.get(u) for u in units},
-                       classes=classes, ignore_id=ignore_id,
-                       has_uncertainty=store.has_unit(f"{stage}/uncertainty", units[0]))
+                       classes=classes, ignore_id=ignore_id, has_uncertainty=outputs.has("uncertainty", units[0]),
+                       outputs=outputs)

@@ -2,11 +2,15 @@
 
 Every relative path is resolved against the manifest's folder (``data.root``, the weak
 labels and the store: the operator's own files) or against ``data.root`` (the rest of
-``data``: images, image lists, gold masks), and those data paths must stay inside
-``data.root``. The result is a frozen ``Manifest`` that the rest of seglab trusts.
+``data``: images, gold masks), and those data paths must stay inside ``data.root``. Image
+lists and Parquet indexes may be anywhere (a subset of a read-only dataset): a relative
+one is looked for beside the manifest, then under ``data.root``; their entries must stay
+inside it. The result is a frozen ``Manifest`` that the rest of seglab trusts.
 """
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.paths import is_url, resolve as _resolve
+from seglab.pipeline.paths import check_data_root, check_glob_walk, is_url, resolve as _resolve, resolve_index
 from seglab.stages.base import ROUND_SEPARATOR
 from seglab.stages.calibrate import CalibrateConfig
 from seglab.stages.embed import EmbedConfig
@@ -36,8 +40,11 @@ class ImageSource(_Frozen):
     """Exactly one way of listing images."""
 
     glob: str | None = Field(None, description="Glob relative to data.root, e.g. 'images/*.png' ('**' recurses).")
-    list: str | None = Field(None, description="Text file with one image path per line, relative to data.root.")
-    parquet: str | None = Field(None, description="Parquet index with one image path per row.")
+    list: str | None = Field(None, description="Text file with one image path per line, relative to data.root and "
+                             "inside it. The file itself may be anywhere: a relative path is looked for beside the "
+                             "manifest, then under data.root.")
+    parquet: str | None = Field(None, description="Parquet index with one image path per row (relative to data.root "
+                                "and inside it); found like list.")
     column: str = Field("path", description="Column of the Parquet index holding the image path.")
     sample: tuple[str, ...] | None = Field(
         None, description="Names of photographs bundled with scikit-image (e.g. astronaut, coffee) for demos."
@@ -45,23 +52,32 @@ class ImageSource(_Frozen):
 
     @field_validator("glob")
     @classmethod
-    def _safe_glob(cls, v: str | None) -> str | None:
+    def _safe_glob(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None and is_url(v):
             raise ValueError(f"glob '{v}' is a URL; only local paths relative to data.root are accepted")
         if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
             raise ValueError(f"glob '{v}' must be relative to data.root and must not contain '..'")
+        if v is not None and info.context:
+            check_glob_walk(v, Path(info.context["root"]))
         return v
 
     @field_validator("list", "parquet")
     @classmethod
     def _resolve_files(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else _resolve(v, info)
+        return None if v is None else resolve_index(v, info)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, raw: object) -> object:
+        """Before the fields: a missing index file is moot when two sources are given."""
+        if isinstance(raw, dict):
+            given = [k for k in ("glob", "list", "parquet", "sample") if raw.get(k) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of glob, list, parquet, sample (got {given or 'none'})")
+        return raw
 
     @model_validator(mode="after")
-    def _exactly_one(self, info: ValidationInfo) -> "ImageSource":
-        given = [k for k in ("glob", "list", "parquet", "sample") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of glob, list, parquet, sample (got {given or 'none'})")
+    def _index_readable(self, info: ValidationInfo) -> "ImageSource":
         if info.context and (self.list is not None or self.parquet is not None):
             _check_index(self)  # a manifest being loaded: its image index must be readable now
         return self
@@ -70,10 +86,8 @@ class ImageSource(_Frozen):
 def _check_index(source: ImageSource) -> None:
     """An image list or Parquet index must be a readable file of local paths: ValueError
     naming the file otherwise (entries escaping data.root are refused when listed)."""
-    index = Path(source.list if source.list is not None else source.parquet)
+    index = Path(source.list if source.list is not None else source.parquet)  # a file: resolve_index saw to it
     what = "image list" if source.list is not None else "Parquet index"
-    if not index.is_file():
-        raise ValueError(f"{what} {index} is not a file")
     try:
         if source.list is not None:
             entries = [line.strip() for line in index.read_text(encoding="utf-8").splitlines()]
@@ -129,8 +143,8 @@ class GoldSet(_Frozen):
 
 
 class DataConfig(_Frozen):
-    root: str = Field(".", description="Folder the images, image lists and gold masks are relative to and must "
-                      "stay inside (weak labels are relative to the manifest).")
+    root: str = Field(".", description="Existing folder the images, the entries of image lists and gold masks are "
+                      "relative to and must stay inside (weak labels are relative to the manifest).")
     images: ImageSource
     weak: WeakLabels
     classes: tuple[ClassSpec, ...] = Field(min_length=1)
@@ -141,7 +155,10 @@ class DataConfig(_Frozen):
     @field_validator("root")
     @classmethod
     def _resolve_root(cls, v: str, info: ValidationInfo) -> str:
-        return _resolve(v, info, under_root=False)
+        root = _resolve(v, info, under_root=False)
+        if info.context:
+            check_data_root(Path(root))
+        return root
 
     @model_validator(mode="after")
     def _classes_consistent(self) -> "DataConfig":
@@ -220,7 +237,9 @@ class Manifest(_Frozen):
         return getattr(self, stage.split(ROUND_SEPARATOR, 1)[0])
 
 
-#: most nodes a manifest may have once its aliases are expanded (real ones have a few hundred)
+#: largest manifest file read (real ones are a few KB); bounds the YAML parser's work
+MAX_MANIFEST_BYTES = 1 << 20
+#: most nodes aliases may add to a manifest once expanded (real ones add a few dozen)
 MAX_YAML_NODES = 100_000
 
 
@@ -228,22 +247,43 @@ class _Refused(yaml.MarkedYAMLError):
     """A document refused before it is built (an alias bomb, a recursive alias)."""
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _written_size(root: yaml.Node) -> int:
+    """Distinct nodes of the document as written: an anchored node counts once, however
+    many aliases name it."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(_children(node))
+    return len(seen)
+
+
 def _expanded_size(root: yaml.Node) -> int:
     """Nodes of the document with every alias expanded, counted without expanding anything
-    (each shared node is sized once); _Refused above MAX_YAML_NODES or for a recursive alias."""
+    (each shared node is sized once); _Refused for a recursive alias, or when aliases add
+    more than MAX_YAML_NODES nodes to those written (a large plain document is not a bomb:
+    MAX_MANIFEST_BYTES bounds it)."""
+    limit = _written_size(root) + MAX_YAML_NODES
     sizes: dict[int, int] = {}
     ancestors: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
-        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
-                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        children = _children(node)
         if children_done:
             ancestors.discard(id(node))
             sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
-            if sizes[id(node)] > MAX_YAML_NODES:
-                raise _Refused(problem=f"its aliases expand to more than {MAX_YAML_NODES} values (an alias bomb, "
-                                       f"like 'billion laughs'?); refused without expanding it",
+            if sizes[id(node)] > limit:
+                raise _Refused(problem=f"its aliases expand to more than {limit} values from {limit - MAX_YAML_NODES} "
+                                       f"written (an alias bomb, like 'billion laughs'?); refused without expanding it",
                                problem_mark=node.start_mark)
         elif id(node) not in sizes:
             if id(node) in ancestors:
@@ -323,18 +363,40 @@ def parse_manifest(raw: object, path: Path) -> Manifest:
         raise ManifestError(path, problems) from None
 
 
+def _read_text(path: Path) -> str:
+    """The manifest file's text; ManifestError when it cannot be read, is not UTF-8, or is
+    larger than MAX_MANIFEST_BYTES (read no further than that: it may be a stream)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise ManifestError(path, [("", f"cannot read: {exc}")]) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        limit = f"{MAX_MANIFEST_BYTES >> 20} MB"
+        shown = f"{size / 2**20:.1f} MB" if size > MAX_MANIFEST_BYTES else f"over {limit}"
+        raise ManifestError(path, [("", f"is {shown}; a manifest is a few KB, refusing files over {limit}")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [("", f"cannot read: {exc}")]) from None
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message (problem, then 'in "<file>", line L, column C') as one line."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def load_manifest(path: Path | str) -> Manifest:
     path = Path(path)
+    stream = io.StringIO(_read_text(path))
+    stream.name = str(path)  # YAML's marks then read 'in "<path>", line 3', not "<unicode string>"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(path, [("", f"cannot read: {exc}")]) from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as exc:
-        raise ManifestError(path, [("", f"refused: {exc}")]) from None
+        raise ManifestError(path, [("", f"refused: {_one_line(exc)}")]) from None
     except yaml.YAMLError as exc:
-        raise ManifestError(path, [("", f"not valid YAML: {exc}")]) from None
+        raise ManifestError(path, [("", f"not valid YAML: {_one_line(exc)}")]) from None
     except RecursionError:
         raise ManifestError(path, [("", "not valid YAML: nested too deeply")]) from None
     return parse_manifest(raw, path)

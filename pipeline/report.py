@@ -8,12 +8,15 @@ instead. Image arrays are not part of the data: ``UnitReader`` reads one unit's 
 the page draws its overlay row, so at most one unit's arrays are in memory at a time.
 
 Label sources are read as pipeline/labelsource.py says: a unit counts for a stage when its
-ledger line says done with the signature the stage's arrays carry.
+ledger line says done with the signature the stage's arrays carry, and every array read is
+checked against the shape, dtype and sha256 recorded when it was written. A unit whose
+arrays are missing or damaged is left out of the shares, the queue and the overlays and
+named on the page (``OverlaySection.damaged``).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.labelsource import (LabelSource, default_stage, done_units, open_source, provenance,
-                                         stage_outcomes, stage_round, stored_classes)
-from seglab.pipeline.store import Store
+from seglab.pipeline.labelsource import (LabelSource, StageOutputs, default_stage, open_source, provenance,
+                                         stage_outcomes, stage_outputs, stage_round, stored_classes)
+from seglab.pipeline.store import Store, StoreError
 
 MAX_FAILURES = 20
 """Failures listed by name; the rest are counted."""
@@ -102,6 +105,9 @@ class OverlaySection:
     images: dict[str, str | None] = field(default_factory=dict)
     reason: str | None = None
     note: str | None = None
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Units left out of the shares, the queue or the overlays: unit -> the store's account
+    of the array at fault (missing, or differing from its record); the note names them."""
 
 
 @dataclass
@@ -272,38 +278,49 @@ class UnitArrays:
     uncertainty: np.ndarray | None
 
 
-def _read(store: Store, path: str, unit: str) -> np.ndarray | None:
-    return store.read_array(path, unit) if store.has_unit(path, unit) else None
-
-
-def unit_uncertainty(store: Store, source: LabelSource, unit: str) -> np.ndarray | None:
+def unit_uncertainty(source: LabelSource, select: StageOutputs, unit: str) -> np.ndarray | None:
     """HxW float32 in [0, 1]: the source's uncertainty, or 1 - select/confidence when the
-    source writes none; None when neither exists for ``unit``."""
-    if source.has_uncertainty and store.has_unit(f"{source.stage}/uncertainty", unit):
+    source writes none; None when neither is recorded for ``unit``. StoreError when the
+    array is missing or differs from its record."""
+    if source.has_uncertainty and source.outputs.has("uncertainty", unit):
         return source.uncertainty(unit)
-    confidence = _read(store, "select/confidence", unit)
-    return None if confidence is None else 1.0 - confidence.astype(np.float32)
+    if not select.has("confidence", unit):
+        return None
+    return 1.0 - select.read("confidence", unit).astype(np.float32)
 
 
 class UnitReader:
     """Reads the overlay rows' arrays of one label source: a stage's array only when the unit
-    is done there (the done sets are read once)."""
+    is done there (the done units' records are read once), each checked against its record.
+    An array that is missing or damaged reads as None and its unit goes to ``damaged``
+    (unit -> the store's account)."""
 
     def __init__(self, store: Store, source: LabelSource):
         self.store, self.source = store, source
-        self.ingest = set(done_units(store, "ingest"))
-        self.select = set(done_units(store, "select"))
-        self.labelled = set(source.units)
+        self.ingest = stage_outputs(store, "ingest")
+        self.select = stage_outputs(store, "select")
+        self.damaged: dict[str, str] = {}
+
+    def _checked(self, unit: str, read: Callable[[], np.ndarray | None]) -> np.ndarray | None:
+        try:
+            return read()
+        except StoreError as exc:  # CorruptOutput included
+            self.damaged.setdefault(unit, str(exc))
+            return None
+
+    def _recorded(self, outputs: StageOutputs, name: str, unit: str) -> np.ndarray | None:
+        return self._checked(unit, lambda: outputs.read(name, unit) if outputs.has(name, unit) else None)
 
     def read(self, unit: str) -> UnitArrays:
-        store, ingested = self.store, unit in self.ingest
+        labelled = unit in self.source.outputs.records
         return UnitArrays(
-            image=_read(store, "ingest/image", unit) if ingested else None,
-            weak=_read(store, "ingest/weak", unit) if ingested else None,
-            boxes=_read(store, "ingest/boxes", unit) if ingested else None,
-            select=_read(store, "select/labels", unit) if unit in self.select else None,
-            labels=self.source.labels(unit) if unit in self.labelled else None,
-            uncertainty=unit_uncertainty(store, self.source, unit) if unit in self.labelled else None,
+            image=self._recorded(self.ingest, "image", unit),
+            weak=self._recorded(self.ingest, "weak", unit),
+            boxes=self._recorded(self.ingest, "boxes", unit),
+            select=self._recorded(self.select, "labels", unit),
+            labels=self._checked(unit, lambda: self.source.labels(unit)) if labelled else None,
+            uncertainty=self._checked(unit, lambda: unit_uncertainty(self.source, self.select, unit))
+            if labelled else None,
         )
 
 
@@ -351,35 +368,69 @@ def label_sections(store: Store, *, sample: int, queue: int) -> tuple[OverlaySec
     except SeglabError as exc:
         reason = f"No label source to show: {exc}."
         return OverlaySection(stage, None, 0, [], [], reason=reason), SharesSection([], reason=reason)
-    select = set(done_units(store, "select"))
+    select = stage_outputs(store, "select")
     counters = {"select": _Counts("select", [i for i, _ in classes], ignore_id)}
     if stage != "select":
         counters[stage] = _Counts(stage, [i for i, _ in classes], ignore_id)
-    ranked = []
+    ranked, damaged = [], {}
     labelled = set(source.units)
-    for unit in sorted(select | labelled):
-        if unit in select:
-            counters["select"].add(store.read_array("select/labels", unit))
-        if unit in labelled:
-            if stage != "select":
-                counters[stage].add(source.labels(unit))
-            u = unit_uncertainty(store, source, unit)
-            if u is not None and u.size:
-                ranked.append((float(u.mean()), float((u >= UNCERTAIN).mean()), unit))
+    for unit in sorted(set(select.records) | labelled):
+        try:
+            selected = select.read("labels", unit) if unit in select.records else None
+            labels = source.labels(unit) if unit in labelled and stage != "select" else None
+            u = unit_uncertainty(source, select, unit) if unit in labelled else None
+        except StoreError as exc:  # CorruptOutput included
+            damaged[unit] = str(exc)
+            continue
+        if selected is not None:
+            counters["select"].add(selected)
+        if labels is not None:
+            counters[stage].add(labels)
+        if u is not None and u.size:
+            ranked.append((float(u.mean()), float((u >= UNCERTAIN).mean()), unit))
     ranked.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    reader = UnitReader(store, source)
+    chosen = _sound(reader, _sample([u for u in source.units if u not in damaged], sample), sample)
+    queued = set(_sound(reader, [unit for _, _, unit in ranked], queue))
+    damaged.update(reader.damaged)
     rows = [QueueRow(i + 1, unit, source.images.get(unit), mean, fraction)
-            for i, (mean, fraction, unit) in enumerate(ranked[:queue])]
-    chosen = _sample(source.units, sample)
-    note = None
+            for i, (mean, fraction, unit) in enumerate(r for r in ranked if r[2] in queued)]
+    notes = []
     if source.has_uncertainty:
         uncertainty_from = f"{stage}/uncertainty"
     else:
         uncertainty_from = "1 − select/confidence"
-        note = (f"The default label source '{stage}' writes no uncertainty, so images are ranked and shown by "
-                f"1 − select/confidence instead.")
+        notes.append(f"The default label source '{stage}' writes no uncertainty, so images are ranked and shown by "
+                     f"1 − select/confidence instead.")
+    if damaged:
+        notes.append(damaged_note(damaged))
     images = {u: source.images.get(u) for u in {*chosen, *(r.unit for r in rows)}}
-    overlays = OverlaySection(stage, uncertainty_from, len(source.units), chosen, rows, images, note=note)
+    overlays = OverlaySection(stage, uncertainty_from, len(source.units), chosen, rows, images,
+                              note=" ".join(notes) or None, damaged=damaged)
     return overlays, SharesSection([c.share() for c in counters.values() if c.units])
+
+
+def _sound(reader: UnitReader, candidates: Iterable[str], count: int) -> list[str]:
+    """The first ``count`` of ``candidates`` whose overlay arrays all read back as recorded
+    (the others land in ``reader.damaged``)."""
+    kept: list[str] = []
+    for unit in candidates:
+        if len(kept) == count:
+            break
+        reader.read(unit)
+        if unit not in reader.damaged:
+            kept.append(unit)
+    return kept
+
+
+def damaged_note(damaged: dict[str, str]) -> str:
+    """One sentence naming the units left out as damaged (the first ``MAX_FAILURES``)."""
+    names = sorted(damaged)
+    more = f" and {len(names) - MAX_FAILURES} more" if len(names) > MAX_FAILURES else ""
+    return (f"{len(names)} images are left out (of the class shares, the review queue or the overlays) because "
+            f"their stored arrays are missing or differ from the hash recorded when they were written "
+            f"({', '.join(names[:MAX_FAILURES])}{more}; {names[0]}: {damaged[names[0]]}); "
+            "`seglab run` redoes them.")
 
 
 # -- everything ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from skimage.morphology import dilation
 
 from seglab.pipeline.palette import colour_of, colourize
@@ -35,6 +36,9 @@ JPEG_QUALITY = 85
 NO_LABEL = (255, 255, 255)
 """Colour of unlabelled pixels in class maps: white, which the class palette never uses
 (its class 0 is black)."""
+MARKER_SHARE = 1 / 56
+"""Radius of a point marker in the weak-label panel, as a share of the panel's width (at
+least 3 pixels): 6 pixels on a 320-pixel panel."""
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -69,16 +73,47 @@ def photo_panel(image: np.ndarray, max_width: int = MAX_WIDTH) -> tuple[bytes, s
     return _encode(_shrink(image, max_width, Image.Resampling.BOX), "JPEG")
 
 
+def _contrast(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever stands out more against ``colour``."""
+    r, g, b = colour
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 128 else (255, 255, 255)
+
+
+def small_components(weak: np.ndarray, ignore_id: int, size: float) -> list[tuple[float, float, int]]:
+    """(x, y, class): the centre of every weak-label component (8-connected, per class)
+    narrower and shorter than ``size`` pixels, such as a point, in image pixels."""
+    found = []
+    for cls in np.unique(weak[weak != ignore_id]):
+        components, _ = ndimage.label(weak == cls, structure=np.ones((3, 3), bool))
+        for rows, cols in ndimage.find_objects(components):
+            if rows.stop - rows.start < size and cols.stop - cols.start < size:
+                found.append(((cols.start + cols.stop) / 2, (rows.start + rows.stop) / 2, int(cls)))
+    return found
+
+
+def _draw_markers(panel: Image.Image, points: Sequence[tuple[float, float, int]], scale: float, radius: int) -> None:
+    """A filled circle in the class colour with a contrasting outline at each (x, y, class)."""
+    draw = ImageDraw.Draw(panel)
+    for x, y, cls in points:
+        fill = colour_of(cls)
+        cx, cy = x * scale, y * scale
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill, outline=_contrast(fill),
+                     width=max(1, radius // 3))
+
+
 def weak_panel(image: np.ndarray, weak: np.ndarray, ignore_id: int, boxes: np.ndarray | None = None,
                max_width: int = MAX_WIDTH) -> tuple[bytes, str]:
     """The weak label in class colours over the dimmed photograph -> (JPEG bytes, mime).
 
     image: HxWx3 uint8; weak: HxW class ids, ``ignore_id`` unlabelled; boxes: float32 [B, 5]
-    (x0, y0, x1, y1, class) in image pixels, drawn as outlines. Points and strokes are
-    thickened so that they stay visible after downscaling."""
+    (x0, y0, x1, y1, class) in image pixels, drawn as outlines. Strokes are thickened so
+    that they stay visible after downscaling; components smaller than a marker (points)
+    are drawn as markers, a circle of ``MARKER_SHARE`` of the panel's width."""
     h, w = weak.shape
     _, panel_w = panel_size(h, w, max_width)
     radius = max(1, math.ceil(w / panel_w))
+    marker = max(3, round(panel_w * MARKER_SHARE))
+    points = small_components(weak, ignore_id, 2 * marker * w / panel_w)
     shifted = np.where(weak == ignore_id, 0, weak.astype(np.int64) + 1)  # 0: unlabelled
     if shifted.any():
         shifted = dilation(shifted, np.ones((2 * radius + 1, 2 * radius + 1), bool))
@@ -86,8 +121,9 @@ def weak_panel(image: np.ndarray, weak: np.ndarray, ignore_id: int, boxes: np.nd
     out = (image.astype(np.float32) * DIM).astype(np.uint8)
     out[labelled] = colourize(shifted[labelled] - 1, ignore_id=-1)
     panel = _shrink(out, max_width, Image.Resampling.BOX)
+    scale = panel.width / w
+    _draw_markers(panel, points, scale, marker)
     if boxes is not None and len(boxes):
-        scale = panel.width / w
         draw = ImageDraw.Draw(panel)
         for x0, y0, x1, y1, cls in np.asarray(boxes, np.float64):
             draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=colour_of(int(cls)), width=2)

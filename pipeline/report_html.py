@@ -30,7 +30,8 @@ from seglab.pipeline.store import Store
 QUEUE_COLUMNS = ("unit", "image", "mean_uncertainty", "uncertain_fraction")
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1750px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1750px; color: #222; }
+img { max-width: 100%; height: auto; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
@@ -38,21 +39,28 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f4f4f4; }
 .reason { color: #8a5a00; background: #fff8e6; padding: 0.4em 0.7em; border-left: 3px solid #e0a800; }
 .note { color: #555; }
-.row { display: flex; gap: 6px; align-items: flex-start; margin: 0.3em 0 0.9em; }
-.row figure { margin: 0; } .row figcaption { font-size: 0.75em; color: #555; }
-.row img { display: block; max-width: 320px; min-width: 160px; image-rendering: pixelated; }
+.wide { overflow-x: auto; }
+.row { display: grid; grid-template-columns: repeat(5, minmax(0, 320px)); gap: 6px; align-items: start;
+       margin: 0.3em 0 0.9em; }
+.row figure { margin: 0; min-width: 0; } .row figcaption { font-size: 0.75em; color: #555; }
+.row img { display: block; image-rendering: pixelated; }
 .caption { font-size: 0.85em; margin-top: 0.6em; }
-.missing { width: 200px; height: 60px; background: #eee; color: #777; font-size: 0.8em; padding: 0.4em; }
+.missing { height: 60px; background: #eee; color: #777; font-size: 0.8em; padding: 0.4em; }
 .swatch { display: inline-block; width: 1em; height: 1em; vertical-align: middle; border: 1px solid #999;
           margin-right: 0.3em; }
 .legend span.item { margin-right: 1.1em; white-space: nowrap; }
-code { font-size: 0.9em; }
+code { font-size: 0.9em; overflow-wrap: anywhere; }
 """
 
 
 # -- small pieces ------------------------------------------------------------------------
 def _text(value: Any) -> str:
     return escape("" if value is None else str(value))
+
+
+def _fact(value: Any) -> str:
+    """A fact's value, 'none' when it has none (None, or an empty string or collection)."""
+    return "none" if value is None or value == "" or value == [] or value == {} else _text(value)
 
 
 def _num(value: float | int | None, fmt: str = "{:.3g}", *, percent: bool = False) -> str:
@@ -65,7 +73,8 @@ def _num(value: float | int | None, fmt: str = "{:.3g}", *, percent: bool = Fals
 
 def _table(table_id: str, header: Sequence[str], rows: Iterable[str]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (f'<div class="wide"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def _img(data: bytes, mime: str, alt: str) -> str:
@@ -91,7 +100,7 @@ def queue_csv(rows: Sequence[QueueRow]) -> str:
 
 # -- sections ---------------------------------------------------------------------------
 def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
     return [(prefix, value)]
 
@@ -110,8 +119,8 @@ def header_section(data: ReportData) -> str:
 
 def _facts_table(table_id: str, facts: Iterable[tuple[str, Any]]) -> str:
     """A two-column table: each fact's name as a header cell, its value as code."""
-    rows = "".join(f"<tr><th>{escape(k)}</th><td><code>{_text(v)}</code></td></tr>" for k, v in facts)
-    return f'<table id="{table_id}">{rows}</table>'
+    rows = "".join(f"<tr><th>{escape(k)}</th><td><code>{_fact(v)}</code></td></tr>" for k, v in facts)
+    return f'<div class="wide"><table id="{table_id}">{rows}</table></div>'
 
 
 def stages_section(data: ReportData) -> str:
@@ -284,7 +293,7 @@ def render_html(data: ReportData, store: Store) -> str:
     title = f"seglab report: {Path(data.header['store']).name}"
     parts = [header_section(data), stages_section(data), overlays_section(data, store), shares_section(data),
              calibration_section(data), quality_section(data)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"
             + "\n".join(parts) + "</body></html>\n")
 
@@ -308,6 +317,23 @@ def write_atomic(path: Path, text: str) -> int:
     return len(encoded)
 
 
+GENERATOR = '<meta name="generator" content="seglab report">'
+"""What every page seglab writes carries in its head: how ``--overwrite`` knows a file is one."""
+
+
+def _is_ours(target: Path) -> bool:
+    """Whether ``target`` is a file seglab's report wrote: a page whose head carries
+    GENERATOR, or a review-queue CSV whose first line is QUEUE_COLUMNS."""
+    try:
+        with open(target, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if target.suffix.lower() in (".html", ".htm") or head.startswith("<!DOCTYPE html>"):
+        return GENERATOR in head.split("</head>", 1)[0]
+    return head.split("\n", 1)[0] == ",".join(QUEUE_COLUMNS)
+
+
 def write_report(store_path: Path | str, out: Path | str, *, manifest: str | Path | None = None, sample: int = 6,
                  queue: int = 12, queue_out: Path | str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Build, draw and write the report of the store at ``store_path`` to ``out`` (and the
@@ -316,10 +342,13 @@ def write_report(store_path: Path | str, out: Path | str, *, manifest: str | Pat
     started = time.perf_counter()
     targets = [Path(out)] + ([Path(queue_out)] if queue_out is not None else [])
     for target in targets:
-        if target.exists() and not overwrite:
-            raise SeglabError(f"{target} already exists (choose another file, or pass --overwrite)")
         if target.is_dir():
             raise SeglabError(f"{target} is a folder; give a file name")
+        if target.exists() and not overwrite:
+            raise SeglabError(f"{target} already exists (choose another file, or pass --overwrite)")
+        if target.exists() and not _is_ours(target):
+            raise SeglabError(f"{target} exists and was not written by seglab report; --overwrite replaces only "
+                              "a report or review queue seglab wrote (choose another file)")
     data = build_report(store_path, manifest=manifest, sample=sample, queue=queue)
     text = render_html(data, Store(store_path))
     size = write_atomic(Path(out), text)

@@ -7,7 +7,6 @@ Resume is therefore the default: a rerun does only what is missing or changed.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,11 +16,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from seglab.pipeline.dag import Dag
-from seglab.pipeline.errors import SeglabError, SignatureMismatch
+from seglab.pipeline.errors import SeglabError, SignatureMismatch, StorageError, UsageError, os_error_cause
 from seglab.pipeline.fingerprint import diff_signatures, digest, stage_signature
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.registry import STAGES, round_stages
-from seglab.pipeline.store import Store
+from seglab.pipeline.store import Store, check_store_path, entry_problem
+from seglab.pipeline.storelock import StoreLock
 from seglab.pipeline.units import enumerate_units, file_stat, gold_units, held_out, training_units, unit_input_digest
 from seglab.stages.base import ClassTable, Context, Stage, Unit
 
@@ -70,6 +70,9 @@ class StageReport:
     """(unit, 'stage/output') of inputs found damaged; their producer redid them."""
     worker_peak_rss: int | None = None
     """Largest peak resident memory of a worker of the stage's pool so far, bytes."""
+    why: list[str] = field(default_factory=list)
+    """Why the stage has work left or is blocked, one short phrase each (e.g. 'forced',
+    '3 waiting on ingest'); what a dry run shows beside its counts."""
 
     def absorb(self, earlier: "StageReport") -> None:
         """Fold an earlier pass over the same stage into this one (this run's totals)."""
@@ -89,6 +92,8 @@ class RunReport:
     store: str
     stages: list[StageReport]
     dry_run: bool = False
+    manifest: str = ""
+    """The manifest the run read (its path, or 'demo' for the embedded one), for the next commands."""
 
     @property
     def work_done(self) -> int:
@@ -102,13 +107,49 @@ class RunReport:
 @dataclass
 class Plan:
     """A stage's remaining work: ``todo`` units with their worker ``tasks`` (input digest,
-    signature digest, expected input hashes), ledger entries of ``adopted`` units, and the
-    count of units ``blocked`` on an upstream stage."""
+    signature digest, expected input hashes), ledger entries of ``adopted`` units, the
+    count of units ``blocked`` on an upstream stage, and why: ``reasons`` counts the todo
+    units by cause ('new', 'failed before', ...), ``waiting`` the blocked ones by the
+    upstream stage they wait on; ``missing``: done units whose arrays are gone."""
 
     todo: list[Unit] = field(default_factory=list)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     adopted: list[dict[str, Any]] = field(default_factory=list)
     blocked: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def why(self) -> list[str]:
+        """The reasons as short phrases, e.g. ['3 new', '2 waiting on embed']."""
+        return [f"{n} {reason}" for reason, n in self.reasons.items()] + \
+               [f"{n} waiting on {stage}" for stage, n in self.waiting.items()]
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _todo_reason(entry: dict[str, Any] | None, task: dict[str, Any]) -> str:
+    """Why a unit with ledger line ``entry`` is not done as ``task`` asks."""
+    if entry is None:
+        return "new"
+    if entry.get("status") != "done":
+        return "failed before"
+    if entry.get("signature") != task["signature"]:
+        return "made with other settings"
+    return "with changed inputs"
+
+
+def _adoptable(store: Store | None, name: str, unit: str, task: dict[str, Any], cleared: frozenset[str]) -> dict | None:
+    """The ledger entry of a unit a killed run committed but did not ledger, when its
+    commit record is whole, made as ``task`` asks, and its arrays are all there; else None."""
+    if store is None or name in cleared:
+        return None
+    record = store.committed(name, unit)
+    if not done_as(record, task) or entry_problem(record) or store.missing_outputs(name, unit, record["outputs"]):
+        return None
+    return {**record, "adopted": True}
 
 
 def done_as(entry: dict[str, Any] | None, task: dict[str, Any]) -> bool:
@@ -167,12 +208,22 @@ def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str
     return sigs
 
 
+def check_stage_names(options: RunOptions, dag: Dag) -> None:
+    """``--from``, ``--only`` and ``--force`` name stages of this manifest's DAG; UsageError
+    listing them otherwise (a name is never turned into a path before this check)."""
+    given = [("--from", options.start), ("--only", options.only), *(("--force", f) for f in options.force)]
+    for flag, name in given:
+        if name is not None and name not in dag.order:
+            raise UsageError(f"{flag} {name!r} is not a stage of this manifest; its stages are: {', '.join(dag.order)}")
+
+
 class Runner:
     def __init__(self, manifest: Manifest, options: RunOptions | None = None, progress: Progress | None = None):
         self.manifest = manifest
         self.options = options or RunOptions()
         self.progress = progress or NoProgress()
         self.dag = Dag(active_stages(manifest))
+        check_stage_names(self.options, self.dag)
         self.context = build_context(manifest)
         self.signatures = signatures(manifest, self.dag, self.context)
         self.stages: dict[str, Stage] = {n: self.dag.stages[n](manifest.stage_config(n)) for n in self.dag.order}
@@ -202,23 +253,31 @@ class Runner:
                 paths.extend(f"{path}/{out}" for out in self.stages[path].outputs(self.context))
         return paths
 
-    def plan(self, store: Store, name: str, units: Sequence[Unit], fitted: str | None = None) -> "Plan":
-        """What is left of stage ``name`` over ``units``.
+    def plan(self, store: Store | None, name: str, units: Sequence[Unit], fitted: str | None = None,
+             cleared: frozenset[str] = frozenset()) -> "Plan":
+        """What is left of stage ``name`` over ``units`` (``store`` None: no store yet).
 
         ``fitted``: digest of the parameters the stage was fitted with; part of every
         unit's input digest, so a refit that changes them recomputes the units. A unit
         without a ledger line but with a commit record made from the same inputs and
-        signature (its driver was killed before appending the line) is adopted, not redone."""
-        ledger = store.ledger(name).load()
-        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
+        signature (its driver was killed before appending the line) is adopted, not redone.
+        A done unit whose arrays are gone from the store is redone. ``cleared``: stages to
+        plan as if their records were removed (what ``--force`` does before a run)."""
+        def ledger(stage: str) -> dict[str, dict[str, Any]]:
+            return {} if store is None or stage in cleared else store.ledger(stage).load()
+
+        entries = ledger(name)
+        parents = {dep: ledger(dep) for dep in self.dag.deps[name]}
         sig = digest(self.signatures[name])
         plan = Plan()
         for unit in units:
             expected: dict[str, str] = {}
             if parents:
                 upstream = {d: parents[d].get(unit.id) for d in parents}
-                if any(e is None or e.get("status") != "done" for e in upstream.values()):
+                waiting = next((d for d, e in upstream.items() if e is None or e.get("status") != "done"), None)
+                if waiting is not None:
                     plan.blocked += 1
+                    _count(plan.waiting, waiting)
                     continue
                 inputs = digest([{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream.values()]
                                 + ([fitted] if fitted else []))
@@ -226,26 +285,157 @@ class Runner:
             else:
                 inputs = unit_input_digest(unit)
             task = {"inputs": inputs, "signature": sig, "expected": expected}
-            if done_as(ledger.get(unit.id), task):
+            entry = entries.get(unit.id)
+            if done_as(entry, task):
+                if not store.missing_outputs(name, unit.id, entry["outputs"]):
+                    continue
+                plan.missing.append(unit.id)
+                _count(plan.reasons, "with missing arrays")
+            elif (record := _adoptable(store, name, unit.id, task, cleared)) is not None:
+                plan.adopted.append(record)
                 continue
-            record = store.committed(name, unit.id)
-            if done_as(record, task):
-                plan.adopted.append({**record, "adopted": True})
-                continue
+            else:
+                _count(plan.reasons, "forced" if name in cleared else _todo_reason(entry, task))
             plan.todo.append(unit)
             plan.tasks[unit.id] = task
         return plan
 
+    # -- fits -------------------------------------------------------------------------
+    def fit_key(self, store: Store | None, name: str, units: Sequence[Unit]) -> tuple[str, list[Unit]]:
+        """What a fitted or trained stage would be fitted on now: (a digest of its signature,
+        its samples' upstream outputs (and gold masks), those samples). The samples are the
+        gold set's units for a fitted stage, the training units whose upstream outputs are
+        done for a trained one. SeglabError when it cannot be fitted yet."""
+        from seglab.pipeline.gold import gold_mask_path
+
+        stage = self.stages[name]
+        parents = {dep: store.ledger(dep).load() if store else {} for dep in self.dag.deps[name]}
+
+        def finished(unit: Unit) -> bool:
+            return all(parents[d].get(unit.id, {}).get("status") == "done" for d in parents)
+
+        def outputs(samples: list[Unit]) -> list:
+            return [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in samples]
+
+        if stage.trains:
+            training = [u for u in training_units(self.manifest, list(units)) if finished(u)]
+            if not training:
+                raise SeglabError(f"{name}: nothing to train on: no image outside the calibration and evaluation "
+                                  f"sets has finished {'/'.join(parents)} outputs")
+            return digest([self.signatures[name], outputs(training)]), training
+        gold = getattr(self.manifest.data, stage.gold_set)
+        samples = gold_units(self.manifest, stage.gold_set, units)
+        missing = [u.id for u in samples if not finished(u)]
+        if missing:
+            raise SeglabError(f"{name}: cannot fit, {len(missing)} {stage.gold_set} image(s) have no "
+                              f"finished {'/'.join(parents)} output (first: {missing[0]})")
+        masks = [gold_mask_path(gold, Path(u.image)) for u in samples]
+        return digest([self.signatures[name], outputs(samples), [file_stat(m) for m in masks]]), samples
+
+    def stored_fit(self, store: Store | None, name: str, key: str) -> dict[str, Any] | None:
+        """The stage's stored fit when it was made from ``key`` (and, for a trained stage,
+        its checkpoint is still the file it recorded), else None."""
+        from seglab.pipeline.fingerprint import file_sha256
+
+        attrs = store.stage_attrs(name) if store else {}
+        fitted = attrs.get("fitted")
+        if attrs.get("fitted_from") != key or not fitted:
+            return None
+        if self.stages[name].trains:
+            checkpoint = store.path / fitted["checkpoint"]
+            if not checkpoint.is_file() or file_sha256(checkpoint) != fitted["sha256"]:
+                return None
+        return fitted
+
+    # -- planning a run ---------------------------------------------------------------
+    def forced(self) -> frozenset[str]:
+        """The stages ``--force`` clears: each named one and everything downstream of it."""
+        return frozenset(c for name in self.options.force for c in (name, *self.dag.downstream(name)))
+
+    def preview(self, store: Store | None, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
+        """What a run would do, stage by stage, from the store as it is (``store`` None: no
+        store yet), reading only: ``--force`` is planned as if its stages were cleared, a
+        fitted stage with the fit it has stored for today's inputs. Each report's ``why``
+        says what is left and why; a stage whose settings changed says so too."""
+        cleared = self.forced()
+        reports = []
+        for name in selected:
+            why: list[str] = []
+            stored = store.stage_attrs(name).get("signature") if store and name not in cleared else None
+            if stored is not None and digest(stored) != digest(self.signatures[name]):
+                why.append(f"settings changed ({'; '.join(diff_signatures(stored, self.signatures[name]))}): "
+                           f"needs --force {name}")
+            fitted = None
+            if self.stages[name].fits:
+                try:
+                    key, _ = self.fit_key(store, name, units)
+                    fitted = None if name in cleared else self.stored_fit(store, name, key)
+                    if fitted is None:
+                        why.append("to be trained anew" if self.stages[name].trains else "to be fitted anew")
+                except SeglabError:
+                    why.append("fitted once its inputs are done")
+            plan = self.plan(store, name, units, fitted=fitted and digest(fitted), cleared=cleared)
+            report = StageReport(name, len(units), len(units) - plan.blocked - len(plan.todo) - len(plan.adopted),
+                                 len(plan.todo), blocked=plan.blocked, adopted=len(plan.adopted))
+            report.why = why + plan.why() + ([f"{len(plan.adopted)} committed by an interrupted run, to adopt"]
+                                             if plan.adopted else [])
+            reports.append(report)
+        return reports
+
+    def _recorded_attrs(self, units: Sequence[Unit]) -> dict[str, Any]:
+        """The root attributes a run records: what the store's readers (export, report) need."""
+        classes = self.context.classes
+        return {"manifest_hash": digest(self.manifest.model_dump(mode="json")), "manifest_path": self.manifest.path,
+                "splits": held_out(self.manifest, units), "seglab_version": seglab_version(),
+                "classes": [{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)],
+                "ignore_id": classes.ignore_id}
+
     # -- running ----------------------------------------------------------------------
     def run(self) -> RunReport:
+        """Run the selected stages. A dry run, or a run with nothing to do, writes nothing
+        (so a read-only store is fine); any other run holds the store's lock throughout."""
         units = enumerate_units(self.manifest)
         selected = self.dag.select(start=self.options.start, only=self.options.only)
-        store = self.open_store()
-        store_manifest_hash = digest(self.manifest.model_dump(mode="json"))
-        if not self.options.dry_run:
-            for name in self.options.force:
-                for cleared in (name, *self.dag.downstream(name)):
-                    store.clear_stage(cleared)
+        path = self.manifest.store_path
+        existing = Store(path) if check_store_path(path) else None
+        preview = self.preview(existing, selected, units)
+        if existing is not None:
+            for report in preview:
+                report.warnings += existing.problems_of(report.stage)
+        if self.options.dry_run:
+            return RunReport(str(path), preview, dry_run=True, manifest=self.manifest.path)
+        if existing is not None:
+            self.check_signatures(existing, [s for s in selected if s not in self.forced()])
+            recorded = existing.attrs
+            if not any(r.todo or r.adopted or r.blocked or r.why for r in preview) \
+                    and all(recorded.get(k) == v for k, v in self._recorded_attrs(units).items()):
+                for report in preview:
+                    self.progress.start(report.stage, report.total, report.already_done)
+                    self.progress.finish(report.stage, report)
+                return RunReport(str(path), preview, manifest=self.manifest.path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with StoreLock(path) as lock:
+                store = self.open_store()
+                reports = self._run_locked(store, selected, units)
+                if lock.taken_over and reports:
+                    holder = lock.taken_over
+                    reports[0].warnings.append(f"took over the lock of an earlier run that is gone (pid "
+                                               f"{holder.get('pid')} on {holder.get('host')}, started "
+                                               f"{holder.get('started')})")
+        except Exception as exc:
+            if (cause := os_error_cause(exc)) is None:
+                raise
+            raise StorageError.from_os_error(cause, path) from None
+        return RunReport(str(store.path), reports, manifest=self.manifest.path)
+
+    def _run_locked(self, store: Store, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
+        """The run proper, under the store's lock: clear what ``--force`` names, then pass
+        over the stages until no pass finds damaged inputs (at most MAX_PASSES)."""
+        kept: dict[str, list[Path]] = {}
+        for name in self.options.force:
+            for cleared in (name, *self.dag.downstream(name)):
+                kept[cleared] = store.clear_stage(cleared)
         self.check_signatures(store, selected)
         reports: dict[str, StageReport] = {}
         pools: dict[tuple[float, float], Any] = {}
@@ -257,37 +447,41 @@ class Runner:
                     if name in reports:
                         report.absorb(reports[name])
                 reports = passed
-                if self.options.dry_run or not damaged:
+                if not damaged:
                     break
-            if not self.options.dry_run:
-                classes = self.context.classes
-                store.set_root_attrs(manifest_hash=store_manifest_hash, manifest_path=self.manifest.path,
-                                     splits=held_out(self.manifest, units), seglab_version=seglab_version(),
-                                     classes=[{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)],
-                                     ignore_id=classes.ignore_id)
+            recorded = self._recorded_attrs(units)
+            if any(store.attrs.get(k) != v for k, v in recorded.items()):
+                store.set_root_attrs(**recorded)
         finally:
             for pool in pools.values():
                 pool.shutdown()
-        return RunReport(str(store.path), list(reports.values()), dry_run=self.options.dry_run)
+        for name, report in reports.items():
+            left = kept.get(name)
+            if left:
+                report.warnings.append(f"--force kept {len(left)} file(s) seglab did not write, e.g. {left[0]}")
+            report.warnings += store.problems_of(name)
+        return list(reports.values())
 
     def _run_pass(self, store: Store, selected: Sequence[str], units: Sequence[Unit], pools: dict) -> dict[str, StageReport]:
         """Plan and run every selected stage once, in DAG order."""
         reports: dict[str, StageReport] = {}
         for name in selected:
             fitted = None
-            if self.stages[name].fits:  # a dry run plans with the stored fit
-                fit = self._trained if self.stages[name].trains else self._fitted
-                fitted = store.stage_attrs(name).get("fitted") if self.options.dry_run else fit(store, name, units, pools)
+            if self.stages[name].fits:
+                fitted = self._fit(store, name, units, pools)
             plan = self.plan(store, name, units, fitted=fitted and digest(fitted))
             report = StageReport(name, len(units), len(units) - plan.blocked - len(plan.todo), len(plan.todo),
-                                 blocked=plan.blocked)
+                                 blocked=plan.blocked, why=plan.why())
             if fitted and (warning := self.stages[name].fit_warning(fitted)):
                 report.warnings.append(warning)
+            if plan.missing:
+                report.warnings.append(f"{len(plan.missing)} finished unit(s) had arrays missing from the store "
+                                       f"(first: {plan.missing[0]}); they are computed again")
             reports[name] = report
-            if plan.adopted and not self.options.dry_run:
+            if plan.adopted:
                 store.ledger(name).append(plan.adopted)
                 report.adopted, report.already_done = len(plan.adopted), report.already_done - len(plan.adopted)
-            if self.options.dry_run or not plan.todo:
+            if not plan.todo:
                 self.progress.start(name, len(units), report.already_done + report.adopted)
                 self.progress.finish(name, report)
                 continue
@@ -302,51 +496,31 @@ class Runner:
                                                  "worker_peak_rss": report.worker_peak_rss})
         return reports
 
-    def _fitted(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
-        """The stage's parameters fitted on its gold set: reused from the store when the
-        gold units' upstream outputs, their gold masks and the signature are unchanged,
-        else fitted anew in a worker and stored as the stage's ``fitted`` attribute."""
-        from seglab.pipeline.gold import gold_mask_path
-
-        gold = getattr(self.manifest.data, self.stages[name].gold_set)
-        samples = gold_units(self.manifest, self.stages[name].gold_set, units)
-        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
-        missing = [u.id for u in samples if any(parents[d].get(u.id, {}).get("status") != "done" for d in parents)]
-        if missing:
-            raise SeglabError(f"{name}: cannot fit, {len(missing)} {self.stages[name].gold_set} image(s) have no "
-                              f"finished {'/'.join(parents)} output (first: {missing[0]})")
-        masks = [gold_mask_path(gold, Path(u.image)) for u in samples]
-        key = digest([self.signatures[name], [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in samples],
-                      [file_stat(m) for m in masks]])
-        attrs = store.stage_attrs(name)
-        if attrs.get("fitted_from") == key and "fitted" in attrs:
-            return attrs["fitted"]
-        pool = self._pool_for(name, pools)
-        fitted = pool.fit(name, samples, self.read_paths(name), gold)
-        store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
+    def _fit(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
+        """The stage's fit for today's inputs (``fit_key``): the stored one when it was made
+        from them, else fitted anew (``_fit_gold``) or trained anew (``_train``) and stored
+        as the stage's ``fitted`` attribute."""
+        key, samples = self.fit_key(store, name, units)
+        fitted = self.stored_fit(store, name, key)
+        if fitted is None:
+            fitted = (self._train if self.stages[name].trains else self._fit_gold)(store, name, key, samples, units, pools)
+            store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
         return fitted
 
-    def _trained(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
-        """The stage's model trained on the run's training units (those whose upstream
-        outputs are done): reused while those outputs and the signature are unchanged,
-        else trained on Ray Train (resuming from the checkpoints of an interrupted run with
-        the same inputs) and described in the stage's ``fitted`` attribute."""
+    def _fit_gold(self, store: Store, name: str, key: str, samples: list[Unit], units: Sequence[Unit],
+                  pools: dict) -> dict[str, Any]:
+        """Fit the stage on its gold set's ``samples`` in a worker."""
+        pool = self._pool_for(name, pools)
+        return pool.fit(name, samples, self.read_paths(name), getattr(self.manifest.data, self.stages[name].gold_set))
+
+    def _train(self, store: Store, name: str, key: str, training: list[Unit], units: Sequence[Unit],
+               pools: dict) -> dict[str, Any]:
+        """Train the stage's model on ``training`` on Ray Train, resuming from the
+        checkpoints of an interrupted run with the same inputs (``key``); -> its description."""
         from seglab.pipeline.fingerprint import file_sha256
         from seglab.workers.raysession import ensure_ray
         from seglab.workers.trainer import TrainingJob, train
 
-        parents = {dep: store.ledger(dep).load() for dep in self.dag.deps[name]}
-        candidates = training_units(self.manifest, list(units))
-        training = [u for u in candidates if all(parents[d].get(u.id, {}).get("status") == "done" for d in parents)]
-        if not training:
-            raise SeglabError(f"{name}: nothing to train on: no image outside the calibration and evaluation sets "
-                              f"has finished {'/'.join(parents)} outputs")
-        key = digest([self.signatures[name], [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in training]])
-        attrs = store.stage_attrs(name)
-        fitted = attrs.get("fitted")
-        if attrs.get("fitted_from") == key and fitted and (store.path / fitted["checkpoint"]).is_file() \
-                and file_sha256(store.path / fitted["checkpoint"]) == fitted["sha256"]:
-            return fitted
         for pool in pools.values():  # the trainer's workers need the CPUs/GPUs
             pool.shutdown()
         pools.clear()
@@ -367,16 +541,12 @@ class Runner:
         seconds = time.perf_counter() - started
         self.progress.note(name, f"trained in {seconds:.0f}s, "
                                  f"final loss {state['history'][-1]['loss']:.4f}")
-        fitted = {"architecture": config.architecture, "checkpoint": str(path.relative_to(store.path)),
-                  "sha256": file_sha256(path), "epochs": len(state["history"]), "units": len(training),
-                  "skipped": len(candidates) - len(training), "input_size": list(config.input_size),
-                  "trained_on": [u.id for u in training], "seconds": round(seconds, 1),
-                  "history": state["history"]}
-        store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
-        for old in store.checkpoint_dir(name).iterdir():  # checkpoints of other training inputs
-            if old.name not in (key[:16], "_ray"):
-                shutil.rmtree(old, ignore_errors=True)
-        return fitted
+        store.remove_other_checkpoints(name, keep=key[:16])
+        return {"architecture": config.architecture, "checkpoint": str(path.relative_to(store.path)),
+                "sha256": file_sha256(path), "epochs": len(state["history"]), "units": len(training),
+                "skipped": len(training_units(self.manifest, list(units))) - len(training),
+                "input_size": list(config.input_size), "trained_on": [u.id for u in training],
+                "seconds": round(seconds, 1), "history": state["history"]}
 
     def _pool_for(self, name: str, pools: dict) -> Any:
         """The pool for a stage's resource shape; consecutive stages with the same shape share
@@ -409,12 +579,19 @@ class Runner:
         from seglab.workers.pool import run_batches
 
         ledger = store.ledger(name)
+        images = {u.id: u.image for u in plan.todo}  # a failed line names its image, as a done ingest line does
         self.progress.start(name, report.total, report.already_done + report.adopted)
         started = time.perf_counter()
 
         def record(receipts: list[dict[str, Any]]) -> None:
-            ledger.append([{**r, "inputs": plan.tasks[r["unit"]]["inputs"],
-                            "signature": plan.tasks[r["unit"]]["signature"]} for r in receipts])
+            storage = next((r["error"]["storage"] for r in receipts if r["status"] == "failed"
+                            and r["error"].get("storage")), None)
+            receipts = [r for r in receipts if r["status"] == "done" or not r["error"].get("storage")]
+            ledger.append([{**r, "inputs": plan.tasks[r["unit"]]["inputs"], "signature": plan.tasks[r["unit"]]["signature"],
+                            **({} if r["status"] == "done" else {"info": {"source": images[r["unit"]]}})}
+                           for r in receipts])
+            if storage:  # a full disk or an unwritable store is no unit's fault: stop, record nothing against it
+                raise StorageError(storage["path"], storage["problem"])
             for r in receipts:
                 if r["status"] == "done":
                     report.done_now += 1

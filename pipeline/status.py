@@ -6,12 +6,18 @@ from typing import Any
 
 from seglab.pipeline.fingerprint import diff_signatures, digest
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.store import Store, done_units
+from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.store import Store, check_store_path
 from seglab.pipeline.units import enumerate_units
 
 
 @dataclass(frozen=True)
 class StageStatus:
+    """One stage of a store as a run would see it: ``done`` counts the units done from
+    today's inputs with today's settings (a unit whose upstream unit is not done, or whose
+    arrays are gone, is not); ``missing``: done units whose arrays are gone; ``blocked``:
+    units waiting on an upstream stage; ``warnings``: problems found reading the store."""
+
     stage: str
     total: int
     done: int
@@ -22,6 +28,9 @@ class StageStatus:
     failures: tuple[tuple[str, str], ...]
     fitted: dict[str, Any] | None = None  # what the stage was fitted with (calibrate: thresholds; retrain: model)
     fit_summary: str | None = None  # the stage's one-line description of ``fitted``
+    blocked: int = 0
+    missing: int = 0
+    warnings: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -32,12 +41,13 @@ class StageStatus:
 
 
 def store_status(manifest: Manifest) -> list[StageStatus]:
+    """Every stage of the manifest's DAG against its store (read only; no store yet: all to do)."""
     from seglab.pipeline.runner import Runner
 
     runner = Runner(manifest)
-    unit_ids = {u.id for u in enumerate_units(manifest)}
-    path = manifest.store_path
-    store = Store(path) if (path / "zarr.json").exists() else None
+    units = enumerate_units(manifest)
+    unit_ids = {u.id for u in units}
+    store = Store(manifest.store_path) if check_store_path(manifest.store_path) else None
     out = []
     for name in runner.dag.order:
         entries = store.ledger(name).load() if store else {}
@@ -45,14 +55,25 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
         stored = attrs.get("signature")
         expected = runner.signatures[name]
         state = "none" if stored is None else ("current" if digest(stored) == digest(expected) else "stale")
-        sig = digest(expected)
-        done = done_units(entries, sig) & unit_ids
+        key = _fit_key(runner, store, name, units) if runner.stages[name].fits else None
+        fitted = runner.stored_fit(store, name, key) if key else None
+        plan = runner.plan(store, name, units, fitted=fitted and digest(fitted))
         failed = [(u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"]
         out.append(StageStatus(
-            stage=name, total=len(unit_ids), done=len(done), failed=len(failed), signature=state,
-            changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
+            stage=name, total=len(unit_ids), done=len(unit_ids) - len(plan.todo) - plan.blocked, failed=len(failed),
+            signature=state, changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
             seconds=(attrs.get("summary") or {}).get("seconds"), failures=tuple(sorted(failed)),
             fitted=attrs.get("fitted"),
             fit_summary=runner.stages[name].describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
+            blocked=plan.blocked, missing=len(plan.missing),
+            warnings=tuple(store.problems_of(name)) if store else (),
         ))
     return out
+
+
+def _fit_key(runner, store: Store | None, name: str, units) -> str | None:
+    """The key a fitted stage's fit would be made from now, or None when it cannot be fitted yet."""
+    try:
+        return runner.fit_key(store, name, units)[0]
+    except SeglabError:
+        return None

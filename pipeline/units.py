@@ -7,6 +7,8 @@ its unit's rows. Unit ids are image paths relative to the data root with '/' wri
 from __future__ import annotations
 
 import glob as globlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,12 +66,39 @@ def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Pat
     return paths
 
 
+def check_weak_source(manifest: Manifest) -> None:
+    """ManifestError at data.weak.path unless the weak labels can be read: one table file
+    for points and boxes, a folder of label maps for scribbles and coarse masks."""
+    weak = manifest.data.weak
+    path, table = Path(weak.path), weak.kind in TABLE_KINDS
+    if not path.exists():
+        problem = f"{path} does not exist"
+    elif table and path.is_dir():
+        problem = f"{path} is a folder; {weak.kind} are one table file (JSON, CSV or Parquet)"
+    elif not table and not path.is_dir():
+        problem = f"{path} is a file; {weak.kind} are a folder of <image stem>.png label maps"
+    elif not os.access(path, os.R_OK if table else os.R_OK | os.X_OK):
+        problem = f"{path} is not readable (permission denied)"
+    else:
+        return
+    raise ManifestError(manifest.path, [("data.weak.path", problem)])
+
+
+def _image_key(path: Path, root: Path) -> str:
+    """An image's path relative to the data root ('/'-separated), or its file name (samples)."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+
 def enumerate_units(manifest: Manifest) -> list[Unit]:
+    """The manifest's images as units, each with its weak label (path or table rows), in a
+    stable order. ManifestError when the weak labels cannot be read at all; an image
+    without a weak label is a unit still (ingest fails it, naming what is missing)."""
     data = manifest.data
     root = Path(data.root)
+    check_weak_source(manifest)
     images = list_images(data.images, root, manifest.path)
     units: list[Unit] = []
-    keys = {path: path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name for path in images}
+    keys = {path: _image_key(path, root) for path in images}
     tabular = data.weak.kind in TABLE_KINDS
     rows_by_image = {}
     if tabular:
@@ -84,11 +113,38 @@ def enumerate_units(manifest: Manifest) -> list[Unit]:
         seen[uid] = path
         if tabular:
             rows = rows_by_image.get(keys[path], [])
-            units.append(Unit(id=uid, image=str(path), weak_rows=tuple(map(tuple, rows)), weak_source=data.weak.path))
+            units.append(Unit(id=uid, image=str(path), weak_rows=tuple(rows), weak_source=data.weak.path))
         else:
             weak = Path(data.weak.path) / f"{path.stem}.png"
             units.append(Unit(id=uid, image=str(path), weak_map=str(weak), weak_source=str(weak)))
     return units
+
+
+@dataclass(frozen=True)
+class UnlabelledImages:
+    """Listed images that have no weak label.
+
+    images: their paths relative to data.root (file names for sample images), in run order.
+    total: how many images are listed. absent: what they lack, e.g. 'no row in /w/points.csv'.
+    """
+
+    images: tuple[str, ...]
+    total: int
+    absent: str
+
+
+def unlabelled_images(manifest: Manifest, units: list[Unit]) -> UnlabelledImages:
+    """The units of ``enumerate_units(manifest)`` without a weak label: no row in the table
+    (points, boxes), or no ``<stem>.png`` in the folder (scribbles, coarse; listed once)."""
+    weak, root = manifest.data.weak, Path(manifest.data.root)
+    if weak.kind in TABLE_KINDS:
+        missing = [u for u in units if not u.weak_rows]
+        absent = f"no row in {weak.path}"
+    else:
+        present = {entry.name for entry in os.scandir(weak.path)}
+        missing = [u for u in units if Path(u.weak_map).name not in present]
+        absent = f"no <image stem>.png in {weak.path}"
+    return UnlabelledImages(tuple(_image_key(Path(u.image), root) for u in missing), len(units), absent)
 
 
 def file_stat(path: str | Path | None) -> list:

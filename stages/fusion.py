@@ -79,22 +79,24 @@ def value_of_label(labels: np.ndarray, per_class: np.ndarray, class_ids: tuple[i
 
 
 def class_distribution(evidence: np.ndarray, weak: np.ndarray, class_ids: tuple[int, ...], ignore_id: int, *,
-                       mask_weight: float, prior_scale: float) -> np.ndarray:
+                       mask_weight: float, prior_scale: float, out: np.ndarray | None = None) -> np.ndarray:
     """Per-pixel class distribution (float32 [C, H, W], sums to 1 over C) from the masks'
     evidence (float [C, H, W] in [0, 1]: per class the largest kept-mask probability) and a
     prior from the weak label: exp(-d_c / (prior_scale * image diagonal)), d_c the
     distance to the nearest weak pixel of class c (0 for classes without one). The two
     are mixed ``mask_weight : 1 - mask_weight`` and normalised; weak pixels are one-hot.
     Where no mask speaks, the prior still says which classes are near, so a conformal
-    score 1 - p has meaning everywhere."""
+    score 1 - p has meaning everywhere. ``out`` (float32 [C, H, W], may be ``evidence``
+    itself, which saves a C x H x W array) receives the result."""
     height, width = weak.shape
-    prior = np.zeros(evidence.shape, np.float32)
     scale = prior_scale * float(np.hypot(height, width))
-    for slot, cls in enumerate(class_ids):
+    distribution = np.empty(evidence.shape, np.float32) if out is None else out
+    for slot, cls in enumerate(class_ids):  # one class at a time: no C x H x W temporaries
+        prior = np.zeros((height, width), np.float32)
         if (weak == cls).any():
-            prior[slot] = np.exp(-ndimage.distance_transform_edt(weak != cls) / scale)
-    mixed = mask_weight * evidence.astype(np.float32) + (1.0 - mask_weight) * prior + 1e-6
-    distribution = mixed / mixed.sum(axis=0, keepdims=True)
+            prior[:] = np.exp(-ndimage.distance_transform_edt(weak != cls) / scale)
+        distribution[slot] = mask_weight * evidence[slot].astype(np.float32) + (1.0 - mask_weight) * prior + 1e-6
+    distribution /= distribution.sum(axis=0, keepdims=True)
     labelled = weak != ignore_id
     for slot, cls in enumerate(class_ids):
         distribution[slot][labelled] = weak[labelled] == cls
@@ -107,24 +109,41 @@ class ViewEnsemble:
     ``add`` takes a view's class map (HxW) and probabilities (float32 [C, H, W]).
     ``result`` gives per pixel the class most views voted for when a strict majority did
     (ties go to the larger mean probability), else ``ignore_id``; the mean probabilities
-    [C, H, W]; and their variance across views [C, H, W] (0 with one view).
+    [C, H, W]; and their variance across views [C, H, W] (with one view a read-only 0).
     """
 
     def __init__(self, class_ids: tuple[int, ...], hw: tuple[int, int]):
         self.class_ids = np.asarray(class_ids)
+        self.hw = hw
         self.views = 0
-        self.total = np.zeros((len(class_ids), *hw), np.float64)
-        self.squares = np.zeros_like(self.total)
-        self.votes = np.zeros((len(class_ids), *hw), np.int32)
+        self.first: tuple[np.ndarray, np.ndarray] | None = None
 
     def add(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        """One view is kept as it is (the common case needs no float64 sums); from the second
+        view on, the sums over views are accumulated."""
         self.views += 1
+        if self.views == 1:
+            self.first = (labels, probabilities)
+            return
+        if self.views == 2:
+            self.total = np.zeros((len(self.class_ids), *self.hw), np.float64)
+            self.squares = np.zeros_like(self.total)
+            self.votes = np.zeros((len(self.class_ids), *self.hw), np.int32)
+            self._accumulate(*self.first)
+            self.first = None
+        self._accumulate(labels, probabilities)
+
+    def _accumulate(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
         self.total += probabilities
         self.squares += np.square(probabilities, dtype=np.float64)
         for slot, cls in enumerate(self.class_ids):
             self.votes[slot] += labels == cls
 
     def result(self, ignore_id: int, label_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.views == 1:  # one view: its own labels and probabilities, no variance
+            labels, probabilities = self.first
+            labels = np.where(np.isin(labels, self.class_ids), labels, ignore_id).astype(label_dtype)
+            return labels, probabilities.astype(np.float32, copy=False), np.broadcast_to(np.float32(0), probabilities.shape)
         mean = self.total / self.views
         variance = np.maximum(self.squares / self.views - mean**2, 0.0)
         best = (self.votes + 0.5 * mean).argmax(axis=0)  # mean < 1 only breaks ties between votes

@@ -17,9 +17,10 @@ from skimage.transform import resize
 
 
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Shape (h, w) of an image resized so that its longest side is ``long_side``."""
+    """Shape (h, w) of an image resized so that its longest side is ``long_side``; a side
+    that would round to 0 (a strip thinner than 1 / (2 * long_side) of its length) keeps 1."""
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 @dataclass(frozen=True)

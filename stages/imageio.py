@@ -79,8 +79,9 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int,
         eh, ew = expected_hw
         raise InputError(path, f"is {width}x{height} pixels (width x height) but its image is {ew}x{eh}")
     if width * height > max_pixels:
-        raise InputError(path, f"declared size {width}x{height} = {width * height} pixels exceeds "
-                               f"the limit of {max_pixels} (decompression bomb?)")
+        raise InputError(path, f"declared size {width}x{height} = {width * height} pixels exceeds the limit of "
+                               f"{max_pixels} (ingest.max_pixels, which bounds a worker's memory; or a "
+                               f"decompression bomb): downscale the image or raise the limit")
 
 
 def open_checked(path: Path, *, max_pixels: int,

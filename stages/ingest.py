@@ -27,7 +27,8 @@ from seglab.stages.weak import rasterize_points, read_label_map, validate_boxes,
 class IngestConfig(StageConfig):
     batch_size: int = Field(8, ge=1, le=4096)
     max_pixels: int = Field(
-        178_956_970, ge=1, description="Images declaring more pixels are refused (decompression bombs)."
+        40_000_000, ge=1, description="Images declaring more pixels are refused before decoding: the worker "
+        "memory bound (README, 'Large images') holds up to this size, and decompression bombs are stopped."
     )
 
 

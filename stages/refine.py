@@ -88,6 +88,13 @@ class RefineConfig(DecodeConfig):
     teacher: TeacherUse = Field(TeacherUse(), description="Rounds >= 1: how the previous round's segmenter is used.")
 
 
+def _mix_into(probabilities: np.ndarray, other: np.ndarray, where: np.ndarray, weight: float) -> None:
+    """probabilities[:, where] = (1 - weight) * probabilities + weight * other, in place and one
+    class at a time (float32 [C, H, W] each; where bool HxW), so no C x H x W temporary."""
+    for own, theirs in zip(probabilities, other):
+        own[where] = (1.0 - weight) * own[where] + weight * theirs[where]
+
+
 class Refine(MapStage):
     name = "refine"
     Config = RefineConfig
@@ -156,18 +163,18 @@ class Refine(MapStage):
                                                     with_boxes=cfg.reprompt.component_boxes == "always",
                                                     certainty=1.0 - first, rng=rng)
             decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg)
-            reprompted = class_distribution(decoded.fused.probabilities, pseudo, classes.ids, classes.ignore_id,
-                                            mask_weight=cfg.mask_weight, prior_scale=cfg.prior_scale)
-            w = cfg.reprompt_weight
-            probabilities[:, uncertain] = (1.0 - w) * probabilities[:, uncertain] + w * reprompted[:, uncertain]
+            evidence = decoded.fused.probabilities
+            reprompted = class_distribution(evidence, pseudo, classes.ids, classes.ignore_id,
+                                            mask_weight=cfg.mask_weight, prior_scale=cfg.prior_scale, out=evidence)
             signals["spread"] = decoded.spread
+            _mix_into(probabilities, reprompted, uncertain, cfg.reprompt_weight)
+            del reprompted
             mixed = True
         if teacher is not None and uncertain.any():
-            m = cfg.teacher.mix
-            probabilities[:, uncertain] = (1.0 - m) * probabilities[:, uncertain] + m * teacher[:, uncertain]
+            _mix_into(probabilities, teacher, uncertain, cfg.teacher.mix)
             mixed = True
         if mixed:
-            labels[uncertain] = np.asarray(classes.ids, selected.dtype)[probabilities[:, uncertain].argmax(axis=0)]
+            labels[uncertain] = np.asarray(classes.ids, selected.dtype)[probabilities.argmax(axis=0)[uncertain]]
         signals.update(label_signals(labels, probabilities))
         uncertainty = compose(signals, weights)
         labels[uncertainty >= cfg.ignore_above] = classes.ignore_id

@@ -95,7 +95,7 @@ class Select(MapStage):
                                    self.config)
                 ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
         labels, evidence, class_variance = ensemble.result(classes.ignore_id, classes.label_dtype)
-        probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id,
+        probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id, out=evidence,
                                            mask_weight=self.config.mask_weight, prior_scale=self.config.prior_scale)
         weak_pixels = weak != classes.ignore_id
         if self.config.labels == "distribution" and weak_pixels.any():

@@ -12,9 +12,10 @@ a map that carries an orientation tag asks to be shown rotated, exactly like the
 Point and box tables are JSON (a list of objects, or ``{"points": [...]}`` /
 ``{"boxes": [...]}``), CSV with a header row, or Parquet. Columns: ``image, x, y, class``
 for points and ``image, x0, y0, x1, y1, class`` for boxes; other columns are ignored.
-Numbers may be numeric strings. "row N" in messages counts data rows from 1 (the CSV
-header is not a row). The ``image`` value is the image path relative to the data root,
-or just its file name; ``assign_to_images`` resolves it (see there).
+Numbers may be numeric strings. A NaN or infinite number fails its image (at ingest,
+like a point outside the image), not the table. "row N" in messages counts data rows
+from 1 (the CSV header is not a row). The ``image`` value is the image path relative to
+the data root, or just its file name; ``assign_to_images`` resolves it (see there).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import csv
 import io
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -113,17 +115,19 @@ def _shown(value, limit: int = 40) -> str:
 
 
 def _number(value, name: str) -> float:
+    """A table cell -> float; NaN, infinities and numbers beyond float's range (as ±inf)
+    included, for their image to refuse at ingest (``_validated``) rather than the whole
+    table. ValueError naming ``name`` when the cell is empty or not a number."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ValueError(f"{name} is missing")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{name} is not a number (got {_shown(value)})")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() would raise OverflowError
+        return math.inf if value > 0 else -math.inf
     try:
-        number = float(value)
-    except (ValueError, OverflowError):
+        return float(value)
+    except ValueError:
         raise ValueError(f"{name} is not a number (got {_shown(value)})") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} is {_shown(value)}, not a finite number")
-    return number
 
 
 def _normalise(image_path: str) -> PurePosixPath:
@@ -206,14 +210,16 @@ def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, 
                 raise ValueError(f"missing {', '.join(missing)}")
             key = _image_key(record["image"])
             numbers = [_number(record[c], c) for c in columns[1:]]
-            if not numbers[-1].is_integer():
+            finite = all(map(math.isfinite, numbers))
+            if finite and not numbers[-1].is_integer():
                 raise ValueError(f"class is not an integer (got {_shown(record['class'])})")
-            if list_key == "boxes" and not (numbers[0] < numbers[2] and numbers[1] < numbers[3]):
+            if list_key == "boxes" and finite and not (numbers[0] < numbers[2] and numbers[1] < numbers[3]):
                 raise ValueError(f"box needs x0 < x1 and y0 < y1 (got {numbers[:4]})")
         except ValueError as exc:
             problems.append(f"row {row_number}: {exc}")
             continue
-        table.setdefault(key, []).append(SourceRow([*numbers[:-1], int(numbers[-1])], row_number))
+        class_value = int(numbers[-1]) if math.isfinite(numbers[-1]) else numbers[-1]
+        table.setdefault(key, []).append(SourceRow([*numbers[:-1], class_value], row_number))
     problems.raise_if_any(path)
     return table
 
@@ -261,12 +267,25 @@ def assign_to_images(table: dict[str, list], image_paths: Iterable[str], *, path
     return assigned
 
 
+#: the numeric columns of a row, by the kind of row ``_validated`` checks
+_ROW_COLUMNS = {"point": POINT_COLUMNS[1:], "box": BOX_COLUMNS[1:]}
+
+
+def _non_finite(row: np.ndarray, names: Sequence[str]) -> str | None:
+    """'x is NaN, y is infinite or too large (inf)' for the non-finite values of float [width] ``row``
+    (named by ``names``); None when every value is finite."""
+    bad = [f"{name} is NaN" if math.isnan(value) else f"{name} is infinite or too large ({value:g})"
+           for name, value in zip(names, row) if not math.isfinite(value)]
+    return ", ".join(bad) or None
+
+
 def _validated(rows: Sequence, width: int, kind: str, misfit: Callable[[np.ndarray], str | None], *,
                path: Path, image: str, class_ids: frozenset[int]) -> tuple[np.ndarray, list[str]]:
     """Checks shared by points and boxes -> (float64 [K, width] rows, a label per row).
 
-    ``misfit(row)`` says why a row does not fit the image (None when it does). A row's
-    label is "row N" when it came from a table (``SourceRow``), else "<kind> N".
+    ``misfit(row)`` says why a row of finite values does not fit the image (None when it
+    does); a row with NaN or an infinity is refused by name instead ("row 3: x is NaN"). A
+    row's label is "row N" when it came from a table (``SourceRow``), else "<kind> N".
     """
     where = f"image '{image}': " if image else ""
     if len(rows) == 0:
@@ -278,6 +297,9 @@ def _validated(rows: Sequence, width: int, kind: str, misfit: Callable[[np.ndarr
     labels = [f"row {r.row}" if getattr(r, "row", 0) else f"{kind} {i}" for i, r in enumerate(rows, 1)]
     problems = _Problems()
     for row, label in zip(values, labels):
+        if (why := _non_finite(row, _ROW_COLUMNS[kind])) is not None:
+            problems.append(f"{label}: {why}")
+            continue
         if (why := misfit(row)) is not None:
             problems.append(f"{label}: {why}")
         if not (math.isfinite(row[-1]) and row[-1].is_integer() and int(row[-1]) in class_ids):
@@ -286,24 +308,59 @@ def _validated(rows: Sequence, width: int, kind: str, misfit: Callable[[np.ndarr
     return values, labels
 
 
+def point_pixels(xy: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points (x, y) float [K, 2] -> (rows, cols) intp [K], the pixel (floor(y), floor(x))
+    each lies in, and ``inside`` bool [K], whether that pixel is in the HxW image (rows and
+    cols are 0 where it is not). The one mapping that validation and rasterisation share."""
+    height, width = hw
+    xy = np.asarray(xy).reshape(-1, 2)
+    fy, fx = np.floor(xy[:, 1]), np.floor(xy[:, 0])
+    inside = (fy >= 0) & (fy < height) & (fx >= 0) & (fx < width)
+    return np.where(inside, fy, 0).astype(np.intp), np.where(inside, fx, 0).astype(np.intp), inside
+
+
+def _float32_toward(values: np.ndarray, toward: float) -> np.ndarray:
+    """float64 -> float32, each value rounded toward ``toward`` (-inf or +inf) instead of to
+    the nearest: 63.999999 stays below 64 when rounded down, so the pixel it lies in and a
+    bound ``x < W`` or ``x1 <= W`` (W an integer below 2**24) survive the cast. Values beyond
+    float32's range become its largest finite values."""
+    values = np.asarray(values, np.float64)
+    largest = float(np.finfo(np.float32).max)
+    single = np.clip(values, -largest, largest).astype(np.float32)
+    overshot = (single > values if toward < 0 else single < values) & (np.abs(values) < largest)
+    single[overshot] = np.nextafter(single[overshot], np.float32(toward))
+    return single
+
+
+def _stored_points(values: np.ndarray) -> np.ndarray:
+    """Validated float64 [K, 3] (x, y, class) -> float32 [K, 3] as ingest uses them: coordinates rounded down."""
+    out = np.asarray(values, np.float64).astype(np.float32)
+    out[:, :2] = _float32_toward(values[:, :2], -np.inf)
+    return out
+
+
 def validate_points(points: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int],
                     class_ids: frozenset[int], image: str = "") -> np.ndarray:
     """Rows (x, y, class) of one image -> float32 [K, 3] (x, y, class), K >= 1.
 
     Every point must be finite and inside the image (0 <= x < W, 0 <= y < H), have a known
     class, and not share its pixel with a point of another class. Errors name the points
-    file (``path_for_errors``), the image and the offending rows.
+    file (``path_for_errors``), the image and the offending rows. The checks run on the
+    float32 values returned (coordinates rounded down, so x = 63.999999 on a 64-wide image
+    stays in pixel 63) through ``point_pixels``, the mapping ``rasterize_points`` uses.
     """
     height, width = image_hw
 
     def misfit(point: np.ndarray) -> str | None:
-        x, y = point[:2]
-        if 0 <= x < width and 0 <= y < height:
+        if point_pixels(_float32_toward(point[None, :2], -np.inf), image_hw)[2][0]:
             return None
+        x, y = point[:2]
         return f"(x={x:g}, y={y:g}) is outside the {width}x{height} image (needs 0 <= x < {width}, 0 <= y < {height})"
 
     values, labels = _validated(points, 3, "point", misfit, path=path_for_errors, image=image, class_ids=class_ids)
-    pixel = np.floor(values[:, 1]).astype(np.int64) * width + np.floor(values[:, 0]).astype(np.int64)
+    stored = _stored_points(values)
+    rows, cols, _ = point_pixels(stored[:, :2], image_hw)
+    pixel = rows.astype(np.int64) * width + cols
     order = np.argsort(pixel, kind="stable")
     clash = np.flatnonzero((np.diff(pixel[order]) == 0) & (np.diff(values[order, 2]) != 0))
     if clash.size:
@@ -311,7 +368,7 @@ def validate_points(points: Sequence, *, path_for_errors: Path, image_hw: tuple[
         where = f"image '{image}': " if image else ""
         raise InputError(path_for_errors, f"{where}{labels[first]} and {labels[second]} give different classes "
                                           f"to the same pixel (x={values[first, 0]:g}, y={values[first, 1]:g})")
-    return values.astype(np.float32)
+    return stored
 
 
 def validate_boxes(boxes: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int],
@@ -319,27 +376,39 @@ def validate_boxes(boxes: Sequence, *, path_for_errors: Path, image_hw: tuple[in
     """Rows (x0, y0, x1, y1, class) of one image -> float32 [K, 5], K >= 1.
 
     Every box must satisfy 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and have a known class.
+    The checks run on the float32 values returned, whose corners are rounded outward (x0,
+    y0 down, x1, y1 up), so the stored box still holds the given one and passes them.
     """
     height, width = image_hw
 
     def misfit(box: np.ndarray) -> str | None:
-        x0, y0, x1, y1 = box[:4]
+        (x0, y0), (x1, y1) = _float32_toward(box[:2], -np.inf), _float32_toward(box[2:4], np.inf)
         if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
             return None
+        x0, y0, x1, y1 = box[:4]
         return (f"({x0:g}, {y0:g}, {x1:g}, {y1:g}) does not fit the {width}x{height} image "
                 f"(needs 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})")
 
     values, _ = _validated(boxes, 5, "box", misfit, path=path_for_errors, image=image, class_ids=class_ids)
-    return values.astype(np.float32)
+    return _stored_boxes(values)
+
+
+def _stored_boxes(values: np.ndarray) -> np.ndarray:
+    """Validated float64 [K, 5] (x0, y0, x1, y1, class) -> float32 [K, 5] as ingest stores them: corners
+    rounded outward."""
+    out = np.asarray(values, np.float64).astype(np.float32)
+    out[:, :2] = _float32_toward(values[:, :2], -np.inf)
+    out[:, 2:4] = _float32_toward(values[:, 2:4], np.inf)
+    return out
 
 
 def rasterize_points(points: np.ndarray, hw: tuple[int, int], unlabelled: int, dtype) -> np.ndarray:
     """Validated points float [K, 3] (x, y, class) -> [H, W] map of ``dtype``: the class in
     pixel (floor(y), floor(x)) of every point, ``unlabelled`` elsewhere."""
     height, width = hw
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    rows, cols = np.floor(points[:, 1]).astype(np.intp), np.floor(points[:, 0]).astype(np.intp)
-    if ((rows < 0) | (rows >= height) | (cols < 0) | (cols >= width)).any():
+    points = np.asarray(points).reshape(-1, 3)
+    rows, cols, inside = point_pixels(points[:, :2], hw)
+    if not inside.all():
         raise ValueError("points outside the image: run validate_points first")
     out = np.full((height, width), unlabelled, dtype=dtype)
     out[rows, cols] = points[:, 2].astype(dtype)

@@ -1,9 +1,14 @@
+import json
 import os
+import signal
+import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from seglab.pipeline.atomic import atomic_folder
+from seglab.pipeline.atomic import MARKER, atomic_folder
 from seglab.pipeline.errors import SeglabError
 
 
@@ -36,3 +41,33 @@ def test_the_folder_gets_the_mode_any_folder_of_the_user_gets(tmp_path, umask):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o777 & ~umask
     assert (tmp_path / "export").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_clean_up_removes_only_the_marked_siblings_of_dead_writers_on_this_host(tmp_path):
+    out = tmp_path / "out"
+    script = ("import os, signal, sys\nfrom seglab.pipeline.atomic import atomic_folder\n"
+              "with atomic_folder(sys.argv[1]) as tmp:\n"
+              "    (tmp / 'half.txt').write_text('x')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    [abandoned] = tmp_path.glob(".out.*")
+
+    dead, here = 99999999, socket.gethostname()  # above Linux's pid_max: no process has it
+    kept = {
+        ".out.99999999.mybackup": None,                            # a user's folder: no marker, not our name
+        ".out.99999999.0badcafe": None,                            # our name, no marker
+        ".out.99999999.1badcafe": {"pid": dead, "host": "other-node"},  # another host's writer: may be alive
+        ".out.99999999.2badcafe": {"pid": 12345, "host": here},    # marker of another pid
+        f".out.{os.getpid()}.3badcafe": {"pid": os.getpid(), "host": here},  # a live writer
+        ".out.99999999.4badcafe.x": {"pid": dead, "host": here},   # not exactly our name
+    }
+    for name, marker in kept.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("keep")
+        if marker:
+            (tmp_path / name / MARKER).write_text(json.dumps({**marker, "created": 0}))
+    with atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("done")
+    assert not abandoned.exists()
+    assert all((tmp_path / name / "mine.txt").read_text() == "keep" for name in kept)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the marker left before the rename

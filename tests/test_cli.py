@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
+from seglab.cli.render import Rerun, next_steps
+from seglab.pipeline.runner import RunReport, StageReport
 
 runner = CliRunner()
 
@@ -37,6 +43,8 @@ def test_run_status_export(tiny, tmp_path):
     result = runner.invoke(app, ["run", str(tiny)])
     assert result.exit_code == 0, result.output
     assert "select" in result.output and "4/4" in result.output
+    assert f"Labels in {tmp_path / 'run.zarr'}. Next: seglab status {tiny} · seglab export {tmp_path / 'run.zarr'} " \
+           "--format png --out labels · seglab report" in " ".join(result.output.split())
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert [(s["stage"], s["done"], s["total"], s["complete"]) for s in status] == [
         (name, 4, 4, True) for name in ("ingest", "embed", "prompts", "select", "refine")
@@ -63,3 +71,30 @@ def test_run_status_export(tiny, tmp_path):
     assert result.exit_code == 1 and "min_probability: 0.5 -> 0.6" in result.output and "--force select" in result.output
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert status[-1]["signature"] == "stale" and status[0]["signature"] == "current"
+
+
+def test_a_dry_run_prints_the_plan_without_progress_bars_and_exits_0(tiny):
+    result = runner.invoke(app, ["run", str(tiny), "--dry-run"])
+    assert result.exit_code == 0, result.output  # work is blocked on ingest: still a plan, not a failure
+    header = " ".join(next(line for line in result.output.splitlines() if "stage" in line).replace("┃", " ").split())
+    assert header == "stage total done to do blocked why"
+    assert "done in" not in result.output and "eta" not in result.output
+    assert "nothing was written" in result.output
+
+
+def test_after_failures_the_next_step_is_to_fix_and_rerun():
+    failed = RunReport("runs/x.zarr", [StageReport("ingest", 4, 3, 1, failures=[("a.png", "truncated")])])
+    text = next_steps(failed, Rerun("my manifest.yaml", Path("other.zarr")))
+    assert "1 unit(s) failed" in text and "fix them" in text
+    assert "seglab run 'my manifest.yaml' --store other.zarr" in text  # what the user typed, shell-quoted
+    assert "seglab status 'my manifest.yaml' --store other.zarr --json lists the failures" in text
+    assert "export" not in text
+
+
+def test_a_local_ray_started_by_seglab_prints_no_token_notice():
+    code = ("import ray; from seglab.workers.raysession import ensure_ray; "
+            "ensure_ray(None, num_cpus=1); print(ray.is_initialized())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.stdout.strip() == "True", result.stderr
+    assert "Token authentication" not in result.stderr + result.stdout, result.stderr

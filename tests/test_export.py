@@ -10,11 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import zarr
 from PIL import Image
 from pycocotools.coco import COCO
 from skimage.measure import label as connected_components
@@ -27,7 +29,7 @@ from seglab.pipeline.exports import ExportOptions, coco, export
 from seglab.pipeline.labelsource import done_units
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
-from seglab.pipeline.store import Store
+from seglab.pipeline.store import CorruptOutput, Store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 IGNORE = 255
@@ -221,3 +223,137 @@ def test_images_the_stage_has_not_finished_are_named_not_silently_missing(store,
     assert result.exit_code == 0 and "1 images of the run have no finished refine labels" in result.output
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
     assert meta["unfinished"] == [unit] and meta["written"]["images"] == 5
+    assert meta["failed"] == [{"unit": unit, "image": stored(store)[unit][2], "stage": "refine", "error": "lost"}]
+
+
+def copied(store: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    return copy
+
+
+def one_line_refusal(result, *words: str) -> str:
+    """The CLI's refusal: exit 1, one line, no traceback, holding every one of ``words``."""
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert all(w in output for w in words), output
+    return output
+
+
+def test_overwrite_replaces_only_an_unchanged_seglab_export(store, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    result = CliRunner().invoke(app, ["export", str(store), "--out", str(precious), "--overwrite"])
+    one_line_refusal(result, "precious", "not a seglab export")
+    assert (precious / "notes.txt").read_text() == "x" and os.listdir(precious) == ["notes.txt"]
+
+    out = tmp_path / "out"
+    export(store, out, ExportOptions(format="png"))
+    assert json.loads((out / "export.json").read_text())["seglab_export"] == 1
+    (out / "labels" / "my-fix.png").write_bytes(b"mine")  # a user's file next to the export
+    with pytest.raises(SeglabError, match=r"out: .*'labels/my-fix.png' is not part of the export"):
+        export(store, out, ExportOptions(format="coco", overwrite=True))
+    (out / "labels" / "my-fix.png").unlink()
+    edited = sorted((out / "labels").iterdir())[0]
+    edited.write_bytes(edited.read_bytes() + b"hand-corrected")
+    with pytest.raises(SeglabError, match=rf"'labels/{edited.name}' changed since the export was written"):
+        export(store, out, ExportOptions(format="coco", overwrite=True))
+    assert (out / "index.csv").exists() and not (out / "annotations.json").exists()
+
+    # an export written before export.json had 'seglab_export' is still proven one by its SHA256SUMS
+    older = tmp_path / "older"
+    export(store, older, ExportOptions(format="png"))
+    meta = json.loads((older / "export.json").read_text())
+    del meta["seglab_export"]
+    (older / "export.json").write_text(json.dumps(meta, indent=2))
+    subprocess.run("find . -type f ! -name SHA256SUMS -printf '%P\\n' | sort | xargs sha256sum > SHA256SUMS",
+                   shell=True, cwd=older, check=True)
+    export(store, older, ExportOptions(format="coco", overwrite=True))
+    assert sorted(os.listdir(older)) == ["SHA256SUMS", "annotations.json", "export.json"]
+
+
+def test_checksums_of_names_with_a_newline_or_backslash_pass_sha256sum_check(store, tmp_path):
+    copy = copied(store, tmp_path)
+    ingest = Store(copy).ledger("ingest")
+    unit, entry = sorted(ingest.load().items())[0]
+    odd = str(Path(entry["info"]["source"]).with_name("we\\ird\nname.png"))  # a stem holding both
+    ingest.append([{**entry, "info": {**entry["info"], "source": odd}}])
+    out = tmp_path / "out"
+    export(copy, out, ExportOptions(format="png"))
+    assert (out / "labels" / "we\\ird\nname.png").exists()
+    check = subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == len([p for p in out.rglob("*") if p.is_file()]) - 1, \
+        check.stdout + check.stderr
+    export(copy, out, ExportOptions(format="coco", overwrite=True))  # the escaped listing proves it an export
+
+
+def test_images_that_failed_ingest_are_listed_with_stage_and_error_and_warned_about(store, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(store.parent, run)
+    for name in ("img06.png", "img07.png"):
+        (run / "data" / "images" / name).write_bytes(b"not an image")
+    Runner(load_manifest(run / "manifest.yaml")).run()
+    result = CliRunner().invoke(app, ["export", str(run / "run.zarr"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "wrote 6 images" in output and "2 images of the run have no finished refine labels" in output
+    assert "images__img06.png: ingest failed:" in output and "not an image" in output
+    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert meta["unfinished"] == ["images__img06.png", "images__img07.png"]
+    assert [(f["unit"], f["stage"]) for f in meta["failed"]] == [("images__img06.png", "ingest"),
+                                                                  ("images__img07.png", "ingest")]
+    assert all("img0" in f["error"] and "not an image" in f["error"] for f in meta["failed"])
+
+
+def test_an_array_that_differs_from_its_record_or_is_gone_is_never_exported(store, tmp_path):
+    copy = copied(store, tmp_path)
+    b, c = sorted(done_units(Store(copy), "refine"))[1:3]
+    labels = zarr.open_array(copy / "refine" / "labels" / b, mode="r+")
+    labels[...] = (np.asarray(labels[...]) + 1) % 3  # a valid chunk of the same shape, other labels
+    shutil.rmtree(copy / "refine" / "uncertainty" / c)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(out)])
+    one_line_refusal(result, "not exported", "2 refine images are missing or damaged", b, c, "seglab run",
+                     "--skip-damaged")
+    assert not out.exists() and list(tmp_path.iterdir()) == [copy]
+
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(out), "--skip-damaged"])
+    assert result.exit_code == 0 and "skipped 2 images whose stored arrays are missing or damaged" in result.output
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["written"]["images"] == 4 and [d["unit"] for d in meta["damaged"]] == [b, c]
+    assert "damaged" in meta["damaged"][0]["problem"] and "missing" in meta["damaged"][1]["problem"]
+    assert {i["unit"] for i in json.loads((out / "index.json").read_text())["images"]} == set(stored(store)) - {b, c}
+    assert_checksums(out)
+
+
+def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_allocated(store, tmp_path):
+    copy = copied(store, tmp_path)
+    unit = done_units(Store(copy), "refine")[0]
+    array = copy / "refine" / "labels" / unit
+    meta = json.loads((array / "zarr.json").read_text())
+    meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = [50000, 50000]
+    (array / "zarr.json").write_text(json.dumps(meta))
+    shutil.rmtree(array / "c")  # no chunk: zarr would fill 2.5 GB with the fill value
+    script = (
+        "import resource, sys, time\n"
+        "from seglab.pipeline.exports import export, ExportOptions\n"
+        "from seglab.pipeline.errors import SeglabError\n"
+        "vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 30), resource.RLIM_INFINITY))  # a safety net\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    export(sys.argv[1], sys.argv[2], ExportOptions())\n"
+        "except SeglabError as exc:\n"
+        "    print('SeglabError', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, exc)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script, str(copy), str(tmp_path / "out")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.startswith("SeglabError "), done.stdout + done.stderr[-2000:]
+    growth_mib = int(done.stdout.split()[1])
+    assert growth_mib < 500 and time.monotonic() - started < 60, done.stdout
+    assert "not exported" in done.stdout and unit in done.stdout and "--skip-damaged" in done.stdout
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CorruptOutput):
+        Store(copy).read_recorded("refine/labels", unit, Store(copy).ledger("refine").load()[unit]["outputs"]["labels"])

@@ -789,10 +789,15 @@ def test_image_list_entries_escaping_the_data_root_are_refused(tiny, entry):
     assert "outside the data root" in _first_problem(error, "data.images")
 
 
-def test_index_files_outside_the_data_root_are_refused(tiny):
+def test_index_files_may_lie_outside_the_data_root_but_their_entries_may_not(tiny):
+    # issue 16: a subset of a read-only dataset is a list kept elsewhere (it was refused before)
+    from seglab.pipeline.units import enumerate_units
+
     (tiny.parent / "list.txt").write_text("images/img00.png\n")
     _with_images(tiny, "{list: ../list.txt}")
-    assert "outside the data root" in _first_problem(_refused(tiny), "data.images.list")
+    assert [u.id for u in enumerate_units(load_manifest(tiny))] == ["images__img00.png"]
+    (tiny.parent / "list.txt").write_text("images/img00.png\n../list.txt\n")
+    assert "outside the data root" in _first_problem(_refused(tiny, enumerate=True), "data.images")
 
 
 @pytest.mark.parametrize("masks", ["gold-link", "~", "~/gold", "gold/../../gold"])

@@ -149,7 +149,6 @@ def test_paths_that_cannot_be_resolved_are_named(tiny):
 
 
 @pytest.mark.parametrize(("index", "content", "message"), [  # each crashed `seglab validate` in pipeline/units.py
-    ("list.txt", None, "image list .*list.txt is not a file"),
     ("list.txt", b"images/img00.png\n\xff\xfe\n", "is not UTF-8 text"),
     ("list.txt", b"images/img00.png\nhttps://example.com/a.png\n", "names URLs"),
     ("index.parquet", b"PAR1 not really", "Parquet index .*index.parquet cannot be read"),
@@ -167,6 +166,11 @@ def test_image_index_must_be_a_readable_file_of_local_paths(tiny, index, content
     kind = "list" if index.endswith(".txt") else "parquet"
     tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', f"images: {{{kind}: {index}}}"))
     assert re.search(message, problems(tiny)["data.images"])
+
+
+def test_a_missing_image_list_is_named_at_its_key(tiny):
+    tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', "images: {list: list.txt}"))
+    assert re.search(r"'list.txt' is not a file: looked for .*list.txt", problems(tiny)["data.images.list"])
 
 
 def test_embedded_demo_manifest_loads_with_store_in_cwd(tmp_path, monkeypatch):
@@ -193,3 +197,94 @@ def test_prompt_batch_left_unset_is_chosen_by_the_device(tiny):
     (tiny.parent / "sam.pth").write_bytes(b"not read while validating")
     tiny.write_text(tiny.read_text() + "backend: {name: sam, checkpoint: sam.pth}\n")
     assert load_manifest(tiny).backend.prompt_batch is None  # the backend picks 4 on the CPU, 64 on a GPU
+
+
+# ---------------------------------------------------------------- issue 16: one clear line per failure
+
+
+def test_yaml_errors_name_the_manifest_file_not_a_unicode_string(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\n    seed: [1\n")
+    message = str(problems(bad))
+    assert f'in "{bad}", line 3' in message and "<unicode string>" not in message
+    bad.write_text("run: {name: x}\nrun: {name: y}\n")
+    assert f'in "{bad}", line 2, column 1' in str(problems(bad))
+
+
+def test_a_missing_data_root_is_named_as_such(tiny):
+    original = tiny.read_text()
+    tiny.write_text(original.replace("  root: data\n", "  root: /no/such/folder\n"))
+    assert problems(tiny)["data.root"] == "/no/such/folder does not exist"
+    (tiny.parent / "afile").write_text("")
+    tiny.write_text(original.replace("  root: data\n", "  root: afile\n"))
+    assert problems(tiny)["data.root"] == f"{(tiny.parent / 'afile').resolve()} is a file, not a folder"
+
+
+def test_a_huge_manifest_is_refused_by_its_size_before_it_is_read(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as handle:
+        handle.write(b"run: {name: x}\n")
+        handle.truncate(50 * 2**20)  # sparse: nothing is written, nothing may be read
+    message = str(problems(huge))
+    assert "is 50.0 MB; a manifest is a few KB, refusing files over 1 MB" in message
+    assert "alias" not in message
+
+
+def test_a_large_plain_document_is_not_called_an_alias_bomb(tiny, monkeypatch):
+    from seglab.pipeline import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "MAX_YAML_NODES", 1000)
+    tiny.write_text(tiny.read_text() + "notes: [" + ", ".join(["x"] * 3000) + "]\n")
+    found = problems(tiny)
+    assert list(found) == ["notes"] and "Extra inputs" in found["notes"]
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abc", "bcd"))
+    tiny.write_text(bomb + tiny.read_text())  # 10**4 values from about 3 100 written
+    assert "alias bomb" in str(problems(tiny))
+
+
+@pytest.mark.parametrize("root", ["/", "/proc", "/sys/kernel", "/dev"])
+def test_a_recursive_glob_over_a_system_folder_is_refused_at_once(tiny, root):
+    import time
+
+    tiny.write_text(tiny.read_text().replace("  root: data\n", f"  root: {root}\n")
+                    .replace('glob: "images/*.png"', 'glob: "**/*.png"'))
+    started = time.perf_counter()
+    found = problems(tiny)
+    assert time.perf_counter() - started < 2.0
+    message = found.get("data.images.glob") or found["data.root"]
+    assert "system folder" in message or "whole file system" in message, found
+    if root == "/":
+        assert "list file" in message and "narrower" in message
+
+
+def test_a_subset_list_may_live_beside_the_manifest_outside_a_read_only_root(tiny):
+    (tiny.parent / "subset.txt").write_text("images/img00.png\nimages/img02.png\n")
+    tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', "images: {list: subset.txt}"))
+    m = load_manifest(tiny)
+    assert m.data.images.list == str((tiny.parent / "subset.txt").resolve())
+    from seglab.pipeline.units import list_images
+
+    root = Path(m.data.root)
+    assert list_images(m.data.images, root, m.path) == [root / "images/img00.png", root / "images/img02.png"]
+
+
+def test_an_index_relative_to_the_data_root_still_works_and_may_sit_above_it(tiny):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tiny.parent / "data" / "subset.txt").write_text("images/img01.png\n")  # the rule before: under data.root
+    text = tiny.read_text()
+    tiny.write_text(text.replace('images: {glob: "images/*.png"}', "images: {list: subset.txt}"))
+    assert load_manifest(tiny).data.images.list == str((tiny.parent / "data" / "subset.txt").resolve())
+    lists = tiny.parent.parent / f"{tiny.parent.name}-lists"
+    lists.mkdir()
+    pq.write_table(pa.table({"path": ["images/img03.png"]}), lists / "index.parquet")
+    tiny.write_text(text.replace('images: {glob: "images/*.png"}', f"images: {{parquet: '{lists}/index.parquet'}}"))
+    assert load_manifest(tiny).data.images.parquet == str((lists / "index.parquet").resolve())
+
+
+def test_a_missing_index_names_both_places_it_was_looked_for(tiny):
+    tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', "images: {list: subset.txt}"))
+    message = problems(tiny)["data.images.list"]
+    assert str(tiny.parent / "subset.txt") in message and str(tiny.parent / "data" / "subset.txt") in message

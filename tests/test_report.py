@@ -4,7 +4,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -13,14 +16,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import calibrated_manifest
+from conftest import calibrated_manifest, shapes_image, write_dataset, write_manifest
 from seglab.cli.app import app
+from seglab.pipeline import report_html
 from seglab.pipeline.evaluate import evaluate
 from seglab.pipeline.labelsource import done_units
 from seglab.pipeline.manifest import open_manifest
+from seglab.pipeline.palette import colour_of
 from seglab.pipeline.report import ALPHAS, UNCERTAIN
 from seglab.pipeline.runner import Runner
 from seglab.pipeline.store import Store
+from seglab.stages.weak_simulation import simulate_points
 
 RETRAIN = "rounds: 1\nretrain: {epochs: 2, input_size: [48, 64], train_batch: 2, batch_size: 2}\n"
 SECTIONS = ("run", "stages", "overlays", "shares", "calibration", "quality")
@@ -227,6 +233,14 @@ def test_without_gold_sets_or_rounds_every_section_says_why_in_one_sentence(tiny
     assert "Traceback" not in refused.output and out.read_bytes() == before
     replaced = cli.invoke(app, ["report", str(tmp_path / "run.zarr"), "--out", str(out), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
+    for name, text in (("notes.html", "<!DOCTYPE html>\n<html><head><title>mine</title></head></html>"),
+                       ("budget.csv", "unit,cost\n")):  # --overwrite replaces only what seglab report wrote
+        (tmp_path / name).write_text(text)
+        flag = "--out" if name.endswith(".html") else "--queue-out"
+        refused = cli.invoke(app, ["report", str(tmp_path / "run.zarr"), flag, str(tmp_path / name),
+                                   *(["--out", str(out)] if flag == "--queue-out" else []), "--overwrite"])
+        assert refused.exit_code == 1 and "was not written by seglab report" in refused.output
+        assert (tmp_path / name).read_text() == text
 
 
 def test_without_uncertainty_the_queue_ranks_by_select_confidence_and_says_so(tiny, tmp_path, ray_local):
@@ -247,3 +261,95 @@ def test_without_uncertainty_the_queue_ranks_by_select_confidence_and_says_so(ti
         rows = list(csv.reader(f))[1:]
     assert [(r[0], float(r[2]), float(r[3])) for r in rows] == [(u, m, f) for m, f, u in measured[:3]]
     assert [r[0][0] for r in Tables(out.read_text(encoding="utf-8")).body("shares-table")] == ["select"]
+
+
+def test_a_damaged_unit_is_left_out_and_named_on_the_page_not_a_crash(full, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(full.store.path, copy)
+    altered, gone = "images__img02.png", "images__img03.png"  # training images: no gold section reads them
+    labels = zarr.open_array(copy / "refine.1" / "labels" / altered, mode="r+")
+    labels[...] = (np.asarray(labels[...]) + 1) % 3  # same shape, valid chunk, other labels
+    shutil.rmtree(copy / "ingest" / "image" / gone)
+    out = tmp_path / "report.html"
+    result = cli.invoke(app, ["report", str(copy), "--out", str(out), "--sample", "6", "--queue", "6"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text(encoding="utf-8")
+    overlays, tables = " ".join(sections(text)["overlays"].split()), Tables(text)
+    assert "2 images are left out" in overlays and altered in overlays and gone in overlays
+    shown = set(re.findall(r'class="row" data-unit="([^"]+)"', overlays))
+    assert shown == {f"images__img0{i}.png" for i in (0, 1, 4, 5)}
+    assert [r[1][0] for r in tables.body("queue-table")] and {r[1][0] for r in tables.body("queue-table")} <= shown
+    shares = {row[0][0]: int(row[1][1]) for row in tables.body("shares-table")}
+    assert shares == {"select": 5, "refine.1": 5}  # the altered unit is left out, the other's labels are sound
+
+
+@pytest.fixture(scope="module")
+def points(tmp_path_factory, ray_local):
+    """One 216x288 image (its panels, at scale 1, are too wide for five in 1280 px unless they
+    shrink) with one point per shape, no gold sets, no rounds; the report of it and the points."""
+    tmp = tmp_path_factory.mktemp("points")
+    sizes = [(216, 288)]
+    write_dataset(tmp / "data", sizes)
+    rows = [{"image": f"img{i:02d}.png", "x": x, "y": y, "class": cls} for i, (h, w) in enumerate(sizes)
+            for x, y, cls in simulate_points(shapes_image(h, w, seed=i)[1], (), np.random.default_rng(i),
+                                             per_component=1, margin=8)]
+    (tmp / "data" / "points.json").write_text(json.dumps({"points": rows}))
+    path = write_manifest(tmp)
+    path.write_text(path.read_text().replace("{kind: scribbles, path: data/scribbles}",
+                                             "{kind: points, path: data/points.json}"))
+    assert Runner(open_manifest(path)).run().ok
+    out = tmp / "report.html"
+    result = cli.invoke(app, ["report", str(tmp / "run.zarr"), "--out", str(out), "--sample", "1", "--queue", "0"])
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(out=out, text=out.read_text(encoding="utf-8"), points=rows)
+
+
+def test_a_point_weak_label_is_drawn_as_a_visible_marker(points):
+    row = re.search(r'<div class="row" data-unit="images__img00.png">(.*?)</div>', points.text, flags=re.S).group(1)
+    weak = np.asarray(decoded_images(re.findall(r"<figure>(.*?)</figure>", row, flags=re.S)[1])[0].convert("RGB"))
+    assert weak.shape[:2] == (216, 288)  # scale 1: a point's panel pixel is its image pixel
+    yy, xx = np.mgrid[:216, :288]
+    shown = [p for p in points.points if p["image"] == "img00.png" and p["class"] != 0]  # class 0 is black: dim photo
+    assert shown
+    for p in shown:
+        inside = (xx - p["x"]) ** 2 + (yy - p["y"]) ** 2 <= 3 ** 2
+        matches = np.abs(weak[inside].astype(int) - colour_of(p["class"])).sum(axis=1) < 90
+        assert matches.mean() > 0.9, (p, matches.mean())  # a filled disc, not one pixel
+
+
+def test_provenance_without_a_value_reads_none(points):
+    provenance = {k: v for k, v in (
+        (row[0][0], row[1][0]) for row in Tables(points.text).tables["provenance-table"])}
+    assert provenance["calibration"] == "none" and provenance["segmenter"] == "none"
+    assert all(v not in ("", "None") for v in provenance.values()), provenance
+
+
+def test_panels_scale_down_instead_of_fixing_widths():
+    style = " ".join(report_html.STYLE.split())
+    assert "img { max-width: 100%; height: auto; }" in style
+    assert re.search(r"\.row \{[^}]*display: grid;[^}]*grid-template-columns: repeat\(5, minmax\(0,", style)
+    assert not re.findall(r"min-width: *\d+px", style)  # a floor under five panels is what overflowed
+    assert all(5 * int(px) <= 1280 for px in re.findall(r"(?<![-\w])width: *(\d+)px", style))
+
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
+def test_the_page_fits_a_1280_pixel_window_in_chromium(points, tmp_path):
+    """Measured by the browser: a copy of the page with a probe that, once loaded, writes the
+    document's scroll width and client width onto <body> (the report itself has no script)."""
+    probe = ('<script>addEventListener("load", () => { const d = document.documentElement; '
+             "document.body.dataset.widths = d.scrollWidth + ' ' + d.clientWidth; });</script>")
+    page = tmp_path / "probed.html"
+    page.write_text(points.text.replace("</body>", probe + "</body>"), encoding="utf-8")
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    scroll, client = map(int, re.search(r'data-widths="(\d+) (\d+)"', dom).groups())
+    assert 1200 < client <= 1280 and scroll <= client, (scroll, client)

@@ -53,7 +53,7 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     write_dataset(folder / "data", SIZES)
     manifest = write_manifest(folder, store="clean.zarr", batch=1)
     out = seglab("run", str(manifest)).communicate(timeout=600)[0].decode()
-    assert "Done." in out, out
+    assert "Labels in " in out and "Next: seglab status" in out, out
     return manifest, folder / "clean.zarr"
 
 

@@ -78,3 +78,50 @@ def test_cli_is_deterministic_per_seed(tmp_path, truth):
     assert {r["image"] for r in rows} == {"m0.png", "m1.png", "m2.png"} and "11" not in {r["class"] for r in rows}
     result = runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", "points", "--out", str(tmp_path / "p")])
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def _masks(folder, truth, count=5):
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.roll(truth, 5 * i, axis=1).astype(np.uint8)).save(folder / f"m{i}.png")
+    return folder
+
+
+def test_a_name_list_and_a_limit_choose_the_masks(tmp_path, truth):
+    masks = _masks(tmp_path / "masks", truth)
+    names = tmp_path / "names.txt"
+    names.write_text("m1.jpg\n\nm3\nm4.png\n")  # an image name, a stem, a mask name
+    runner = CliRunner()
+
+    def run(out, *extra):
+        return runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", "scribbles", "--ignore", "11",
+                                   "--out", str(tmp_path / out), *extra])
+
+    assert run("listed", "--list", str(names)).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["m1.png", "m3.png", "m4.png"]
+    assert run("first", "--list", str(names), "--limit", "2").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["m1.png", "m3.png"]
+    names.write_text("m1\nm9\n")
+    result = run("typo", "--list", str(names))
+    assert result.exit_code == 1 and "match no mask" in result.output and "m9" in result.output
+    assert not (tmp_path / "typo").exists()
+
+
+def test_progress_is_told_of_every_mask(tmp_path, truth):
+    from seglab.pipeline.simulate import simulate_weak
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, stage, total, done):
+            self.calls.append(("start", stage, total, done))
+
+        def advance(self, stage, count):
+            self.calls.append(("advance", stage, count))
+
+    recorder = Recorder()
+    count = simulate_weak(masks=_masks(tmp_path / "masks", truth), kind="points", out=tmp_path / "p", seed=0,
+                          ignore=(11,), limit=4, progress=recorder)
+    assert count == 4
+    assert recorder.calls == [("start", "points", 4, 0)] + [("advance", "points", 1)] * 4

@@ -39,16 +39,27 @@ def test_opening_a_folder_that_is_not_a_store(tmp_path):
         Store(tmp_path)
 
 
+def done_line(unit: str, outputs: dict | None = None) -> dict:
+    """A ledger line as the runner writes one for a finished unit."""
+    return {"unit": unit, "status": "done", "inputs": "i", "signature": "s",
+            "outputs": outputs if outputs is not None else {"f": {"sha256": "0" * 64, "shape": [3], "dtype": "<f8"}}}
+
+
+def failed_line(unit: str) -> dict:
+    return {"unit": unit, "status": "failed", "error": {"message": "boom"}}
+
+
 def test_ledger_last_line_wins_and_torn_lines_are_ignored(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
     ledger = store.ledger("embed")
-    ledger.append([{"unit": "a", "status": "failed"}, {"unit": "b", "status": "done"}])
+    ledger.append([failed_line("a"), done_line("b")])
     with open(ledger.path, "a") as f:
         f.write('{"unit": "c", "sta')  # the driver died mid-append
-    ledger.append([{"unit": "a", "status": "done"}])
+    ledger.append([done_line("a")])
     entries = ledger.load()
     assert {u: e["status"] for u, e in entries.items()} == {"a": "done", "b": "done"}
     assert all(json.loads(line) for line in ledger.path.read_text().splitlines()[:2])
+    assert store.problems == {}  # a torn line closed by the next append is a kill, not damage
 
 
 def test_clear_stage_removes_arrays_attrs_and_ledger(tmp_path):
@@ -56,7 +67,7 @@ def test_clear_stage_removes_arrays_attrs_and_ledger(tmp_path):
     store.prepare_stage("embed", ["f"])
     store.write_unit("embed", "a", {"f": np.ones(3)})
     store.set_stage_attrs("embed", signature={"v": 1})
-    store.ledger("embed").append([{"unit": "a", "status": "done"}])
+    store.ledger("embed").append([done_line("a")])
     store.clear_stage("embed")
     assert store.stages() == [] and store.ledger("embed").load() == {} and store.stage_attrs("embed") == {}
 

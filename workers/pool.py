@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from seglab.pipeline.errors import InputError, SeglabError, TransientError
+from seglab.pipeline.errors import InputError, SeglabError, StorageError, TransientError, os_error_cause
 from seglab.pipeline.store import CorruptOutput
 from seglab.stages.base import Context, Resources, StageConfig, Unit
 
@@ -46,13 +46,18 @@ class WorkerSpec:
 
 def _failure(unit: Unit, exc: BaseException) -> dict[str, Any]:
     """A failed unit's receipt. ``error.transient``: worth retrying; ``error.corrupt``: the
-    damaged input arrays ('stage/output') whose producing stage must redo the unit."""
+    damaged input arrays ('stage/output') whose producing stage must redo the unit;
+    ``error.storage``: {path, problem} of a full disk or an unwritable file, which the
+    driver stops on without recording anything against the unit."""
     transient = isinstance(exc, TRANSIENT) and not isinstance(exc, InputError)
     message = str(exc) if isinstance(exc, SeglabError) else f"{type(exc).__name__}: {exc}"
     error = {"type": type(exc).__name__, "message": message, "transient": transient,
              "detail": "".join(traceback.format_exception(exc))[-2000:]}
     if isinstance(exc, CorruptOutput):
         error["corrupt"] = exc.paths
+    if (cause := os_error_cause(exc)) is not None:
+        storage = StorageError.from_os_error(cause, "the store")
+        error["storage"] = {"path": storage.path, "problem": storage.problem}
     return {"unit": unit.id, "status": "failed", "error": error}
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -9,9 +11,28 @@ from seglab.pipeline.errors import SeglabError
 from seglab.stages.base import Resources
 
 
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Where Ray (2.60) warns, on every new local cluster, that it enabled token authentication.
+Setting RAY_AUTH_MODE=token instead would skip the warning but also the refresh of the
+driver's cached config that Ray does with it, and the driver would then fail to connect."""
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only errors from logger ``name`` while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     """Join ``address`` when given, else start Ray on this machine (never a guess at
-    another cluster). Reuses a Ray already initialised in this process (tests)."""
+    another cluster), without Ray's notice that the cluster it starts for seglab alone
+    uses token authentication. Reuses a Ray already initialised in this process (tests)."""
     if ray.is_initialized():
         return
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
@@ -20,7 +41,8 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+            with _quiet(TOKEN_SETUP_LOGGER):
+                ray.init(address="local", num_cpus=num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
 

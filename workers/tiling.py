@@ -101,10 +101,9 @@ class TiledBackend(PromptableBackend):
             crop = ImageFrame.from_array(features["tile_frames"][t]).grid_to_image(tile_logits)  # [p, M, h, w]
             core = crop[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
             gy0, gx0 = int(round(cy0 * scale)), int(round(cx0 * scale))
-            gy1, gx1 = int(round(cy1 * scale)), int(round(cx1 * scale))
-            if gy1 > gy0 and gx1 > gx0:
-                logits[rows, :, gy0:gy1, gx0:gx1] = resize(core, (*core.shape[:2], gy1 - gy0, gx1 - gx0), order=1,
-                                                           mode="edge", anti_aliasing=True, preserve_range=True)
+            gy1, gx1 = max(gy0 + 1, int(round(cy1 * scale))), max(gx0 + 1, int(round(cx1 * scale)))  # >= 1 cell
+            logits[rows, :, gy0:gy1, gx0:gx1] = resize(core, (*core.shape[:2], gy1 - gy0, gx1 - gx0), order=1,
+                                                       mode="edge", anti_aliasing=True, preserve_range=True)
             quality[rows] += tile_quality
             used[rows] += 1
         return logits, quality / np.maximum(used, 1)[:, None]

@@ -7,7 +7,8 @@ real masks on real photographs) where no checkpoint exists. Same interface as SA
 Algorithm ("multiscale superpixel random walker with GrabCut-style colour priors"):
 
 1. ``encode``: resize so the long side is ``input_size`` (SAM's frame, padded bottom/right to
-   a square canvas); cache CIE-Lab colour, a normalised colour-gradient magnitude and SLIC
+   a square canvas; an image over 8 x ``input_size`` is first box-reduced by an integer factor,
+   so encoding needs constant memory beyond the image itself); cache CIE-Lab colour, a normalised colour-gradient magnitude and SLIC
    superpixel maps: two fine ones (different counts) plus a medium and a coarse one.
 2. ``decode`` builds the region-adjacency graph of each fine map (edge weight
    ``exp(-beta * dLab^2 / mean dLab^2 - edge_beta * border gradient) * sqrt(border length)``);
@@ -28,10 +29,12 @@ Algorithm ("multiscale superpixel random walker with GrabCut-style colour priors
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
@@ -50,6 +53,8 @@ OUTSIDE_LOGIT = -20.0
 CONTRAST_HALF = 4.0
 #: magnitude of the logit forced onto prompt point locations (3x3 grid cells)
 CLAMP_LOGIT = 10.0
+#: images whose long side exceeds this many times ``input_size`` are box-reduced before encoding
+PRE_REDUCE = 8
 
 
 class WeightFreeConfig(BaseModel):
@@ -126,7 +131,7 @@ class WeightFreeBackend(PromptableBackend):
         ``lab`` float16 [3, N, N] (L, a, b channels, 0 in the padding), ``edges`` float16 [N, N]
         (Lab Sobel magnitude over its 90th percentile), ``superpixels`` int32 [F + 2, N, N] (SLIC
         labels 0..n-1 of the F = len(fine_segments) fine maps, then the medium and the coarse
-        map; -1 in the padding), ``frame`` int64 [4] (``ImageFrame.to_array``)."""
+        map; -1 in the padding), ``frame`` int64 [5] (``ImageFrame.to_array``)."""
         return [self._encode_one(np.asarray(im)) for im in images]
 
     def _encode_one(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -135,7 +140,8 @@ class WeightFreeBackend(PromptableBackend):
             raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
         h, w = image.shape[:2]
         rh, rw = resized_shape(h, w, n)
-        small = resize(image, (rh, rw), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32) / 255.0
+        small = resize(_box_reduced(image, n), (rh, rw), order=1, anti_aliasing=True,
+                       preserve_range=True).astype(np.float32) / 255.0
         if cfg.smoothing > 0:
             small = ndimage.gaussian_filter(small, (cfg.smoothing, cfg.smoothing, 0))
         small = np.clip(small, 0.0, 1.0)
@@ -167,6 +173,18 @@ class WeightFreeBackend(PromptableBackend):
         for i in range(p):
             logits[i], quality[i] = graph.predict(prompts.coords[i], prompts.labels[i], prompts.boxes[i])
         return logits, quality
+
+
+def _box_reduced(image: np.ndarray, input_size: int) -> np.ndarray:
+    """HxWx3 uint8 -> the same image, first shrunk by an integer factor k (block means over
+    k x k pixels, in Pillow's uint8 arithmetic) when its long side exceeds
+    ``PRE_REDUCE * input_size``, so that the float resize after it sees at most about
+    (PRE_REDUCE * input_size)^2 pixels whatever the image's size. Smaller images (every
+    image up to 2048 pixels at the default input size) are returned as they are."""
+    k = math.ceil(max(image.shape[:2]) / (PRE_REDUCE * input_size))
+    if k <= 1:
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).reduce(k))
 
 
 class _Walker:

@@ -2,7 +2,8 @@
 
 An ``ExportItem`` is one image of the chosen label source after the export's filters:
 its class map with unlabelled pixels set to the export's ignore value, and its
-uncertainty when the source has one.
+uncertainty when the source has one. A unit whose stored arrays are missing or differ from
+what their writer recorded becomes a ``Damaged`` record instead, never an item.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from seglab.pipeline.labelsource import LabelSource
 from seglab.pipeline.palette import palette
+from seglab.pipeline.store import StoreError
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,16 @@ class ExportItem:
     uncertainty: np.ndarray | None
     uncertain_fraction: float | None
     mean_uncertainty: float | None
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A unit left out because its stored arrays are missing or damaged. unit, image: as in
+    ``ExportItem``; problem: the store's one-line account of the first array at fault."""
+
+    unit: str
+    image: str | None
+    problem: str
 
 
 def file_stems(source: LabelSource, units: Sequence[str]) -> dict[str, str]:
@@ -75,15 +87,21 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def items(source: LabelSource, units: Sequence[str], ignore_value: int, uncertain_above: float) -> Iterator[ExportItem]:
-    """The units' items, read from the store one at a time; a pixel is uncertain when
-    its uncertainty is at least ``uncertain_above``."""
+def items(source: LabelSource, units: Sequence[str], ignore_value: int, uncertain_above: float,
+          damaged: list[Damaged]) -> Iterator[ExportItem]:
+    """The units' items, read from the store one at a time and checked against their
+    records; a pixel is uncertain when its uncertainty is at least ``uncertain_above``.
+    Units whose arrays are missing or damaged go to ``damaged``."""
     stems = file_stems(source, units)
     for unit in units:
-        uncertainty = source.uncertainty(unit)
+        try:
+            labels, uncertainty = source.labels(unit), source.uncertainty(unit)
+        except StoreError as exc:  # CorruptOutput included
+            damaged.append(Damaged(unit, source.images[unit], str(exc)))
+            continue
         yield ExportItem(
             unit=unit, image=source.images[unit], name=stems[unit],
-            labels=remap_ignore(source.labels(unit), source.ignore_id, ignore_value),
+            labels=remap_ignore(labels, source.ignore_id, ignore_value),
             uncertainty=uncertainty,
             uncertain_fraction=None if uncertainty is None else float((uncertainty >= uncertain_above).mean()),
             mean_uncertainty=None if uncertainty is None else float(uncertainty.mean()),

@@ -1,0 +1,130 @@
+"""Runs that notice what changed under them and write only when they must (issue 16: items
+6, 8, 9, 10, 13 and status in 17), on a local Ray with the tiny synthetic dataset."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from seglab.pipeline.errors import StorageError
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.status import store_status
+from seglab.pipeline.store import Store
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+UNITS = ["images__img00.png", "images__img01.png", "images__img02.png", "images__img03.png"]
+
+
+def run(manifest: Path, **options):
+    return Runner(load_manifest(manifest), RunOptions(**options)).run()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` with its size and modification time (ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def status_of(manifest: Path) -> dict:
+    return {s.stage: s for s in store_status(load_manifest(manifest))}
+
+
+def test_a_done_unit_whose_array_is_gone_is_reported_then_redone(tiny):
+    assert run(tiny, only="ingest").ok
+    shutil.rmtree(tiny.parent / "run.zarr" / "ingest" / "image" / UNITS[1])
+    ingest = status_of(tiny)["ingest"]
+    assert (ingest.done, ingest.missing, ingest.complete) == (3, 1, False)
+    report = run(tiny, only="ingest").stages[0]
+    assert report.done_now == 1 and "1 finished unit(s) had arrays missing" in report.warnings[0]
+    assert status_of(tiny)["ingest"].complete
+
+
+def test_status_counts_a_unit_done_only_when_its_upstream_unit_is(tiny):
+    assert run(tiny, only="ingest").ok and run(tiny, only="embed").ok
+    ledger = Store(tiny.parent / "run.zarr").ledger("ingest").path
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(line for line in lines if UNITS[0] in line) + "\n")  # 3 of 4 lines lost
+    for unit in UNITS[1:]:  # and their commit records, so ingest cannot adopt them
+        (tiny.parent / "run.zarr" / "_commits" / "ingest" / f"{unit}.json").unlink()
+    rows = status_of(tiny)
+    assert (rows["ingest"].done, rows["embed"].done, rows["embed"].blocked) == (1, 1, 3)
+    assert not rows["embed"].complete
+
+
+def test_damaged_ledger_lines_cost_their_units_only_and_are_reported(tiny):
+    assert run(tiny, only="ingest").ok
+    ledger = Store(tiny.parent / "run.zarr").ledger("ingest").path
+    lines = ledger.read_bytes().splitlines()
+    damaged = [lines[0], lines[1].replace(b'"status"', b'"st\xffatus"'),
+               json.dumps({**json.loads(lines[2]), "outputs": "x"}).encode(), lines[3]]
+    ledger.write_bytes(b"\n".join(damaged) + b"\n")
+    report = run(tiny, only="ingest").stages[0]
+    assert report.already_done == 2 and report.adopted == 2  # the commit records of the two units vouch for them
+    assert status_of(tiny)["ingest"].complete
+    assert any("ingest.jsonl: line 2: not UTF-8" in w for w in report.warnings)
+    assert any("ingest.jsonl: line 3: 'outputs' is not a mapping" in w for w in report.warnings)
+
+
+def test_a_run_with_nothing_to_do_writes_nothing(tiny):
+    assert run(tiny, only="ingest").ok
+    before = snapshot(tiny.parent / "run.zarr")
+    report = run(tiny, only="ingest")
+    assert report.ok and report.work_done == 0
+    assert snapshot(tiny.parent / "run.zarr") == before
+
+
+def test_a_dry_run_writes_nothing_and_says_why(tiny):
+    report = run(tiny, dry_run=True)
+    assert not (tiny.parent / "run.zarr").exists()
+    assert [s.why for s in report.stages[:2]] == [["4 new"], ["4 waiting on ingest"]]
+    assert run(tiny, only="ingest").ok
+    before = snapshot(tiny.parent / "run.zarr")
+    report = run(tiny, dry_run=True, force=("ingest",))
+    assert report.stages[0].todo == 4 and report.stages[0].why == ["4 forced"]
+    assert report.stages[1].why == ["4 waiting on ingest"]
+    assert snapshot(tiny.parent / "run.zarr") == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs at tmp_path/disk (skipped where mounting is not permitted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _store_on(manifest: Path, disk: Path) -> None:
+    manifest.write_text(manifest.read_text().replace("path: run.zarr", f"path: {disk / 'run.zarr'}"))
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_blames_no_unit(tiny, small_disk):
+    _store_on(tiny, small_disk)
+    assert run(tiny, only="ingest").ok
+    free = shutil.disk_usage(small_disk).free
+    with open(small_disk / "filler", "wb") as f:  # leave a few KiB: embed's first unit cannot be written
+        f.write(b"\0" * (free - 8192))
+    with pytest.raises(StorageError, match="no space left on the device; free some space"):
+        run(tiny, only="embed")
+    embed = Store(small_disk / "run.zarr").ledger("embed").load()
+    assert all(e["status"] == "done" for e in embed.values())  # ENOSPC is never a unit's failure
+    (small_disk / "filler").unlink()
+    report = run(tiny, only="embed")
+    assert report.ok and report.stages[0].done_now + report.stages[0].already_done + report.stages[0].adopted == 4
+
+
+def test_a_read_only_store_runs_when_nothing_is_to_do_and_else_says_why_in_one_line(tiny, small_disk):
+    _store_on(tiny, small_disk)
+    assert run(tiny, only="ingest").ok
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert run(tiny, only="ingest").work_done == 0
+    assert status_of(tiny)["ingest"].complete
+    with pytest.raises(StorageError, match="cannot write here .*Read-only file system"):
+        run(tiny, only="ingest", force=("ingest",))
+    assert Store(small_disk / "run.zarr").ledger("ingest").done(
+        Store(small_disk / "run.zarr").stage_attrs("ingest")["signature_digest"]) == set(UNITS)

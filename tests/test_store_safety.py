@@ -1,0 +1,151 @@
+"""What a store may touch (issue 16: items 1, 2, 5, 8): stage names only, its own files only,
+one run at a time, and a damaged ledger line costs one unit, not the store. No Ray here."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from seglab.cli.app import app
+from seglab.pipeline.errors import UsageError
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner, RunOptions
+from seglab.pipeline.store import Store, StoreError
+from seglab.pipeline.storelock import StoreBusy, StoreLock
+
+from test_store import done_line, failed_line
+
+cli = CliRunner()
+
+
+@pytest.mark.parametrize("flag, value", [("--force", ""), ("--force", "refin"), ("--from", "nope"),
+                                         ("--only", "select/labels")])
+def test_only_stage_names_of_the_dag_are_taken(tiny, flag, value):
+    result = cli.invoke(app, ["run", str(tiny), flag, value])
+    assert result.exit_code == 2, result.output
+    assert "ingest, embed, prompts, select, refine" in result.output and "Traceback" not in result.output
+
+
+def test_force_with_a_path_deletes_nothing(tiny, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    (tmp_path / "victim.jsonl").write_text("{}\n")
+    with pytest.raises(UsageError, match="is not a stage of this manifest"):
+        Runner(load_manifest(tiny), RunOptions(force=(str(victim),)))
+    assert (victim / "thesis.tex").read_text() == "years of work" and (tmp_path / "victim.jsonl").exists()
+
+
+def test_a_folder_that_is_not_a_store_is_refused_and_left_as_it_was(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "_ledger").mkdir(parents=True)
+    (folder / "_ledger" / "select.jsonl").write_text("my notes\n")
+    (folder / "select").mkdir()
+    (folder / "select" / "keep.txt").write_text("keep")
+    with pytest.raises(StoreError, match=r"mine: exists and is not a seglab store \(it holds _ledger, select\)"):
+        Store(folder, create=True)
+    assert (folder / "_ledger" / "select.jsonl").read_text() == "my notes\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["_ledger", "select"]
+    with pytest.raises(StoreError, match="no seglab store here"):
+        Store(folder)
+    (tmp_path / "empty").mkdir()
+    Store(tmp_path / "empty", create=True)  # an empty folder is fine
+    assert Store(tmp_path / "empty").attrs["seglab_store"] == 1
+
+
+def test_run_into_a_user_folder_is_refused_naming_it(tiny, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    result = cli.invoke(app, ["run", str(tiny), "--store", str(folder)])
+    assert result.exit_code == 1 and "results: exists and is not a seglab store" in result.output
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_clearing_a_stage_removes_only_what_seglab_wrote(tmp_path):
+    store = Store(tmp_path / "s.zarr", create=True)
+    store.prepare_stage("select", ["labels"])
+    receipt = store.write_unit("select", "a", {"labels": np.ones((4, 4), np.uint8)})
+    store.commit_unit("select", "a", {**done_line("a", receipt)})
+    store.ledger("select").append([done_line("a", receipt)])
+    (store.path / "select" / "keep.txt").write_text("mine")
+    (store.path / "select" / "labels" / "notes").mkdir()
+    (store.path / "_commits" / "select" / "README").write_text("mine too")
+    left = store.clear_stage("select")
+    assert sorted(p.name for p in left) == ["README", "keep.txt", "notes"]
+    assert (store.path / "select" / "keep.txt").read_text() == "mine"
+    assert not (store.path / "select" / "labels" / "a").exists() and not (store.path / "select" / "zarr.json").exists()
+    assert store.committed("select", "a") is None and store.ledger("select").load() == {}
+    for name in ("", "..", "/etc", "_ledger", "select/labels"):
+        with pytest.raises(StoreError, match="is not a stage name"):
+            store.clear_stage(name)
+
+
+HOLDER = """
+import sys, time
+from seglab.pipeline.storelock import StoreLock
+with StoreLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tiny, tmp_path):
+    store = Store(tmp_path / "run.zarr", create=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreBusy, match=rf"another seglab run is using this store \(pid {holder.pid} on "):
+            Runner(load_manifest(tiny)).run()  # work is left, so it needs the lock: refused before Ray starts
+        assert not (store.path / "_ledger" / "ingest.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with StoreLock(store.path) as lock:  # the kernel dropped the dead holder's lock
+        assert lock.taken_over["pid"] == holder.pid
+    with StoreLock(store.path) as lock:
+        assert lock.taken_over is None  # released cleanly last time
+
+
+def test_malformed_ledger_lines_count_as_absent_and_are_reported_with_their_line(tmp_path):
+    store = Store(tmp_path / "s.zarr", create=True)
+    ledger = store.ledger("embed")
+    ledger.append([done_line("a"), done_line("b"), failed_line("c")])
+    with open(ledger.path, "ab") as f:
+        f.write(b'{"unit": "d", "status": "done"\xff}\n')  # a non-UTF-8 byte
+        f.write(json.dumps({**done_line("e"), "unit": ["e"]}).encode() + b"\n")
+        f.write(json.dumps({**done_line("a"), "outputs": "x"}).encode() + b"\n")
+        f.write(json.dumps({"unit": "b", "status": "failed"}).encode() + b"\n")
+    entries = ledger.load()
+    assert sorted(entries) == ["a", "b", "c"] and entries["a"]["outputs"] == done_line("a")["outputs"]
+    problems = store.problems_of("embed")
+    assert [p.split(": line ")[1].split(":")[0] for p in problems] == ["4", "5", "6", "7"]
+    assert "not UTF-8" in problems[0] and "'unit' is not a non-empty string" in problems[1]
+    assert "'outputs' is not a mapping" in problems[2] and "failed line without an 'error'" in problems[3]
+    ledger.load()
+    assert len(store.problems) == 4  # each reported once however often the ledger is read
+
+
+def test_status_reports_a_damaged_ledger_instead_of_crashing(tiny):
+    path = tiny.parent / "run.zarr"
+    store = Store(path, create=True)
+    store.ledger("ingest").append([done_line("images__img00.png")])
+    with open(store.ledger("ingest").path, "ab") as f:
+        f.write(b'{"unit": ["x"], "status": "done"}\n\xfe\xfe\n')
+    result = cli.invoke(app, ["status", str(tiny)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "ingest.jsonl: line 2" in result.output and "line 3" in result.output
+
+
+def test_the_lock_file_is_no_stage_and_is_emptied_on_release(tmp_path):
+    store = Store(tmp_path / "s.zarr", create=True)
+    with StoreLock(store.path):
+        assert json.loads((store.path / "_run.lock").read_text())["pid"] == os.getpid()
+        assert Store(store.path).stages() == []
+    assert (store.path / "_run.lock").read_text() == ""
