@@ -92,8 +92,6 @@ class RunReport:
     store: str
     stages: list[StageReport]
     dry_run: bool = False
-    manifest: str = ""
-    """The manifest the run read (its path, or 'demo' for the embedded one), for the next commands."""
 
     @property
     def work_done(self) -> int:
@@ -403,7 +401,7 @@ class Runner:
             for report in preview:
                 report.warnings += existing.problems_of(report.stage)
         if self.options.dry_run:
-            return RunReport(str(path), preview, dry_run=True, manifest=self.manifest.path)
+            return RunReport(str(path), preview, dry_run=True)
         if existing is not None:
             self.check_signatures(existing, [s for s in selected if s not in self.forced()])
             recorded = existing.attrs
@@ -412,7 +410,7 @@ class Runner:
                 for report in preview:
                     self.progress.start(report.stage, report.total, report.already_done)
                     self.progress.finish(report.stage, report)
-                return RunReport(str(path), preview, manifest=self.manifest.path)
+                return RunReport(str(path), preview)
         try:
             path.mkdir(parents=True, exist_ok=True)
             with StoreLock(path) as lock:
@@ -427,7 +425,7 @@ class Runner:
             if (cause := os_error_cause(exc)) is None:
                 raise
             raise StorageError.from_os_error(cause, path) from None
-        return RunReport(str(store.path), reports, manifest=self.manifest.path)
+        return RunReport(str(store.path), reports)
 
     def _run_locked(self, store: Store, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
         """The run proper, under the store's lock: clear what ``--force`` names, then pass
