@@ -138,7 +138,7 @@ def run(
     else:
         with render.RichProgress() as progress:
             report = Runner(loaded, options, progress).run()
-    render.run_summary(report, render.Rerun(manifest, store))
+    render.run_summary(report, render.Rerun(manifest, store, render.run_flags(options)))
     if not report.ok and not dry_run:
         raise typer.Exit(1)
 

@@ -16,7 +16,7 @@ from rich.table import Column, Table
 from seglab.pipeline.bench_quality import REFINE, SELECT, QualityRow
 from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
-from seglab.pipeline.runner import RunReport, StageReport
+from seglab.pipeline.runner import RunOptions, RunReport, StageReport
 from seglab.pipeline.status import StageStatus
 from seglab.pipeline.units import UnlabelledImages
 
@@ -77,11 +77,20 @@ class Rerun:
 
     manifest: str
     store: Path | None = None
+    selection: tuple[str, ...] = ()
+    """The run's own flags as typed (``run_flags``): what a dry run's suggested command repeats."""
 
     def command(self, name: str, *extra: str) -> str:
         """``seglab <name> <manifest> [--store S] <extra>``, quoted for a POSIX shell."""
         store = ["--store", str(self.store)] if self.store else []
         return shlex.join(["seglab", name, self.manifest, *store, *extra])
+
+
+def run_flags(options: RunOptions) -> tuple[str, ...]:
+    """``--from``, ``--only``, ``--force`` (each) and ``--address`` of a run, as command-line words."""
+    given = [("--from", options.start), ("--only", options.only), *(("--force", f) for f in options.force),
+             ("--address", options.address)]
+    return tuple(word for flag, value in given if value is not None for word in (flag, value))
 
 
 def _plan_table(report: RunReport) -> Table:
@@ -112,7 +121,8 @@ def run_summary(report: RunReport, rerun: Rerun) -> None:
     """After ``seglab run``: the plan of a dry run, else warnings and failures, then what to do next."""
     if report.dry_run:
         console.print(_plan_table(report))
-        console.print(f"Dry run: nothing was written. To run it: {rerun.command('run')}", markup=False)
+        console.print(f"Dry run: nothing was written. To run it: {rerun.command('run', *rerun.selection)}",
+                      markup=False)
         return
     if report.work_done == 0 and report.ok:
         console.print(f"Nothing to do: every stage is complete in {report.store}.")

@@ -60,13 +60,15 @@ NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 def os_error_cause(exc: BaseException) -> OSError | None:
     """The OSError of a full disk or an unwritable file in ``exc`` or its chain of causes
-    (zarr and numcodecs wrap them), or None."""
+    (zarr and numcodecs wrap them), or None. The chain stops at an InputError (an
+    unreadable input file is that unit's fault, not the store's) and where an error was
+    raised ``from None``."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
+    while exc is not None and id(exc) not in seen and not isinstance(exc, InputError):
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in NO_SPACE | NOT_WRITABLE:
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 

@@ -345,6 +345,19 @@ class Runner:
                 return None
         return fitted
 
+    def current_fit(self, store: Store | None, name: str, units: Sequence[Unit],
+                    cleared: frozenset[str] = frozenset()) -> tuple[dict[str, Any] | None, str | None]:
+        """Read only: (the stored fit a fitted or trained stage would use for today's inputs,
+        None when it must be fitted first; why it must, or None). ``cleared``: as in ``plan``."""
+        try:
+            key, _ = self.fit_key(store, name, units)
+        except SeglabError:
+            return None, "fitted once its inputs are done"
+        fitted = None if name in cleared else self.stored_fit(store, name, key)
+        if fitted is None:
+            return None, "to be trained anew" if self.stages[name].trains else "to be fitted anew"
+        return fitted, None
+
     # -- planning a run ---------------------------------------------------------------
     def forced(self) -> frozenset[str]:
         """The stages ``--force`` clears: each named one and everything downstream of it."""
@@ -365,13 +378,8 @@ class Runner:
                            f"needs --force {name}")
             fitted = None
             if self.stages[name].fits:
-                try:
-                    key, _ = self.fit_key(store, name, units)
-                    fitted = None if name in cleared else self.stored_fit(store, name, key)
-                    if fitted is None:
-                        why.append("to be trained anew" if self.stages[name].trains else "to be fitted anew")
-                except SeglabError:
-                    why.append("fitted once its inputs are done")
+                fitted, refit = self.current_fit(store, name, units, cleared)
+                why += [refit] if refit else []
             plan = self.plan(store, name, units, fitted=fitted and digest(fitted), cleared=cleared)
             report = StageReport(name, len(units), len(units) - plan.blocked - len(plan.todo) - len(plan.adopted),
                                  len(plan.todo), blocked=plan.blocked, adopted=len(plan.adopted))
@@ -430,10 +438,7 @@ class Runner:
     def _run_locked(self, store: Store, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
         """The run proper, under the store's lock: clear what ``--force`` names, then pass
         over the stages until no pass finds damaged inputs (at most MAX_PASSES)."""
-        kept: dict[str, list[Path]] = {}
-        for name in self.options.force:
-            for cleared in (name, *self.dag.downstream(name)):
-                kept[cleared] = store.clear_stage(cleared)
+        kept = {cleared: store.clear_stage(cleared) for cleared in self.forced()}
         self.check_signatures(store, selected)
         reports: dict[str, StageReport] = {}
         pools: dict[tuple[float, float], Any] = {}

@@ -6,7 +6,6 @@ from typing import Any
 
 from seglab.pipeline.fingerprint import diff_signatures, digest
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.store import Store, check_store_path
 from seglab.pipeline.units import enumerate_units
 
@@ -55,8 +54,7 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
         stored = attrs.get("signature")
         expected = runner.signatures[name]
         state = "none" if stored is None else ("current" if digest(stored) == digest(expected) else "stale")
-        key = _fit_key(runner, store, name, units) if runner.stages[name].fits else None
-        fitted = runner.stored_fit(store, name, key) if key else None
+        fitted = runner.current_fit(store, name, units)[0] if runner.stages[name].fits else None
         plan = runner.plan(store, name, units, fitted=fitted and digest(fitted))
         failed = [(u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"]
         out.append(StageStatus(
@@ -70,10 +68,3 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
         ))
     return out
 
-
-def _fit_key(runner, store: Store | None, name: str, units) -> str | None:
-    """The key a fitted stage's fit would be made from now, or None when it cannot be fitted yet."""
-    try:
-        return runner.fit_key(store, name, units)[0]
-    except SeglabError:
-        return None

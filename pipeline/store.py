@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,9 @@ def is_store(path: Path | str) -> bool:
         meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return False
+    attrs = meta.get("attributes")
     return meta.get("node_type") == "group" and isinstance(attrs, dict) and (MARK in attrs or "seglab_version" in attrs)
 
 
@@ -167,14 +169,14 @@ class Store:
             raise StoreError(f"{self.path}: '{stage}' is not a stage name")
         (self.path / LEDGER_DIR / f"{stage}.jsonl").unlink(missing_ok=True)
         left = remove_zarr_tree(self.path / stage)
-        left += _remove_matching(self.path / COMMIT_DIR / stage, COMMIT_FILE)
+        left += _remove_matching(self.path / COMMIT_DIR / stage, _is_commit_file)
         checkpoints = self.checkpoint_dir(stage)
         if checkpoints.is_dir():
             for entry in checkpoints.iterdir():
                 if entry.name == RAY_TRAIN_DIR and entry.is_dir():
                     shutil.rmtree(entry)  # Ray Train's own files, in the folder seglab gave it
                 elif CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                    left += _remove_matching(entry, CHECKPOINT_FILE)
+                    left += _remove_matching(entry, lambda path: bool(CHECKPOINT_FILE.fullmatch(path.name)))
                 else:
                     left.append(entry)
             _rmdir_if_empty(checkpoints)
@@ -197,7 +199,7 @@ class Store:
         folder = self.checkpoint_dir(stage)
         for entry in folder.iterdir() if folder.is_dir() else ():
             if entry.name != keep and CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                _remove_matching(entry, CHECKPOINT_FILE)
+                _remove_matching(entry, lambda path: bool(CHECKPOINT_FILE.fullmatch(path.name)))
 
     # -- data (workers) ----------------------------------------------------------------
     def write_unit(self, stage: str, unit: str, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -260,18 +262,13 @@ class Store:
         (``expected``: 'stage/output' -> sha256; paths without one are not checked).
         CorruptOutput names every array that cannot be decoded or differs from its record."""
         out: dict[str, np.ndarray] = {}
-        corrupt: list[str] = []
         for path in paths:
-            key = f"{path}/{unit}"
             try:
-                out[path] = np.asarray(self._root[key][...])
+                out[path] = self._checked(path, unit, expected.get(path))
             except KeyError:
-                raise StoreError(f"{self.path}: '{key}' is missing (upstream stage not done for this unit?)") from None
-            except Exception:  # a torn or truncated chunk fails to decode
-                corrupt.append(path)
-                continue
-            if path in expected and array_sha256(out[path]) != expected[path]:
-                corrupt.append(path)
+                raise StoreError(f"{self.path}: '{path}/{unit}' is missing (upstream stage not done for this "
+                                 "unit?)") from None
+        corrupt = [path for path, value in out.items() if value is None]
         if corrupt:
             raise CorruptOutput(self.path, unit, corrupt)
         return out
@@ -282,23 +279,34 @@ class Store:
         shape and dtype before anything is read (a damaged ``zarr.json`` declaring a huge
         array allocates nothing), the content's sha256 after. StoreError when the array is
         missing, CorruptOutput when it differs from its record or does not decode."""
-        key = f"{path}/{unit}"
         try:
-            array = self._root[key]
+            value = self._checked(path, unit, record.get("sha256") or "", tuple(record.get("shape") or ()),
+                                  record.get("dtype"))
         except KeyError:
-            raise StoreError(f"{self.path}: '{key}' is missing (its unit is recorded as done)") from None
-        except Exception:  # an unreadable zarr.json
-            raise CorruptOutput(self.path, unit, [path]) from None
-        shape, dtype = tuple(record.get("shape") or ()), record.get("dtype")
-        if not isinstance(array, zarr.Array) or tuple(array.shape) != shape or (dtype and np.dtype(array.dtype).str != dtype):
+            raise StoreError(f"{self.path}: '{path}/{unit}' is missing (its unit is recorded as done)") from None
+        if value is None:
             raise CorruptOutput(self.path, unit, [path])
+        return value
+
+    def _checked(self, path: str, unit: str, sha256: str | None, shape: tuple[int, ...] | None = None,
+                 dtype: str | None = None) -> np.ndarray | None:
+        """The unit's array at 'stage/output' ``path``, or None when it does not decode or
+        differs from the ``shape`` and ``dtype`` given (checked from its metadata, before
+        anything is read) or from ``sha256`` (None: not checked). KeyError when it is absent."""
+        try:
+            array = self._root[f"{path}/{unit}"]
+        except KeyError:
+            raise
+        except Exception:  # an unreadable zarr.json
+            return None
+        if not isinstance(array, zarr.Array) or (shape is not None and tuple(array.shape) != shape) \
+                or (dtype and np.dtype(array.dtype).str != dtype):
+            return None
         try:
             value = np.asarray(array[...])
         except Exception:  # a torn or truncated chunk fails to decode
-            raise CorruptOutput(self.path, unit, [path]) from None
-        if array_sha256(value) != record.get("sha256"):
-            raise CorruptOutput(self.path, unit, [path])
-        return value
+            return None
+        return None if sha256 is not None and array_sha256(value) != sha256 else value
 
     def missing_outputs(self, stage: str, unit: str, outputs: Iterable[str]) -> list[str]:
         """Of a unit's ``outputs`` (names) in ``stage``, those whose array is gone from the
@@ -311,8 +319,8 @@ class Store:
 
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[0-9]+)?")
 """What a stage's name (= its store group) looks like: 'select', 'refine.2'."""
-COMMIT_FILE = re.compile(r"[^/]+\.json|\..+\.[0-9]+\.tmp")
-"""Files ``commit_unit`` writes into _commits/<stage>/: records and their temporary names."""
+COMMIT_TMP = re.compile(r"\..+\.json\.[0-9]+\.tmp")
+"""Temporary names ``commit_unit`` writes a record under before renaming it."""
 CHECKPOINT_KEY = re.compile(r"[0-9a-f]{16}")
 """Folders of one training input's checkpoints, named by the key's first 16 hex digits."""
 CHECKPOINT_FILE = re.compile(r"epoch-[0-9]{4,}\.pt|\.epoch-[0-9]{4,}\.pt\.[0-9]+\.tmp")
@@ -328,14 +336,28 @@ def _rmdir_if_empty(folder: Path) -> None:
         pass
 
 
-def _remove_matching(folder: Path, names: re.Pattern) -> list[Path]:
-    """Remove the files directly in ``folder`` whose names fully match ``names``, then the
-    folder if that emptied it; -> the entries left."""
+def _is_commit_file(path: Path) -> bool:
+    """Whether ``path`` is a file ``commit_unit`` wrote: a temporary name of its, or a
+    record '<unit>.json' whose JSON names that unit (a user's JSON file there is not one)."""
+    if COMMIT_TMP.fullmatch(path.name):
+        return True
+    if path.suffix != ".json":
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("unit") == path.stem
+
+
+def _remove_matching(folder: Path, seglabs: Callable[[Path], bool]) -> list[Path]:
+    """Remove the files directly in ``folder`` that ``seglabs`` proves seglab wrote, then
+    the folder if that emptied it; -> the entries left."""
     if not folder.is_dir():
         return []
     left = []
     for entry in folder.iterdir():
-        if entry.is_file() and not entry.is_symlink() and names.fullmatch(entry.name):
+        if entry.is_file() and not entry.is_symlink() and seglabs(entry):
             entry.unlink()
         else:
             left.append(entry)

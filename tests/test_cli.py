@@ -80,6 +80,8 @@ def test_a_dry_run_prints_the_plan_without_progress_bars_and_exits_0(tiny):
     assert header == "stage total done to do blocked why"
     assert "done in" not in result.output and "eta" not in result.output
     assert "nothing was written" in result.output
+    forced = runner.invoke(app, ["run", str(tiny), "--dry-run", "--only", "ingest", "--force", "ingest"])
+    assert forced.exit_code == 0 and f"To run it: seglab run {tiny} --only ingest --force ingest" in forced.output
 
 
 def test_after_failures_the_next_step_is_to_fix_and_rerun():

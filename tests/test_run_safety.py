@@ -128,3 +128,11 @@ def test_a_read_only_store_runs_when_nothing_is_to_do_and_else_says_why_in_one_l
         run(tiny, only="ingest", force=("ingest",))
     assert Store(small_disk / "run.zarr").ledger("ingest").done(
         Store(small_disk / "run.zarr").stage_attrs("ingest")["signature_digest"]) == set(UNITS)
+
+
+def test_force_names_each_file_it_kept_even_when_a_stage_is_cleared_through_two_names(tiny):
+    assert run(tiny, only="ingest").ok
+    (tiny.parent / "run.zarr" / "ingest" / "keep.txt").write_text("mine")
+    report = run(tiny, only="ingest", force=("ingest", "ingest")).stages[0]
+    assert report.done_now == 4 and (tiny.parent / "run.zarr" / "ingest" / "keep.txt").read_text() == "mine"
+    assert any(w.startswith("--force kept 1 file(s) seglab did not write") and "keep.txt" in w for w in report.warnings)

@@ -2,6 +2,7 @@
 one run at a time, and a damaged ledger line costs one unit, not the store. No Ray here."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -77,8 +78,9 @@ def test_clearing_a_stage_removes_only_what_seglab_wrote(tmp_path):
     (store.path / "select" / "keep.txt").write_text("mine")
     (store.path / "select" / "labels" / "notes").mkdir()
     (store.path / "_commits" / "select" / "README").write_text("mine too")
+    (store.path / "_commits" / "select" / "budget.json").write_text('{"unit": "a"}')  # JSON, but no record of 'budget'
     left = store.clear_stage("select")
-    assert sorted(p.name for p in left) == ["README", "keep.txt", "notes"]
+    assert sorted(p.name for p in left) == ["README", "budget.json", "keep.txt", "notes"]
     assert (store.path / "select" / "keep.txt").read_text() == "mine"
     assert not (store.path / "select" / "labels" / "a").exists() and not (store.path / "select" / "zarr.json").exists()
     assert store.committed("select", "a") is None and store.ledger("select").load() == {}
@@ -149,3 +151,44 @@ def test_the_lock_file_is_no_stage_and_is_emptied_on_release(tmp_path):
         assert json.loads((store.path / "_run.lock").read_text())["pid"] == os.getpid()
         assert Store(store.path).stages() == []
     assert (store.path / "_run.lock").read_text() == ""
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as exc:  # noqa: BLE001 - the test inspects what was raised
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_an_unreadable_image_is_its_units_failure_and_a_full_disk_the_stores():
+    from seglab.pipeline.errors import InputError, os_error_cause
+    from seglab.stages.base import Unit
+    from seglab.workers.pool import _failure
+
+    def unreadable():
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/data/a.png")
+        except PermissionError:
+            raise InputError("/data/a.png", "permission denied: the file is not readable by this user") from None
+
+    def full():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/store/embed/lab/u/c/0")
+        except OSError as exc:
+            raise RuntimeError("codec pipeline failed") from exc
+
+    image, disk = _failure(Unit("a", "/data/a.png"), _raised(unreadable)), _failure(Unit("u", "/x.png"), _raised(full))
+    assert "storage" not in image["error"] and image["error"]["message"].startswith("/data/a.png: permission denied")
+    assert disk["error"]["storage"]["path"] == "/store/embed/lab/u/c/0"
+    assert os_error_cause(_raised(full)).errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("meta", ['[1]', '"group"', '{"node_type": "group", "attributes": []}', '\xff'])
+def test_a_folder_whose_zarr_json_is_not_seglabs_is_refused_without_a_crash(tmp_path, meta):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "zarr.json").write_bytes(meta.encode("latin-1"))
+    with pytest.raises(StoreError, match="f: exists and is not a seglab store"):
+        Store(folder, create=True)
+    assert (folder / "zarr.json").read_bytes() == meta.encode("latin-1")
