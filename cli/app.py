@@ -251,7 +251,8 @@ def report(
     "seglab simulate-weak --masks gold --kind scribbles --out weak/scribbles",
     "seglab simulate-weak --masks camvid/trainannot --images camvid/train --kind points --ignore 11 "
     "--list train.txt --out weak/points",
-    "seglab simulate-weak --masks gold --kind boxes --limit 20 --out weak/boxes-20"))
+    "seglab simulate-weak --masks gold --kind boxes --limit 20 --out weak/boxes-20",
+    "seglab simulate-weak --masks grabcut/masks --kind boxes --background 0 --ignore 128 --out weak/boxes"))
 @handled
 def simulate_weak(
     masks: Annotated[Path, typer.Option(metavar="DIR", help="Folder of ground-truth class-id masks.")],
@@ -268,6 +269,8 @@ def simulate_weak(
         "--list", metavar="FILE",
         help="Only the masks named in this file: one image or mask file name, or stem, a line.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Only the first N masks (by name).")] = None,
+    background: Annotated[Optional[int], typer.Option(
+        metavar="ID", help="Boxes only: the class whose components get no box (what no box covers).")] = None,
 ) -> None:
     """Derive weak labels from ground-truth masks the way weakly supervised papers do."""
     from seglab.cli import render
@@ -276,7 +279,7 @@ def simulate_weak(
     names = read_names(list_) if list_ else None
     with render.RichProgress() as progress:
         count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images,
-                         unlabelled=unlabelled, names=names, limit=limit, progress=progress)
+                         unlabelled=unlabelled, names=names, limit=limit, progress=progress, background=background)
     render.console.print(f"wrote {kind} for {count} masks to {out}")
 
 
@@ -344,7 +347,7 @@ def bench_quality(
         metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES}).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Simulate weak labels from gold masks, run, evaluate: mIoU of weak, nearest-label, select."""
+    """Simulate weak labels, run, evaluate: mIoU and s/img of select, refine and classical baselines."""
     from seglab.cli import render
     from seglab.pipeline.bench_quality import bench_quality as measure, default_manifests
 

@@ -15,7 +15,7 @@ from rich.table import Column, Table
 
 from seglab.pipeline.bench_quality import REFINE, SELECT, QualityRow
 from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation
+from seglab.pipeline.evaluate import Evaluation
 from seglab.pipeline.runner import RunOptions, RunReport, StageReport
 from seglab.pipeline.status import StageStatus
 from seglab.pipeline.units import UnlabelledImages
@@ -227,26 +227,46 @@ def _points(value: float) -> str:
 
 
 def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
-    """Per manifest: mIoU of weak labels, the nearest-label baseline, select and refine, the gains,
-    refine's uncertainty AUROC, wall time."""
+    """Per manifest: mIoU of each classical baseline (GrabCut for boxes only), select and refine,
+    refine − the best baseline, refine's uncertainty AUROC, and seconds per image of select + refine
+    and of the best baseline."""
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
-    table = Table(Column("dataset", no_wrap=True), Column("kind", no_wrap=True), "images", "weak", "nearest",
-                  "select", "gain", "refine", "Δ refine", "AUROC", "wall s",
-                  title="mIoU % (gain: select − nearest-label; Δ refine: refine − select, in points; "
-                        "AUROC: refine's uncertainty against its errors)")
+    names = {"nearest": "nearest", "random_walker": "random walker", "superpixel_walker": "superpixel walker",
+             "dense_crf": "dense CRF", "grabcut": "GrabCut"}
+    table = Table(Column("dataset", no_wrap=True), Column("kind", no_wrap=True), "images", *names.values(),
+                  "select", "refine", "refine − best", "AUROC", "s/img select+refine", "s/img best",
+                  title="mIoU % (the best baseline in bold; refine − best: refine − the best baseline, in points; "
+                        "AUROC: refine's uncertainty against its errors; s/img: mean seconds per image)")
     for r in rows:
         select = r.source(SELECT)
         images = f"{select.evaluated}/{r.evaluation.images}" if select else f"0/{r.evaluation.images}"
         auroc = "-" if math.isnan(r.uncertainty_auroc) else f"{r.uncertainty_auroc:.3f}"
-        table.add_row(r.dataset, r.kind, images, _pct(r.miou(WEAK)), _pct(r.miou(NEAREST)), _pct(r.miou(SELECT)),
-                      _points(r.gain_points), _pct(r.miou(REFINE)), _points(r.refine_points), auroc,
-                      f"{r.seconds['total']:.0f}")
+        best = r.best_baseline
+        cells = []
+        for name in names:
+            if name not in r.baselines:
+                cells.append("—")
+            else:
+                cell = _pct(r.miou(name))
+                cells.append(f"[bold]{cell}[/bold]" if name == best else cell)
+        best_seconds = r.seconds_per_image(best) if best else float("nan")
+        table.add_row(r.dataset, r.kind, images, *cells, _pct(r.miou(SELECT)), _pct(r.miou(REFINE)),
+                      _points(r.refine_minus_best_baseline), auroc, _per_image(r.pipeline_seconds),
+                      f"{_per_image(best_seconds)} ({names[best]})" if best else "-")
     console.print(table)
     for r in rows:
+        for name, result in r.baselines.items():
+            if result.unavailable:
+                console.print(f"[yellow]{r.dataset} {r.kind}: {names.get(name, name)} not measured[/yellow]: "
+                              f"{escape(result.unavailable)}")
         if r.failed:
             errors.print(f"[red]{r.manifest}: {r.failed} unit(s) failed; `seglab status` lists them[/red]")
+
+
+def _per_image(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds:.3g}"
 
 
 def conformal_table(result: dict, as_json: bool) -> None:

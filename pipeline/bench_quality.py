@@ -8,25 +8,40 @@ and time each step. Bench manifests are named ``<dataset>-<kind>`` (run.name).
 ``limit`` restricts a manifest to its first N images without touching the manifest file:
 an in-memory copy of the manifest reads them from a list file written beside the store
 (see ``first_images``). The store is the full run's, so a later full run only adds the rest.
+
+Beside the pipeline, every classical baseline of pipeline/bench_baselines.py (GrabCut for
+boxes only) labels each evaluation image from exactly what ingest stored (``ingest/image``,
+``weak``, ``boxes``, read against their recorded hashes) and is scored like the stages, with
+its mean seconds per image. A stage's seconds per image come from its ledger lines (each
+unit's share of its batch's time): ``select``'s are those of embed, prompts and select
+summed, what it costs to get select's labels from the decoded image; ``refine``'s its own.
 """
 from __future__ import annotations
 
 import csv
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation, evaluate
+import numpy as np
+
+from seglab.pipeline.bench_baselines import BASELINES, MissingExtra, baselines_for
+from seglab.pipeline.errors import InputError, SeglabError
+from seglab.pipeline.evaluate import NEAREST, WEAK, Evaluation, class_map_stages, evaluate, gold_set_images
+from seglab.pipeline.gold import gold_mask_path
 from seglab.pipeline.manifest import ImageSource, Manifest, load_manifest
-from seglab.pipeline.metrics import json_number
-from seglab.pipeline.simulate import simulate_weak
+from seglab.pipeline.metrics import Scores, confusion, json_number, scores
+from seglab.pipeline.simulate import read_mask, simulate_weak
+from seglab.pipeline.store import Store, done_units
 from seglab.pipeline.units import TABLE_KINDS, list_images
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "manifests" / "bench"
 SELECT, REFINE = "select", "refine"
+TIMED_STAGES = {SELECT: ("embed", "prompts", "select"), REFINE: ("refine",)}
+"""The stages whose per-unit ledger seconds add up to a source's seconds per image."""
 
 
 def default_manifests() -> list[Path]:
@@ -56,7 +71,8 @@ def ensure_weak_labels(manifest: Manifest) -> None:
         raise SeglabError(f"{manifest.path}: data.images must be a glob over one folder (e.g. 'val/*.png') "
                           "to simulate weak labels")
     simulate_weak(masks=Path(gold.masks), kind=weak.kind, out=folder, seed=manifest.run.seed,
-                  ignore=gold.ignore, images=Path(data.root) / image_folder, unlabelled=weak.unlabelled)
+                  ignore=gold.ignore, images=Path(data.root) / image_folder, unlabelled=weak.unlabelled,
+                  background=weak.background)
 
 
 def first_images(manifest: Manifest, limit: int) -> Manifest:
@@ -112,8 +128,43 @@ class _Named:
 
 
 @dataclass(frozen=True)
+class BaselineResult:
+    """One classical baseline over the evaluation images ingest finished.
+
+    scores: over the images it labelled (None when it labelled none); seconds: its mean wall
+    time per image (NaN when none); unavailable: why it could not run (a missing extra), or None.
+    """
+
+    name: str
+    evaluated: int
+    scores: Scores | None
+    seconds: float
+    unavailable: str | None = None
+
+    @property
+    def miou(self) -> float:
+        return self.scores.miou if self.scores is not None else float("nan")
+
+
+def _pct(value: float) -> float | None:
+    """A fraction -> % rounded to 0.1 (None for NaN)."""
+    return None if math.isnan(value) else round(100 * value, 1)
+
+
+def _rounded(value: float, digits: int = 1) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
+
+
+def _seconds(value: float) -> float | None:
+    """Seconds to 3 significant digits (None for NaN)."""
+    return None if math.isnan(value) else float(f"{value:.3g}")
+
+
+@dataclass(frozen=True)
 class QualityRow:
-    """One manifest's outcome. seconds: simulate, run, evaluate and total wall time."""
+    """One manifest's outcome. seconds: simulate, run, evaluate, baselines and total wall time.
+    baselines: per baseline name (bench_baselines.BASELINES order); stage_seconds: per-image
+    seconds of select (embed + prompts + select) and refine, from the ledger (TIMED_STAGES)."""
 
     manifest: str
     dataset: str
@@ -122,23 +173,59 @@ class QualityRow:
     failed: int
     seconds: dict[str, float]
     evaluation: Evaluation
+    baselines: Mapping[str, BaselineResult] = field(default_factory=dict)
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
 
     def source(self, name: str):
         return next((r for r in self.evaluation.sources if r.source == name), None)
 
     def miou(self, name: str) -> float:
+        """A baseline's mIoU (by its bench_baselines name) or an evaluated source's (NaN when missing)."""
+        if name in self.baselines:
+            return self.baselines[name].miou
         found = self.source(name)
         return found.scores.miou if found else float("nan")
 
+    def seconds_per_image(self, name: str) -> float:
+        """A baseline's mean seconds per image, or select's / refine's from the ledger (NaN when unknown)."""
+        if name in self.baselines:
+            return self.baselines[name].seconds
+        return self.stage_seconds.get(name, float("nan"))
+
+    @property
+    def best_baseline(self) -> str | None:
+        """The baseline with the highest mIoU (None when none was measured)."""
+        measured = [(r.miou, name) for name, r in self.baselines.items() if not math.isnan(r.miou)]
+        return max(measured, key=lambda m: m[0])[1] if measured else None
+
     @property
     def gain_points(self) -> float:
-        """select − nearest-label baseline, in mIoU points (NaN when either is missing)."""
-        return 100 * (self.miou(SELECT) - self.miou(NEAREST))
+        """select − the nearest baseline (the nearest-label source when baselines were not
+        measured), in mIoU points (NaN when either is missing)."""
+        return 100 * (self.miou(SELECT) - self.miou("nearest" if "nearest" in self.baselines else NEAREST))
 
     @property
     def refine_points(self) -> float:
         """refine − select, in mIoU points (NaN when either is missing)."""
         return 100 * (self.miou(REFINE) - self.miou(SELECT))
+
+    @property
+    def refine_minus_best_baseline(self) -> float:
+        """refine − the best baseline, in mIoU points (NaN when either is missing)."""
+        best = self.best_baseline
+        return 100 * (self.miou(REFINE) - self.miou(best)) if best else float("nan")
+
+    @property
+    def pipeline_seconds(self) -> float:
+        """select's and refine's seconds per image together."""
+        return self.seconds_per_image(SELECT) + self.seconds_per_image(REFINE)
+
+    @property
+    def speed_ratio(self) -> float:
+        """(select + refine) seconds per image / the best baseline's (NaN when either is unknown)."""
+        best = self.best_baseline
+        base = self.seconds_per_image(best) if best else float("nan")
+        return self.pipeline_seconds / base if base > 0 else float("nan")
 
     @property
     def uncertainty_auroc(self) -> float:
@@ -147,11 +234,22 @@ class QualityRow:
         return found.measures.get("uncertainty_auroc", float("nan")) if found else float("nan")
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON; mIoU in % rounded to 0.1 (null: not measured). ``gain_points`` and
+        ``refine_points`` stay unrounded, ``evaluation`` holds every source's fractions."""
         select = self.source(SELECT)
+        names = list(self.baselines)
         return {
             "manifest": self.manifest, "dataset": self.dataset, "kind": self.kind, "limit": self.limit,
             "images": select.evaluated if select else 0, "failed": self.failed,
-            "miou": {s: json_number(self.miou(s)) for s in (WEAK, NEAREST, SELECT, REFINE)},
+            "miou": {WEAK: _pct(self.miou(WEAK)), **{n: _pct(self.miou(n)) for n in names},
+                     SELECT: _pct(self.miou(SELECT)), REFINE: _pct(self.miou(REFINE))},
+            "best_baseline": self.best_baseline,
+            "seconds_per_image": {n: _seconds(self.seconds_per_image(n)) for n in (*names, SELECT, REFINE)},
+            "refine_minus_best_baseline": _rounded(self.refine_minus_best_baseline),
+            "speed_ratio": _rounded(self.speed_ratio, 2),
+            "baselines": {n: {"evaluated": r.evaluated, "unavailable": r.unavailable,
+                              "pixel_accuracy": json_number(r.scores.pixel_accuracy) if r.scores else None}
+                          for n, r in self.baselines.items()},
             "gain_points": json_number(self.gain_points),
             "refine_points": json_number(self.refine_points),
             "uncertainty_auroc": json_number(self.uncertainty_auroc),
@@ -160,9 +258,78 @@ class QualityRow:
         }
 
 
+def score_baselines(manifest: Manifest, progress: Any = None) -> dict[str, BaselineResult]:
+    """Run every baseline for the manifest's weak-label kind on each evaluation image whose
+    ingest unit is done (current signature), from what ingest stored; score each against the
+    gold mask as ``evaluate`` does and time it. A baseline whose extra is missing is reported
+    unavailable, not run."""
+    weak = manifest.data.weak
+    background = weak.background if weak.kind == "boxes" else None
+    gold = manifest.data.evaluation
+    names = baselines_for(weak.kind)
+    items = gold_set_images(manifest, "evaluation")
+    store = Store(manifest.store_path)
+    _, _, current = class_map_stages(manifest)
+    entries = store.ledger("ingest").load()
+    done = done_units(entries, current["ingest"])
+    units = [(image, unit) for image, unit in items if unit in done]
+    class_ids = tuple(c.id for c in manifest.data.classes)
+    matrices = {n: np.zeros((len(class_ids), len(class_ids) + 1), np.int64) for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    unavailable: dict[str, str] = {}
+    if progress:
+        progress.start("baselines", len(units), 0)
+    for image, unit in units:
+        outputs = entries[unit]["outputs"]
+        pixels, weak_map, boxes = (store.read_recorded(f"ingest/{name}", unit, outputs[name])
+                                   for name in ("image", "weak", "boxes"))
+        mask_path = gold_mask_path(gold, image)
+        mask = read_mask(mask_path)
+        for name in names:
+            if name in unavailable:
+                continue
+            started = time.perf_counter()
+            try:
+                labels = BASELINES[name](pixels, weak_map, boxes, class_ids, manifest.data.ignore_id, background)
+            except MissingExtra as exc:
+                unavailable[name] = str(exc)
+                continue
+            seconds[name].append(time.perf_counter() - started)
+            try:
+                matrices[name] += confusion(mask, labels, class_ids, gold.ignore)
+            except ValueError as exc:
+                raise InputError(mask_path, f"{exc} (image {image}, baseline {name})") from None
+        if progress:
+            progress.advance("baselines", 1)
+    return {n: BaselineResult(n, len(seconds[n]), scores(matrices[n]) if seconds[n] else None,
+                              float(np.mean(seconds[n])) if seconds[n] else float("nan"), unavailable.get(n))
+            for n in names}
+
+
+def stage_seconds(manifest: Manifest) -> dict[str, float]:
+    """select's and refine's mean seconds per evaluation image, from the ledger lines of the units
+    done with the current signature (``TIMED_STAGES``: a unit counts when every stage summed is
+    done and timed); NaN when no evaluation image has them."""
+    store = Store(manifest.store_path)
+    _, _, current = class_map_stages(manifest)
+    units = {unit for _, unit in gold_set_images(manifest, "evaluation") if unit}
+    timed: dict[str, dict[str, float]] = {}
+    for stage in {s for stages in TIMED_STAGES.values() for s in stages}:
+        entries = store.ledger(stage).load() if stage in current else {}
+        done = done_units(entries, current[stage]) if stage in current else set()
+        timed[stage] = {u: float(entries[u]["seconds"]) for u in done & units
+                        if isinstance(entries[u].get("seconds"), (int, float))}
+    out = {}
+    for source, stages in TIMED_STAGES.items():
+        both = set.intersection(*(set(timed[s]) for s in stages))
+        out[source] = float(np.mean([sum(timed[s][u] for s in stages) for u in both])) if both else float("nan")
+    return out
+
+
 def bench_quality(paths: Sequence[Path], *, limit: int | None = None, force: Sequence[str] = (),
                   progress: Any = None) -> list[QualityRow]:
-    """Simulate (if needed), run and evaluate every manifest in ``paths``, in order.
+    """Simulate (if needed), run and evaluate every manifest in ``paths``, in order, then run and
+    score the classical baselines on the same images.
     ``force``: stages to recompute with everything downstream, as ``seglab run --force``."""
     from seglab.pipeline.runner import Runner, RunOptions
 
@@ -178,13 +345,16 @@ def bench_quality(paths: Sequence[Path], *, limit: int | None = None, force: Seq
         report = Runner(manifest, RunOptions(force=tuple(force)), named).run()
         ran = time.perf_counter()
         evaluation = evaluate(manifest)
+        evaluated = time.perf_counter()
+        baselines = score_baselines(manifest, named)
         ended = time.perf_counter()
         kind = manifest.data.weak.kind
         rows.append(QualityRow(
             manifest=str(path), dataset=manifest.run.name.removesuffix(f"-{kind}"), kind=kind, limit=limit,
             failed=sum(len(s.failures) for s in report.stages),
             seconds={"simulate": round(simulated - started, 2), "run": round(ran - simulated, 2),
-                     "evaluate": round(ended - ran, 2), "total": round(ended - started, 2)},
-            evaluation=evaluation,
+                     "evaluate": round(evaluated - ran, 2), "baselines": round(ended - evaluated, 2),
+                     "total": round(ended - started, 2)},
+            evaluation=evaluation, baselines=baselines, stage_seconds=stage_seconds(manifest),
         ))
     return rows

@@ -114,11 +114,25 @@ class WeakLabels(_Frozen):
         "Relative to the manifest's folder (like the store), not to data.root, and not confined to it."
     )
     unlabelled: int = Field(255, ge=0, le=65535, description="Label-map value meaning 'no label'.")
+    background: int | None = Field(
+        None, ge=0, le=65534, description="Boxes only; one of data.classes' ids. The class of everything no box "
+        "covers; it gets no boxes of its own and may appear anywhere, including inside other classes' boxes. "
+        "Unset: every class that appears has boxes, and a class appears only inside its boxes."
+    )
 
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, v: str, info: ValidationInfo) -> str:
         return _resolve(v, info, under_root=False)
+
+    @field_validator("background")
+    @classmethod
+    def _boxes_only(cls, v: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("kind")  # absent when kind itself is invalid: that error is reported instead
+        if v is not None and kind is not None and kind != "boxes":
+            raise ValueError(f"is only for kind: boxes, not kind: {kind} (the other kinds label the background "
+                             f"like any class, where it is drawn)")
+        return v
 
 
 class ClassSpec(_Frozen):
@@ -172,6 +186,8 @@ class DataConfig(_Frozen):
             raise ValueError(f"ignore_id {self.ignore_id} is also a class id")
         if self.weak.unlabelled in ids:
             raise ValueError(f"weak.unlabelled {self.weak.unlabelled} is also a class id")
+        if self.weak.background is not None and self.weak.background not in ids:
+            raise ValueError(f"weak.background {self.weak.background} is not a class id (the classes are {ids})")
         for section in ("calibration", "evaluation"):
             gold = getattr(self, section)
             clashes = sorted(set(gold.ignore) & set(ids)) if gold else []

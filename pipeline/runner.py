@@ -174,7 +174,8 @@ def build_context(manifest: Manifest) -> Context:
         classes=ClassTable(tuple(c.id for c in data.classes), tuple(c.name for c in data.classes), data.ignore_id),
         weak_kind=data.weak.kind,
         seed=manifest.run.seed,
-        extras={"unlabelled": data.weak.unlabelled, "feature_names": feature_names(manifest.backend, manifest.embed.tiling)},
+        extras={"unlabelled": data.weak.unlabelled, "background": data.weak.background,
+                "feature_names": feature_names(manifest.backend, manifest.embed.tiling)},
     )
 
 
@@ -193,6 +194,8 @@ def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str
 
     shared = {"classes": list(zip(ctx.classes.ids, ctx.classes.names)), "ignore_id": ctx.classes.ignore_id,
               "weak_kind": ctx.weak_kind, "weak_unlabelled": ctx.extras["unlabelled"], "seed": ctx.seed}
+    if ctx.extras.get("background") is not None:  # only when set: stores made before the key existed stay current
+        shared["weak_background"] = ctx.extras["background"]
     model = backend_signature(manifest.backend, manifest.embed.tiling)
     sigs: dict[str, dict[str, Any]] = {}
     for name in dag.order:

@@ -4,7 +4,7 @@ Each mask gets its own generator seeded by (seed, crc32 of its file name), so th
 for one image does not depend on which other images are in the folder. The output folder
 is built under a temporary name and renamed into place when complete:
   points  -> points.csv (image, x, y, class)
-  boxes   -> boxes.csv (image, x0, y0, x1, y1, class)
+  boxes   -> boxes.csv (image, x0, y0, x1, y1, class); none for the ``background`` class
   scribbles / coarse -> <stem>.png label maps (``unlabelled`` where there is no label)
 A name list and a limit choose the masks; a ``Progress`` is told of each mask done.
 """
@@ -75,11 +75,15 @@ def select_masks(files: Sequence[Path], names: Sequence[str] | None, limit: int 
 
 def simulate_weak(*, masks: Path, kind: str, out: Path, seed: int, ignore: Sequence[int] = (),
                   images: Path | None = None, unlabelled: int = 255, names: Sequence[str] | None = None,
-                  limit: int | None = None, progress: Progress | None = None) -> int:
+                  limit: int | None = None, progress: Progress | None = None, background: int | None = None) -> int:
     """Write weak labels of ``kind`` for the masks in ``masks`` (those whose stem ``names``
-    names, when given; the first ``limit``); returns the number of masks."""
+    names, when given; the first ``limit``); returns the number of masks. ``background``
+    (boxes only): the class whose components get no box."""
     if kind not in KINDS:
         raise SeglabError(f"unknown weak-label kind '{kind}'; choose one of {', '.join(KINDS)}")
+    if background is not None and kind != "boxes":
+        raise SeglabError(f"--background is only for --kind boxes, not {kind} (the other kinds label the "
+                          f"background like any class)")
     found = sorted(p for p in Path(masks).iterdir() if p.suffix.lower() in MASK_SUFFIXES)
     if not found:
         raise SeglabError(f"{masks}: no mask files ({', '.join(sorted(MASK_SUFFIXES))})")
@@ -96,7 +100,7 @@ def simulate_weak(*, masks: Path, kind: str, out: Path, seed: int, ignore: Seque
             if kind == "points":
                 rows += [(image_name, *r) for r in sim.simulate_points(mask, ignore, rng)]
             elif kind == "boxes":
-                rows += [(image_name, *r) for r in sim.simulate_boxes(mask, ignore, rng)]
+                rows += [(image_name, *r) for r in sim.simulate_boxes(mask, ignore, rng, background=background)]
             else:
                 make = sim.simulate_scribbles if kind == "scribbles" else sim.simulate_coarse
                 Image.fromarray(make(mask, ignore, rng, unlabelled=unlabelled)).save(tmp / f"{path.stem}.png")

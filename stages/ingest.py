@@ -6,7 +6,8 @@ Outputs per unit:
          class id where the weak label says so, ``ignore_id`` elsewhere. Points are
          rasterised to their pixel; boxes label no pixel (a box is not a mask).
   boxes: float32 [B, 5] rows (x0, y0, x1, y1, class) of box weak labels; [0, 5] for
-         the other kinds.
+         the other kinds. A box of the background class (``data.weak.background``,
+         ``ctx.extras["background"]``) fails its image: the background has no boxes.
 The receipt records the source path, its sha256 and the image size.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Ingest(MapStage):
         if ctx.weak_kind == "points":
             weak = rasterize_points(validate_points(unit.weak_rows, **row_checks), hw, classes.ignore_id, dtype)
         elif ctx.weak_kind == "boxes":
-            boxes = validate_boxes(unit.weak_rows, **row_checks)
+            boxes = validate_boxes(unit.weak_rows, **row_checks, background=ctx.extras.get("background"))
         elif ctx.weak_kind in ("scribbles", "coarse"):
             if unit.weak_map is None or not Path(unit.weak_map).exists():
                 raise InputError(unit.weak_map or unit.image, "no weak label map for this image")

@@ -12,9 +12,11 @@ Per image (SUM's refinement with SeSAM's pseudo-label prompting):
    positive points drawn with probability proportional to the certainty 1 - u0, so prompts
    sit away from uncertain pixels (SUM).
 3. The prompts are decoded from the cached features (original view), a mask is kept per
-   prompt by coverage of the pseudo label (SeSAM's tau rule) and the kept masks become a
-   class distribution as in ``select``. On the uncertain pixels it is mixed with select's
-   distribution (``reprompt_weight``), and from round 1 on with the teacher's
+   prompt by coverage of the pseudo label (SeSAM's tau rule) and the kept masks' evidence
+   feeds the joint label field as in ``select``, now seeded by the whole pseudo label: only
+   the uncertain pixels are free, so the field is solved there at (or near) full image
+   resolution, between confident neighbours. On the uncertain pixels its distribution is
+   mixed with select's (``reprompt_weight``), and from round 1 on with the teacher's
    (``teacher.mix``); confident pixels keep select's label and distribution.
 4. The final uncertainty composes the probability (of the refined distribution),
    calibration, variance, candidate-spread and teacher signals. Pixels whose uncertainty
@@ -23,7 +25,7 @@ Per image (SUM's refinement with SeSAM's pseudo-label prompting):
 Round r >= 1 runs as ``refine.r`` (``in_round``) and also reads the previous round's teacher,
 ``retrain/probabilities`` (round 1) or ``retrain.<r-1>/probabilities``.
 Reads ``select/labels``, ``select/probabilities`` (float16 [C, H, W]), ``select/variance``,
-``embed`` (features), ``ingest/weak`` and, when the manifest calibrates, ``calibrate/labels``.
+``embed`` (features), ``ingest`` (image, weak, boxes) and, when the manifest calibrates, ``calibrate/labels``.
 Writes
   labels:      HxW class ids, ``ignore_id`` where the uncertainty reaches ``ignore_above``;
   uncertainty: HxW float16 in [0, 1], 0 = certain;
@@ -44,7 +46,8 @@ from skimage.transform import resize
 
 from seglab.stages.base import Context, MapStage, Resources, Unit, round_name
 from seglab.stages.decoding import DecodeConfig, decode_view
-from seglab.stages.fusion import class_distribution, value_of_label
+from seglab.stages.fusion import value_of_label
+from seglab.stages.label_field import FieldInputs, box_allowed, field_labels, seed_index
 from seglab.stages.prompts import Prompts, PromptsConfig
 from seglab.stages.ranking import auroc
 from seglab.stages.uncertainty import (SIGNALS, calibration_signal, compose, probability_signal, teacher_signal,
@@ -80,7 +83,7 @@ class RefineConfig(DecodeConfig):
     weights: SignalWeights = Field(SignalWeights(), description="Noisy-or weight of each uncertainty signal.")
     certain_below: float = Field(0.5, gt=0.0, le=1.0, description="First-pass uncertainty below which a pixel's "
                                  "label is evidence for re-prompting.")
-    reprompt_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the re-prompted distribution on "
+    reprompt_weight: float = Field(0.25, ge=0.0, le=1.0, description="Share of the re-prompted distribution on "
                                    "uncertain pixels (against select's).")
     ignore_above: float = Field(1.0, gt=0.0, le=1.0, description="Pixels whose uncertainty reaches this become ignore_id.")
     reprompt: PromptsConfig = Field(PromptsConfig(), description="How the confident pseudo label becomes prompts "
@@ -98,7 +101,8 @@ def _mix_into(probabilities: np.ndarray, other: np.ndarray, where: np.ndarray, w
 class Refine(MapStage):
     name = "refine"
     Config = RefineConfig
-    reads = ("select/labels", "select/probabilities", "select/variance", "embed", "ingest/weak")
+    reads = ("select/labels", "select/probabilities", "select/variance", "embed", "ingest/weak", "ingest/image",
+             "ingest/boxes")
     optional_reads = (CALIBRATED,)
     resources = Resources(cpus=1, needs_backend=True)
     writes_class_map = True
@@ -163,9 +167,9 @@ class Refine(MapStage):
                                                     with_boxes=cfg.reprompt.component_boxes == "always",
                                                     certainty=1.0 - first, rng=rng)
             decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg)
-            evidence = decoded.fused.probabilities
-            reprompted = class_distribution(evidence, pseudo, classes.ids, classes.ignore_id,
-                                            mask_weight=cfg.mask_weight, prior_scale=cfg.prior_scale, out=evidence)
+            allowed = box_allowed(inputs["ingest/boxes"], classes.ids, weak.shape, ctx.extras.get("background"))
+            _, reprompted = field_labels(FieldInputs(inputs["ingest/image"], seed_index(pseudo, classes.ids),
+                                                     evidence=decoded.evidence, allowed=allowed), classes, cfg.field)
             signals["spread"] = decoded.spread
             _mix_into(probabilities, reprompted, uncertain, cfg.reprompt_weight)
             del reprompted

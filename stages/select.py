@@ -1,41 +1,40 @@
-"""select: decode every prompt into candidate masks, keep one per prompt, fuse a class map.
+"""select: decode every prompt into candidate masks, keep one per prompt, solve the joint label field.
 
 Per prompt the backend's M candidates are scored on the low-resolution grid by their
 coverage of the weak label and their purity (stages/coverage.py, SeSAM's (tau1, tau2)
-rule together with the predicted quality); the kept masks alone are upsampled and fused
-into per-class evidence, mixed with a weak-label distance prior into a class distribution per
-pixel whose most probable class is the label (``labels: distribution``; ``masks`` paints
-the kept masks instead, by the overlap rule, and fills the rest; stages/fusion.py). When ``embed`` cached
-augmented views, every view is decoded the same way with the prompts and the weak label
-moved into it, mapped back and averaged (SCALER's ensemble; under ``labels: masks`` the
-views vote; stages/fusion.py).
-Weak-label pixels keep their class with probability 1.
+rule together with the predicted quality); the kept masks alone are upsampled and become
+per-class evidence, each weighted by its trust (stages/decoding.py). The joint label field
+(stages/label_field.py) then solves all classes together on the image: weak pixels are hard
+seeds, the masks' boundaries weaken the graph's edges (and, with box labels, their evidence
+is the prior), and a class with boxes appears only inside them. The field's distribution is
+``probabilities`` and its most probable class the label. When ``embed`` cached augmented
+views, every view is decoded the same way with the prompts and the weak label moved into
+it, mapped back and averaged before the field is solved (SCALER's ensemble).
 
-Reads ``embed`` (all feature arrays), ``prompts`` and ``ingest/weak``. Writes
-  labels:        HxW class ids (uint8/uint16), ``ignore_id`` where no class is trusted;
+Reads ``ingest`` (image, weak, boxes), ``embed`` (all feature arrays) and ``prompts``. Writes
+  labels:        HxW class ids (uint8/uint16), ``ignore_id`` only where nothing is known
+                 (no weak label and no kept mask);
   confidence:    HxW float16 in [0, 1], the probability of the pixel's label (1 on weak
                  pixels, 0 where ignored);
-  probabilities: float16 [C, H, W] in manifest class order, a distribution per pixel:
-                 the masks' evidence (mean over views) mixed with a weak-label distance
-                 prior (``mask_weight``, ``prior_scale``; fusion.class_distribution);
+  probabilities: float16 [C, H, W] in manifest class order, the field's distribution per pixel;
   variance:      HxW float16, the variance across views of the label's mask evidence
                  (0 without views and on weak pixels);
-  chosen:        int32 [P], the candidate kept per prompt, -1 when none was admissible;
+  chosen:        int32 [P], the candidate kept per prompt (M: a box's own interior), -1 when
+                 none was admissible;
   coverage:      float32 [P, M] and purity: float32 [P, M], the scores behind the choice
                  (the original view's).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
-
 import numpy as np
 from pydantic import Field
 
 from seglab.stages.base import Context, MapStage, Resources, Unit
 from seglab.stages.decoding import DecodeConfig, decode_view
 from seglab.stages.embed import view_prefix
-from seglab.stages.fusion import ViewEnsemble, class_distribution, fill_nearest, value_of_label
+from seglab.stages.fusion import ViewEnsemble, value_of_label
+from seglab.stages.label_field import FieldInputs, box_allowed, box_cores, field_labels, seed_index
 from seglab.stages.promptset import PromptBatch
 from seglab.stages.ranking import auroc
 from seglab.stages.views import View
@@ -43,15 +42,6 @@ from seglab.stages.views import View
 
 class SelectConfig(DecodeConfig):
     batch_size: int = Field(4, ge=1, le=1024)
-    labels: Literal["distribution", "masks"] = Field(
-        "distribution", description="A pixel's label: the most probable class of its distribution (masks' evidence "
-        "and weak-label prior), or the kept masks painted by the overlap rule. Without weak pixels (box labels) "
-        "it is always the masks."
-    )
-    fill: Literal["none", "nearest"] = Field(
-        "nearest", description="Pixels no kept mask claims: left as ignore_id, or given the class of the nearest "
-        "weak-label pixel (their confidence stays their class probability, usually low)."
-    )
 
 
 def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, dict[str, np.ndarray]]]:
@@ -69,9 +59,9 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
 
 class Select(MapStage):
     name = "select"
-    version = 5  # 5: labels are the distribution's most probable class
+    version = 6  # 6: the joint label field
     Config = SelectConfig
-    reads = ("embed", "prompts", "ingest/weak")
+    reads = ("embed", "prompts", "ingest/weak", "ingest/image", "ingest/boxes")
     resources = Resources(cpus=1, needs_backend=True)
     writes_class_map = True
     gold_reads = ("select/labels", "select/confidence")
@@ -84,26 +74,25 @@ class Select(MapStage):
         features = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith("embed/")}
         prompts = PromptBatch.from_arrays(inputs, prefix="prompts/")
         classes = ctx.classes
-        ensemble = ViewEnsemble(classes.ids, weak.shape)
+        ensemble = ViewEnsemble(len(classes.ids), weak.shape)
         original = None
         for view, view_features in split_views(features):
             if view is None:
                 original = decode_view(ctx.backend, view_features, prompts, weak, classes, self.config)
-                ensemble.add(original.fused.labels, original.fused.probabilities)
+                ensemble.add(original.evidence)
             else:
                 seen = decode_view(ctx.backend, view_features, view.prompts(prompts), view.label_map(weak), classes,
                                    self.config)
-                ensemble.add(view.back(seen.fused.labels, order=0), view.back(seen.fused.probabilities))
-        labels, evidence, class_variance = ensemble.result(classes.ignore_id, classes.label_dtype)
-        probabilities = class_distribution(evidence, weak, classes.ids, classes.ignore_id, out=evidence,
-                                           mask_weight=self.config.mask_weight, prior_scale=self.config.prior_scale)
+                ensemble.add(view.back(seen.evidence))
+        evidence, class_variance = ensemble.result()
+        boxes = inputs["ingest/boxes"]
+        labels, probabilities = field_labels(
+            FieldInputs(inputs["ingest/image"], seed_index(weak, classes.ids),
+                        box_seeds=box_cores(boxes, classes.ids, weak.shape, self.config.field.box_core),
+                        evidence=evidence, allowed=box_allowed(boxes, classes.ids, weak.shape,
+                                                               ctx.extras.get("background"))),
+            classes, self.config.field)
         weak_pixels = weak != classes.ignore_id
-        if self.config.labels == "distribution" and weak_pixels.any():
-            labels = np.asarray(classes.ids, classes.label_dtype)[probabilities.argmax(axis=0)]
-        else:
-            labels[weak_pixels] = weak[weak_pixels]
-            if self.config.fill == "nearest":
-                labels = fill_nearest(labels, weak, classes.ignore_id)
         confidence = value_of_label(labels, probabilities, classes.ids, classes.ignore_id)
         variance = np.where(weak_pixels, 0.0, value_of_label(labels, class_variance, classes.ids, classes.ignore_id))
         return {

@@ -372,10 +372,12 @@ def validate_points(points: Sequence, *, path_for_errors: Path, image_hw: tuple[
 
 
 def validate_boxes(boxes: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int],
-                   class_ids: frozenset[int], image: str = "") -> np.ndarray:
+                   class_ids: frozenset[int], image: str = "", background: int | None = None) -> np.ndarray:
     """Rows (x0, y0, x1, y1, class) of one image -> float32 [K, 5], K >= 1.
 
-    Every box must satisfy 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and have a known class.
+    Every box must satisfy 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and have a known class
+    other than ``background`` (the manifest's ``data.weak.background``: the class of what no
+    box covers, which has no boxes of its own).
     The checks run on the float32 values returned, whose corners are rounded outward (x0,
     y0 down, x1, y1 up), so the stored box still holds the given one and passes them.
     """
@@ -383,11 +385,14 @@ def validate_boxes(boxes: Sequence, *, path_for_errors: Path, image_hw: tuple[in
 
     def misfit(box: np.ndarray) -> str | None:
         (x0, y0), (x1, y1) = _float32_toward(box[:2], -np.inf), _float32_toward(box[2:4], np.inf)
-        if 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height:
-            return None
-        x0, y0, x1, y1 = box[:4]
-        return (f"({x0:g}, {y0:g}, {x1:g}, {y1:g}) does not fit the {width}x{height} image "
-                f"(needs 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})")
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            x0, y0, x1, y1 = box[:4]
+            return (f"({x0:g}, {y0:g}, {x1:g}, {y1:g}) does not fit the {width}x{height} image "
+                    f"(needs 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})")
+        if background is not None and box[4] == background:
+            return (f"class {background} is the background class (data.weak.background): it has no boxes, "
+                    f"it is what no box covers")
+        return None
 
     values, _ = _validated(boxes, 5, "box", misfit, path=path_for_errors, image=image, class_ids=class_ids)
     return _stored_boxes(values)

@@ -12,7 +12,7 @@ classes (e.g. CamVid's 11). Connected components (8-connectivity) smaller than
 - coarse:    the component eroded by ``erode`` pixels, its outline simplified to a
              polygon (tolerance ``tolerance`` px) and filled: it misses the boundary
              and thin parts, like a hasty annotator.
-- boxes:     the tight box of each component.
+- boxes:     the tight box of each component, except those of the ``background`` class.
 """
 from __future__ import annotations
 
@@ -107,10 +107,11 @@ def simulate_coarse(mask, ignore, rng, *, unlabelled=255, erode=4, tolerance=6.0
     return out
 
 
-def simulate_boxes(mask, ignore, rng, *, min_area=20) -> list[tuple[int, int, int, int, int]]:
-    """-> rows (x0, y0, x1, y1, class), pixel edges: x1, y1 exclusive."""
+def simulate_boxes(mask, ignore, rng, *, min_area=20, background=None) -> list[tuple[int, int, int, int, int]]:
+    """-> rows (x0, y0, x1, y1, class), pixel edges: x1, y1 exclusive. Components of class
+    ``background`` get no box (annotators box objects; the background is what no box covers)."""
     rows = []
-    for cls, comp in components(mask, ignore, min_area):
+    for cls, comp in components(mask, (*ignore, background) if background is not None else ignore, min_area):
         ys, xs = np.nonzero(comp)
         rows.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, cls))
     return rows

@@ -66,9 +66,9 @@ def test_run_status_export(tiny, tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "run.zarr"), "--out", str(out)])
     assert result.exit_code == 1 and "already exists" in result.output
 
-    tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, min_probability: 0.6}"))
+    tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, tau: [0.3, 0.6]}"))
     result = runner.invoke(app, ["run", str(tiny)])
-    assert result.exit_code == 1 and "min_probability: 0.5 -> 0.6" in result.output and "--force select" in result.output
+    assert result.exit_code == 1 and "tau: [0.3, 0.7] -> [0.3, 0.6]" in result.output and "--force select" in result.output
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert status[-1]["signature"] == "stale" and status[0]["signature"] == "current"
 

@@ -41,11 +41,12 @@ def run_stages(image: np.ndarray, weak: np.ndarray, backend, views=()) -> tuple[
     unit = Unit("strip", "strip.png")
     embed = Embed(EmbedConfig(views=views)).process(unit, {"ingest/image": image}, ctx)
     prompts = Prompts(PromptsConfig()).process(unit, {"ingest/weak": weak, "ingest/boxes": NO_BOXES}, ctx)
+    ingested = {"ingest/weak": weak, "ingest/image": image, "ingest/boxes": NO_BOXES}
     features = {f"embed/{k}": v for k, v in embed.items()}
     select = Select(SelectConfig()).process(
-        unit, {"ingest/weak": weak, **features, **{f"prompts/{k}": v for k, v in prompts.items()}}, ctx)
+        unit, {**ingested, **features, **{f"prompts/{k}": v for k, v in prompts.items()}}, ctx)
     refine = Refine(RefineConfig()).process(
-        unit, {"ingest/weak": weak, **features, **{f"select/{k}": v for k, v in select.items()}}, ctx)
+        unit, {**ingested, **features, **{f"select/{k}": v for k, v in select.items()}}, ctx)
     return select, refine
 
 

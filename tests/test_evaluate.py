@@ -1,6 +1,7 @@
 """`seglab evaluate` on the tiny dataset, and `seglab bench quality` on the shared real data."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_evaluate_scores_every_source_and_counts_missing_images(tiny):
     assert result.exit_code == 0, result.output
     assert "nearest-label" in result.output and "IoU % per class" in result.output and "rectangle" in result.output
 
-    tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, min_probability: 0.6}"))
+    tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, tau: [0.3, 0.6]}"))
     report = json.loads(cli.invoke(app, ["evaluate", str(tiny), "--json"]).stdout)
     rows = {r["source"]: r for r in report["sources"]}
     for stale in (rows["select"], rows["refine"]):  # refine was made from the old select
@@ -100,9 +101,28 @@ def test_bench_quality_on_two_grabcut_images(tmp_path):
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.stdout)
     assert (row["dataset"], row["kind"], row["images"], row["failed"]) == ("grabcut", "points", 2, 0)
-    assert set(row["miou"]) == {"weak", "nearest-label", "select", "refine"}
-    assert all(0 <= v <= 1 for v in row["miou"].values())
-    assert row["refine_points"] == pytest.approx(100 * (row["miou"]["refine"] - row["miou"]["select"]))
+    baselines = ["nearest", "random_walker", "superpixel_walker", "dense_crf"]  # no GrabCut: not boxes
+    assert list(row["miou"]) == ["weak", *baselines, "select", "refine"]
+    assert list(row["seconds_per_image"]) == [*baselines, "select", "refine"]
+    extra = importlib.util.find_spec("pydensecrf") is not None  # the bench extra; CI installs only .[test]
+    measured = baselines if extra else baselines[:-1]
+    for name in measured:  # each labelled both images
+        assert row["baselines"][name]["evaluated"] == 2 and row["baselines"][name]["unavailable"] is None
+        assert 0 <= row["baselines"][name]["pixel_accuracy"] <= 1 and row["seconds_per_image"][name] > 0
+    if not extra:
+        assert "pip install -e '.[bench]'" in row["baselines"]["dense_crf"]["unavailable"]
+        assert row["miou"]["dense_crf"] is None and row["seconds_per_image"]["dense_crf"] is None
+    assert all(0 <= row["miou"][n] <= 100 for n in ["weak", *measured, "select", "refine"])  # in %, to 0.1
+    nearest = next(s for s in row["evaluation"]["sources"] if s["source"] == "nearest-label")
+    assert row["miou"]["nearest"] == round(100 * nearest["miou"], 1)  # the same nearest fill as evaluate's
+    assert row["miou"][row["best_baseline"]] == max(row["miou"][n] for n in measured)
+    assert row["refine_points"] == pytest.approx(row["miou"]["refine"] - row["miou"]["select"], abs=0.11)
+    assert row["refine_minus_best_baseline"] == pytest.approx(
+        row["miou"]["refine"] - row["miou"][row["best_baseline"]], abs=0.11)
+    spent = row["seconds_per_image"]
+    assert spent["select"] > 0 and spent["refine"] > 0
+    assert row["speed_ratio"] == pytest.approx((spent["select"] + spent["refine"]) / spent[row["best_baseline"]],
+                                               rel=0.02, abs=0.01)
     for source in row["evaluation"]["sources"]:
         assert source["evaluated"] == 2 and source["missing"] == 0
         assert set(source["iou"]) == {"background", "object"}

@@ -65,7 +65,7 @@ def prefixed(stage, arrays):
 peaks = {}
 ingest, peaks["ingest"] = peak_mib(lambda: Ingest(IngestConfig()).process(unit, {}, ctx))
 embed, peaks["embed"] = peak_mib(lambda: Embed(EmbedConfig()).process(unit, {"ingest/image": ingest["image"]}, ctx))
-weak = {"ingest/weak": ingest["weak"], "ingest/boxes": ingest["boxes"]}
+weak = {"ingest/weak": ingest["weak"], "ingest/boxes": ingest["boxes"], "ingest/image": ingest["image"]}
 del ingest
 prompts, peaks["prompts"] = peak_mib(lambda: Prompts(PromptsConfig()).process(unit, weak, ctx))
 select, peaks["select"] = peak_mib(lambda: Select(SelectConfig()).process(

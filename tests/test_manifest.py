@@ -7,7 +7,10 @@ import pytest
 from seglab.pipeline.errors import ManifestError
 from seglab.pipeline.manifest import load_manifest, manifest_schema, open_manifest
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIBBLES = "{kind: scribbles, path: data/scribbles}"
 
 
 def with_gold(manifest: Path, evaluation: str) -> None:
@@ -28,7 +31,7 @@ def test_good_manifest_resolves_paths(tiny):
     assert m.data.weak.path == str((tiny.parent / "data" / "scribbles").resolve())  # against the manifest's folder
     assert m.store_path == (tiny.parent / "run.zarr").resolve()
     assert [c.name for c in m.data.classes] == ["background", "disc", "rectangle"]
-    assert m.select.min_probability == 0.5 and m.ray.workers == 2
+    assert m.select.tau == (0.3, 0.7) and m.select.field.beta == 25.0 and m.ray.workers == 2
 
 
 def test_unknown_key_is_named_with_its_location(tiny):
@@ -288,3 +291,48 @@ def test_a_missing_index_names_both_places_it_was_looked_for(tiny):
     tiny.write_text(tiny.read_text().replace('images: {glob: "images/*.png"}', "images: {list: subset.txt}"))
     message = problems(tiny)["data.images.list"]
     assert str(tiny.parent / "subset.txt") in message and str(tiny.parent / "data" / "subset.txt") in message
+
+
+def test_weak_background_is_for_boxes_only_and_must_be_a_class(tiny):
+    text = tiny.read_text()
+    tiny.write_text(text.replace(SCRIBBLES, "{kind: scribbles, path: data/scribbles, background: 0}"))
+    assert "only for kind: boxes, not kind: scribbles" in problems(tiny)["data.weak.background"]
+    tiny.write_text(text.replace(SCRIBBLES, "{kind: boxes, path: boxes.csv, background: 7}"))
+    assert "weak.background 7 is not a class id (the classes are [0, 1, 2])" in problems(tiny)["data"]
+    tiny.write_text(text.replace(SCRIBBLES, "{kind: boxes, path: boxes.csv, background: 0}"))
+    assert load_manifest(tiny).data.weak.background == 0
+    tiny.write_text(text.replace(SCRIBBLES, "{kind: boxes, path: boxes.csv}"))
+    assert load_manifest(tiny).data.weak.background is None
+
+
+def test_an_unset_background_keeps_the_signatures_stores_were_written_with(tiny):
+    """Stores made before data.weak.background existed stay current when it is unset; setting
+    it changes every stage's signature (all of them read the weak labels)."""
+    from seglab.pipeline.dag import Dag
+    from seglab.pipeline.fingerprint import diff_signatures, digest
+    from seglab.pipeline.runner import active_stages, build_context, signatures
+
+    def signed(weak: str):
+        tiny.write_text(text.replace(SCRIBBLES, weak))
+        manifest = load_manifest(tiny)
+        ctx = build_context(manifest)
+        return ctx.extras["background"], signatures(manifest, Dag(active_stages(manifest)), ctx)
+
+    text = tiny.read_text()
+    background, before = signed("{kind: boxes, path: boxes.csv}")
+    assert background is None
+    # the data settings every stage signs, digested as they were before the key existed
+    assert {digest(s["config"]["_data"]) for s in before.values()} == {
+        "c0e712ac96e833b460e7f99df4ff4a3c95ba53ec2adaae3d5562349ee3c97895"}
+    background, after = signed("{kind: boxes, path: boxes.csv, background: 0}")
+    assert background == 0 and all(digest(after[n]) != digest(before[n]) for n in before)
+    assert "config._data.weak_background added (0)" in diff_signatures(before["ingest"], after["ingest"])
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs the shared evaluation data beside the checkout")
+def test_box_bench_manifests_box_every_camvid_class_and_only_the_grabcut_object():
+    camvid = load_manifest(ROOT / "manifests" / "bench" / "camvid-boxes.yaml")
+    grabcut = load_manifest(ROOT / "manifests" / "bench" / "grabcut-boxes.yaml")
+    assert (camvid.data.weak.kind, camvid.data.weak.background, len(camvid.data.classes)) == ("boxes", None, 11)
+    assert (grabcut.data.weak.kind, grabcut.data.weak.background, grabcut.data.weak.unlabelled) == ("boxes", 0, 128)
+    assert [Path(m.data.weak.path).parent.name for m in (camvid, grabcut)] == [m.run.name for m in (camvid, grabcut)]

@@ -7,7 +7,7 @@ import pytest
 
 from seglab.stages.base import ClassTable, Context
 from seglab.stages.coverage import choose_by_coverage, coverage_scores, grid_evidence
-from seglab.stages.fusion import class_distribution, fill_nearest, fuse_masks, value_of_label
+from seglab.stages.fusion import mask_evidence, value_of_label
 from seglab.stages.geometry import ImageFrame
 from seglab.stages.promptset import POSITIVE, PromptBatch
 from seglab.stages.select import Select, SelectConfig
@@ -80,48 +80,24 @@ def test_box_prompt_coverage_is_extent_iou_and_purity_the_share_inside():
     np.testing.assert_allclose(purity[0], [1.0, 0.5])
 
 
-def test_smaller_mask_wins_an_overlap_unless_probability_decides():
+def test_mask_evidence_is_the_trust_weighted_maximum_per_class():
     big = np.full((S, S), 0.9, np.float32)
     small = np.zeros((S, S), np.float32)
-    small[8:16, 8:16] = 0.7
-    common = dict(class_ids=(0, 1), ignore_id=IGNORE, label_dtype=np.dtype(np.uint8), min_probability=0.5)
-    fused = fuse_masks(np.stack([big, small]), np.array([0, 1]), FRAME, overlap="smaller", **common)
-    assert fused.labels[20:28, 20:28].tolist() == np.ones((8, 8)).tolist()
-    assert fused.labels[0, 0] == 0 and fused.labels[40, 40] == 0
-    assert fused.probabilities.shape == (2, 64, 64) and abs(fused.probabilities[1, 24, 24] - 0.7) < 1e-5
-    by_probability = fuse_masks(np.stack([big, small]), np.array([0, 1]), FRAME, overlap="probability", **common)
-    assert np.all(by_probability.labels == 0)
-    nothing = fuse_masks(np.zeros((0, S, S), np.float32), np.zeros(0, int), FRAME, overlap="smaller", **common)
-    assert np.all(nothing.labels == IGNORE) and not nothing.probabilities.any()
-
-
-def test_fill_nearest_falls_back_on_the_nearest_weak_label():
-    labels = np.full((4, 6), IGNORE, np.uint8)
-    labels[:, 0] = 7                       # claimed by a mask
-    weak = np.full((4, 6), IGNORE, np.uint8)
-    weak[:, 1], weak[:, 5] = 7, 3
-    assert fill_nearest(labels, weak, IGNORE)[0].tolist() == [7, 7, 7, 7, 3, 3]
-    no_weak = np.full((4, 6), IGNORE, np.uint8)  # box labels: nothing to fall back on
-    assert np.array_equal(fill_nearest(labels, no_weak, IGNORE), labels)
+    small[8:16, 8:16] = 0.8
+    evidence = mask_evidence(np.stack([big, small, big * 0.5]), np.array([0, 1, 0]), np.array([1.0, 0.5, 1.0]),
+                             FRAME, class_ids=(0, 1))
+    assert evidence.shape == (2, 64, 64)
+    np.testing.assert_allclose(evidence[0, 40, 40], 0.9, atol=1e-5)        # the larger of the two class-0 masks
+    np.testing.assert_allclose(evidence[1, 24, 24], 0.4, atol=1e-5)        # 0.8 x trust 0.5
+    assert evidence[1, 50, 50] == 0.0
+    assert not mask_evidence(np.zeros((0, S, S), np.float32), np.zeros(0, int), np.zeros(0), FRAME,
+                             class_ids=(0, 1)).any()
 
 
 def test_value_of_label_picks_each_pixels_class_with_unsorted_ids():
     probabilities = np.stack([np.full((2, 2), 0.25), np.full((2, 2), 0.75)]).astype(np.float32)  # ids (7, 3)
     labels = np.array([[7, 3], [IGNORE, 3]], np.uint8)
     np.testing.assert_allclose(value_of_label(labels, probabilities, (7, 3), IGNORE), [[0.25, 0.75], [0, 0.75]])
-
-
-def test_class_distribution_mixes_mask_evidence_with_the_weak_distance_prior():
-    weak = np.full((1, 101), IGNORE, np.uint8)
-    weak[0, 0], weak[0, 100] = 0, 1
-    evidence = np.zeros((2, 1, 101), np.float32)
-    p = class_distribution(evidence, weak, (0, 1), IGNORE, mask_weight=0.5, prior_scale=0.05)
-    np.testing.assert_allclose(p.sum(axis=0), 1.0, atol=1e-6)
-    assert p[0, 0, 0] == 1.0 and p[1, 0, 100] == 1.0           # weak pixels are one-hot
-    assert p[0, 0, 20] > 0.9 and abs(p[0, 0, 50] - 0.5) < 1e-3  # no mask: the nearer class, even halfway
-    evidence[1, 0, 10:30] = 1.0                                  # a class-1 mask near class 0's point
-    q = class_distribution(evidence, weak, (0, 1), IGNORE, mask_weight=0.5, prior_scale=0.05)
-    assert q[1, 0, 20] > p[1, 0, 20] and q[1, 0, 20] > 0.5
 
 
 class FixedBackend:
@@ -135,26 +111,30 @@ class FixedBackend:
         return logits, np.tile(np.array([0.1, 0.9, 0.95], np.float32), (len(prompts), 1))
 
 
-def test_select_stage_keeps_admissible_masks_and_the_weak_pixels():
-    weak = two_strokes()
+def two_colours(edge_row: int) -> np.ndarray:
+    """64x64 RGB: dark above ``edge_row``, bright below, with a little noise."""
+    rng = np.random.default_rng(0)
+    image = np.where(np.arange(64)[:, None, None] < edge_row, 60, 200) + rng.normal(0, 3, (64, 64, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_select_stage_keeps_admissible_masks_and_its_labels_follow_the_image_edge():
+    weak = two_strokes()  # strokes at rows 10 and 50: the nearest-label split would be row 30
     prompts = one_prompt_per([1, 2], [0, 0])
     ctx = Context(classes=ClassTable((0, 1, 2), ("bg", "one", "two"), IGNORE), weak_kind="scribbles", seed=0,
                   backend=FixedBackend())
-    inputs = {"ingest/weak": weak, "embed/frame": FRAME.to_array(),
-              **{f"prompts/{k}": v for k, v in prompts.to_arrays().items()}}
-    out = Select(SelectConfig(labels="masks", fill="none")).process(None, inputs, ctx)
+    inputs = {"ingest/weak": weak, "ingest/image": two_colours(40), "ingest/boxes": np.zeros((0, 5), np.float32),
+              "embed/frame": FRAME.to_array(), **{f"prompts/{k}": v for k, v in prompts.to_arrays().items()}}
+    out = Select(SelectConfig()).process(None, inputs, ctx)
     # class 1: candidate 0 covers its stroke purely. class 2: every candidate misses or mixes -> none.
     assert out["chosen"].tolist() == [0, -1]
-    assert np.all(out["labels"][:24] == 1) and out["labels"][50, 10] == 2 and out["labels"][40, 10] == IGNORE
-    assert out["probabilities"].shape == (3, 64, 64)
+    assert np.all(out["labels"][:38] == 1) and np.all(out["labels"][42:] == 2)   # the colour edge at row 40
+    expected = np.array([0, 1, 2])[out["probabilities"].argmax(axis=0)]
+    assert np.array_equal(out["labels"], expected)
+    np.testing.assert_allclose(out["probabilities"].astype(np.float32).sum(axis=0), 1.0, atol=2e-3)
     assert out["probabilities"][2, 50, 10] == 1.0 and out["probabilities"][1, 50, 10] == 0.0
     assert out["confidence"][50, 10] == 1.0
-    dense = Select(SelectConfig(labels="masks")).process(None, inputs, ctx)["labels"]
-    assert dense[40, 10] == 2 and not np.any(dense == IGNORE)
-    by_distribution = Select(SelectConfig()).process(None, inputs, ctx)  # the default rule
-    expected = np.array([0, 1, 2])[by_distribution["probabilities"].argmax(axis=0)]
-    assert np.array_equal(by_distribution["labels"], expected)
-    assert by_distribution["labels"][20, 10] == 1 and by_distribution["labels"][44, 10] == 2
+    assert not np.any(out["labels"] == 0)  # a class no seed or mask speaks for never appears
 
 
 def test_select_measures_how_well_its_confidence_ranks_its_errors():

@@ -53,6 +53,25 @@ def test_boxes_are_tight(truth):
             assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
+def test_the_background_class_gets_no_boxes_and_the_other_classes_keep_theirs(tmp_path, truth):
+    every = sim.simulate_boxes(truth, (11,), np.random.default_rng(0))
+    assert 0 in {row[-1] for row in every}
+    assert sim.simulate_boxes(truth, (11,), np.random.default_rng(0), background=0) == [r for r in every if r[-1] != 0]
+    masks = _masks(tmp_path / "masks", truth, count=2)
+    runner = CliRunner()
+
+    def run(kind, out):
+        return runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", kind, "--ignore", "11",
+                                   "--background", "0", "--out", str(tmp_path / out)])
+
+    assert run("boxes", "b").exit_code == 0
+    rows = list(csv.DictReader(open(tmp_path / "b" / "boxes.csv")))
+    assert rows and {r["class"] for r in rows} == {"1", "2"}
+    result = run("points", "p")
+    assert result.exit_code == 1 and "--background is only for --kind boxes" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
 def test_cli_is_deterministic_per_seed(tmp_path, truth):
     masks = tmp_path / "masks"
     masks.mkdir()

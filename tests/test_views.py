@@ -42,14 +42,15 @@ def test_back_undoes_the_view():
     assert View.from_array(double.to_array()) == double
 
 
-def test_ensemble_votes_by_majority_and_reports_the_variance():
-    ensemble = ViewEnsemble((1, 2), (1, 3))
+def test_ensemble_averages_the_views_evidence_and_reports_its_variance():
+    ensemble = ViewEnsemble(2, (1, 3))
     p = lambda a, b: np.array([[a], [b]], np.float32).reshape(2, 1, 1).repeat(3, axis=2)  # noqa: E731
-    ensemble.add(np.array([[1, 1, 255]]), p(0.9, 0.1))
-    ensemble.add(np.array([[1, 2, 255]]), p(0.7, 0.3))
-    ensemble.add(np.array([[2, 2, 1]]), p(0.2, 0.8))
-    labels, mean, variance = ensemble.result(255, np.dtype(np.uint8))
-    assert labels.tolist() == [[1, 2, 255]]  # 2 of 3; 2 of 3; only 1 of 3 -> no majority
+    ensemble.add(p(0.9, 0.1))
+    single_mean, single_variance = ensemble.result()
+    assert np.array_equal(single_mean, p(0.9, 0.1)) and not single_variance.any()  # one view: as it is
+    ensemble.add(p(0.7, 0.3))
+    ensemble.add(p(0.2, 0.8))
+    mean, variance = ensemble.result()
     np.testing.assert_allclose(mean[:, 0, 0], [0.6, 0.4], atol=1e-6)
     np.testing.assert_allclose(variance[:, 0, 0], [np.var([0.9, 0.7, 0.2]), np.var([0.1, 0.3, 0.8])], atol=1e-6)
 
@@ -66,7 +67,8 @@ def test_select_decodes_every_cached_view_and_agrees_with_the_truth():
     assert set(features) == set(embed.outputs(ctx))
     assert [v for v, _ in split_views(features)][1:] == [View(True, 1.0, (96, 128)), View(False, 0.75, (96, 128))]
     prompts = Prompts(PromptsConfig()).process(None, {"ingest/weak": weak, "ingest/boxes": np.zeros((0, 5))}, ctx)
-    inputs = {"ingest/weak": weak, **{f"embed/{k}": v for k, v in features.items()},
+    inputs = {"ingest/weak": weak, "ingest/image": image, "ingest/boxes": np.zeros((0, 5), np.float32),
+              **{f"embed/{k}": v for k, v in features.items()},
               **{f"prompts/{k}": v for k, v in prompts.items()}}
     out = Select(SelectConfig()).process(None, inputs, ctx)
     assert (out["labels"] == truth).mean() > 0.9

@@ -302,6 +302,29 @@ def test_boxes_round_trip_and_checks(tmp_path):
         read_box_table(bad)
 
 
+def test_a_box_of_the_background_class_fails_its_image_at_ingest_naming_the_table_and_row(tmp_path):
+    from seglab.stages.base import ClassTable, Context, Unit
+    from seglab.stages.ingest import Ingest, IngestConfig
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    columns = ("image", "x0", "y0", "x1", "y1", "class")
+    path = write_points(tmp_path / "b.csv", [("a.png", 2, 2, 9, 9, 1), ("a.png", 0, 0, 30, 20, 0)], columns)
+    unit = Unit(id="a.png", image=str(tmp_path / "a.png"), weak_rows=tuple(read_box_table(path)["a.png"]),
+                weak_source=str(path))
+
+    def ingest(background):
+        ctx = Context(classes=ClassTable((0, 1, 2), ("bg", "a", "b"), 255), weak_kind="boxes", seed=0,
+                      extras={"unlabelled": 255, "background": background})
+        return Ingest(IngestConfig()).process(unit, {}, ctx)
+
+    assert ingest(None)["boxes"].shape == (2, 5)  # unset: class 0 is boxed like any class
+    with pytest.raises(InputError) as info:
+        ingest(0)
+    assert info.value.path == str(path) and "\n" not in str(info.value)
+    assert info.value.problem == ("image 'a.png': row 2: class 0 is the background class (data.weak.background): "
+                                  "it has no boxes, it is what no box covers")
+
+
 # ---------------------------------------------------------------- property
 
 PROPERTY_HW = (50, 50)
