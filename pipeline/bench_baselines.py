@@ -43,7 +43,6 @@ from skimage.segmentation import slic
 
 from seglab.pipeline.errors import SeglabError
 from seglab.pipeline.metrics import class_index
-from seglab.stages.label_field import box_pixels, reduce_mean
 from seglab.stages.nearest_label import nearest_label
 
 BOX_CORE = 1 / 3
@@ -154,6 +153,16 @@ class Seeds:
         return self.seeds.shape  # type: ignore[return-value]
 
 
+def _box_pixels(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) float pixel edges -> (r0, r1, c0, c1) integer slices inside ``shape``, non-empty."""
+    h, w = shape
+    c0 = min(max(int(math.floor(box[0])), 0), w - 1)
+    r0 = min(max(int(math.floor(box[1])), 0), h - 1)
+    c1 = max(min(int(math.ceil(box[2])), w), c0 + 1)
+    r1 = max(min(int(math.ceil(box[3])), h), r0 + 1)
+    return r0, r1, c0, c1
+
+
 def _core(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
     """The middle BOX_CORE of a box in each axis (at least its central pixel)."""
     def middle(a: int, b: int) -> tuple[int, int]:
@@ -173,7 +182,7 @@ def boxes_by_area(boxes: np.ndarray, ids: np.ndarray, shape: tuple[int, int]) ->
     index, is_class = class_index(np.asarray(boxes[:, 4]).round().astype(np.int64), ids) if len(boxes) else ((), ())
     for box, k, ok in zip(boxes, index, is_class):
         if ok:
-            out.append((*box_pixels(box, shape), int(k)))
+            out.append((*_box_pixels(box, shape), int(k)))
     return sorted(out, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2]))
 
 
@@ -279,6 +288,16 @@ def standard_lab(image: np.ndarray) -> np.ndarray:
     return lab / std if std > 1e-9 else lab
 
 
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """HxWxK -> ceil(H/f)xceil(W/f)xK means over f x f cells (edge-padded)."""
+    if factor == 1:
+        return values
+    h, w = values.shape[:2]
+    ph, pw = -h % factor, -w % factor
+    padded = np.pad(values, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    return padded.reshape((h + ph) // factor, factor, (w + pw) // factor, factor, -1).mean((1, 3))
+
+
 def block_seeds(seeds: np.ndarray, factor: int, classes: int) -> np.ndarray:
     """HxW seed index (-1: none) -> the cells' seeds: the class most of a cell's seeded pixels hold
     (a thin scribble keeps every cell it crosses)."""
@@ -332,7 +351,7 @@ def random_walker(image: np.ndarray, weak: np.ndarray, boxes: np.ndarray, class_
     trivial = _one_class(s)
     if trivial is not None:
         return trivial
-    data = np.moveaxis(reduce_mean(np.moveaxis(standard_lab(image), -1, 0), factor), 0, -1)
+    data = block_mean(standard_lab(image), factor)
     small = block_seeds(s.seeds, factor, s.classes)
     present = np.unique(small[small >= 0])
     prob = np.zeros((s.classes, *small.shape), np.float64)

@@ -258,18 +258,18 @@ class QualityRow:
         }
 
 
-def score_baselines(manifest: Manifest, items: Sequence[tuple[Path, str | None]], current: Mapping[str, str],
-                    progress: Any = None) -> dict[str, BaselineResult]:
+def score_baselines(manifest: Manifest, progress: Any = None) -> dict[str, BaselineResult]:
     """Run every baseline for the manifest's weak-label kind on each evaluation image whose
     ingest unit is done (current signature), from what ingest stored; score each against the
     gold mask as ``evaluate`` does and time it. A baseline whose extra is missing is reported
-    unavailable, not run. ``items``: ``gold_set_images(manifest, "evaluation")``; ``current``:
-    every stage's current signature digest (``class_map_stages``)."""
+    unavailable, not run."""
     weak = manifest.data.weak
     background = weak.background if weak.kind == "boxes" else None
     gold = manifest.data.evaluation
     names = baselines_for(weak.kind)
+    items = gold_set_images(manifest, "evaluation")
     store = Store(manifest.store_path)
+    _, _, current = class_map_stages(manifest)
     entries = store.ledger("ingest").load()
     done = done_units(entries, current["ingest"])
     units = [(image, unit) for image, unit in items if unit in done]
@@ -306,13 +306,13 @@ def score_baselines(manifest: Manifest, items: Sequence[tuple[Path, str | None]]
             for n in names}
 
 
-def stage_seconds(manifest: Manifest, items: Sequence[tuple[Path, str | None]],
-                  current: Mapping[str, str]) -> dict[str, float]:
-    """select's and refine's mean seconds per evaluation image (``items``, as score_baselines),
-    from the ledger lines of the units done with the ``current`` signature (``TIMED_STAGES``: a
-    unit counts when every stage summed is done and timed); NaN when no evaluation image has them."""
+def stage_seconds(manifest: Manifest) -> dict[str, float]:
+    """select's and refine's mean seconds per evaluation image, from the ledger lines of the units
+    done with the current signature (``TIMED_STAGES``: a unit counts when every stage summed is
+    done and timed); NaN when no evaluation image has them."""
     store = Store(manifest.store_path)
-    units = {unit for _, unit in items if unit}
+    _, _, current = class_map_stages(manifest)
+    units = {unit for _, unit in gold_set_images(manifest, "evaluation") if unit}
     timed: dict[str, dict[str, float]] = {}
     for stage in {s for stages in TIMED_STAGES.values() for s in stages}:
         entries = store.ledger(stage).load() if stage in current else {}
@@ -346,9 +346,7 @@ def bench_quality(paths: Sequence[Path], *, limit: int | None = None, force: Seq
         ran = time.perf_counter()
         evaluation = evaluate(manifest)
         evaluated = time.perf_counter()
-        items = gold_set_images(manifest, "evaluation")
-        _, _, current = class_map_stages(manifest)
-        baselines = score_baselines(manifest, items, current, named)
+        baselines = score_baselines(manifest, named)
         ended = time.perf_counter()
         kind = manifest.data.weak.kind
         rows.append(QualityRow(
@@ -357,6 +355,6 @@ def bench_quality(paths: Sequence[Path], *, limit: int | None = None, force: Seq
             seconds={"simulate": round(simulated - started, 2), "run": round(ran - simulated, 2),
                      "evaluate": round(evaluated - ran, 2), "baselines": round(ended - evaluated, 2),
                      "total": round(ended - started, 2)},
-            evaluation=evaluation, baselines=baselines, stage_seconds=stage_seconds(manifest, items, current),
+            evaluation=evaluation, baselines=baselines, stage_seconds=stage_seconds(manifest),
         ))
     return rows

@@ -96,16 +96,6 @@ def seed_index(labels: np.ndarray, class_ids: tuple[int, ...]) -> np.ndarray:
     return index
 
 
-def box_pixels(box: np.ndarray, hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) float pixel edges -> (r0, r1, c0, c1) integer slices inside ``hw``, non-empty."""
-    h, w = hw
-    c0 = min(max(math.floor(box[0]), 0), w - 1)
-    r0 = min(max(math.floor(box[1]), 0), h - 1)
-    c1 = max(min(math.ceil(box[2]), w), c0 + 1)
-    r1 = max(min(math.ceil(box[3]), h), r0 + 1)
-    return r0, r1, c0, c1
-
-
 def box_allowed(boxes: np.ndarray, class_ids: tuple[int, ...], hw: tuple[int, int],
                 background: int | None) -> np.ndarray | None:
     """boxes float [B, 5] (x0, y0, x1, y1, class; pixel edges, x1/y1 exclusive) -> bool
@@ -117,11 +107,12 @@ def box_allowed(boxes: np.ndarray, class_ids: tuple[int, ...], hw: tuple[int, in
     h, w = hw
     allowed = np.zeros((len(class_ids), h, w), bool)
     slot = {c: i for i, c in enumerate(class_ids)}
-    for box in np.asarray(boxes, np.float64):
-        if int(box[4]) not in slot:
+    for x0, y0, x1, y1, cls in np.asarray(boxes, np.float64):
+        if int(cls) not in slot:
             continue
-        r0, r1, c0, c1 = box_pixels(box, hw)
-        allowed[slot[int(box[4])], r0:r1, c0:c1] = True
+        r0, r1 = max(0, math.floor(y0)), min(h, max(math.ceil(y1), math.floor(y0) + 1))
+        c0, c1 = max(0, math.floor(x0)), min(w, max(math.ceil(x1), math.floor(x0) + 1))
+        allowed[slot[int(cls)], r0:r1, c0:c1] = True
     if background is not None and background in slot:
         allowed[slot[background]] = True
     return allowed
@@ -139,7 +130,8 @@ def box_cores(boxes: np.ndarray, class_ids: tuple[int, ...], hw: tuple[int, int]
     seeds = np.full((h, w), -1, np.int64)
     slot = {c: i for i, c in enumerate(class_ids)}
     boxes = np.asarray(boxes, np.float64)
-    rects = [box_pixels(box, hw) for box in boxes]
+    rects = [(max(0, math.floor(y0)), min(h, max(math.ceil(y1), math.floor(y0) + 1)),
+              max(0, math.floor(x0)), min(w, max(math.ceil(x1), math.floor(x0) + 1))) for x0, y0, x1, y1, _ in boxes]
     areas = np.array([(r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rects])
     for b in np.argsort(-areas, kind="stable"):
         x0, y0, x1, y1, cls = boxes[b]
@@ -164,15 +156,14 @@ def _factor(seeds: np.ndarray, max_free: int) -> int:
     return max(1, math.ceil(math.sqrt(free / max_free)))
 
 
-def reduce_mean(array: np.ndarray, f: int) -> np.ndarray:
-    """[..., H, W] float -> [..., ceil(H/f), ceil(W/f)] block means over f x f cells (edges padded
-    by replication), in the input's dtype."""
+def _reduce_mean(array: np.ndarray, f: int) -> np.ndarray:
+    """[..., H, W] float -> [..., ceil(H/f), ceil(W/f)] block means (edges padded by replication)."""
     if f == 1:
-        return array
+        return np.asarray(array, np.float32)
     h, w = array.shape[-2:]
     ph, pw = -h % f, -w % f
     pad = [(0, 0)] * (array.ndim - 2) + [(0, ph), (0, pw)]
-    padded = np.pad(array, pad, mode="edge")
+    padded = np.pad(np.asarray(array, np.float32), pad, mode="edge")
     shape = (*array.shape[:-2], (h + ph) // f, f, (w + pw) // f, f)
     return padded.reshape(shape).mean(axis=(-3, -1))
 
@@ -182,7 +173,7 @@ def _reduce_seeds(seeds: np.ndarray, classes: int, f: int) -> np.ndarray:
     holds; cells with seeds of several classes, or none, are free (-1)."""
     if f == 1:
         return seeds
-    counts = np.stack([reduce_mean((seeds == c).astype(np.float32), f) for c in range(classes)])
+    counts = np.stack([_reduce_mean((seeds == c).astype(np.float32), f) for c in range(classes)])
     present = counts > 0
     single = present.sum(axis=0) == 1
     return np.where(single, counts.argmax(axis=0), -1).astype(np.int64)
@@ -220,11 +211,11 @@ def solve_field(inputs: FieldInputs, n_classes: int, cfg: FieldConfig) -> np.nda
     f = _factor(seeds, cfg.max_free)
     small_seeds = _reduce_seeds(seeds, n_classes, f)
     h, w = small_seeds.shape
-    reduced = reduce_mean(np.moveaxis(image.astype(np.float32) / 255.0, -1, 0), f)
+    reduced = _reduce_mean(np.moveaxis(image.astype(np.float32) / 255.0, -1, 0), f)
     if cfg.smoothing > 0:
         reduced = ndimage.gaussian_filter(reduced, (0, cfg.smoothing, cfg.smoothing))
     lab = rgb2lab(np.moveaxis(reduced, 0, -1))
-    small_evidence = reduce_mean(inputs.evidence, f) if inputs.evidence is not None else None
+    small_evidence = _reduce_mean(inputs.evidence, f) if inputs.evidence is not None else None
     laplacian = _laplacian(lab.astype(np.float32), cfg.beta, small_evidence, cfg.cut_weight)
     flat_seeds = small_seeds.ravel()
     free = np.flatnonzero(flat_seeds < 0)
@@ -244,10 +235,9 @@ def solve_field(inputs: FieldInputs, n_classes: int, cfg: FieldConfig) -> np.nda
             weight = 0.0 if (inputs.seeds >= 0).any() else NO_SEED_EVIDENCE_WEIGHT
         gamma = weight * strength + FLOOR
         rhs = gamma[:, None] * np.where(strength[:, None] > 0, prior, 1.0 / n_classes)
-        free_rows = laplacian[free]
         if seeded.size:
-            rhs -= free_rows[:, seeded] @ x[seeded]
-        system = (free_rows[:, free] + sparse.diags(gamma)).tocsc()
+            rhs -= laplacian[free][:, seeded] @ x[seeded]
+        system = (laplacian[free][:, free] + sparse.diags(gamma)).tocsc()
         x[free] = splu(system, permc_spec="COLAMD").solve(np.ascontiguousarray(rhs))
     x = np.clip(x, 0.0, None)
     small = x.T.reshape(n_classes, h, w).astype(np.float32)
@@ -260,9 +250,11 @@ def solve_field(inputs: FieldInputs, n_classes: int, cfg: FieldConfig) -> np.nda
         full *= inputs.allowed
     total = full.sum(axis=0, keepdims=True)
     full /= np.where(total > 0, total, 1.0)
-    rows, cols = np.nonzero(inputs.seeds >= 0)
-    full[:, rows, cols] = 0.0
-    full[inputs.seeds[rows, cols], rows, cols] = 1.0
+    labelled = inputs.seeds >= 0
+    if labelled.any():
+        full[:, labelled] = 0.0
+        full[inputs.seeds[labelled], np.flatnonzero(labelled.ravel()) // width,
+             np.flatnonzero(labelled.ravel()) % width] = 1.0
     return full
 
 
@@ -270,12 +262,12 @@ def field_labels(inputs: FieldInputs, classes: ClassTable, cfg: FieldConfig) -> 
     """-> (HxW labels, float32 [C, H, W] distribution) of the joint label field; ``ignore_id``
     (and a zero distribution) where nothing is known: no seed, no evidence, no box, or no
     class allowed."""
+    probabilities = solve_field(inputs, len(classes.ids), cfg)
     known = (inputs.seeds >= 0).any() or (inputs.evidence is not None and inputs.evidence.any()) \
         or inputs.allowed is not None
     if not known:
-        return (np.full(inputs.seeds.shape, classes.ignore_id, classes.label_dtype),
-                np.zeros((len(classes.ids), *inputs.seeds.shape), np.float32))
-    probabilities = solve_field(inputs, len(classes.ids), cfg)
+        probabilities[:] = 0.0
+        return np.full(inputs.seeds.shape, classes.ignore_id, classes.label_dtype), probabilities
     labels = np.asarray(classes.ids, classes.label_dtype)[probabilities.argmax(axis=0)]
     labels[probabilities.max(axis=0) == 0] = classes.ignore_id
     return labels, probabilities
