@@ -57,14 +57,15 @@ class Decoded:
               kept its box's interior, -1 when nothing was kept.
     coverage, purity: float32 [P, M], the scores behind the choice.
     spread:   float32 HxW in [0, 1], the disagreement between a kept prompt's M candidates
-              (max - min of their probabilities), the largest over kept prompts.
+              (max - min of their probabilities), the largest over kept prompts; None
+              unless ``decode_view`` was asked for it.
     """
 
     evidence: np.ndarray
     chosen: np.ndarray
     coverage: np.ndarray
     purity: np.ndarray
-    spread: np.ndarray
+    spread: np.ndarray | None
 
 
 def box_interior(box_xyxy: np.ndarray, frame: ImageFrame) -> np.ndarray:
@@ -82,9 +83,12 @@ def box_interior(box_xyxy: np.ndarray, frame: ImageFrame) -> np.ndarray:
 
 
 def decode_view(backend, features: Mapping[str, np.ndarray], prompts: PromptBatch, weak: np.ndarray,
-                classes: ClassTable, cfg: DecodeConfig) -> Decoded:
+                classes: ClassTable, cfg: DecodeConfig, *, with_spread: bool = False) -> Decoded:
     """features: one view's cached arrays (``frame`` included); weak: HxW class ids of the
-    label the prompts came from (``ignore_id`` elsewhere); ``backend`` a PromptableBackend."""
+    label the prompts came from (``ignore_id`` elsewhere); ``backend`` a PromptableBackend;
+    ``with_spread``: also measure the candidates' spread (it costs two more sigmoids per pixel
+    and kept prompt, as the logistic is monotone: max - min of the probabilities is the
+    logistic of the largest logit minus that of the smallest)."""
     frame = ImageFrame.from_array(features["frame"])
     m = backend.num_candidates
     coverage = purity = np.zeros((len(prompts), m), np.float32)
@@ -92,18 +96,17 @@ def decode_view(backend, features: Mapping[str, np.ndarray], prompts: PromptBatc
     kept = np.zeros((0,), np.intp)
     masks = np.zeros((0, frame.grid_size, frame.grid_size), np.float32)
     trust = np.zeros(0)
-    spread_grid = None
+    spread_grid = np.zeros((frame.grid_size, frame.grid_size), np.float32) if with_spread else None
     if len(prompts):
         logits, quality = backend.decode(features, prompts)
         coverage, purity = coverage_scores(logits, prompts, grid_evidence(weak, classes.ignore_id, frame), frame)
         chosen = choose_by_coverage(coverage, purity, quality, cfg.tau)
         interior = (chosen < 0) & prompts.has_box & ~(prompts.labels == POSITIVE).any(axis=1)
         kept = np.flatnonzero(chosen >= 0)
-        candidates = sigmoid(logits[kept]).astype(np.float32)
-        if len(kept):
-            spread_grid = (candidates.max(axis=1) - candidates.min(axis=1)).max(axis=0)
+        if with_spread and len(kept):
+            spread_grid = (sigmoid(logits[kept].max(axis=1)) - sigmoid(logits[kept].min(axis=1))).max(axis=0)
         trust = purity[kept, chosen[kept]] * np.minimum(1.0, coverage[kept, chosen[kept]] / max(cfg.tau[1], 1e-6))
-        masks = candidates[np.arange(len(kept)), chosen[kept]]
+        masks = sigmoid(logits[kept, chosen[kept]]).astype(np.float32, copy=False)
         boxed = np.flatnonzero(interior)
         if len(boxed):
             masks = np.concatenate([masks, np.stack([box_interior(prompts.boxes[p], frame) for p in boxed])])
@@ -111,7 +114,6 @@ def decode_view(backend, features: Mapping[str, np.ndarray], prompts: PromptBatc
             kept = np.r_[kept, boxed]
             chosen = np.where(interior, m, chosen).astype(np.int32)
     evidence = mask_evidence(masks, prompts.classes[kept], trust, frame, class_ids=classes.ids)
-    spread = (np.clip(frame.grid_to_image(spread_grid), 0.0, 1.0) if spread_grid is not None
-              else np.zeros(frame.original_hw, np.float32))
+    spread = None if spread_grid is None else np.clip(frame.grid_to_image(spread_grid), 0.0, 1.0).astype(np.float32)
     return Decoded(evidence, chosen.astype(np.int32), np.asarray(coverage, np.float32),
-                   np.asarray(purity, np.float32), spread.astype(np.float32))
+                   np.asarray(purity, np.float32), spread)

@@ -1,20 +1,22 @@
 """Per-class evidence from the kept masks of one image, and the ensemble over views.
 
-Only kept masks are upsampled from the grid to the image (bilinear, on probabilities).
-Per class, the evidence at a pixel is the largest of ``trust x probability`` over that
-class's kept masks (trust in [0, 1]: how far the mask's choice is believed, see
-stages/decoding.py). The evidence is not a label: the joint label field
+Per class, the evidence is the largest of ``trust x probability`` over that class's kept
+masks (trust in [0, 1]: how far the mask's choice is believed, see stages/decoding.py),
+taken on the grid and then upsampled to the image once per class (bilinear), not once per
+mask. The evidence is not a label: the joint label field
 (stages/label_field.py) weighs it against the weak label's seeds and the image's edges.
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 from seglab.stages.geometry import ImageFrame
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+    """Logistic function, elementwise, in the dtype of ``x`` (float32 logits stay float32)."""
+    return expit(x)
 
 
 def mask_evidence(kept_probability: np.ndarray, kept_classes: np.ndarray, trust: np.ndarray, frame: ImageFrame, *,
@@ -24,10 +26,10 @@ def mask_evidence(kept_probability: np.ndarray, kept_classes: np.ndarray, trust:
     height, width = frame.original_hw
     slot = {c: i for i, c in enumerate(class_ids)}
     evidence = np.zeros((len(class_ids), height, width), np.float32)
-    for k in range(len(kept_classes)):
-        prob = frame.grid_to_image(kept_probability[k].astype(np.float32)) * np.float32(trust[k])
-        c = slot[int(kept_classes[k])]
-        np.maximum(evidence[c], prob, out=evidence[c])
+    for cls in np.unique(np.asarray(kept_classes, np.int64)):
+        mine = np.flatnonzero(kept_classes == cls)
+        weighted = kept_probability[mine].astype(np.float32) * np.asarray(trust, np.float32)[mine, None, None]
+        evidence[slot[int(cls)]] = frame.grid_to_image(weighted.max(axis=0))
     return evidence
 
 

@@ -100,6 +100,7 @@ def _mix_into(probabilities: np.ndarray, other: np.ndarray, where: np.ndarray, w
 
 class Refine(MapStage):
     name = "refine"
+    version = 2  # 2: mask evidence upsampled once per class
     Config = RefineConfig
     reads = ("select/labels", "select/probabilities", "select/variance", "embed", "ingest/weak", "ingest/image",
              "ingest/boxes")
@@ -166,7 +167,7 @@ class Refine(MapStage):
             prompts = Prompts(cfg.reprompt).compile(pseudo, np.zeros((0, 5), np.float32), classes.ignore_id,
                                                     with_boxes=cfg.reprompt.component_boxes == "always",
                                                     certainty=1.0 - first, rng=rng)
-            decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg)
+            decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg, with_spread=True)
             allowed = box_allowed(inputs["ingest/boxes"], classes.ids, weak.shape, ctx.extras.get("background"))
             _, reprompted = field_labels(FieldInputs(inputs["ingest/image"], seed_index(pseudo, classes.ids),
                                                      evidence=decoded.evidence, allowed=allowed), classes, cfg.field)

@@ -59,7 +59,7 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
 
 class Select(MapStage):
     name = "select"
-    version = 6  # 6: the joint label field
+    version = 7  # 6: the joint label field; 7: evidence upsampled per class, no prior once seeded
     Config = SelectConfig
     reads = ("embed", "prompts", "ingest/weak", "ingest/image", "ingest/boxes")
     resources = Resources(cpus=1, needs_backend=True)

@@ -2,6 +2,8 @@
 nodes on this machine): a worker node removed without grace in the middle of a map stage."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,39 @@ def cluster(tmp_path_factory):
     c.shutdown()
 
 
+def node_processes(node) -> list[int]:
+    """Pids of every process below the node's raylet (its workers and agents), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [node.all_processes["raylet"][0].process.pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def lose(cluster, node) -> None:
+    """The node disappears as a machine does: every process on it stops at once (SIGSTOP, so
+    no worker finishes its batch in the moment between the raylet's death and its own), the
+    node is removed without grace, then its stopped processes are killed."""
+    processes = node_processes(node)
+    for pid in processes:
+        os.kill(pid, signal.SIGSTOP)
+    cluster.remove_node(node, allow_graceful=False)
+    for pid in processes:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def ledger_lines(store: Path, stage: str) -> list[dict]:
     import json
 
@@ -69,7 +104,7 @@ def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, sta
         deadline = time.time() + 300
         while time.time() < deadline and len(ledger_lines(store_path, stage)) < after:
             time.sleep(0.02)
-        cluster.remove_node(nodes[1], allow_graceful=False)
+        lose(cluster, nodes[1])
         removed.set()
 
     remover = threading.Thread(target=remove_when_busy, daemon=True)

@@ -6,7 +6,8 @@ import numpy as np
 from seglab.stages.base import ClassTable, Context, Unit
 from seglab.stages.decoding import BOX_INTERIOR
 from seglab.stages.geometry import ImageFrame
-from seglab.stages.label_field import FieldConfig, FieldInputs, box_allowed, seed_index, solve_field
+from seglab.stages.label_field import (NO_SEED_EVIDENCE_WEIGHT, FieldConfig, FieldInputs, box_allowed, box_cores,
+                                      seed_index, solve_field)
 from seglab.stages.prompts import Prompts, PromptsConfig
 from seglab.stages.refine import Refine, RefineConfig
 from seglab.stages.select import Select, SelectConfig
@@ -70,6 +71,24 @@ def test_a_class_with_boxes_never_appears_outside_them():
     assert not alone[:, 0, 0].any() and alone[1][OBJECT].min() > 0.99  # no class may be where no box is
 
 
+def test_masks_are_a_prior_only_when_nothing_is_seeded():
+    image, _ = scene()
+    boxes = np.array([[16, 20, 40, 44, 1]], np.float32)
+    evidence = np.random.default_rng(0).uniform(0, 1, (2, 64, 64)).astype(np.float32)
+    unseeded = np.full((64, 64), -1)
+
+    def field(cores, weight, allowed=box_allowed(boxes, (0, 1), (64, 64), background=0)):
+        inputs = FieldInputs(image, unseeded, box_seeds=cores, evidence=evidence, allowed=allowed)
+        return solve_field(inputs, 2, FieldConfig(evidence_weight=weight))
+
+    cores = box_cores(boxes, (0, 1), (64, 64), 1 / 3)
+    assert (cores == 1).sum() == 64
+    np.testing.assert_array_equal(field(cores, None), field(cores, 0.0))   # seeded by the box core
+    assert not np.allclose(field(cores, None), field(cores, NO_SEED_EVIDENCE_WEIGHT), atol=1e-6)
+    np.testing.assert_array_equal(field(None, None, None), field(None, NO_SEED_EVIDENCE_WEIGHT, None))  # nothing seeded
+    assert not np.allclose(field(None, None, None), field(None, 0.0, None), atol=1e-6)
+
+
 class BoxBackend:
     """Answers a box prompt with the scene's object when the box is the object's, with the
     whole image for any larger box, and with nothing at all for a box under 8 pixels."""
@@ -118,6 +137,6 @@ def test_a_small_box_the_backend_cannot_resolve_keeps_its_own_interior():
     selected, refined, _ = box_run(boxes, 0)
     assert selected["chosen"].tolist() == [3]  # M: the box's interior, not 'none kept'
     inside = selected["labels"][4:10, 50:56] == 1
-    assert inside[2:4, 2:4].all() and inside.sum() >= 8
+    assert inside[2:4, 2:4].all() and inside.sum() >= 4        # at least the box's core
     assert (selected["labels"] == 1).sum() == inside.sum()   # never outside its box
     assert refined["labels"][6, 53] == 1 and BOX_INTERIOR < 1.0
