@@ -1,15 +1,17 @@
 """The ``seglab`` command line (typer). Each command parses, calls the pipeline, renders."""
+
 from __future__ import annotations
 
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from seglab.pipeline.errors import ManifestError, SeglabError, StorageError, UsageError, os_error_cause
+from seglab.pipeline.base.errors import ManifestError, SeglabError, StorageError, UsageError, os_error_cause
+from seglab.pipeline.exports.formats import format_help
 
 STAGE_NAMES = "{stages}"
 """Stands in an option's help for the names of the stages; filled in only when the help
@@ -18,7 +20,7 @@ is shown, since the registry imports every stage (about a second)."""
 
 def stage_names() -> str:
     """The stages by name in run order, the first rounds' included: 'ingest, …, refine.1, …'."""
-    from seglab.pipeline.registry import STAGES, round_stages
+    from seglab.pipeline.core.registry import STAGES, round_stages
 
     return ", ".join(dict.fromkeys([*STAGES, *round_stages(2)])) + " …"
 
@@ -64,16 +66,25 @@ def examples(*lines: str) -> str:
     return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=HelpGroup,
-                  help="Weak labels in, dense labels with uncertainty out.",
-                  epilog=examples("seglab run demo", "seglab status demo",
-                                  "seglab export runs/demo.zarr --format png --out labels",
-                                  "seglab report runs/demo.zarr --out report.html"))
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=HelpGroup,
+    help="Weak labels in, dense labels with uncertainty out.",
+    epilog=examples(
+        "seglab run demo",
+        "seglab status demo",
+        "seglab export runs/demo.zarr --format png --out labels",
+        "seglab report runs/demo.zarr --out report.html",
+    ),
+)
 state = {"verbose": False}
 
 
 def handled(command):
     """Print SeglabErrors as one red line (traceback with --verbose); exit 2 for manifests."""
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from seglab.cli import render
@@ -93,6 +104,7 @@ def handled(command):
                 raise
             render.error(str(StorageError.from_os_error(cause, "")))
             raise typer.Exit(1) from None
+
     return wrapper
 
 
@@ -101,31 +113,46 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
     state["verbose"] = verbose
 
 
-def _manifest(path: str, store: Optional[Path] = None):
+def _manifest(path: str, store: Path | None = None):
     from seglab.pipeline.manifest import open_manifest
 
     return open_manifest(path, store=store)
 
 
 ManifestArg = Annotated[str, typer.Argument(help="Manifest YAML file, or 'demo' for the embedded demo.")]
-StoreOption = Annotated[Optional[Path], typer.Option(metavar="PATH", help="Store folder (overrides the manifest).")]
+StoreOption = Annotated[Path | None, typer.Option(metavar="PATH", help="Store folder (overrides the manifest).")]
 
 
-@app.command(cls=HelpCommand, epilog=examples(
-    "seglab run demo", "seglab run manifest.yaml --dry-run", "seglab run manifest.yaml --force select",
-    "seglab run manifest.yaml --only refine", "seglab run manifest.yaml --address head-node:6379"))
+@app.command(
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab run demo",
+        "seglab run manifest.yaml --dry-run",
+        "seglab run manifest.yaml --force select",
+        "seglab run manifest.yaml --only refine",
+        "seglab run manifest.yaml --address head-node:6379",
+    ),
+)
 @handled
 def run(
     manifest: ManifestArg,
     store: StoreOption = None,
-    from_: Annotated[Optional[str], typer.Option(
-        "--from", metavar="STAGE", help=f"Run this stage and every stage after it ({STAGE_NAMES}).")] = None,
-    only: Annotated[Optional[str], typer.Option(metavar="STAGE", help=f"Run only this stage ({STAGE_NAMES}).")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(
-        metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES}).")] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", metavar="STAGE", help=f"Run this stage and every stage after it ({STAGE_NAMES})."),
+    ] = None,
+    only: Annotated[str | None, typer.Option(metavar="STAGE", help=f"Run only this stage ({STAGE_NAMES}).")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES})."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan per stage; write nothing.")] = False,
-    address: Annotated[Optional[str], typer.Option(
-        metavar="HOST:PORT", help="Join this Ray cluster (default: start Ray on this machine).")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="Join this Ray cluster (default: start Ray on this machine)."),
+    ] = None,
 ) -> None:
     """Run the pipeline; finished work is kept and skipped."""
     from seglab.cli import render
@@ -170,41 +197,67 @@ def validate(manifest: ManifestArg) -> None:
     render.unlabelled_images(unlabelled_images(loaded, units))
 
 
-@app.command(cls=HelpCommand, epilog=examples(
-    "seglab export runs/demo.zarr --format png --out labels",
-    "seglab export runs/demo.zarr --format coco --max-uncertain 0.2 --out labels-coco",
-    "seglab export runs/demo.zarr --format parquet --embed-images --split training --out labels-parquet"))
+@app.command(
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab export runs/demo.zarr --format png --out labels",
+        "seglab export runs/demo.zarr --format coco --max-uncertain 0.2 --out labels-coco",
+        "seglab export runs/demo.zarr --format parquet --embed-images --split training --out labels-parquet",
+    ),
+)
 @handled
 def export(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder (created atomically).")],
-    format_: Annotated[str, typer.Option("--format", metavar="FORMAT", help="png, coco or parquet.")] = "png",
-    round_: Annotated[Optional[int], typer.Option(
-        "--round", min=0, metavar="N", help="Export this round's refine.")] = None,
-    stage: Annotated[Optional[str], typer.Option(
-        metavar="STAGE", help="Export this stage's labels (default: the last round's refine).")] = None,
-    split: Annotated[Optional[str], typer.Option(
-        metavar="SPLIT", help="Only this split's images: training, calibration or evaluation.")] = None,
-    max_uncertain: Annotated[Optional[float], typer.Option(
-        metavar="F", help="Drop images whose share of uncertain pixels exceeds this (0..1).")] = None,
-    uncertain_above: Annotated[float, typer.Option(
-        metavar="U", help="A pixel is uncertain at or above this uncertainty.")] = 0.5,
+    format_: Annotated[str, typer.Option("--format", metavar="FORMAT", help=format_help())] = "png",
+    round_: Annotated[
+        int | None, typer.Option("--round", min=0, metavar="N", help="Export this round's refine.")
+    ] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(metavar="STAGE", help="Export this stage's labels (default: the last round's refine)."),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(metavar="SPLIT", help="Only this split's images: training, calibration or evaluation."),
+    ] = None,
+    max_uncertain: Annotated[
+        float | None,
+        typer.Option(metavar="F", help="Drop images whose share of uncertain pixels exceeds this (0..1)."),
+    ] = None,
+    uncertain_above: Annotated[
+        float, typer.Option(metavar="U", help="A pixel is uncertain at or above this uncertainty.")
+    ] = 0.5,
     ignore_value: Annotated[int, typer.Option(metavar="V", help="Value of unlabelled pixels in the export.")] = 255,
-    uncertainty: Annotated[str, typer.Option(
-        metavar="png|npy", help="png format: uncertainty as 8-bit png or float16 npy.")] = "png",
+    uncertainty: Annotated[
+        str, typer.Option(metavar="png|npy", help="png format: uncertainty as 8-bit png or float16 npy.")
+    ] = "png",
     embed_images: Annotated[bool, typer.Option(help="parquet format: store image file bytes, not only paths.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder if it is an unchanged seglab export.")] = False,
-    skip_damaged: Annotated[bool, typer.Option(
-        help="Export the other images when some stored arrays are damaged (listed in export.json).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output folder if it is an unchanged seglab export.")
+    ] = False,
+    skip_damaged: Annotated[
+        bool, typer.Option(help="Export the other images when some stored arrays are damaged (listed in export.json).")
+    ] = False,
 ) -> None:
     """Write a stage's labels and uncertainty as a dataset other trainers load directly."""
     from seglab.cli import render
-    from seglab.pipeline.exports import ExportOptions, export as write_export
+    from seglab.pipeline.exports.export import export as write_export
+    from seglab.pipeline.exports.formats import ExportOptions
 
-    options = ExportOptions(format=format_, stage=stage, round=round_, split=split, max_uncertain=max_uncertain,
-                            uncertain_above=uncertain_above, ignore_value=ignore_value,
-                            uncertainty_format=uncertainty, embed_images=embed_images, overwrite=overwrite,
-                            skip_damaged=skip_damaged)
+    options = ExportOptions(
+        format=format_,
+        stage=stage,
+        round=round_,
+        split=split,
+        max_uncertain=max_uncertain,
+        uncertain_above=uncertain_above,
+        ignore_value=ignore_value,
+        uncertainty_format=uncertainty,
+        embed_images=embed_images,
+        overwrite=overwrite,
+        skip_damaged=skip_damaged,
+    )
     render.export_summary(write_export(store, out, options), out)
 
 
@@ -217,74 +270,117 @@ def evaluate(
 ) -> None:
     """Score the weak labels, the nearest-label baseline and every stage's labels against data.evaluation."""
     from seglab.cli import render
-    from seglab.pipeline.evaluate import evaluate as score
+    from seglab.pipeline.evaluation.evaluate import evaluate as score
 
     render.evaluation_tables(score(_manifest(manifest, store)), json_)
 
 
-@app.command(cls=HelpCommand, epilog=examples(
-    "seglab report runs/demo.zarr --out report.html",
-    "seglab report runs/demo.zarr --out report.html --queue 50 --queue-out queue.csv --overwrite"))
+@app.command(
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab report runs/demo.zarr --out report.html",
+        "seglab report runs/demo.zarr --out report.html --queue 50 --queue-out queue.csv --overwrite",
+    ),
+)
 @handled
 def report(
     store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
     out: Annotated[Path, typer.Option(metavar="FILE", help="HTML file to write (self-contained).")],
-    manifest: Annotated[Optional[str], typer.Option(
-        metavar="FILE", help="Manifest with the gold sets (default: the one the store records, if it exists).")] = None,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE", help="Manifest with the gold sets (default: the one the store records, if it exists)."
+        ),
+    ] = None,
     sample: Annotated[int, typer.Option(min=0, metavar="N", help="Images shown, evenly over the units.")] = 6,
     queue: Annotated[int, typer.Option(min=0, metavar="N", help="Most uncertain images in the review queue.")] = 12,
-    queue_out: Annotated[Optional[Path], typer.Option(
-        metavar="FILE", help="Also write the review queue to this CSV file.")] = None,
+    queue_out: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Also write the review queue to this CSV file.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
     """One HTML page showing, in pictures, whether a run's labels can be trusted."""
     from seglab.cli import render
-    from seglab.pipeline.report_html import write_report
+    from seglab.pipeline.report.html import write_report
 
-    written = write_report(store, out, manifest=manifest, sample=sample, queue=queue, queue_out=queue_out,
-                           overwrite=overwrite)
-    render.console.print(f"wrote {written['path']} ({written['bytes'] / 1024:.0f} KB): {written['sample']} sample "
-                         f"and {written['queue']} review-queue images in {written['seconds']:.1f}s")
+    written = write_report(
+        store, out, manifest=manifest, sample=sample, queue=queue, queue_out=queue_out, overwrite=overwrite
+    )
+    render.console.print(
+        f"wrote {written['path']} ({written['bytes'] / 1024:.0f} KB): {written['sample']} sample "
+        f"and {written['queue']} review-queue images in {written['seconds']:.1f}s"
+    )
 
 
-@app.command("simulate-weak", cls=HelpCommand, epilog=examples(
-    "seglab simulate-weak --masks gold --kind scribbles --out weak/scribbles",
-    "seglab simulate-weak --masks camvid/trainannot --images camvid/train --kind points --ignore 11 "
-    "--list train.txt --out weak/points",
-    "seglab simulate-weak --masks gold --kind boxes --limit 20 --out weak/boxes-20",
-    "seglab simulate-weak --masks grabcut/masks --kind boxes --background 0 --ignore 128 --out weak/boxes"))
+@app.command(
+    "simulate-weak",
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab simulate-weak --masks gold --kind scribbles --out weak/scribbles",
+        "seglab simulate-weak --masks camvid/trainannot --images camvid/train --kind points --ignore 11 "
+        "--list train.txt --out weak/points",
+        "seglab simulate-weak --masks gold --kind boxes --limit 20 --out weak/boxes-20",
+        "seglab simulate-weak --masks grabcut/masks --kind boxes --background 0 --ignore 128 --out weak/boxes",
+    ),
+)
 @handled
 def simulate_weak(
     masks: Annotated[Path, typer.Option(metavar="DIR", help="Folder of ground-truth class-id masks.")],
     kind: Annotated[str, typer.Option(metavar="KIND", help="points, scribbles, coarse or boxes.")],
     out: Annotated[Path, typer.Option(metavar="DIR", help="New folder for the weak labels.")],
     seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same weak labels.")] = 0,
-    ignore: Annotated[Optional[list[int]], typer.Option(
-        metavar="ID", help="Mask values that are not classes (repeatable).")] = None,
-    images: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="Image folder, to name table rows by image file.")] = None,
-    unlabelled: Annotated[int, typer.Option(min=0, max=65535, metavar="V",
-                                            help="Label-map value for 'no label' (scribbles, coarse).")] = 255,
-    list_: Annotated[Optional[Path], typer.Option(
-        "--list", metavar="FILE",
-        help="Only the masks named in this file: one image or mask file name, or stem, a line.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Only the first N masks (by name).")] = None,
-    background: Annotated[Optional[int], typer.Option(
-        metavar="ID", help="Boxes only: the class whose components get no box (what no box covers).")] = None,
+    ignore: Annotated[
+        list[int] | None, typer.Option(metavar="ID", help="Mask values that are not classes (repeatable).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Image folder, to name table rows by image file.")
+    ] = None,
+    unlabelled: Annotated[
+        int, typer.Option(min=0, max=65535, metavar="V", help="Label-map value for 'no label' (scribbles, coarse).")
+    ] = 255,
+    list_: Annotated[
+        Path | None,
+        typer.Option(
+            "--list",
+            metavar="FILE",
+            help="Only the masks named in this file: one image or mask file name, or stem, a line.",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Only the first N masks (by name).")] = None,
+    background: Annotated[
+        int | None,
+        typer.Option(metavar="ID", help="Boxes only: the class whose components get no box (what no box covers)."),
+    ] = None,
 ) -> None:
     """Derive weak labels from ground-truth masks the way weakly supervised papers do."""
     from seglab.cli import render
-    from seglab.pipeline.simulate import read_names, simulate_weak as simulate
+    from seglab.pipeline.evaluation.simulate import read_names
+    from seglab.pipeline.evaluation.simulate import simulate_weak as simulate
 
     names = read_names(list_) if list_ else None
     with render.RichProgress() as progress:
-        count = simulate(masks=masks, kind=kind, out=out, seed=seed, ignore=tuple(ignore or ()), images=images,
-                         unlabelled=unlabelled, names=names, limit=limit, progress=progress, background=background)
+        count = simulate(
+            masks=masks,
+            kind=kind,
+            out=out,
+            seed=seed,
+            ignore=tuple(ignore or ()),
+            images=images,
+            unlabelled=unlabelled,
+            names=names,
+            limit=limit,
+            progress=progress,
+            background=background,
+        )
     render.console.print(f"wrote {kind} for {count} masks to {out}")
 
 
-bench = typer.Typer(help="Benchmarks (measurements, not tests).", no_args_is_help=True, cls=HelpGroup,
-                    epilog=examples("seglab bench quality --limit 10", "seglab bench rerun --json"))
+bench = typer.Typer(
+    help="Benchmarks (measurements, not tests).",
+    no_args_is_help=True,
+    cls=HelpGroup,
+    epilog=examples("seglab bench quality --limit 10", "seglab bench rerun --json"),
+)
 app.add_typer(bench, name="bench")
 
 
@@ -292,8 +388,9 @@ app.add_typer(bench, name="bench")
 @handled
 def bench_encoder(
     backend: Annotated[str, typer.Option(metavar="NAME", help="Backend to measure.")] = "sam",
-    model: Annotated[str, typer.Option(
-        metavar="MODEL", help="SAM encoder: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    model: Annotated[
+        str, typer.Option(metavar="MODEL", help="SAM encoder: vit_b, vit_l or vit_h (random weights).")
+    ] = "vit_b",
     images: Annotated[int, typer.Option(min=1, metavar="N", help="Images (480x640, random).")] = 4,
     batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images per encoder call.")] = 2,
     precision: Annotated[str, typer.Option(metavar="PRECISION", help="auto, bf16, fp16 or fp32.")] = "auto",
@@ -301,55 +398,78 @@ def bench_encoder(
 ) -> None:
     """Images/s through the embed stage vs a bare encoder forward, GFLOP/s, bytes stored."""
     from seglab.cli import render
-    from seglab.workers.bench_encoder import bench_encoder as measure
+    from seglab.workers.bench.encoder import bench_encoder as measure
 
     if backend != "sam":
         raise SeglabError(f"bench encoder measures the 'sam' backend; got '{backend}'")
     render.figures(measure(model=model, images=images, batch_size=batch_size, precision=precision), json_)
 
 
-@bench.command("decode", cls=HelpCommand, epilog=examples(
-    "seglab bench decode", "seglab bench decode --prompts-per-image 64 --json"))
+@bench.command(
+    "decode",
+    cls=HelpCommand,
+    epilog=examples("seglab bench decode", "seglab bench decode --prompts-per-image 64 --json"),
+)
 @handled
 def bench_decode(
-    model: Annotated[str, typer.Option(
-        metavar="MODEL", help="SAM model: vit_b, vit_l or vit_h (random weights).")] = "vit_b",
+    model: Annotated[
+        str, typer.Option(metavar="MODEL", help="SAM model: vit_b, vit_l or vit_h (random weights).")
+    ] = "vit_b",
     images: Annotated[int, typer.Option(min=1, metavar="N", help="Images (480x640, synthetic).")] = 4,
-    prompts_per_image: Annotated[int, typer.Option(min=1, max=4096, metavar="N",
-                                                   help="Prompts per image (from simulated scribbles).")] = 32,
-    prompt_batch: Annotated[Optional[int], typer.Option(min=1, max=4096, metavar="B",
-                                                        help="Prompts per decoder call (default: the backend's).")] = None,
-    precision: Annotated[str, typer.Option(
-        metavar="PRECISION", help="Encoder autocast of the pipeline: auto, bf16, fp16 or fp32.")] = "auto",
+    prompts_per_image: Annotated[
+        int, typer.Option(min=1, max=4096, metavar="N", help="Prompts per image (from simulated scribbles).")
+    ] = 32,
+    prompt_batch: Annotated[
+        int | None,
+        typer.Option(min=1, max=4096, metavar="B", help="Prompts per decoder call (default: the backend's)."),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(metavar="PRECISION", help="Encoder autocast of the pipeline: auto, bf16, fp16 or fp32.")
+    ] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Prompts/s decoded by the pipeline from cached features vs the naive SamPredictor loop."""
     from seglab.cli import render
-    from seglab.workers.bench_decode import bench_decode as measure
+    from seglab.workers.bench.decode import bench_decode as measure
 
     if model not in ("vit_b", "vit_l", "vit_h"):
         raise SeglabError(f"bench decode measures SAM vit_b, vit_l or vit_h; got '{model}'")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise SeglabError(f"unknown precision '{precision}'; choose auto, bf16, fp16 or fp32")
-    render.figures(measure(model=model, images=images, prompts_per_image=prompts_per_image, batch=prompt_batch,
-                           precision=precision), json_)
+    render.figures(
+        measure(
+            model=model, images=images, prompts_per_image=prompts_per_image, batch=prompt_batch, precision=precision
+        ),
+        json_,
+    )
 
 
-@bench.command("quality", cls=HelpCommand, epilog=examples(
-    "seglab bench quality", "seglab bench quality manifests/bench/camvid-scribbles.yaml --limit 20 --force select"))
+@bench.command(
+    "quality",
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab bench quality", "seglab bench quality manifests/bench/camvid-scribbles.yaml --limit 20 --force select"
+    ),
+)
 @handled
 def bench_quality(
-    manifests: Annotated[Optional[list[Path]], typer.Argument(
-        help="Benchmark manifests (default: every manifests/bench/*.yaml of the source checkout).")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        min=1, metavar="N", help="Only each manifest's first N images.")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(
-        metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES}).")] = None,
+    manifests: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Benchmark manifests (default: every manifests/bench/*.yaml of the source checkout)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, metavar="N", help="Only each manifest's first N images.")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="STAGE", help=f"Recompute this stage and everything downstream (repeatable; {STAGE_NAMES})."
+        ),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Simulate weak labels, run, evaluate: mIoU and s/img of select, refine and classical baselines."""
     from seglab.cli import render
-    from seglab.pipeline.bench_quality import bench_quality as measure, default_manifests
+    from seglab.pipeline.bench.quality import bench_quality as measure
+    from seglab.pipeline.bench.quality import default_manifests
 
     paths = manifests or default_manifests()
     options = dict(limit=limit, force=tuple(force or ()))
@@ -361,48 +481,68 @@ def bench_quality(
     render.quality_table(rows, json_)
 
 
-@bench.command("conformal", cls=HelpCommand, epilog=examples(
-    "seglab bench conformal manifests/bench/calibrated/camvid-scribbles.yaml --alpha 0.05 --alpha 0.1"))
+@bench.command(
+    "conformal",
+    cls=HelpCommand,
+    epilog=examples("seglab bench conformal manifests/bench/calibrated/camvid-scribbles.yaml --alpha 0.05 --alpha 0.1"),
+)
 @handled
 def bench_conformal(
     manifest: ManifestArg,
     store: StoreOption = None,
-    alpha: Annotated[Optional[list[float]], typer.Option(metavar="A", help="Target miscoverage (repeatable).")] = None,
+    alpha: Annotated[list[float] | None, typer.Option(metavar="A", help="Target miscoverage (repeatable).")] = None,
     splits: Annotated[int, typer.Option(min=1, metavar="N", help="Random calibration/test splits.")] = 20,
     calibration: Annotated[int, typer.Option(min=1, metavar="N", help="Calibration images per split.")] = 50,
-    method: Annotated[str, typer.Option(
-        metavar="METHOD", help="risk-control, mondrian or pixel-split.")] = "risk-control",
+    method: Annotated[
+        str, typer.Option(metavar="METHOD", help="risk-control, mondrian or pixel-split.")
+    ] = "risk-control",
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the splits.")] = 0,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Fit conformal thresholds on random splits of the evaluation images; test miscoverage on the rest."""
     from seglab.cli import render
-    from seglab.pipeline.bench_conformal import bench_conformal as measure
-    from seglab.stages.conformal import METHODS
+    from seglab.pipeline.bench.conformal import bench_conformal as measure
+    from seglab.stages.parts.conformal import METHODS
 
     if method not in METHODS:
         raise SeglabError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    result = measure(_manifest(manifest, store), alphas=tuple(alpha or (0.05, 0.1)), splits=splits,
-                     calibration=calibration, method=method, seed=seed)
+    result = measure(
+        _manifest(manifest, store),
+        alphas=tuple(alpha or (0.05, 0.1)),
+        splits=splits,
+        calibration=calibration,
+        method=method,
+        seed=seed,
+    )
     render.conformal_table(result, json_)
 
 
-@bench.command("retrain", cls=HelpCommand, epilog=examples(
-    "seglab bench retrain manifests/bench/retrain/camvid-scribbles.yaml --gold-masks ../shared/data/camvid/trainannot "
-    "--gold-ignore 11"))
+@bench.command(
+    "retrain",
+    cls=HelpCommand,
+    epilog=examples(
+        "seglab bench retrain manifests/bench/retrain/camvid-scribbles.yaml "
+        "--gold-masks ../shared/data/camvid/trainannot --gold-ignore 11"
+    ),
+)
 @handled
 def bench_retrain(
     manifest: ManifestArg,
-    gold_masks: Annotated[Path, typer.Option(
-        metavar="DIR", help="Folder of gold masks of the training images, named by image stem (stem.png).")],
-    gold_ignore: Annotated[Optional[list[int]], typer.Option(
-        metavar="V", help="Gold mask value not to learn from (repeatable).")] = None,
+    gold_masks: Annotated[
+        Path,
+        typer.Option(
+            metavar="DIR", help="Folder of gold masks of the training images, named by image stem (stem.png)."
+        ),
+    ],
+    gold_ignore: Annotated[
+        list[int] | None, typer.Option(metavar="V", help="Gold mask value not to learn from (repeatable).")
+    ] = None,
     store: StoreOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Segmenter trained on seglab's labels against the same one trained on ground truth."""
     from seglab.cli import render
-    from seglab.pipeline.bench_retrain import bench_retrain as measure
+    from seglab.pipeline.bench.retrain import bench_retrain as measure
 
     loaded = _manifest(manifest, store)
     if json_:
@@ -413,38 +553,45 @@ def bench_retrain(
     render.retrain_table(result, json_)
 
 
-@bench.command("scale", cls=HelpCommand, epilog=examples(
-    "seglab bench scale --json", "seglab bench scale --images 200 --workers 1 --workers 2"))
+@bench.command(
+    "scale",
+    cls=HelpCommand,
+    epilog=examples("seglab bench scale --json", "seglab bench scale --images 200 --workers 1 --workers 2"),
+)
 @handled
 def bench_scale(
-    images: Annotated[Optional[list[int]], typer.Option(min=1, metavar="N", help="Dataset sizes (repeatable).")] = None,
-    workers: Annotated[Optional[list[int]], typer.Option(
-        min=1, metavar="N", help="Workers per stage (repeatable).")] = None,
-    folder: Annotated[Path, typer.Option(
-        metavar="DIR", help="Where the synthetic images and the stores go.")] = Path("runs/bench/scale"),
+    images: Annotated[list[int] | None, typer.Option(min=1, metavar="N", help="Dataset sizes (repeatable).")] = None,
+    workers: Annotated[
+        list[int] | None, typer.Option(min=1, metavar="N", help="Workers per stage (repeatable).")
+    ] = None,
+    folder: Annotated[Path, typer.Option(metavar="DIR", help="Where the synthetic images and the stores go.")] = Path(
+        "runs/bench/scale"
+    ),
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Synthetic images through the whole DAG: wall time, images/s per stage, peak memory of
     driver and workers, at each size and worker count."""
     from seglab.cli import render
-    from seglab.pipeline.bench_scale import bench_scale as measure
+    from seglab.pipeline.bench.scale import bench_scale as measure
 
     render.scale_table(measure(folder, images=tuple(images or (200, 2000)), workers=tuple(workers or (1, 2))), json_)
 
 
-@bench.command("rerun", cls=HelpCommand, epilog=examples(
-    "seglab bench rerun --json", "seglab bench rerun manifest.yaml"))
+@bench.command(
+    "rerun", cls=HelpCommand, epilog=examples("seglab bench rerun --json", "seglab bench rerun manifest.yaml")
+)
 @handled
 def bench_rerun(
-    manifest: Annotated[Optional[str], typer.Argument(help="Manifest to run twice (default: synthetic images).")] = None,
+    manifest: Annotated[str | None, typer.Argument(help="Manifest to run twice (default: synthetic images).")] = None,
     images: Annotated[int, typer.Option(min=1, metavar="N", help="Synthetic images when no manifest is given.")] = 200,
-    folder: Annotated[Path, typer.Option(
-        metavar="DIR", help="Where the synthetic images and the store go.")] = Path("runs/bench/rerun"),
+    folder: Annotated[Path, typer.Option(metavar="DIR", help="Where the synthetic images and the store go.")] = Path(
+        "runs/bench/rerun"
+    ),
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A run from nothing, then the same run again: wall times, their ratio, encoder calls in the rerun."""
     from seglab.cli import render
-    from seglab.pipeline.bench_scale import bench_rerun as measure
+    from seglab.pipeline.bench.scale import bench_rerun as measure
 
     render.figures(measure(folder, images=images, manifest=Path(manifest) if manifest else None), json_)
 

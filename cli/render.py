@@ -1,4 +1,5 @@
 """Everything the terminal shows: progress bars, tables, one-line errors (rich)."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from seglab.pipeline.bench_quality import REFINE, SELECT, QualityRow
-from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.evaluate import Evaluation
-from seglab.pipeline.runner import RunOptions, RunReport, StageReport
+from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.bench.results import REFINE, SELECT, QualityRow
+from seglab.pipeline.evaluation.evaluate import Evaluation
+from seglab.pipeline.records import RunOptions, RunReport, StageReport
 from seglab.pipeline.status import StageStatus
 from seglab.pipeline.units import UnlabelledImages
 
@@ -41,7 +42,7 @@ class RichProgress:
         )
         self.tasks: dict[str, int] = {}
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self.bars.start()
         return self
 
@@ -88,16 +89,21 @@ class Rerun:
 
 def run_flags(options: RunOptions) -> tuple[str, ...]:
     """``--from``, ``--only``, ``--force`` (each) and ``--address`` of a run, as command-line words."""
-    given = [("--from", options.start), ("--only", options.only), *(("--force", f) for f in options.force),
-             ("--address", options.address)]
+    given = [
+        ("--from", options.start),
+        ("--only", options.only),
+        *(("--force", f) for f in options.force),
+        ("--address", options.address),
+    ]
     return tuple(word for flag, value in given if value is not None for word in (flag, value))
 
 
 def _plan_table(report: RunReport) -> Table:
     table = Table("stage", "total", "done", "to do", "blocked", "why", title="plan (dry run)")
     for s in report.stages:
-        table.add_row(escape(s.stage), str(s.total), str(s.already_done), str(s.todo), str(s.blocked),
-                      escape("; ".join(s.why)))
+        table.add_row(
+            escape(s.stage), str(s.total), str(s.already_done), str(s.todo), str(s.blocked), escape("; ".join(s.why))
+        )
     return table
 
 
@@ -107,22 +113,29 @@ def next_steps(report: RunReport, rerun: Rerun) -> str:
     failed = sum(len(s.failures) for s in report.stages)
     waiting = sum(s.blocked for s in report.stages)
     if failed:
-        return (f"{failed} unit(s) failed (reasons above). Next: fix them and rerun {rerun.command('run')}; finished "
-                f"work is kept. {rerun.command('status', '--json')} lists the failures.")
+        return (
+            f"{failed} unit(s) failed (reasons above). Next: fix them and rerun {rerun.command('run')}; finished "
+            f"work is kept. {rerun.command('status', '--json')} lists the failures."
+        )
     if waiting:
-        return (f"{waiting} unit(s) wait on stages this run did not finish. Next: {rerun.command('status')} "
-                f"shows them; {rerun.command('run')} runs every stage.")
+        return (
+            f"{waiting} unit(s) wait on stages this run did not finish. Next: {rerun.command('status')} "
+            f"shows them; {rerun.command('run')} runs every stage."
+        )
     store = shlex.quote(report.store)
-    return (f"Labels in {report.store}. Next: {rerun.command('status')} · "
-            f"seglab export {store} --format png --out labels · seglab report {store} --out report.html")
+    return (
+        f"Labels in {report.store}. Next: {rerun.command('status')} · "
+        f"seglab export {store} --format png --out labels · seglab report {store} --out report.html"
+    )
 
 
 def run_summary(report: RunReport, rerun: Rerun) -> None:
     """After ``seglab run``: the plan of a dry run, else warnings and failures, then what to do next."""
     if report.dry_run:
         console.print(_plan_table(report))
-        console.print(f"Dry run: nothing was written. To run it: {rerun.command('run', *rerun.selection)}",
-                      markup=False)
+        console.print(
+            f"Dry run: nothing was written. To run it: {rerun.command('run', *rerun.selection)}", markup=False
+        )
         return
     if report.work_done == 0 and report.ok:
         console.print(f"Nothing to do: every stage is complete in {report.store}.")
@@ -148,15 +161,24 @@ def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
     table = Table("stage", "done", "total", "failed", "blocked", "signature", "seconds")
     for r in rows:
         sig = {"current": "[green]current[/green]", "stale": "[red]stale[/red]", "none": "-"}[r.signature]
-        table.add_row(r.stage, str(r.done), str(r.total), str(r.failed), str(r.blocked), sig,
-                      "" if r.seconds is None else f"{r.seconds:.1f}")
+        table.add_row(
+            r.stage,
+            str(r.done),
+            str(r.total),
+            str(r.failed),
+            str(r.blocked),
+            sig,
+            "" if r.seconds is None else f"{r.seconds:.1f}",
+        )
     console.print(table)
     for r in rows:
         for change in r.changes:
             console.print(f"[red]{r.stage}[/red] changed: {change}")
         if r.missing:
-            errors.print(f"[yellow]{r.stage}: {r.missing} finished unit(s) have arrays missing from the store; "
-                         f"`seglab run` computes them again[/yellow]")
+            errors.print(
+                f"[yellow]{r.stage}: {r.missing} finished unit(s) have arrays missing from the store; "
+                f"`seglab run` computes them again[/yellow]"
+            )
         for warning in r.warnings:
             errors.print(f"[yellow]{r.stage}: {warning}[/yellow]")
         if r.fit_summary:
@@ -178,8 +200,10 @@ def unlabelled_images(found: UnlabelledImages, examples: int = 3) -> None:
     if not found.images:
         return
     shown = ", ".join(found.images[:examples]) + (", ..." if len(found.images) > examples else "")
-    errors.print(f"[yellow]warning[/yellow]: {len(found.images)} of {found.total} images have no weak label "
-                 f"({escape(found.absent)}): {escape(shown)}; `seglab run` fails each of them at ingest")
+    errors.print(
+        f"[yellow]warning[/yellow]: {len(found.images)} of {found.total} images have no weak label "
+        f"({escape(found.absent)}): {escape(shown)}; `seglab run` fails each of them at ingest"
+    )
 
 
 def figures(values: dict, as_json: bool) -> None:
@@ -202,20 +226,37 @@ def evaluation_tables(result: Evaluation, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    table = Table(Column("source", no_wrap=True), "images", "missing", "mIoU", "pixel acc", "labelled",
-                  "acc on labelled", title=f"label quality (%) on {result.images} evaluation images")
+    table = Table(
+        Column("source", no_wrap=True),
+        "images",
+        "missing",
+        "mIoU",
+        "pixel acc",
+        "labelled",
+        "acc on labelled",
+        title=f"label quality (%) on {result.images} evaluation images",
+    )
     for r in result.sources:
         s = r.scores
-        table.add_row(r.source, str(r.evaluated), str(len(r.missing)), _pct(s.miou), _pct(s.pixel_accuracy),
-                      _pct(s.labelled_fraction), _pct(s.labelled_accuracy))
+        table.add_row(
+            r.source,
+            str(r.evaluated),
+            str(len(r.missing)),
+            _pct(s.miou),
+            _pct(s.pixel_accuracy),
+            _pct(s.labelled_fraction),
+            _pct(s.labelled_accuracy),
+        )
     console.print(table)
     for r in result.sources:
         if r.measures:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in r.measures.items())
             console.print(f"{r.source}: {shown} (mean over its {r.evaluated} images)")
         if r.stale:
-            console.print(f"[yellow]{r.source}[/yellow]: the store's outputs were made with other settings and are "
-                          "not evaluated (`seglab status` names the change)")
+            console.print(
+                f"[yellow]{r.source}[/yellow]: the store's outputs were made with other settings and are "
+                "not evaluated (`seglab status` names the change)"
+            )
     per_class = Table("class", *(r.source for r in result.sources), title="IoU % per class")
     for k, name in enumerate(result.class_names):
         per_class.add_row(name, *(_pct(r.scores.iou[k]) for r in result.sources))
@@ -233,12 +274,27 @@ def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
     if as_json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return
-    names = {"nearest": "nearest", "random_walker": "random walker", "superpixel_walker": "superpixel walker",
-             "dense_crf": "dense CRF", "grabcut": "GrabCut"}
-    table = Table(Column("dataset", no_wrap=True), Column("kind", no_wrap=True), "images", *names.values(),
-                  "select", "refine", "refine − best", "AUROC", "s/img select+refine", "s/img best",
-                  title="mIoU % (the best baseline in bold; refine − best: refine − the best baseline, in points; "
-                        "AUROC: refine's uncertainty against its errors; s/img: mean seconds per image)")
+    names = {
+        "nearest": "nearest",
+        "random_walker": "random walker",
+        "superpixel_walker": "superpixel walker",
+        "dense_crf": "dense CRF",
+        "grabcut": "GrabCut",
+    }
+    table = Table(
+        Column("dataset", no_wrap=True),
+        Column("kind", no_wrap=True),
+        "images",
+        *names.values(),
+        "select",
+        "refine",
+        "refine − best",
+        "AUROC",
+        "s/img select+refine",
+        "s/img best",
+        title="mIoU % (the best baseline in bold; refine − best: refine − the best baseline, in points; "
+        "AUROC: refine's uncertainty against its errors; s/img: mean seconds per image)",
+    )
     for r in rows:
         select = r.source(SELECT)
         images = f"{select.evaluated}/{r.evaluation.images}" if select else f"0/{r.evaluation.images}"
@@ -252,15 +308,26 @@ def quality_table(rows: Sequence[QualityRow], as_json: bool) -> None:
                 cell = _pct(r.miou(name))
                 cells.append(f"[bold]{cell}[/bold]" if name == best else cell)
         best_seconds = r.seconds_per_image(best) if best else float("nan")
-        table.add_row(r.dataset, r.kind, images, *cells, _pct(r.miou(SELECT)), _pct(r.miou(REFINE)),
-                      _points(r.refine_minus_best_baseline), auroc, _per_image(r.pipeline_seconds),
-                      f"{_per_image(best_seconds)} ({names[best]})" if best else "-")
+        table.add_row(
+            r.dataset,
+            r.kind,
+            images,
+            *cells,
+            _pct(r.miou(SELECT)),
+            _pct(r.miou(REFINE)),
+            _points(r.refine_minus_best_baseline),
+            auroc,
+            _per_image(r.pipeline_seconds),
+            f"{_per_image(best_seconds)} ({names[best]})" if best else "-",
+        )
     console.print(table)
     for r in rows:
         for name, result in r.baselines.items():
             if result.unavailable:
-                console.print(f"[yellow]{r.dataset} {r.kind}: {names.get(name, name)} not measured[/yellow]: "
-                              f"{escape(result.unavailable)}")
+                console.print(
+                    f"[yellow]{r.dataset} {r.kind}: {names.get(name, name)} not measured[/yellow]: "
+                    f"{escape(result.unavailable)}"
+                )
         if r.failed:
             errors.print(f"[red]{r.manifest}: {r.failed} unit(s) failed; `seglab status` lists them[/red]")
 
@@ -274,14 +341,24 @@ def conformal_table(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("alpha", "miscoverage", "kept pixels", "kept accuracy", "threshold",
-                  title=f"{result['method']} over {result['splits']} random splits: {result['calibration']} "
-                        f"calibration / {result['test']} test images")
+    table = Table(
+        "alpha",
+        "miscoverage",
+        "kept pixels",
+        "kept accuracy",
+        "threshold",
+        title=f"{result['method']} over {result['splits']} random splits: {result['calibration']} "
+        f"calibration / {result['test']} test images",
+    )
     for alpha, row in result["alphas"].items():
         s = row["summary"]
-        table.add_row(alpha, f"{s['miscoverage']['mean']:.4f} ± {s['miscoverage']['std']:.4f}",
-                      f"{100 * s['kept']['mean']:.1f} %", f"{100 * s['kept_accuracy']['mean']:.2f} %",
-                      f"{s['threshold']['mean']:.4f}")
+        table.add_row(
+            alpha,
+            f"{s['miscoverage']['mean']:.4f} ± {s['miscoverage']['std']:.4f}",
+            f"{100 * s['kept']['mean']:.1f} %",
+            f"{100 * s['kept_accuracy']['mean']:.2f} %",
+            f"{s['threshold']['mean']:.4f}",
+        )
     console.print(table)
 
 
@@ -290,13 +367,20 @@ def retrain_table(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("trained on", "label mIoU %", "segmenter mIoU %", "of ground truth's", "train s",
-                  title=f"{result['architecture']}, {result['epochs']} epochs, {result['training_images']} training "
-                        f"images, scored on {result['evaluation_images']} evaluation images")
+    table = Table(
+        "trained on",
+        "label mIoU %",
+        "segmenter mIoU %",
+        "of ground truth's",
+        "train s",
+        title=f"{result['architecture']}, {result['epochs']} epochs, {result['training_images']} training "
+        f"images, scored on {result['evaluation_images']} evaluation images",
+    )
     for r in result["rounds"]:
         seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        table.add_row(f"round {r['round']} labels", _pct(r["label_miou"]), _pct(r["segmenter_miou"]),
-                      _pct(r["ratio"]), seconds)
+        table.add_row(
+            f"round {r['round']} labels", _pct(r["label_miou"]), _pct(r["segmenter_miou"]), _pct(r["ratio"]), seconds
+        )
     truth = result["ground_truth"]
     table.add_row("ground truth", "100.0", _pct(truth["segmenter_miou"]), "100.0", f"{truth['train_seconds']:.0f}")
     console.print(table)
@@ -308,18 +392,28 @@ def export_summary(meta: dict, out) -> None:
     stage and error that stopped them)."""
     written = meta["written"]
     extra = f", {written['annotations']} region annotations" if "annotations" in written else ""
-    console.print(f"wrote {written['images']} images of [bold]{meta['stage']}[/bold] (round {meta['round']}) "
-                  f"as {meta['format']} to {out}{extra}")
+    console.print(
+        f"wrote {written['images']} images of [bold]{meta['stage']}[/bold] (round {meta['round']}) "
+        f"as {meta['format']} to {out}{extra}"
+    )
     if meta["dropped"]:
-        console.print(f"dropped {len(meta['dropped'])} images with more than {meta['filters']['max_uncertain']:.0%} "
-                      f"uncertain pixels (listed in export.json)")
+        console.print(
+            f"dropped {len(meta['dropped'])} images with more than {meta['filters']['max_uncertain']:.0%} "
+            f"uncertain pixels (listed in export.json)"
+        )
     if meta["damaged"]:
-        console.print(f"[yellow]skipped {len(meta['damaged'])} images whose stored arrays are missing or damaged"
-                      f"[/yellow] (listed in export.json as 'damaged'; `seglab run` redoes them)", highlight=False)
+        console.print(
+            f"[yellow]skipped {len(meta['damaged'])} images whose stored arrays are missing or damaged"
+            f"[/yellow] (listed in export.json as 'damaged'; `seglab run` redoes them)",
+            highlight=False,
+        )
     failed = meta["failed"]
     if failed:
-        console.print(f"[yellow]{len(failed)} images of the run have no finished {meta['stage']} labels and are not "
-                      f"exported[/yellow] (all listed in export.json as 'failed'):", highlight=False)
+        console.print(
+            f"[yellow]{len(failed)} images of the run have no finished {meta['stage']} labels and are not "
+            f"exported[/yellow] (all listed in export.json as 'failed'):",
+            highlight=False,
+        )
         for f in failed[:5]:
             why = f"failed: {f['error']}" if f["error"] else "not finished"
             console.print(f"  {f['unit']}: {f['stage']} {why}", markup=False, highlight=False)
@@ -334,9 +428,15 @@ def scale_table(result: dict, as_json: bool) -> None:
         return
     table = Table("images", "workers", "wall s", "map s", "img/s", "driver peak MiB", "worker peak MiB")
     for r in result["runs"]:
-        table.add_row(str(r["images"]), str(r["workers"]), f"{r['seconds']:.1f}", f"{r['map_seconds']:.1f}",
-                      f"{r['images_per_second']:.2f}", f"{r['driver_peak_rss'] / 2**20:.0f}",
-                      f"{(r['worker_peak_rss'] or 0) / 2**20:.0f}")
+        table.add_row(
+            str(r["images"]),
+            str(r["workers"]),
+            f"{r['seconds']:.1f}",
+            f"{r['map_seconds']:.1f}",
+            f"{r['images_per_second']:.2f}",
+            f"{r['driver_peak_rss'] / 2**20:.0f}",
+            f"{(r['worker_peak_rss'] or 0) / 2**20:.0f}",
+        )
     console.print(table)
     for key in ("driver_memory_ratio", "worker_memory_ratio", "worker_speedup"):
         if key in result:

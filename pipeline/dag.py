@@ -1,10 +1,11 @@
 """The stage graph, derived only from what each stage declares it reads."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from graphlib import CycleError, TopologicalSorter
 
-from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.base.errors import SeglabError
 from seglab.stages.base import Stage
 
 

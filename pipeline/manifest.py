@@ -7,30 +7,38 @@ lists and Parquet indexes may be anywhere (a subset of a read-only dataset): a r
 one is looked for beside the manifest, then under ``data.root``; their entries must stay
 inside it. The result is a frozen ``Manifest`` that the rest of seglab trusts.
 """
+
 from __future__ import annotations
 
 import io
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
+import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.paths import check_data_root, check_glob_walk, is_url, resolve as _resolve, resolve_index
+from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.core.paths import check_data_root, check_glob_walk, is_url, resolve_index
+from seglab.pipeline.core.paths import resolve as _resolve
+from seglab.pipeline.core.registry import STAGES
 from seglab.stages.base import ROUND_SEPARATOR
-from seglab.stages.calibrate import CalibrateConfig
-from seglab.stages.embed import EmbedConfig
-from seglab.stages.ingest import IngestConfig
-from seglab.stages.prompts import PromptsConfig
-from seglab.stages.refine import RefineConfig
-from seglab.stages.retrain import RetrainConfig
-from seglab.stages.select import SelectConfig
 from seglab.workers.model_configs import Sam2Config, SamConfig
 from seglab.workers.weightfree import WeightFreeConfig
 
 BackendConfig = Annotated[WeightFreeConfig | SamConfig | Sam2Config, Field(discriminator="name")]
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,11 +48,16 @@ class ImageSource(_Frozen):
     """Exactly one way of listing images."""
 
     glob: str | None = Field(None, description="Glob relative to data.root, e.g. 'images/*.png' ('**' recurses).")
-    list: str | None = Field(None, description="Text file with one image path per line, relative to data.root and "
-                             "inside it. The file itself may be anywhere: a relative path is looked for beside the "
-                             "manifest, then under data.root.")
-    parquet: str | None = Field(None, description="Parquet index with one image path per row (relative to data.root "
-                                "and inside it); found like list.")
+    list: str | None = Field(
+        None,
+        description="Text file with one image path per line, relative to data.root and "
+        "inside it. The file itself may be anywhere: a relative path is looked for beside the "
+        "manifest, then under data.root.",
+    )
+    parquet: str | None = Field(
+        None,
+        description="Parquet index with one image path per row (relative to data.root and inside it); found like list.",
+    )
     column: str = Field("path", description="Column of the Parquet index holding the image path.")
     sample: tuple[str, ...] | None = Field(
         None, description="Names of photographs bundled with scikit-image (e.g. astronaut, coffee) for demos."
@@ -77,7 +90,7 @@ class ImageSource(_Frozen):
         return raw
 
     @model_validator(mode="after")
-    def _index_readable(self, info: ValidationInfo) -> "ImageSource":
+    def _index_readable(self, info: ValidationInfo) -> ImageSource:
         if info.context and (self.list is not None or self.parquet is not None):
             _check_index(self)  # a manifest being loaded: its image index must be readable now
         return self
@@ -92,8 +105,6 @@ def _check_index(source: ImageSource) -> None:
         if source.list is not None:
             entries = [line.strip() for line in index.read_text(encoding="utf-8").splitlines()]
         else:
-            import pyarrow.parquet as pq
-
             entries = [str(v) for v in pq.read_table(index, columns=[source.column]).column(0).to_pylist()]
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} {index} is not UTF-8 text ({exc})") from None
@@ -102,8 +113,10 @@ def _check_index(source: ImageSource) -> None:
         raise ValueError(f"{what} {index} cannot be read: {reason}") from None
     urls = [entry for entry in entries if is_url(entry)]
     if urls:
-        raise ValueError(f"{what} {index} names URLs ({', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}); "
-                         f"only local paths relative to data.root are accepted")
+        raise ValueError(
+            f"{what} {index} names URLs ({', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}); "
+            f"only local paths relative to data.root are accepted"
+        )
 
 
 class WeakLabels(_Frozen):
@@ -115,9 +128,12 @@ class WeakLabels(_Frozen):
     )
     unlabelled: int = Field(255, ge=0, le=65535, description="Label-map value meaning 'no label'.")
     background: int | None = Field(
-        None, ge=0, le=65534, description="Boxes only; one of data.classes' ids. The class of everything no box "
+        None,
+        ge=0,
+        le=65534,
+        description="Boxes only; one of data.classes' ids. The class of everything no box "
         "covers; it gets no boxes of its own and may appear anywhere, including inside other classes' boxes. "
-        "Unset: every class that appears has boxes, and a class appears only inside its boxes."
+        "Unset: every class that appears has boxes, and a class appears only inside its boxes.",
     )
 
     @field_validator("path")
@@ -130,8 +146,10 @@ class WeakLabels(_Frozen):
     def _boxes_only(cls, v: int | None, info: ValidationInfo) -> int | None:
         kind = info.data.get("kind")  # absent when kind itself is invalid: that error is reported instead
         if v is not None and kind is not None and kind != "boxes":
-            raise ValueError(f"is only for kind: boxes, not kind: {kind} (the other kinds label the background "
-                             f"like any class, where it is drawn)")
+            raise ValueError(
+                f"is only for kind: boxes, not kind: {kind} (the other kinds label the background "
+                f"like any class, where it is drawn)"
+            )
         return v
 
 
@@ -157,8 +175,11 @@ class GoldSet(_Frozen):
 
 
 class DataConfig(_Frozen):
-    root: str = Field(".", description="Existing folder the images, the entries of image lists and gold masks are "
-                      "relative to and must stay inside (weak labels are relative to the manifest).")
+    root: str = Field(
+        ".",
+        description="Existing folder the images, the entries of image lists and gold masks are "
+        "relative to and must stay inside (weak labels are relative to the manifest).",
+    )
     images: ImageSource
     weak: WeakLabels
     classes: tuple[ClassSpec, ...] = Field(min_length=1)
@@ -175,7 +196,7 @@ class DataConfig(_Frozen):
         return root
 
     @model_validator(mode="after")
-    def _classes_consistent(self) -> "DataConfig":
+    def _classes_consistent(self) -> DataConfig:
         ids = [c.id for c in self.classes]
         names = [c.name for c in self.classes]
         for what, values in (("id", ids), ("name", names)):
@@ -215,15 +236,32 @@ class RayConfig(_Frozen):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     workers: int | None = Field(None, ge=1, description="Worker actors per map stage (default: what the CPUs allow).")
     max_retries: int = Field(2, ge=0, le=20, description="Retries of a unit after a transient failure.")
-    stall_timeout: float = Field(1800.0, gt=0, description="A stage fails, naming a unit in flight, when no batch "
-                                 "finishes for this many seconds (hung workers, or none can be scheduled).")
-    worker_start_timeout: float = Field(120.0, gt=0, description="A worker started to replace a lost one that does "
-                                        "not answer within this many seconds (no room left on the cluster) is given "
-                                        "up: the stage goes on with fewer workers.")
+    stall_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="A stage fails, naming a unit in flight, when no batch "
+        "finishes for this many seconds (hung workers, or none can be scheduled).",
+    )
+    worker_start_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="A worker started to replace a lost one that does "
+        "not answer within this many seconds (no room left on the cluster) is given "
+        "up: the stage goes on with fewer workers.",
+    )
 
 
-class Manifest(_Frozen):
-    """A validated manifest. ``path`` is the file it came from."""
+StageSections = create_model(
+    "StageSections",
+    __base__=_Frozen,
+    __doc__="One manifest key per stage of the registry (pipeline/core/registry.py), holding its Config.",
+    **{name: (stage.Config, stage.Config()) for name, stage in STAGES.items()},
+)
+
+
+class Manifest(StageSections):
+    """A validated manifest. ``path`` is the file it came from. Its stage keys (ingest,
+    embed, ..., retrain) come from the stage registry, so a new stage needs no edit here."""
 
     path: str = Field("", description="Set by the loader; not written in YAML.", exclude=True)
     run: RunSection
@@ -231,16 +269,14 @@ class Manifest(_Frozen):
     backend: BackendConfig = WeightFreeConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
-    ingest: IngestConfig = IngestConfig()
-    embed: EmbedConfig = EmbedConfig()
-    prompts: PromptsConfig = PromptsConfig()
-    select: SelectConfig = SelectConfig()
-    calibrate: CalibrateConfig = CalibrateConfig()
-    refine: RefineConfig = RefineConfig()
-    retrain: RetrainConfig = RetrainConfig()
-    rounds: int = Field(0, ge=0, le=20, description="Rounds of segmenter retraining: R runs refine -> retrain R "
-                        "times, each round's mean teacher feeding the next refine (store groups retrain, refine.1, "
-                        "retrain.1, ..., refine.R); 0: no retraining.")
+    rounds: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Rounds of segmenter retraining: R runs refine -> retrain R "
+        "times, each round's mean teacher feeding the next refine (store groups retrain, refine.1, "
+        "retrain.1, ..., refine.R); 0: no retraining.",
+    )
 
     @property
     def store_path(self) -> Path:
@@ -298,13 +334,17 @@ def _expanded_size(root: yaml.Node) -> int:
             ancestors.discard(id(node))
             sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
             if sizes[id(node)] > limit:
-                raise _Refused(problem=f"its aliases expand to more than {limit} values from {limit - MAX_YAML_NODES} "
-                                       f"written (an alias bomb, like 'billion laughs'?); refused without expanding it",
-                               problem_mark=node.start_mark)
+                raise _Refused(
+                    problem=f"its aliases expand to more than {limit} values from {limit - MAX_YAML_NODES} "
+                    f"written (an alias bomb, like 'billion laughs'?); refused without expanding it",
+                    problem_mark=node.start_mark,
+                )
         elif id(node) not in sizes:
             if id(node) in ancestors:
-                raise _Refused(problem="an alias refers to a node that contains it (a recursive alias)",
-                               problem_mark=node.start_mark)
+                raise _Refused(
+                    problem="an alias refers to a node that contains it (a recursive alias)",
+                    problem_mark=node.start_mark,
+                )
             ancestors.add(id(node))
             stack.append((node, True))
             stack.extend((child, False) for child in children if id(child) not in sizes)
@@ -344,9 +384,7 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
                 None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
             ) from None
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}'", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -425,8 +463,6 @@ def manifest_schema() -> dict:
     return schema
 
 
-
-
 EMBEDDED = {"demo": "demo.yaml"}
 
 
@@ -438,8 +474,6 @@ def open_manifest(arg: str | Path, *, store: Path | None = None) -> Manifest:
     """
     path = Path(arg)
     if not path.exists() and str(arg) in EMBEDDED:
-        from importlib.resources import files
-
         path = Path(str(files("seglab.manifests") / EMBEDDED[str(arg)]))
         manifest = load_manifest(path)
         store = store or Path.cwd() / "runs" / f"{manifest.run.name}.zarr"

@@ -1,12 +1,14 @@
 """What a store holds for a manifest: per stage done / failed / total and signature state."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from seglab.pipeline.fingerprint import diff_signatures, digest
+from seglab.pipeline.base.fingerprint import diff_signatures, digest
+from seglab.pipeline.core.store import Store, check_store_path
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.store import Store, check_store_path
+from seglab.pipeline.planning import Planner
 from seglab.pipeline.units import enumerate_units
 
 
@@ -41,30 +43,37 @@ class StageStatus:
 
 def store_status(manifest: Manifest) -> list[StageStatus]:
     """Every stage of the manifest's DAG against its store (read only; no store yet: all to do)."""
-    from seglab.pipeline.runner import Runner
-
-    runner = Runner(manifest)
+    planner = Planner(manifest)
     units = enumerate_units(manifest)
     unit_ids = {u.id for u in units}
     store = Store(manifest.store_path) if check_store_path(manifest.store_path) else None
     out = []
-    for name in runner.dag.order:
+    for name in planner.dag.order:
         entries = store.ledger(name).load() if store else {}
         attrs = store.stage_attrs(name) if store else {}
         stored = attrs.get("signature")
-        expected = runner.signatures[name]
+        expected = planner.signatures[name]
         state = "none" if stored is None else ("current" if digest(stored) == digest(expected) else "stale")
-        fitted = runner.current_fit(store, name, units)[0] if runner.stages[name].fits else None
-        plan = runner.plan(store, name, units, fitted=fitted and digest(fitted))
-        failed = [(u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"]
-        out.append(StageStatus(
-            stage=name, total=len(unit_ids), done=len(unit_ids) - len(plan.todo) - plan.blocked, failed=len(failed),
-            signature=state, changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
-            seconds=(attrs.get("summary") or {}).get("seconds"), failures=tuple(sorted(failed)),
-            fitted=attrs.get("fitted"),
-            fit_summary=runner.stages[name].describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
-            blocked=plan.blocked, missing=len(plan.missing),
-            warnings=tuple(store.problems_of(name)) if store else (),
-        ))
+        fitted = planner.current_fit(store, name, units)[0] if planner.stages[name].fits else None
+        plan = planner.plan(store, name, units, fitted=fitted and digest(fitted))
+        failed = [
+            (u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"
+        ]
+        out.append(
+            StageStatus(
+                stage=name,
+                total=len(unit_ids),
+                done=len(unit_ids) - len(plan.todo) - plan.blocked,
+                failed=len(failed),
+                signature=state,
+                changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
+                seconds=(attrs.get("summary") or {}).get("seconds"),
+                failures=tuple(sorted(failed)),
+                fitted=attrs.get("fitted"),
+                fit_summary=planner.stages[name].describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
+                blocked=plan.blocked,
+                missing=len(plan.missing),
+                warnings=tuple(store.problems_of(name)) if store else (),
+            )
+        )
     return out
-

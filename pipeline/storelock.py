@@ -6,6 +6,7 @@ drops the lock when the holding process dies, however it dies, so a lock left by
 run is stale by construction: the next run takes it and says whose it was. Read-only
 commands (status, export, report, evaluate) take no lock.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -13,11 +14,11 @@ import json
 import os
 import socket
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.store import LOCK_FILE
+from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.store import LOCK_FILE
 
 
 class StoreBusy(SeglabError):
@@ -25,8 +26,11 @@ class StoreBusy(SeglabError):
 
 
 def _holder_text(holder: dict) -> str:
-    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-            if holder else "a process that has not yet written its name")
+    return (
+        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        if holder
+        else "a process that has not yet written its name"
+    )
 
 
 class StoreLock:
@@ -40,18 +44,24 @@ class StoreLock:
         self.taken_over: dict | None = None
         self._fd: int | None = None
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = self._read(fd)
             os.close(fd)
-            raise StoreBusy(f"{self.path.parent}: another seglab run is using this store ({_holder_text(holder)}); "
-                            "wait for it to finish or stop it, then run again") from None
+            raise StoreBusy(
+                f"{self.path.parent}: another seglab run is using this store ({_holder_text(holder)}); "
+                "wait for it to finish or stop it, then run again"
+            ) from None
         self.taken_over = self._read(fd) or None
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv[:8]}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": sys.argv[:8],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd

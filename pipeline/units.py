@@ -4,6 +4,7 @@ Runs on the driver. Point and box tables are parsed once here, so a worker recei
 its unit's rows. Unit ids are image paths relative to the data root with '/' written as
 '__' (sample images: their file name), unique by construction.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import skimage.data
 
-from seglab.pipeline.errors import InputError, ManifestError
-from seglab.pipeline.fingerprint import digest
+from seglab.pipeline.base.errors import InputError, ManifestError
+from seglab.pipeline.base.fingerprint import digest
 from seglab.pipeline.manifest import ImageSource, Manifest
 from seglab.stages.base import Unit
-from seglab.stages.weak import assign_to_images, read_box_table, read_point_table
+from seglab.stages.parts.weak import assign_to_images, read_box_table, read_point_table
 
 #: weak-label kinds given as one table for all images, and their readers
 TABLE_KINDS = {"points": read_point_table, "boxes": read_box_table}
@@ -27,8 +29,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 def sample_image_path(name: str) -> Path:
     """A photograph bundled with scikit-image, by name (e.g. 'astronaut')."""
-    import skimage.data
-
     folder = Path(skimage.data.__file__).parent
     matches = sorted(p for p in folder.iterdir() if p.stem == name and p.suffix.lower() in IMAGE_SUFFIXES)
     if not matches:
@@ -46,8 +46,15 @@ def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Pat
         paths = [p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         outside = [p for p in paths if not p.resolve().is_relative_to(root.resolve())]
         if outside:  # a symlink under the root that points elsewhere
-            raise ManifestError(manifest_path, [("data.images.glob", f"'{outside[0]}' resolves to {outside[0].resolve()}, "
-                                                 f"outside the data root {root}")])
+            raise ManifestError(
+                manifest_path,
+                [
+                    (
+                        "data.images.glob",
+                        f"'{outside[0]}' resolves to {outside[0].resolve()}, outside the data root {root}",
+                    )
+                ],
+            )
         if not paths:
             raise ManifestError(manifest_path, [("data.images.glob", f"'{source.glob}' matches no image under {root}")])
         return sorted(paths)
@@ -109,7 +116,9 @@ def enumerate_units(manifest: Manifest) -> list[Unit]:
     for path in images:
         uid = keys[path].replace("/", "__")
         if uid in seen:
-            raise ManifestError(manifest.path, [("data.images", f"{path} and {seen[uid]} map to the same unit id '{uid}'")])
+            raise ManifestError(
+                manifest.path, [("data.images", f"{path} and {seen[uid]} map to the same unit id '{uid}'")]
+            )
         seen[uid] = path
         if tabular:
             rows = rows_by_image.get(keys[path], [])
@@ -173,14 +182,24 @@ def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Uni
     images = [p.resolve() for p in list_images(getattr(data, gold_set).images, root, manifest.path)]
     outside = [p for p in images if p not in by_image]
     if outside:
-        raise ManifestError(manifest.path, [(f"data.{gold_set}.images", f"{len(outside)} image(s) are not among "
-                                             f"data.images, e.g. {outside[0]}")])
+        raise ManifestError(
+            manifest.path,
+            [(f"data.{gold_set}.images", f"{len(outside)} image(s) are not among data.images, e.g. {outside[0]}")],
+        )
     if data.calibration is not None and data.evaluation is not None:
         other = "evaluation" if gold_set == "calibration" else "calibration"
         shared = set(images) & {p.resolve() for p in list_images(getattr(data, other).images, root, manifest.path)}
         if shared:
-            raise ManifestError(manifest.path, [("data.calibration", f"{len(shared)} image(s) are also evaluation "
-                                                 f"images, e.g. {sorted(shared)[0]}; keep the two sets apart")])
+            raise ManifestError(
+                manifest.path,
+                [
+                    (
+                        "data.calibration",
+                        f"{len(shared)} image(s) are also evaluation "
+                        f"images, e.g. {sorted(shared)[0]}; keep the two sets apart",
+                    )
+                ],
+            )
     return [by_image[p] for p in images]
 
 

@@ -5,11 +5,12 @@ unit's inputs from the store, calls it (inside a Ray worker), writes the outputs
 records a receipt. Stages never touch zarr, Ray or devices; a model, when a stage needs
 one, arrives as ``ctx.backend``, built by workers/.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,8 +73,17 @@ class Context:
     classes: ClassTable
     weak_kind: str
     seed: int
-    backend: Any = None  # a workers.backend.PromptableBackend when Resources.needs_backend
-    extras: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None
+    """A workers.promptable.PromptableBackend, for stages with ``Resources.needs_backend``."""
+    unlabelled: int | None = None
+    """The value of a weak label map (scribbles, coarse masks) that means 'no label'."""
+    background: int | None = None
+    """Boxes: the class of everything no box covers (``data.weak.background``), or None."""
+    feature_names: tuple[str, ...] = ()
+    """Names of the arrays the backend's encoder caches (what ``embed`` writes)."""
+    segmenter: Callable[[np.ndarray], np.ndarray] | None = None
+    """The trained teacher, for stages that predict with it (``retrain``): image HxWx3 uint8
+    -> float32 [C, h, w] class probabilities."""
 
 
 ROUND_SEPARATOR = "."
@@ -112,7 +122,7 @@ class Stage(ABC):
         self.config = config
 
     @classmethod
-    def in_round(cls, r: int) -> "type[Stage]":
+    def in_round(cls, r: int) -> type[Stage]:
         """The stage as it runs in round ``r`` (its store group ``round_name(name, r)``);
         round 0 is the stage itself, only stages that repeat per round have others."""
         if r == 0:
@@ -163,8 +173,9 @@ class MapStage(Stage):
         """Parameters fitted on the gold samples (JSON-able); only for stages with a gold_set."""
         raise NotImplementedError(f"stage '{self.name}' has no gold set to fit on")
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
-                      ctx: Context) -> dict[str, float]:
+    def gold_measures(
+        self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray, ctx: Context
+    ) -> dict[str, float]:
         """Per-image measures of this stage against a gold mask beyond its class map (which
         ``seglab evaluate`` scores anyway), averaged over images by evaluate; default none.
         inputs: the image's arrays named in ``gold_reads``; gold_index, valid: as in ``GoldSample``."""

@@ -4,7 +4,7 @@ Fitted once on the manifest's calibration gold set (``data.calibration``; its im
 among the run's images and apart from the evaluation set): per-image conformal risk
 control by default, so that for an image exchangeable with the calibration images the
 expected share of its pixels whose true class falls outside the prediction set is at most
-``alpha`` (stages/conformal.py states each method's guarantee). Then per image: a pixel
+``alpha`` (stages/parts/conformal.py states each method's guarantee). Then per image: a pixel
 whose set is one class keeps that class; an empty or ambiguous set becomes ``ignore_id``.
 
 Reads ``select/probabilities`` (float16 [C, H, W], manifest class order). Writes
@@ -13,6 +13,7 @@ Reads ``select/probabilities`` (float16 [C, H, W], manifest class order). Writes
 The fitted method, alpha, thresholds and calibration size are the stage's ``fitted``
 attribute (``seglab status`` shows them).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,14 +23,15 @@ import numpy as np
 from pydantic import Field
 
 from seglab.stages.base import Context, GoldSample, MapStage, Resources, StageConfig, Unit
-from seglab.stages.conformal import METHODS, ScoreTable, calibrated_labels, image_miscoverage, prediction_sets
+from seglab.stages.parts.conformal import METHODS, ScoreTable, calibrated_labels, image_miscoverage, prediction_sets
 
 
 class CalibrateConfig(StageConfig):
     batch_size: int = Field(8, ge=1, le=4096)
     method: Literal["risk-control", "mondrian", "pixel-split"] = Field(
-        "risk-control", description="risk-control: per-image guarantee (image = exchangeable unit); mondrian: one "
-        "threshold per class, per-class guarantee; pixel-split: ConformalSAM's pixel rule, no image-level guarantee."
+        "risk-control",
+        description="risk-control: per-image guarantee (image = exchangeable unit); mondrian: one "
+        "threshold per class, per-class guarantee; pixel-split: ConformalSAM's pixel rule, no image-level guarantee.",
     )
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="Allowed expected share of pixels outside their set.")
 
@@ -56,17 +58,23 @@ class Calibrate(MapStage):
             return None
         needed = fitted.get("images_needed")
         more = f"; {needed} are needed for alpha={fitted['alpha']}" if needed else ""
-        return (f"calibration set too small for the guarantee ({fitted['n']} images{more}): "
-                "the affected thresholds are 1, so those pixels are left unlabelled")
+        return (
+            f"calibration set too small for the guarantee ({fitted['n']} images{more}): "
+            "the affected thresholds are 1, so those pixels are left unlabelled"
+        )
 
     def describe_fit(self, fitted: dict[str, Any]) -> str:
         thresholds = sorted(set(fitted["thresholds"]))
         shown = f"{thresholds[0]:.4f}" if len(thresholds) == 1 else f"{thresholds[0]:.4f}..{thresholds[-1]:.4f}"
         too_few = "" if self.fit_warning(fitted) is None else " (too few for alpha)"
-        return f"{fitted['method']}, alpha {fitted['alpha']}, threshold {shown}, n = {fitted['n']} calibration images{too_few}"
+        return (
+            f"{fitted['method']}, alpha {fitted['alpha']}, threshold {shown}, "
+            f"n = {fitted['n']} calibration images{too_few}"
+        )
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
-                      ctx: Context) -> dict[str, float]:
+    def gold_measures(
+        self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray, ctx: Context
+    ) -> dict[str, float]:
         """miscoverage: the share of the image's gold pixels whose class is outside its set."""
         thresholds = self._thresholds()
         return {"miscoverage": image_miscoverage(inputs["select/probabilities"], gold_index, valid, thresholds)}

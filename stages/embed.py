@@ -6,10 +6,11 @@ Images are encoded in batches of ``batch_size``; a batch that fails is retried o
 image at a time so that one bad image does not fail its neighbours. Images larger than
 ``tiling.above`` are encoded as overlapping tiles (workers/tiling.py).
 
-With ``views`` (SCALER's augmentation ensemble), each view of the image (stages/views.py)
+With ``views`` (SCALER's augmentation ensemble), each view of the image (stages/parts/views.py)
 is encoded too and kept as ``view<k>.<feature>`` beside ``view<k>.spec`` (float64 [4]:
 flip, scale, H, W), so that ``select`` decodes every view from the cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.views import View, ViewSpec
+from seglab.stages.parts.views import View, ViewSpec
 
 
 class TilingConfig(BaseModel):
@@ -30,7 +31,7 @@ class TilingConfig(BaseModel):
     grid_per_tile: int = Field(256, ge=32, le=1024, description="Global logit cells per tile along the longest side.")
 
     @model_validator(mode="after")
-    def _sizes(self) -> "TilingConfig":
+    def _sizes(self) -> TilingConfig:
         if self.above is not None and self.above < self.tile:
             raise ValueError(f"above ({self.above}) must be at least tile ({self.tile})")
         return self
@@ -40,8 +41,10 @@ class EmbedConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=256, description="Images per encoder call.")
     tiling: TilingConfig = Field(TilingConfig(), description="Overlapping tiles for large images.")
     views: tuple[ViewSpec, ...] = Field(
-        (), max_length=32, description="Augmented views also encoded for the ensemble (SCALER: K=12); "
-        "the original image is always view 0."
+        (),
+        max_length=32,
+        description="Augmented views also encoded for the ensemble (SCALER: K=12); "
+        "the original image is always view 0.",
     )
 
 
@@ -57,7 +60,7 @@ class Embed(MapStage):
     resources = Resources(cpus=1, needs_backend=True)
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
-        names = tuple(ctx.extras["feature_names"])
+        names = ctx.feature_names
         views = tuple(f"{view_prefix(k)}{n}" for k in range(1, len(self.config.views) + 1) for n in (*names, "spec"))
         return names + views
 

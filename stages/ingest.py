@@ -7,9 +7,10 @@ Outputs per unit:
          rasterised to their pixel; boxes label no pixel (a box is not a mask).
   boxes: float32 [B, 5] rows (x0, y0, x1, y1, class) of box weak labels; [0, 5] for
          the other kinds. A box of the background class (``data.weak.background``,
-         ``ctx.extras["background"]``) fails its image: the background has no boxes.
+         ``ctx.background``) fails its image: the background has no boxes.
 The receipt records the source path, its sha256 and the image size.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,18 +19,20 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from seglab.pipeline.errors import InputError
-from seglab.pipeline.fingerprint import file_sha256
+from seglab.pipeline.base.errors import InputError
+from seglab.pipeline.base.fingerprint import file_sha256
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.imageio import decode_image
-from seglab.stages.weak import rasterize_points, read_label_map, validate_boxes, validate_points
+from seglab.stages.parts.imageio import decode_image
+from seglab.stages.parts.weak import rasterize_points, read_label_map, validate_boxes, validate_points
 
 
 class IngestConfig(StageConfig):
     batch_size: int = Field(8, ge=1, le=4096)
     max_pixels: int = Field(
-        40_000_000, ge=1, description="Images declaring more pixels are refused before decoding: the worker "
-        "memory bound (README, 'Large images') holds up to this size, and decompression bombs are stopped."
+        40_000_000,
+        ge=1,
+        description="Images declaring more pixels are refused before decoding: the worker "
+        "memory bound (README, 'Large images') holds up to this size, and decompression bombs are stopped.",
     )
 
 
@@ -50,12 +53,16 @@ class Ingest(MapStage):
         dtype = classes.label_dtype
         boxes = np.zeros((0, 5), np.float32)
         weak = np.full(hw, classes.ignore_id, dtype)
-        row_checks = dict(path_for_errors=Path(unit.weak_source or unit.image), image_hw=hw,
-                     class_ids=frozenset(classes.ids), image=unit.id)
+        row_checks = dict(
+            path_for_errors=Path(unit.weak_source or unit.image),
+            image_hw=hw,
+            class_ids=frozenset(classes.ids),
+            image=unit.id,
+        )
         if ctx.weak_kind == "points":
             weak = rasterize_points(validate_points(unit.weak_rows, **row_checks), hw, classes.ignore_id, dtype)
         elif ctx.weak_kind == "boxes":
-            boxes = validate_boxes(unit.weak_rows, **row_checks, background=ctx.extras.get("background"))
+            boxes = validate_boxes(unit.weak_rows, **row_checks, background=ctx.background)
         elif ctx.weak_kind in ("scribbles", "coarse"):
             if unit.weak_map is None or not Path(unit.weak_map).exists():
                 raise InputError(unit.weak_map or unit.image, "no weak label map for this image")
@@ -63,9 +70,9 @@ class Ingest(MapStage):
                 Path(unit.weak_map),
                 expected_hw=hw,
                 class_ids=frozenset(classes.ids),
-                unlabelled=ctx.extras["unlabelled"],
+                unlabelled=ctx.unlabelled,
             )
-            weak = np.where(raw == ctx.extras["unlabelled"], classes.ignore_id, raw).astype(dtype)
+            weak = np.where(raw == ctx.unlabelled, classes.ignore_id, raw).astype(dtype)
         else:
             raise InputError(unit.weak_source or unit.image, f"weak label kind '{ctx.weak_kind}' cannot be ingested")
         return {"image": image, "weak": weak, "boxes": boxes}

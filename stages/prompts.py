@@ -19,6 +19,7 @@ Reads ``ingest/weak`` (HxW class ids, ignore elsewhere) and ``ingest/boxes`` (fl
 classes, components). An image without weak labels yields zero prompts: "done, nothing
 found", not a failure.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from skimage.measure import label as connected_components
 from skimage.morphology import skeletonize
 
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.promptset import NEGATIVE, PADDING, POSITIVE, PromptBatch
+from seglab.stages.parts.promptset import NEGATIVE, PADDING, POSITIVE, PromptBatch
 
 NO_BOX = np.full(4, np.nan, np.float32)
 
@@ -39,12 +40,16 @@ NO_BOX = np.full(4, np.nan, np.float32)
 class PromptsConfig(StageConfig):
     batch_size: int = Field(16, ge=1, le=4096)
     points_per_component: int = Field(5, ge=1, le=64, description="Positive points per component (SeSAM: 5).")
-    negatives_per_prompt: int = Field(16, ge=0, le=64, description="Other-class components that each add a negative point.")
+    negatives_per_prompt: int = Field(
+        16, ge=0, le=64, description="Other-class components that each add a negative point."
+    )
     max_prompts: int = Field(256, ge=1, le=4096, description="Largest components first beyond this many.")
     component_boxes: Literal["auto", "always", "never"] = Field(
         "auto", description="Add each component's grown extent as a box prompt; auto: for coarse masks only."
     )
-    box_margin: float = Field(0.1, ge=0.0, le=1.0, description="Growth of a component box per side, as a share of its size.")
+    box_margin: float = Field(
+        0.1, ge=0.0, le=1.0, description="Growth of a component box per side, as a share of its size."
+    )
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ def farthest_points(yx: np.ndarray, count: int) -> np.ndarray:
     return yx[chosen]
 
 
-def certainty_weighted_points(yx: np.ndarray, certainty: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+def certainty_weighted_points(
+    yx: np.ndarray, certainty: np.ndarray, count: int, rng: np.random.Generator
+) -> np.ndarray:
     """SUM sampling: ``count`` distinct rows of ``yx`` [N, 2] (y, x) drawn without
     replacement with probability proportional to ``certainty`` [N] (>= 0). Rows of zero
     certainty are drawn only when too few others remain; all-zero falls back to uniform."""
@@ -116,21 +123,35 @@ class Prompts(MapStage):
         return ("coords", "labels", "boxes", "classes", "components")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
-        return self.compile(inputs["ingest/weak"], inputs["ingest/boxes"], ctx.classes.ignore_id,
-                            with_boxes=self._component_boxes(ctx.weak_kind)).to_arrays()
+        return self.compile(
+            inputs["ingest/weak"],
+            inputs["ingest/boxes"],
+            ctx.classes.ignore_id,
+            with_boxes=self._component_boxes(ctx.weak_kind),
+        ).to_arrays()
 
     def _component_boxes(self, weak_kind: str) -> bool:
         setting = self.config.component_boxes
         return setting == "always" or (setting == "auto" and weak_kind == "coarse")
 
-    def compile(self, weak: np.ndarray, boxes: np.ndarray, ignore_id: int, *, with_boxes: bool = False,
-                certainty: np.ndarray | None = None, rng: np.random.Generator | None = None) -> PromptBatch:
+    def compile(
+        self,
+        weak: np.ndarray,
+        boxes: np.ndarray,
+        ignore_id: int,
+        *,
+        with_boxes: bool = False,
+        certainty: np.ndarray | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> PromptBatch:
         """weak: HxW class ids (``ignore_id`` = no label); boxes: float32 [B, 5]
         (x0, y0, x1, y1, class); certainty: optional HxW float in [0, 1] (SUM sampling,
         drawn from ``rng``) -> one prompt per weak component and per box."""
         sources = self._component_sources(weak, ignore_id, with_boxes, certainty, rng or np.random.default_rng(0))
         sources += [
-            _Source(int(b[4]), i, int((b[2] - b[0]) * (b[3] - b[1])), np.zeros((0, 2), np.int64), b[:4].astype(np.float32))
+            _Source(
+                int(b[4]), i, int((b[2] - b[0]) * (b[3] - b[1])), np.zeros((0, 2), np.int64), b[:4].astype(np.float32)
+            )
             for i, b in enumerate(np.asarray(boxes, np.float32).reshape(-1, 5))
         ]
         if not sources:
@@ -138,8 +159,9 @@ class Prompts(MapStage):
         sources.sort(key=lambda s: (-s.size, s.cls, s.component))
         return self._pack(sources[: self.config.max_prompts])
 
-    def _component_sources(self, weak: np.ndarray, ignore_id: int, with_boxes: bool,
-                           certainty: np.ndarray | None, rng: np.random.Generator) -> list[_Source]:
+    def _component_sources(
+        self, weak: np.ndarray, ignore_id: int, with_boxes: bool, certainty: np.ndarray | None, rng: np.random.Generator
+    ) -> list[_Source]:
         cfg = self.config
         sources = []
         for cls in np.unique(weak):
@@ -152,13 +174,16 @@ class Prompts(MapStage):
                 if certainty is None:
                     positives = farthest_points(yx, cfg.points_per_component)
                 else:
-                    positives = certainty_weighted_points(yx, certainty[yx[:, 0], yx[:, 1]], cfg.points_per_component, rng)
+                    positives = certainty_weighted_points(
+                        yx, certainty[yx[:, 0], yx[:, 1]], cfg.points_per_component, rng
+                    )
                 box = grown_box(mask, cfg.box_margin) if with_boxes else NO_BOX
                 sources.append(_Source(int(cls), comp - 1, int(mask.sum()), positives, box))
         return sources
 
-    def _negatives(self, source: _Source, pos: np.ndarray, owner: np.ndarray, owner_class: np.ndarray,
-                   all_points: np.ndarray) -> np.ndarray:
+    def _negatives(
+        self, source: _Source, pos: np.ndarray, owner: np.ndarray, owner_class: np.ndarray, all_points: np.ndarray
+    ) -> np.ndarray:
         """(y, x) int [k, 2]: of each other-class component, its sampled point nearest to
         ``pos``; the ``negatives_per_prompt`` nearest such points. One per component, so
         the negatives surround the prompt instead of piling onto one neighbour."""

@@ -3,7 +3,7 @@
 Per image (SUM's refinement with SeSAM's pseudo-label prompting):
 1. First-pass uncertainty u0 of select's labels: the weighted noisy-or of the probability,
    calibration (when ``calibrate`` ran), view-variance and, from round 1 on, teacher
-   signals (stages/uncertainty.py).
+   signals (stages/parts/uncertainty.py).
 2. Pixels with u0 < ``certain_below`` (and every weak-label pixel) are confident; their
    labels form a pseudo weak label. From round 1 on, pixels where the previous round's mean
    teacher is confident (max probability >= ``teacher.confident_above``) join it with the
@@ -33,6 +33,7 @@ Writes
                ``teacher`` in round 0, all of them later), NaN for a signal the run
                lacks (no calibration set).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -45,13 +46,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from skimage.transform import resize
 
 from seglab.stages.base import Context, MapStage, Resources, Unit, round_name
-from seglab.stages.decoding import DecodeConfig, decode_view
-from seglab.stages.fusion import value_of_label
-from seglab.stages.label_field import FieldInputs, box_allowed, field_labels, seed_index
+from seglab.stages.parts.decoding import DecodeConfig, decode_view
+from seglab.stages.parts.fusion import value_of_label
+from seglab.stages.parts.label_field import FieldInputs, box_allowed, field_labels, seed_index
+from seglab.stages.parts.ranking import auroc
+from seglab.stages.parts.uncertainty import (
+    SIGNALS,
+    calibration_signal,
+    compose,
+    probability_signal,
+    teacher_signal,
+    variance_signal,
+)
 from seglab.stages.prompts import Prompts, PromptsConfig
-from seglab.stages.ranking import auroc
-from seglab.stages.uncertainty import (SIGNALS, calibration_signal, compose, probability_signal, teacher_signal,
-                                      variance_signal)
 
 CALIBRATED = "calibrate/labels"
 
@@ -73,21 +80,38 @@ class TeacherUse(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weight: float = Field(1.0, ge=0.0, le=1.0, description="Noisy-or weight of the teacher-label disagreement.")
-    confident_above: float = Field(0.9, gt=0.0, le=1.0, description="Teacher probability from which its class "
-                                   "joins the evidence the uncertain regions are re-prompted from.")
+    confident_above: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Teacher probability from which its class "
+        "joins the evidence the uncertain regions are re-prompted from.",
+    )
     mix: float = Field(0.25, ge=0.0, le=1.0, description="Share of the teacher's distribution on uncertain pixels.")
 
 
 class RefineConfig(DecodeConfig):
     batch_size: int = Field(4, ge=1, le=1024)
     weights: SignalWeights = Field(SignalWeights(), description="Noisy-or weight of each uncertainty signal.")
-    certain_below: float = Field(0.5, gt=0.0, le=1.0, description="First-pass uncertainty below which a pixel's "
-                                 "label is evidence for re-prompting.")
-    reprompt_weight: float = Field(0.25, ge=0.0, le=1.0, description="Share of the re-prompted distribution on "
-                                   "uncertain pixels (against select's).")
-    ignore_above: float = Field(1.0, gt=0.0, le=1.0, description="Pixels whose uncertainty reaches this become ignore_id.")
-    reprompt: PromptsConfig = Field(PromptsConfig(), description="How the confident pseudo label becomes prompts "
-                                    "(as the prompts stage; batch_size unused).")
+    certain_below: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="First-pass uncertainty below which a pixel's label is evidence for re-prompting.",
+    )
+    reprompt_weight: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Share of the re-prompted distribution on uncertain pixels (against select's).",
+    )
+    ignore_above: float = Field(
+        1.0, gt=0.0, le=1.0, description="Pixels whose uncertainty reaches this become ignore_id."
+    )
+    reprompt: PromptsConfig = Field(
+        PromptsConfig(),
+        description="How the confident pseudo label becomes prompts (as the prompts stage; batch_size unused).",
+    )
     teacher: TeacherUse = Field(TeacherUse(), description="Rounds >= 1: how the previous round's segmenter is used.")
 
 
@@ -102,8 +126,15 @@ class Refine(MapStage):
     name = "refine"
     version = 2  # 2: mask evidence upsampled once per class
     Config = RefineConfig
-    reads = ("select/labels", "select/probabilities", "select/variance", "embed", "ingest/weak", "ingest/image",
-             "ingest/boxes")
+    reads = (
+        "select/labels",
+        "select/probabilities",
+        "select/variance",
+        "embed",
+        "ingest/weak",
+        "ingest/image",
+        "ingest/boxes",
+    )
     optional_reads = (CALIBRATED,)
     resources = Resources(cpus=1, needs_backend=True)
     writes_class_map = True
@@ -115,14 +146,22 @@ class Refine(MapStage):
 
     @classmethod
     @cache
-    def in_round(cls, r: int) -> type["Refine"]:
+    def in_round(cls, r: int) -> type[Refine]:
         if r == 0:
             return cls
         name = round_name(cls.name, r)
         teacher = f"{round_name('retrain', r - 1)}/probabilities"
-        return type(f"RefineRound{r}", (cls,), {
-            "name": name, "reads": (*cls.reads, teacher), "teacher_read": teacher, "signals": SIGNALS,
-            "gold_reads": (f"{name}/labels", f"{name}/uncertainty", f"{name}/signals")})
+        return type(
+            f"RefineRound{r}",
+            (cls,),
+            {
+                "name": name,
+                "reads": (*cls.reads, teacher),
+                "teacher_read": teacher,
+                "signals": SIGNALS,
+                "gold_reads": (f"{name}/labels", f"{name}/uncertainty", f"{name}/signals"),
+            },
+        )
 
     def signature_config(self) -> dict[str, Any]:
         exclude = {"batch_size"} if self.teacher_read else {"batch_size", "teacher"}  # round 0 has no teacher
@@ -142,8 +181,11 @@ class Refine(MapStage):
         teacher = self._teacher(inputs, weak.shape)
 
         def label_signals(labels: np.ndarray, distribution: np.ndarray) -> dict[str, np.ndarray]:
-            own = {"probability": probability_signal(value_of_label(labels, distribution, classes.ids,
-                                                                    classes.ignore_id), len(classes.ids))}
+            own = {
+                "probability": probability_signal(
+                    value_of_label(labels, distribution, classes.ids, classes.ignore_id), len(classes.ids)
+                )
+            }
             if calibrated is not None:
                 own["calibration"] = calibration_signal(calibrated, labels)
             if teacher is not None:
@@ -161,16 +203,29 @@ class Refine(MapStage):
         signals["spread"] = np.zeros(weak.shape, np.float32)
         mixed = False
         if uncertain.any() and (pseudo != classes.ignore_id).any():
-            features = {k.split("/", 1)[1]: v for k, v in inputs.items()
-                        if k.startswith("embed/") and not k.startswith("embed/view")}
+            features = {
+                k.split("/", 1)[1]: v
+                for k, v in inputs.items()
+                if k.startswith("embed/") and not k.startswith("embed/view")
+            }
             rng = np.random.default_rng([ctx.seed, zlib.crc32(unit.id.encode())])
-            prompts = Prompts(cfg.reprompt).compile(pseudo, np.zeros((0, 5), np.float32), classes.ignore_id,
-                                                    with_boxes=cfg.reprompt.component_boxes == "always",
-                                                    certainty=1.0 - first, rng=rng)
+            prompts = Prompts(cfg.reprompt).compile(
+                pseudo,
+                np.zeros((0, 5), np.float32),
+                classes.ignore_id,
+                with_boxes=cfg.reprompt.component_boxes == "always",
+                certainty=1.0 - first,
+                rng=rng,
+            )
             decoded = decode_view(ctx.backend, features, prompts, pseudo, classes, cfg, with_spread=True)
-            allowed = box_allowed(inputs["ingest/boxes"], classes.ids, weak.shape, ctx.extras.get("background"))
-            _, reprompted = field_labels(FieldInputs(inputs["ingest/image"], seed_index(pseudo, classes.ids),
-                                                     evidence=decoded.evidence, allowed=allowed), classes, cfg.field)
+            allowed = box_allowed(inputs["ingest/boxes"], classes.ids, weak.shape, ctx.background)
+            _, reprompted = field_labels(
+                FieldInputs(
+                    inputs["ingest/image"], seed_index(pseudo, classes.ids), evidence=decoded.evidence, allowed=allowed
+                ),
+                classes,
+                cfg.field,
+            )
             signals["spread"] = decoded.spread
             _mix_into(probabilities, reprompted, uncertain, cfg.reprompt_weight)
             del reprompted
@@ -192,11 +247,13 @@ class Refine(MapStage):
         if self.teacher_read is None:
             return None
         small = inputs[self.teacher_read].astype(np.float32)
-        return resize(small, (len(small), *hw), order=1, mode="edge", anti_aliasing=False,
-                      preserve_range=True).astype(np.float32)
+        return resize(small, (len(small), *hw), order=1, mode="edge", anti_aliasing=False, preserve_range=True).astype(
+            np.float32
+        )
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
-                      ctx: Context) -> dict[str, float]:
+    def gold_measures(
+        self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray, ctx: Context
+    ) -> dict[str, float]:
         """uncertainty_auroc: how well the uncertainty ranks the image's wrong labels above
         its right ones (over labelled valid pixels); ``auroc_<signal>`` the same for each
         signal the run has (NaN when either kind of pixel is absent)."""
@@ -211,5 +268,7 @@ class Refine(MapStage):
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
         uncertainty = outputs["uncertainty"].astype(np.float32)
-        return {"mean_uncertainty": round(float(uncertainty.mean()), 4),
-                "uncertain": round(float((uncertainty >= 0.5).mean()), 4)}
+        return {
+            "mean_uncertainty": round(float(uncertainty.mean()), 4),
+            "uncertain": round(float((uncertainty >= 0.5).mean()), 4),
+        }

@@ -15,6 +15,7 @@ Writes
   labels:        HxW class ids, the teacher's most probable class (upsampled bilinearly);
   probabilities: float16 [C, h, w], the teacher's softmax at the training size ``input_size``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,15 +28,14 @@ from skimage.transform import resize
 
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit, round_name
 
-SEGMENTER = "segmenter"
-"""``ctx.extras`` key of the trained teacher: image HxWx3 uint8 -> float32 [C, h, w] probabilities."""
-
 
 class RetrainConfig(StageConfig):
     batch_size: int = Field(4, ge=1, le=1024, description="Images per worker call when predicting.")
-    architecture: Literal["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50",
-                          "deeplabv3_resnet50"] = Field(
-        "lraspp_mobilenet_v3_large", description="torchvision segmentation model, built without pretrained weights.")
+    architecture: Literal[
+        "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "deeplabv3_resnet50"
+    ] = Field(
+        "lraspp_mobilenet_v3_large", description="torchvision segmentation model, built without pretrained weights."
+    )
     epochs: int = Field(30, ge=1, le=10000)
     train_batch: int = Field(8, ge=1, le=1024, description="Images per optimisation step and worker.")
     input_size: tuple[int, int] = Field((240, 320), description="(H, W) every image is resized to for training.")
@@ -43,7 +43,9 @@ class RetrainConfig(StageConfig):
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
     dice_weight: float = Field(1.0, ge=0.0, le=10.0)
-    ema_decay: float = Field(0.996, ge=0.0, lt=1.0, description="Mean teacher: teacher = d * teacher + (1 - d) * student per step.")
+    ema_decay: float = Field(
+        0.996, ge=0.0, lt=1.0, description="Mean teacher: teacher = d * teacher + (1 - d) * student per step."
+    )
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data parallel).")
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: GPUs when the Ray cluster has any.")
 
@@ -59,26 +61,37 @@ class Retrain(MapStage):
 
     @classmethod
     @cache
-    def in_round(cls, r: int) -> type["Retrain"]:
+    def in_round(cls, r: int) -> type[Retrain]:
         if r == 0:
             return cls
         refined = round_name("refine", r)
         targets = (f"{refined}/labels", f"{refined}/uncertainty")
-        return type(f"RetrainRound{r}", (cls,), {"name": round_name(cls.name, r), "training_targets": targets,
-                                                 "reads": ("ingest/image", *targets)})
+        return type(
+            f"RetrainRound{r}",
+            (cls,),
+            {"name": round_name(cls.name, r), "training_targets": targets, "reads": ("ingest/image", *targets)},
+        )
 
     def describe_fit(self, fitted: dict[str, Any]) -> str:
         last = fitted["history"][-1] if fitted["history"] else {}
-        return (f"{fitted['architecture']}, {fitted['epochs']} epochs on {fitted['units']} images, final loss "
-                f"{last.get('loss', float('nan')):.4f}, checkpoint {fitted['checkpoint']}")
+        return (
+            f"{fitted['architecture']}, {fitted['epochs']} epochs on {fitted['units']} images, final loss "
+            f"{last.get('loss', float('nan')):.4f}, checkpoint {fitted['checkpoint']}"
+        )
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:
         return ("labels", "probabilities")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
         image = inputs["ingest/image"]
-        probabilities = np.asarray(ctx.extras[SEGMENTER](image), np.float32)
-        full = resize(probabilities, (len(probabilities), *image.shape[:2]), order=1, mode="edge",
-                      anti_aliasing=False, preserve_range=True)
+        probabilities = np.asarray(ctx.segmenter(image), np.float32)
+        full = resize(
+            probabilities,
+            (len(probabilities), *image.shape[:2]),
+            order=1,
+            mode="edge",
+            anti_aliasing=False,
+            preserve_range=True,
+        )
         labels = np.asarray(ctx.classes.ids, ctx.classes.label_dtype)[full.argmax(axis=0)]
         return {"labels": labels, "probabilities": probabilities.astype(np.float16)}

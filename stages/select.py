@@ -1,10 +1,10 @@
 """select: decode every prompt into candidate masks, keep one per prompt, solve the joint label field.
 
 Per prompt the backend's M candidates are scored on the low-resolution grid by their
-coverage of the weak label and their purity (stages/coverage.py, SeSAM's (tau1, tau2)
+coverage of the weak label and their purity (stages/parts/coverage.py, SeSAM's (tau1, tau2)
 rule together with the predicted quality); the kept masks alone are upsampled and become
-per-class evidence, each weighted by its trust (stages/decoding.py). The joint label field
-(stages/label_field.py) then solves all classes together on the image: weak pixels are hard
+per-class evidence, each weighted by its trust (stages/parts/decoding.py). The joint label field
+(stages/parts/label_field.py) then solves all classes together on the image: weak pixels are hard
 seeds, the masks' boundaries weaken the graph's edges (and, with box labels, their evidence
 is the prior), and a class with boxes appears only inside them. The field's distribution is
 ``probabilities`` and its most probable class the label. When ``embed`` cached augmented
@@ -24,20 +24,22 @@ Reads ``ingest`` (image, weak, boxes), ``embed`` (all feature arrays) and ``prom
   coverage:      float32 [P, M] and purity: float32 [P, M], the scores behind the choice
                  (the original view's).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import numpy as np
 from pydantic import Field
 
 from seglab.stages.base import Context, MapStage, Resources, Unit
-from seglab.stages.decoding import DecodeConfig, decode_view
 from seglab.stages.embed import view_prefix
-from seglab.stages.fusion import ViewEnsemble, value_of_label
-from seglab.stages.label_field import FieldInputs, box_allowed, box_cores, field_labels, seed_index
-from seglab.stages.promptset import PromptBatch
-from seglab.stages.ranking import auroc
-from seglab.stages.views import View
+from seglab.stages.parts.decoding import DecodeConfig, decode_view
+from seglab.stages.parts.fusion import ViewEnsemble, value_of_label
+from seglab.stages.parts.label_field import FieldInputs, box_allowed, box_cores, field_labels, seed_index
+from seglab.stages.parts.promptset import PromptBatch
+from seglab.stages.parts.ranking import auroc
+from seglab.stages.parts.views import View
 
 
 class SelectConfig(DecodeConfig):
@@ -50,7 +52,11 @@ def split_views(features: Mapping[str, np.ndarray]) -> list[tuple[View | None, d
     k = 1
     while f"{view_prefix(k)}spec" in features:
         prefix = view_prefix(k)
-        own = {name[len(prefix):]: a for name, a in features.items() if name.startswith(prefix) and name != f"{prefix}spec"}
+        own = {
+            name[len(prefix) :]: a
+            for name, a in features.items()
+            if name.startswith(prefix) and name != f"{prefix}spec"
+        }
         views.append((View.from_array(features[f"{prefix}spec"]), own))
         k += 1
     original = {name: a for name, a in features.items() if not name.startswith("view")}
@@ -81,17 +87,23 @@ class Select(MapStage):
                 original = decode_view(ctx.backend, view_features, prompts, weak, classes, self.config)
                 ensemble.add(original.evidence)
             else:
-                seen = decode_view(ctx.backend, view_features, view.prompts(prompts), view.label_map(weak), classes,
-                                   self.config)
+                seen = decode_view(
+                    ctx.backend, view_features, view.prompts(prompts), view.label_map(weak), classes, self.config
+                )
                 ensemble.add(view.back(seen.evidence))
         evidence, class_variance = ensemble.result()
         boxes = inputs["ingest/boxes"]
         labels, probabilities = field_labels(
-            FieldInputs(inputs["ingest/image"], seed_index(weak, classes.ids),
-                        box_seeds=box_cores(boxes, classes.ids, weak.shape, self.config.field.box_core),
-                        evidence=evidence, allowed=box_allowed(boxes, classes.ids, weak.shape,
-                                                               ctx.extras.get("background"))),
-            classes, self.config.field)
+            FieldInputs(
+                inputs["ingest/image"],
+                seed_index(weak, classes.ids),
+                box_seeds=box_cores(boxes, classes.ids, weak.shape, self.config.field.box_core),
+                evidence=evidence,
+                allowed=box_allowed(boxes, classes.ids, weak.shape, ctx.background),
+            ),
+            classes,
+            self.config.field,
+        )
         weak_pixels = weak != classes.ignore_id
         confidence = value_of_label(labels, probabilities, classes.ids, classes.ignore_id)
         variance = np.where(weak_pixels, 0.0, value_of_label(labels, class_variance, classes.ids, classes.ignore_id))
@@ -105,8 +117,9 @@ class Select(MapStage):
             "purity": original.purity,
         }
 
-    def gold_measures(self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray,
-                      ctx: Context) -> dict[str, float]:
+    def gold_measures(
+        self, inputs: Mapping[str, np.ndarray], gold_index: np.ndarray, valid: np.ndarray, ctx: Context
+    ) -> dict[str, float]:
         """uncertainty_auroc: how well 1 - confidence ranks the image's wrong labels above its
         right ones (AUROC over the labelled valid pixels; NaN when either kind is absent)."""
         labels = inputs["select/labels"]

@@ -1,4 +1,5 @@
 """Shared fixtures: a module-scoped local Ray, and a tiny synthetic dataset with scribbles."""
+
 from __future__ import annotations
 
 import textwrap
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seglab.pipeline.synthetic import scribbles_from_truth, shapes_image, write_dataset  # noqa: F401 (shared)
+from seglab.pipeline.bench.synthetic import scribbles_from_truth, shapes_image, write_dataset  # noqa: F401 (shared)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -67,15 +68,22 @@ def add_gold(manifest: Path, evaluation: str = "images/*.png") -> None:
         height, width = np.asarray(Image.open(path)).shape[:2]
         Image.fromarray(shapes_image(height, width, seed=i)[1]).save(data / "gold" / path.name)
     text = manifest.read_text().replace(
-        "store:\n", f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\nstore:\n", 1)
+        "store:\n", f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\nstore:\n", 1
+    )
     manifest.write_text(text)
 
 
 CALIBRATED_SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 70), (66, 60)]
 
 
-def calibrated_manifest(tmp_path: Path, *, calibration="images/img0[0-3].png", evaluation="images/img0[45].png",
-                        alpha=0.3, method="risk-control") -> Path:
+def calibrated_manifest(
+    tmp_path: Path,
+    *,
+    calibration="images/img0[0-3].png",
+    evaluation="images/img0[45].png",
+    alpha=0.3,
+    method="risk-control",
+) -> Path:
     """A manifest over 6 synthetic images with gold masks: calibration and evaluation gold
     sets (globs over data/images) and a calibrate section with ``alpha`` and ``method``."""
     data = tmp_path / "data"
@@ -84,7 +92,9 @@ def calibrated_manifest(tmp_path: Path, *, calibration="images/img0[0-3].png", e
     for i, (h, w) in enumerate(CALIBRATED_SIZES):
         Image.fromarray(shapes_image(h, w, seed=i)[1]).save(data / "gold" / f"img{i:02d}.png")
     path = write_manifest(tmp_path, extra=f"calibrate: {{method: {method}, alpha: {alpha}}}\n")
-    gold = (f"  calibration: {{images: {{glob: '{calibration}'}}, masks: gold}}\n"
-            f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\n")
+    gold = (
+        f"  calibration: {{images: {{glob: '{calibration}'}}, masks: gold}}\n"
+        f"  evaluation: {{images: {{glob: '{evaluation}'}}, masks: gold}}\n"
+    )
     path.write_text(path.read_text().replace("store:\n", gold + "store:\n", 1))
     return path

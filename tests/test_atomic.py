@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from seglab.pipeline.atomic import MARKER, atomic_folder
-from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.atomic import MARKER, atomic_folder
 
 
 def test_a_failed_write_leaves_nothing_and_a_good_one_appears_whole(tmp_path):
@@ -45,21 +45,23 @@ def test_the_folder_gets_the_mode_any_folder_of_the_user_gets(tmp_path, umask):
 
 def test_clean_up_removes_only_the_marked_siblings_of_dead_writers_on_this_host(tmp_path):
     out = tmp_path / "out"
-    script = ("import os, signal, sys\nfrom seglab.pipeline.atomic import atomic_folder\n"
-              "with atomic_folder(sys.argv[1]) as tmp:\n"
-              "    (tmp / 'half.txt').write_text('x')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    script = (
+        "import os, signal, sys\nfrom seglab.pipeline.core.atomic import atomic_folder\n"
+        "with atomic_folder(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'half.txt').write_text('x')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     killed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     [abandoned] = tmp_path.glob(".out.*")
 
     dead, here = 99999999, socket.gethostname()  # above Linux's pid_max: no process has it
     kept = {
-        ".out.99999999.mybackup": None,                            # a user's folder: no marker, not our name
-        ".out.99999999.0badcafe": None,                            # our name, no marker
+        ".out.99999999.mybackup": None,  # a user's folder: no marker, not our name
+        ".out.99999999.0badcafe": None,  # our name, no marker
         ".out.99999999.1badcafe": {"pid": dead, "host": "other-node"},  # another host's writer: may be alive
-        ".out.99999999.2badcafe": {"pid": 12345, "host": here},    # marker of another pid
+        ".out.99999999.2badcafe": {"pid": 12345, "host": here},  # marker of another pid
         f".out.{os.getpid()}.3badcafe": {"pid": os.getpid(), "host": here},  # a live writer
-        ".out.99999999.4badcafe.x": {"pid": dead, "host": here},   # not exactly our name
+        ".out.99999999.4badcafe.x": {"pid": dead, "host": here},  # not exactly our name
     }
     for name, marker in kept.items():
         (tmp_path / name).mkdir()

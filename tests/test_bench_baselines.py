@@ -1,5 +1,6 @@
-"""The classical baselines of `seglab bench quality` (pipeline/bench_baselines.py) on small
+"""The classical baselines of `seglab bench quality` (pipeline/bench/baselines.py) on small
 synthetic scenes whose gold is known, and the harness's row (QualityRow) without a run."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from seglab.pipeline import bench_baselines as bb
-from seglab.pipeline.bench_quality import BaselineResult, QualityRow
-from seglab.pipeline.evaluate import Evaluation, SourceResult
-from seglab.pipeline.metrics import confusion, scores
+from seglab.pipeline.bench import baselines as bb
+from seglab.pipeline.bench.quality import BaselineResult, QualityRow
+from seglab.pipeline.core.metrics import confusion, scores
+from seglab.pipeline.evaluation.evaluate import Evaluation, SourceResult
 
 IGNORE = 255
 COLOURS = {0: (40, 60, 160), 1: (200, 190, 60), 2: (180, 40, 40)}
@@ -23,7 +24,7 @@ def scene(h: int = 48, w: int = 64, edge: int = 40, seed: int = 0) -> tuple[np.n
     flat colours plus Gaussian noise (sigma 8)."""
     yy, xx = np.mgrid[:h, :w]
     gold = np.where(xx < edge, 0, 1).astype(np.uint8)
-    gold[(yy - 24) ** 2 + (xx - 16) ** 2 <= 8 ** 2] = 2
+    gold[(yy - 24) ** 2 + (xx - 16) ** 2 <= 8**2] = 2
     image = np.zeros((h, w, 3), np.float64)
     for k, colour in COLOURS.items():
         image[gold == k] = colour
@@ -54,7 +55,7 @@ WALKERS = ("random_walker", "superpixel_walker")
 def test_nearest_is_nearest_label_and_wrong_on_the_scene():
     image, gold = scene()
     weak = far_scribbles(gold)
-    from seglab.stages.nearest_label import nearest_label
+    from seglab.stages.parts.nearest_label import nearest_label
 
     labels = bb.nearest(image, weak, NO_BOXES, (0, 1, 2), IGNORE)
     assert labels.dtype == weak.dtype and np.array_equal(labels, nearest_label(weak, IGNORE))
@@ -115,14 +116,15 @@ def test_nothing_known_gives_the_ignore_id_and_one_class_fills_everything():
 
 # -- boxes ---------------------------------------------------------------------------------------
 
+
 def object_scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Background 0; a class-1 disc (centre 24,20, radius 10) and a class-2 disc (centre 30,48,
     radius 8); tight boxes of both objects (x1, y1 exclusive)."""
     h, w = 56, 72
     yy, xx = np.mgrid[:h, :w]
     gold = np.zeros((h, w), np.uint8)
-    gold[(yy - 24) ** 2 + (xx - 20) ** 2 <= 10 ** 2] = 1
-    gold[(yy - 30) ** 2 + (xx - 48) ** 2 <= 8 ** 2] = 2
+    gold[(yy - 24) ** 2 + (xx - 20) ** 2 <= 10**2] = 1
+    gold[(yy - 30) ** 2 + (xx - 48) ** 2 <= 8**2] = 2
     image = np.zeros((h, w, 3), np.float64)
     for k, colour in COLOURS.items():
         image[gold == k] = colour
@@ -213,6 +215,7 @@ def test_a_missing_extra_names_the_bench_extra(monkeypatch):
 
 # -- the harness's row, without a run -------------------------------------------------------------
 
+
 def _scores(miou_value: float):
     """Scores whose mIoU is ``miou_value``: two classes, each with that share of its pixels right and
     the rest unlabelled."""
@@ -224,23 +227,47 @@ def test_quality_row_json_has_every_baseline_the_best_and_the_speed_ratio(capsys
     def source(name, value, **measures):
         return SourceResult(name, 3, (), False, _scores(value), measures)
 
-    evaluation = Evaluation("m.yaml", "s.zarr", (0, 1), ("background", "object"), 3, (
-        source("weak", 0.5), source("nearest-label", 0.6), source("select", 0.8),
-        source("refine", 0.85, uncertainty_auroc=0.75)))
+    evaluation = Evaluation(
+        "m.yaml",
+        "s.zarr",
+        (0, 1),
+        ("background", "object"),
+        3,
+        (
+            source("weak", 0.5),
+            source("nearest-label", 0.6),
+            source("select", 0.8),
+            source("refine", 0.85, uncertainty_auroc=0.75),
+        ),
+    )
     baselines = {
         "nearest": BaselineResult("nearest", 3, _scores(0.6), 0.002),
         "random_walker": BaselineResult("random_walker", 3, _scores(0.7), 0.5),
         "superpixel_walker": BaselineResult("superpixel_walker", 3, _scores(0.65), 0.2),
         "dense_crf": BaselineResult("dense_crf", 0, None, math.nan, "the dense_crf baseline needs the bench extra"),
     }
-    row = QualityRow("m.yaml", "grabcut", "points", None, 0, {"total": 1.0}, evaluation, baselines,
-                     {"select": 1.5, "refine": 2.5})
+    row = QualityRow(
+        "m.yaml", "grabcut", "points", None, 0, {"total": 1.0}, evaluation, baselines, {"select": 1.5, "refine": 2.5}
+    )
     data = json.loads(json.dumps(row.to_json()))
-    assert data["miou"] == {"weak": 50.0, "nearest": 60.0, "random_walker": 70.0, "superpixel_walker": 65.0,
-                            "dense_crf": None, "select": 80.0, "refine": 85.0}
+    assert data["miou"] == {
+        "weak": 50.0,
+        "nearest": 60.0,
+        "random_walker": 70.0,
+        "superpixel_walker": 65.0,
+        "dense_crf": None,
+        "select": 80.0,
+        "refine": 85.0,
+    }
     assert data["best_baseline"] == "random_walker" and data["refine_minus_best_baseline"] == 15.0
-    assert data["seconds_per_image"] == {"nearest": 0.002, "random_walker": 0.5, "superpixel_walker": 0.2,
-                                         "dense_crf": None, "select": 1.5, "refine": 2.5}
+    assert data["seconds_per_image"] == {
+        "nearest": 0.002,
+        "random_walker": 0.5,
+        "superpixel_walker": 0.2,
+        "dense_crf": None,
+        "select": 1.5,
+        "refine": 2.5,
+    }
     assert data["speed_ratio"] == 8.0  # (1.5 + 2.5) / 0.5
     assert data["baselines"]["dense_crf"]["unavailable"].endswith("bench extra")
     assert data["gain_points"] == pytest.approx(20.0) and data["uncertainty_auroc"] == 0.75

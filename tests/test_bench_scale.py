@@ -1,4 +1,5 @@
 """seglab bench scale / bench rerun on a few synthetic images (each run is a `seglab run` process)."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.pipeline.bench_scale import bench_scale
-from seglab.pipeline.store import Store
+from seglab.pipeline.bench.scale import bench_scale
+from seglab.pipeline.core.store import Store
 
 
 def test_rerun_of_a_finished_run_encodes_nothing_and_is_timed(tmp_path):
@@ -32,6 +33,9 @@ def test_scale_reports_every_run_with_stage_rates_and_peak_memory(tmp_path):
         assert run["driver_peak_rss"] > 50 * 2**20 and run["worker_peak_rss"] > 50 * 2**20
         embed = run["stages"]["embed"]
         assert embed["computed"] == run["images"] and embed["images_per_second"] == round(
-            embed["computed"] / embed["seconds"], 3)
-    assert result["driver_memory_ratio"] == round(result["runs"][1]["driver_peak_rss"] / result["runs"][0]["driver_peak_rss"], 3)
+            embed["computed"] / embed["seconds"], 3
+        )
+    assert result["driver_memory_ratio"] == round(
+        result["runs"][1]["driver_peak_rss"] / result["runs"][0]["driver_peak_rss"], 3
+    )
     assert "worker_speedup" not in result

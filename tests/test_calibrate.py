@@ -1,25 +1,27 @@
 """The calibrate stage end to end: fitted on the calibration gold set, applied per image."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import calibrated_manifest, shapes_image
 from typer.testing import CliRunner
 
-from conftest import calibrated_manifest, shapes_image
 from seglab.cli.app import app
-from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.evaluate import evaluate
+from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.core.store import Store
+from seglab.pipeline.evaluation.evaluate import evaluate
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import Store
-from seglab.stages.conformal import prediction_sets
-from seglab.stages.ranking import auroc
-from seglab.stages.uncertainty import SIGNALS
+from seglab.stages.parts.conformal import prediction_sets
+from seglab.stages.parts.ranking import auroc
+from seglab.stages.parts.uncertainty import SIGNALS
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+
+
 def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     path = calibrated_manifest(tmp_path)
     report = Runner(load_manifest(path)).run()
@@ -103,11 +105,15 @@ def test_evaluate_reports_the_miscoverage_of_the_calibrated_sets(tmp_path):
 
 def test_bench_conformal_tests_every_split_on_the_images_it_did_not_calibrate_on(tmp_path):
     path = calibrated_manifest(tmp_path)
-    path.write_text(path.read_text().replace("images/img0[45].png", "images/*.png").replace(
-        "  calibration: {images: {glob: 'images/img0[0-3].png'}, masks: gold}\n", ""))
+    path.write_text(
+        path.read_text()
+        .replace("images/img0[45].png", "images/*.png")
+        .replace("  calibration: {images: {glob: 'images/img0[0-3].png'}, masks: gold}\n", "")
+    )
     assert Runner(load_manifest(path)).run().ok
-    result = CliRunner().invoke(app, ["bench", "conformal", str(path), "--splits", "3", "--calibration", "4",
-                                      "--alpha", "0.3", "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", "conformal", str(path), "--splits", "3", "--calibration", "4", "--alpha", "0.3", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["images"] == 6 and report["test"] == 2

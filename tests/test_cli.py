@@ -1,4 +1,5 @@
 """The command line through typer's runner."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def test_run_status_export(tiny, tmp_path):
     result = runner.invoke(app, ["run", str(tiny)])
     assert result.exit_code == 0, result.output
     assert "select" in result.output and "4/4" in result.output
-    assert f"Labels in {tmp_path / 'run.zarr'}. Next: seglab status {tiny} · seglab export {tmp_path / 'run.zarr'} " \
-           "--format png --out labels · seglab report" in " ".join(result.output.split())
+    assert (
+        f"Labels in {tmp_path / 'run.zarr'}. Next: seglab status {tiny} · seglab export {tmp_path / 'run.zarr'} "
+        "--format png --out labels · seglab report" in " ".join(result.output.split())
+    )
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert [(s["stage"], s["done"], s["total"], s["complete"]) for s in status] == [
         (name, 4, 4, True) for name in ("ingest", "embed", "prompts", "select", "refine")
@@ -68,7 +71,9 @@ def test_run_status_export(tiny, tmp_path):
 
     tiny.write_text(tiny.read_text().replace("select: {batch_size: 2}", "select: {batch_size: 2, tau: [0.3, 0.6]}"))
     result = runner.invoke(app, ["run", str(tiny)])
-    assert result.exit_code == 1 and "tau: [0.3, 0.7] -> [0.3, 0.6]" in result.output and "--force select" in result.output
+    assert (
+        result.exit_code == 1 and "tau: [0.3, 0.7] -> [0.3, 0.6]" in result.output and "--force select" in result.output
+    )
     status = json.loads(runner.invoke(app, ["status", str(tiny), "--json"]).output)
     assert status[-1]["signature"] == "stale" and status[0]["signature"] == "current"
 
@@ -94,8 +99,10 @@ def test_after_failures_the_next_step_is_to_fix_and_rerun():
 
 
 def test_a_local_ray_started_by_seglab_prints_no_token_notice():
-    code = ("import ray; from seglab.workers.raysession import ensure_ray; "
-            "ensure_ray(None, num_cpus=1); print(ray.is_initialized())")
+    code = (
+        "import ray; from seglab.workers.raysession import ensure_ray; "
+        "ensure_ray(None, num_cpus=1); print(ray.is_initialized())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.stdout.strip() == "True", result.stderr

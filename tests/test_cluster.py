@@ -1,5 +1,6 @@
 """Node loss on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two worker
 nodes on this machine): a worker node removed without grace in the middle of a map stage."""
+
 from __future__ import annotations
 
 import os
@@ -11,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-
 from conftest import write_dataset, write_manifest
+
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import Store
 
 SIZES = [(48 + 4 * i, 64) for i in range(8)]
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
@@ -82,21 +83,30 @@ def ledger_lines(store: Path, stage: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("stage,after", [
-    ("embed", 2), ("select", 3),
-    # the long variants: python -m pytest -m slow tests/test_cluster.py. No point in refine:
-    # on these images it finishes its 8 units within 0.3 s of the removal, before the node's
-    # workers die, and no later stage is left to notice the loss
-    pytest.param("ingest", 1, marks=pytest.mark.slow), pytest.param("embed", 6, marks=pytest.mark.slow),
-    pytest.param("prompts", 4, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "stage,after",
+    [
+        ("embed", 2),
+        ("select", 3),
+        # the long variants: python -m pytest -m slow tests/test_cluster.py. No point in refine:
+        # on these images it finishes its 8 units within 0.3 s of the removal, before the node's
+        # workers die, and no later stage is left to notice the loss
+        pytest.param("ingest", 1, marks=pytest.mark.slow),
+        pytest.param("embed", 6, marks=pytest.mark.slow),
+        pytest.param("prompts", 4, marks=pytest.mark.slow),
+    ],
+)
 def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, stage, after):
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     name = f"lost-{stage}"
     manifest = cluster.folder / f"{name}.yaml"
-    manifest.write_text((cluster.folder / "manifest.yaml").read_text().replace("clean.zarr", f"{name}.zarr")
-                        .replace("  workers: 2\n", "  workers: 2\n  worker_start_timeout: 10\n"))
+    manifest.write_text(
+        (cluster.folder / "manifest.yaml")
+        .read_text()
+        .replace("clean.zarr", f"{name}.zarr")
+        .replace("  workers: 2\n", "  workers: 2\n  worker_start_timeout: 10\n")
+    )
     store_path = cluster.folder / f"{name}.zarr"
     removed = threading.Event()
 

@@ -1,5 +1,6 @@
 """Conformal calibration: exact small cases by hand, an exact-rational reference, and the
 guarantees on synthetic exchangeable images whose pixels share a per-image difficulty."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from seglab.stages.conformal import (
-    ScoreTable, calibrated_labels, image_miscoverage, mondrian, pixel_split, prediction_sets, risk_control,
+from seglab.stages.parts.conformal import (
+    ScoreTable,
+    calibrated_labels,
+    image_miscoverage,
+    mondrian,
+    pixel_split,
+    prediction_sets,
+    risk_control,
 )
 
 # Four calibration images of four pixels: gold-class scores and gold class indices. Scores
@@ -38,8 +45,9 @@ def test_risk_control_by_hand_needs_the_finite_sample_correction():
     assert risk_control(hand_table(), 0.2).thresholds[0] == 0.75
 
 
-@pytest.mark.parametrize("alpha, needed", [(0.5, 1), (1 / 3, 2), (0.3, 3), (0.25, 3), (0.2, 4), (0.19, 5),
-                                           (0.1, 9), (0.05, 19)])
+@pytest.mark.parametrize(
+    "alpha, needed", [(0.5, 1), (1 / 3, 2), (0.3, 3), (0.25, 3), (0.2, 4), (0.19, 5), (0.1, 9), (0.05, 19)]
+)
 def test_images_needed_is_the_smallest_n_with_n_plus_1_alpha_at_least_1(alpha, needed):
     result = risk_control(hand_table(), alpha)
     assert result.images_needed == needed
@@ -57,16 +65,21 @@ def test_mondrian_by_hand_with_a_class_too_rare_and_one_absent():
     assert result.thresholds == (0.5, 1.0, 1.0)
     assert (result.n, result.feasible, result.images_needed) == ((4, 3, 0), (True, False, False), 4)
     assert json.loads(json.dumps(result.to_json())) == {
-        "method": "mondrian", "alpha": 0.2, "thresholds": [0.5, 1.0, 1.0], "n": [4, 3, 0],
-        "feasible": [True, False, False], "images_needed": 4}
+        "method": "mondrian",
+        "alpha": 0.2,
+        "thresholds": [0.5, 1.0, 1.0],
+        "n": [4, 3, 0],
+        "feasible": [True, False, False],
+        "images_needed": 4,
+    }
 
 
 def test_pixel_split_by_hand():
     # 16 pooled pixels; sorted counts: 4 at 0, 4 at 0.125, 4 at 0.25, 3 at 0.5, 1 at 0.75
-    assert pixel_split(hand_table(), 0.3).thresholds[0] == 0.25   # rank ceil(17 * 0.7) = 12
-    assert pixel_split(hand_table(), 0.25).thresholds[0] == 0.5   # rank ceil(12.75) = 13
+    assert pixel_split(hand_table(), 0.3).thresholds[0] == 0.25  # rank ceil(17 * 0.7) = 12
+    assert pixel_split(hand_table(), 0.25).thresholds[0] == 0.5  # rank ceil(12.75) = 13
     assert pixel_split(hand_table(), 2 / 17).thresholds[0] == 0.5  # rank 15 exactly, despite rounding
-    result = pixel_split(hand_table(), 0.05)                      # rank ceil(16.15) = 17 > 16
+    result = pixel_split(hand_table(), 0.05)  # rank ceil(16.15) = 17 > 16
     assert (result.thresholds, result.feasible, result.images_needed, result.n) == ((1.0, 1.0), False, None, 4)
 
 
@@ -126,8 +139,12 @@ def test_sets_and_labels_on_a_hand_made_map():
     # pixels: one class / none / two classes / all three (p exactly 1 - lambda is inside)
     probabilities = np.array([[[0.9, 0.1, 0.5, 0.6]], [[0.2, 0.4, 0.75, 0.5]], [[0.1, 0.3, 0.2, 0.8]]], np.float16)
     sets = prediction_sets(probabilities, [0.5, 0.25, 0.25])
-    assert sets[:, 0].T.tolist() == [[True, False, False], [False, False, False],
-                                     [True, True, False], [True, False, True]]
+    assert sets[:, 0].T.tolist() == [
+        [True, False, False],
+        [False, False, False],
+        [True, True, False],
+        [True, False, True],
+    ]
     sets[:, 0, 3] = True
     labels, size = calibrated_labels(sets, (3, 7, 9), 255, np.uint8)
     assert labels.tolist() == [[3, 255, 255, 255]] and labels.dtype == np.uint8
@@ -143,6 +160,7 @@ def test_sets_and_labels_on_a_hand_made_map():
 # Synthetic images: n_images of 16..64 pixels (or as given), each with its own difficulty
 # a ~ N(0, 1) shared by all its pixels, so pixels of one image are NOT independent. The gold
 # probability is sigmoid(base + spread * a + N(0, 1)), rounded to float16 as ``select`` stores it.
+
 
 def synthetic(rng, n_images, base, spread, sizes=None):
     """-> (image int [N], score float64 [N], sizes [n_images])."""

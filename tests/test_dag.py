@@ -1,7 +1,7 @@
 import pytest
 
+from seglab.pipeline.core.registry import STAGES
 from seglab.pipeline.dag import Dag, DagError
-from seglab.pipeline.registry import STAGES
 from seglab.stages.base import MapStage
 
 

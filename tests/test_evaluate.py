@@ -1,4 +1,5 @@
 """`seglab evaluate` on the tiny dataset, and `seglab bench quality` on the shared real data."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import SHARED_DATA, add_gold, scribbles_from_truth, shapes_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
-
-from conftest import SHARED_DATA, add_gold, scribbles_from_truth, shapes_image
 
 ROOT = Path(__file__).resolve().parents[1]
 cli = CliRunner()
@@ -79,8 +79,20 @@ def test_evaluate_scores_every_source_and_counts_missing_images(tiny):
 def test_simulate_weak_writes_the_unlabelled_value_asked_for(tmp_path):
     (tmp_path / "masks").mkdir()
     Image.fromarray(shapes_image(60, 80, seed=0)[1] * 100).save(tmp_path / "masks" / "a.png")  # classes 0, 100, 200
-    result = cli.invoke(app, ["simulate-weak", "--masks", str(tmp_path / "masks"), "--kind", "scribbles",
-                              "--out", str(tmp_path / "weak"), "--unlabelled", "128"])
+    result = cli.invoke(
+        app,
+        [
+            "simulate-weak",
+            "--masks",
+            str(tmp_path / "masks"),
+            "--kind",
+            "scribbles",
+            "--out",
+            str(tmp_path / "weak"),
+            "--unlabelled",
+            "128",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert set(np.unique(np.asarray(Image.open(tmp_path / "weak" / "a.png")))) == {0, 100, 128, 200}
 
@@ -88,6 +100,15 @@ def test_simulate_weak_writes_the_unlabelled_value_asked_for(tmp_path):
 @pytest.mark.realdata
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 @pytest.mark.usefixtures("ray_local")
+def test_bench_quality_by_default_runs_every_bench_manifest_of_the_checkout():
+    from seglab.pipeline.bench.quality import default_manifests
+
+    found = [p.name for p in default_manifests()]
+    kinds = ("boxes", "coarse", "points", "scribbles")
+    assert found == [f"{d}-{k}.yaml" for d in ("camvid", "grabcut") for k in kinds]
+    assert all(p.parent == Path(__file__).resolve().parents[1] / "manifests" / "bench" for p in default_manifests())
+
+
 def test_bench_quality_on_two_grabcut_images(tmp_path):
     """The packaged bench manifest, pointed at a temporary weak-label folder and store."""
     spec = yaml.safe_load((ROOT / "manifests" / "bench" / "grabcut-points.yaml").read_text())
@@ -118,11 +139,13 @@ def test_bench_quality_on_two_grabcut_images(tmp_path):
     assert row["miou"][row["best_baseline"]] == max(row["miou"][n] for n in measured)
     assert row["refine_points"] == pytest.approx(row["miou"]["refine"] - row["miou"]["select"], abs=0.11)
     assert row["refine_minus_best_baseline"] == pytest.approx(
-        row["miou"]["refine"] - row["miou"][row["best_baseline"]], abs=0.11)
+        row["miou"]["refine"] - row["miou"][row["best_baseline"]], abs=0.11
+    )
     spent = row["seconds_per_image"]
     assert spent["select"] > 0 and spent["refine"] > 0
-    assert row["speed_ratio"] == pytest.approx((spent["select"] + spent["refine"]) / spent[row["best_baseline"]],
-                                               rel=0.02, abs=0.01)
+    assert row["speed_ratio"] == pytest.approx(
+        (spent["select"] + spent["refine"]) / spent[row["best_baseline"]], rel=0.02, abs=0.01
+    )
     for source in row["evaluation"]["sources"]:
         assert source["evaluated"] == 2 and source["missing"] == 0
         assert set(source["iou"]) == {"background", "object"}

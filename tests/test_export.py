@@ -1,4 +1,5 @@
 """seglab export: every format read back by its consumer library equals the store."""
+
 from __future__ import annotations
 
 import csv
@@ -17,19 +18,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
+from conftest import calibrated_manifest
 from PIL import Image
 from pycocotools.coco import COCO
 from skimage.measure import label as connected_components
 from typer.testing import CliRunner
 
-from conftest import calibrated_manifest
 from seglab.cli.app import app
-from seglab.pipeline.errors import SeglabError
-from seglab.pipeline.exports import ExportOptions, coco, export
-from seglab.pipeline.labelsource import done_units
+from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.store import CorruptOutput, Store
+from seglab.pipeline.exports import coco
+from seglab.pipeline.exports.export import export
+from seglab.pipeline.exports.formats import ExportOptions
+from seglab.pipeline.exports.labelsource import done_units
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
-from seglab.pipeline.store import CorruptOutput, Store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 IGNORE = 255
@@ -77,7 +80,7 @@ def test_png_layout_reads_back_with_pil_and_carries_provenance(store, tmp_path):
     with open(out / "index.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     by_image = {r["image"]: r for r in rows}
-    for unit, (labels, uncertainty, image) in truth.items():
+    for _unit, (labels, uncertainty, image) in truth.items():
         row = by_image[image]
         label = Image.open(out / row["label"])
         assert label.mode == "P" and Path(row["label"]).stem == Path(image).stem
@@ -135,8 +138,9 @@ def test_parquet_loads_with_pyarrow_and_datasets(store, tmp_path):
         assert json.loads(row["provenance"]) == meta["provenance"]
 
     datasets = pytest.importorskip("datasets")
-    loaded = datasets.load_dataset("parquet", data_files=str(out / "labels.parquet"), split="train",
-                                   cache_dir=str(tmp_path / "hf"))
+    loaded = datasets.load_dataset(
+        "parquet", data_files=str(out / "labels.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     assert len(loaded) == 6 and type(loaded.features["label"]).__name__ == "Image"
     for row in loaded:
         assert np.array_equal(np.asarray(row["label"]), truth[row["unit"]][0])
@@ -147,8 +151,9 @@ def test_split_and_uncertainty_filters(store, tmp_path):
     s = Store(store)
     splits = s.attrs["splits"]
     meta = export(store, tmp_path / "evaluation", ExportOptions(split="evaluation"))
-    assert [i["unit"] for i in json.loads((tmp_path / "evaluation" / "index.json").read_text())["images"]] \
-        == splits["evaluation"] and meta["filters"]["split"] == "evaluation"
+    assert [i["unit"] for i in json.loads((tmp_path / "evaluation" / "index.json").read_text())["images"]] == splits[
+        "evaluation"
+    ] and meta["filters"]["split"] == "evaluation"
     training = export(store, tmp_path / "training", ExportOptions(format="coco", split="training"))
     held = set(splits["evaluation"]) | set(splits["calibration"])
     assert training["written"]["images"] == 6 - len(held) == 3
@@ -192,7 +197,9 @@ def test_a_failed_export_leaves_nothing_and_a_killed_one_is_cleaned_up(store, tm
     # a process killed without warning mid-export: nothing at OUT, then the next export is whole
     script = (
         "import os, signal, sys\n"
-        "from seglab.pipeline.exports import export, ExportOptions, png\n"
+        "from seglab.pipeline.exports import png\n"
+        "from seglab.pipeline.exports.export import export\n"
+        "from seglab.pipeline.exports.formats import ExportOptions\n"
         "real, seen = png.label_image, []\n"
         "def dying(labels):\n"
         "    seen.append(1)\n"
@@ -267,8 +274,12 @@ def test_overwrite_replaces_only_an_unchanged_seglab_export(store, tmp_path):
     meta = json.loads((older / "export.json").read_text())
     del meta["seglab_export"]
     (older / "export.json").write_text(json.dumps(meta, indent=2))
-    subprocess.run("find . -type f ! -name SHA256SUMS -printf '%P\\n' | sort | xargs sha256sum > SHA256SUMS",
-                   shell=True, cwd=older, check=True)
+    subprocess.run(
+        "find . -type f ! -name SHA256SUMS -printf '%P\\n' | sort | xargs sha256sum > SHA256SUMS",
+        shell=True,
+        cwd=older,
+        check=True,
+    )
     export(store, older, ExportOptions(format="coco", overwrite=True))
     assert sorted(os.listdir(older)) == ["SHA256SUMS", "annotations.json", "export.json"]
 
@@ -283,8 +294,9 @@ def test_checksums_of_names_with_a_newline_or_backslash_pass_sha256sum_check(sto
     export(copy, out, ExportOptions(format="png"))
     assert (out / "labels" / "we\\ird\nname.png").exists()
     check = subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
-    assert check.returncode == 0 and check.stdout.count(": OK") == len([p for p in out.rglob("*") if p.is_file()]) - 1, \
-        check.stdout + check.stderr
+    assert (
+        check.returncode == 0 and check.stdout.count(": OK") == len([p for p in out.rglob("*") if p.is_file()]) - 1
+    ), check.stdout + check.stderr
     export(copy, out, ExportOptions(format="coco", overwrite=True))  # the escaped listing proves it an export
 
 
@@ -301,8 +313,10 @@ def test_images_that_failed_ingest_are_listed_with_stage_and_error_and_warned_ab
     assert "images__img06.png: ingest failed:" in output and "not an image" in output
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
     assert meta["unfinished"] == ["images__img06.png", "images__img07.png"]
-    assert [(f["unit"], f["stage"]) for f in meta["failed"]] == [("images__img06.png", "ingest"),
-                                                                  ("images__img07.png", "ingest")]
+    assert [(f["unit"], f["stage"]) for f in meta["failed"]] == [
+        ("images__img06.png", "ingest"),
+        ("images__img07.png", "ingest"),
+    ]
     assert all("img0" in f["error"] and "not an image" in f["error"] for f in meta["failed"])
 
 
@@ -314,8 +328,9 @@ def test_an_array_that_differs_from_its_record_or_is_gone_is_never_exported(stor
     shutil.rmtree(copy / "refine" / "uncertainty" / c)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["export", str(copy), "--out", str(out)])
-    one_line_refusal(result, "not exported", "2 refine images are missing or damaged", b, c, "seglab run",
-                     "--skip-damaged")
+    one_line_refusal(
+        result, "not exported", "2 refine images are missing or damaged", b, c, "seglab run", "--skip-damaged"
+    )
     assert not out.exists() and list(tmp_path.iterdir()) == [copy]
 
     result = CliRunner().invoke(app, ["export", str(copy), "--out", str(out), "--skip-damaged"])
@@ -337,8 +352,8 @@ def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_alloca
     shutil.rmtree(array / "c")  # no chunk: zarr would fill 2.5 GB with the fill value
     script = (
         "import resource, sys, time\n"
-        "from seglab.pipeline.exports import export, ExportOptions\n"
-        "from seglab.pipeline.errors import SeglabError\n"
+        "from seglab.pipeline.exports.export import export\nfrom seglab.pipeline.exports.formats import ExportOptions\n"
+        "from seglab.pipeline.base.errors import SeglabError\n"
         "vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
         "resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 30), resource.RLIM_INFINITY))  # a safety net\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -348,8 +363,9 @@ def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_alloca
         "    print('SeglabError', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, exc)\n"
     )
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script, str(copy), str(tmp_path / "out")], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(copy), str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.startswith("SeglabError "), done.stdout + done.stderr[-2000:]
     growth_mib = int(done.stdout.split()[1])
     assert growth_mib < 500 and time.monotonic() - started < 60, done.stdout

@@ -1,5 +1,6 @@
 """Faults inside one machine: committed work survives a killed driver, damaged chunks are
 found and redone, torn writes are never accepted, and each error class is handled as such."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_dataset, write_manifest
 from ray import cloudpickle
 
-from conftest import write_dataset, write_manifest
-from seglab.pipeline.errors import InputError, TransientError
+from seglab.pipeline.base.errors import InputError, TransientError
+from seglab.pipeline.core.store import COMMIT_DIR, CorruptOutput, Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import COMMIT_DIR, CorruptOutput, Store
 from seglab.stages.base import Resources, Unit
-from seglab.workers.pool import StageFailed, WorkerPool, _failure, run_batches
+from seglab.workers.pool import StageFailed, WorkerPool, run_batches
+from seglab.workers.schedule import failure_receipt
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZES = [(48 + 4 * i, 64) for i in range(6)]
@@ -78,7 +80,9 @@ def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(cle
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
     with pytest.raises(CorruptOutput, match=f"embed/lab/{unit}"):
-        store.verify_reads(["embed/lab"], unit, {"embed/lab": store.ledger("embed").load()[unit]["outputs"]["lab"]["sha256"]})
+        store.verify_reads(
+            ["embed/lab"], unit, {"embed/lab": store.ledger("embed").load()[unit]["outputs"]["lab"]["sha256"]}
+        )
 
     report = Runner(manifest, RunOptions(force=("select",))).run()  # select reads embed again
     by_stage = {s.stage: s for s in report.stages}
@@ -91,7 +95,7 @@ def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(cle
 
 WRITER = """
 import sys, time, numpy as np
-from seglab.pipeline.store import Store
+from seglab.pipeline.core.store import Store
 store = Store(sys.argv[1])
 start = int(sys.argv[2])
 rng = np.random.default_rng(start)
@@ -99,7 +103,8 @@ for k in range(start, start + 1000):
     unit = f"u{k:05d}"
     outputs = store.write_unit("embed", unit, {"lab": rng.random((3, 256, 256)).astype(np.float32),
                                                "edges": rng.random((256, 256)).astype(np.float16)})
-    store.commit_unit("embed", unit, {"unit": unit, "status": "done", "outputs": outputs, "inputs": "-", "signature": "-"})
+    store.commit_unit("embed", unit,
+                      {"unit": unit, "status": "done", "outputs": outputs, "inputs": "-", "signature": "-"})
 """
 
 
@@ -139,9 +144,9 @@ class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot i
             if unit.id.startswith("die"):
                 os._exit(1)
             if unit.id.startswith("transient"):
-                receipts.append(_failure(unit, TransientError("storage hiccup")))
+                receipts.append(failure_receipt(unit, TransientError("storage hiccup")))
             elif unit.id.startswith("bad"):
-                receipts.append(_failure(unit, InputError(unit.image, "cannot identify image file")))
+                receipts.append(failure_receipt(unit, InputError(unit.image, "cannot identify image file")))
             else:
                 receipts.append({"unit": unit.id, "status": "done", "outputs": {}, "info": {}})
         return receipts
@@ -150,14 +155,26 @@ class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot i
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def run_flaky(tmp_path, ids, *, size=2, resources=Resources(cpus=1), **options):
+ONE_CPU = Resources(cpus=1)
+
+
+def run_flaky(tmp_path, ids, *, size=2, resources=ONE_CPU, **options):
     log = tmp_path / "calls.log"
     pool = WorkerPool(str(log), resources, size=size, worker=FlakyWorker)
     units = [Unit(id=i, image=f"/data/{i}.png") for i in ids]
     receipts = []
     try:
-        run_batches(pool=pool, stage_name="ingest", units=units, read_paths=[], batch_size=1, max_retries=2,
-                    on_receipts=receipts.extend, tasks={u.id: {} for u in units}, **options)
+        run_batches(
+            pool=pool,
+            stage_name="ingest",
+            units=units,
+            read_paths=[],
+            batch_size=1,
+            max_retries=2,
+            on_receipts=receipts.extend,
+            tasks={u.id: {} for u in units},
+            **options,
+        )
     finally:
         pool.shutdown()
     calls = log.read_text().split() if log.exists() else []
@@ -168,15 +185,20 @@ def test_transient_errors_are_retried_to_the_limit_and_deterministic_ones_never(
     receipts, calls = run_flaky(tmp_path, ["ok1", "transient1", "bad1", "ok2"])
     assert calls == {"ok1": 1, "transient1": 3, "bad1": 1, "ok2": 1}  # max_retries = 2
     assert receipts["ok1"]["status"] == receipts["ok2"]["status"] == "done"
-    assert receipts["transient1"]["error"]["transient"] and "storage hiccup" in receipts["transient1"]["error"]["message"]
+    assert (
+        receipts["transient1"]["error"]["transient"] and "storage hiccup" in receipts["transient1"]["error"]["message"]
+    )
     bad = receipts["bad1"]["error"]
     assert not bad["transient"] and bad["message"] == "/data/bad1.png: cannot identify image file"
 
 
 def test_a_pool_that_keeps_dying_fails_the_stage_naming_it_and_a_unit(tmp_path):
     started = time.time()
-    with pytest.raises(StageFailed, match=r"stage 'ingest': worker pool exhausted after \d+ replacements; "
-                                          r"last lost batch started at unit 'die\d'"):
+    with pytest.raises(
+        StageFailed,
+        match=r"stage 'ingest': worker pool exhausted after \d+ replacements; "
+        r"last lost batch started at unit 'die\d'",
+    ):
         run_flaky(tmp_path, ["die1", "die2", "die3"], replace_limit=2)
     assert time.time() - started < 60
 

@@ -12,6 +12,7 @@
 * Checkpoints that would run code when unpickled, or are torn: refused by every loader,
   with an error naming the file; the canary proves nothing ran.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,10 +37,10 @@ from PIL import Image, features
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.pipeline.errors import InputError, ManifestError
+from seglab.pipeline.base.errors import InputError, ManifestError
 from seglab.pipeline.manifest import load_manifest
-from seglab.stages.imageio import decode_image
-from seglab.stages.weak import (
+from seglab.stages.parts.imageio import decode_image
+from seglab.stages.parts.weak import (
     assign_to_images,
     label_dtype,
     rasterize_points,
@@ -79,8 +80,12 @@ def _png_16bit_rgb(pixels: np.ndarray) -> bytes:
     """A 16-bit RGB PNG written by hand (Pillow does not write them)."""
     height, width, _ = pixels.shape
     raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _save(image: Image.Image, fmt: str, **options) -> bytes:
@@ -112,7 +117,7 @@ def seed_files() -> list[SeedFile]:
     la = gray.copy()
     la.putalpha(alpha)
     palette = rgb.quantize(16)
-    sixteen = Image.fromarray((photo[..., 0].astype(np.uint16) * 257))
+    sixteen = Image.fromarray(photo[..., 0].astype(np.uint16) * 257)
     int32 = Image.fromarray(photo[..., 1].astype(np.int32) * 1000 - 50_000)
     floats = Image.fromarray(photo[..., 2].astype(np.float32) / 255)
     labels = _label_array(rng)
@@ -174,13 +179,24 @@ def seed_files() -> list[SeedFile]:
     ]
     # formats seglab does not list but Pillow recognises by content, whatever the file is named
     codecs = {"JPEG2000": "jpg_2000", "AVIF": "avif"}  # Pillow builds may lack these
-    for fmt, image in (("TGA", rgba), ("ICO", rgba), ("PCX", rgb), ("SGI", rgb), ("QOI", rgb), ("PPM", rgb),
-                       ("DDS", rgb), ("IM", rgb), ("XBM", gray.convert("1")), ("DIB", rgb), ("MPO", rgb),
-                       ("JPEG2000", rgb), ("AVIF", rgb)):
+    for fmt, image in (
+        ("TGA", rgba),
+        ("ICO", rgba),
+        ("PCX", rgb),
+        ("SGI", rgb),
+        ("QOI", rgb),
+        ("PPM", rgb),
+        ("DDS", rgb),
+        ("IM", rgb),
+        ("XBM", gray.convert("1")),
+        ("DIB", rgb),
+        ("MPO", rgb),
+        ("JPEG2000", rgb),
+        ("AVIF", rgb),
+    ):
         if fmt in Image.SAVE and (fmt not in codecs or features.check(codecs[fmt])):
             seeds.append((f"other_{fmt.lower()}", fmt, _save(image, fmt)))
-    ext = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp",
-           "PGM": ".pgm"}
+    ext = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp", "PGM": ".pgm"}
     return [SeedFile(name, ext.get(fmt, ".png"), data, fmt) for name, fmt, data in seeds]
 
 
@@ -189,19 +205,19 @@ def seed_files() -> list[SeedFile]:
 
 def _png_fix_crc(data: bytearray, start: int) -> None:
     """Recompute the CRC of the PNG chunk starting at ``start`` (its length field)."""
-    length = struct.unpack(">I", data[start:start + 4])[0]
-    body = data[start + 4:start + 8 + length]
-    data[start + 8 + length:start + 12 + length] = struct.pack(">I", zlib.crc32(body))
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    body = data[start + 4 : start + 8 + length]
+    data[start + 8 + length : start + 12 + length] = struct.pack(">I", zlib.crc32(body))
 
 
 def _png_chunks(data: bytes) -> list[tuple[int, bytes, int]]:
     """(offset of the length field, chunk type, body length) of every whole chunk."""
     chunks, at = [], 8
     while at + 12 <= len(data):
-        length = struct.unpack(">I", data[at:at + 4])[0]
+        length = struct.unpack(">I", data[at : at + 4])[0]
         if at + 12 + length > len(data):
             break
-        chunks.append((at, bytes(data[at + 4:at + 8]), length))
+        chunks.append((at, bytes(data[at + 4 : at + 8]), length))
         at += 12 + length
     return chunks
 
@@ -227,11 +243,11 @@ def _tiff_size_fields(data: bytes) -> list[tuple[int, str]]:
     """(offset, struct format) of the first IFD's ImageWidth and ImageLength values."""
     order = "<" if data[:2] == b"II" else ">"
     ifd = struct.unpack(order + "I", data[4:8])[0]
-    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    count = struct.unpack(order + "H", data[ifd : ifd + 2])[0]
     fields = []
     for i in range(count):
         entry = ifd + 2 + 12 * i
-        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        tag, kind = struct.unpack(order + "HH", data[entry : entry + 4])
         if tag in (256, 257):
             fields.append((entry + 8, order + ("H" if kind == 3 else "I")))
     return fields
@@ -246,26 +262,26 @@ def declare_size(seed: SeedFile, width: int, height: int) -> bytes | None:
         _png_fix_crc(data, 8)
         for at, kind, _ in _png_chunks(data):  # APNG frames declare their size too
             if kind == b"fcTL":
-                data[at + 12:at + 20] = struct.pack(">II", width & 0xFFFFFFFF, height & 0xFFFFFFFF)
+                data[at + 12 : at + 20] = struct.pack(">II", width & 0xFFFFFFFF, height & 0xFFFFFFFF)
                 _png_fix_crc(data, at)
     elif seed.fmt == "GIF":
         w16, h16 = width & 0xFFFF, height & 0xFFFF
         data[6:10] = struct.pack("<HH", w16, h16)
         at = _gif_descriptor(data)
         if at is not None:
-            data[at + 5:at + 9] = struct.pack("<HH", w16, h16)
+            data[at + 5 : at + 9] = struct.pack("<HH", w16, h16)
     elif seed.fmt == "BMP":
-        data[18:26] = struct.pack("<ii", max(min(width, 2**31 - 1), -2**31), max(min(height, 2**31 - 1), -2**31))
+        data[18:26] = struct.pack("<ii", max(min(width, 2**31 - 1), -(2**31)), max(min(height, 2**31 - 1), -(2**31)))
     elif seed.fmt == "JPEG":
         for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
             at = data.find(marker)
             if at >= 0:
-                data[at + 5:at + 9] = struct.pack(">HH", height & 0xFFFF, width & 0xFFFF)
+                data[at + 5 : at + 9] = struct.pack(">HH", height & 0xFFFF, width & 0xFFFF)
                 break
     elif seed.fmt == "TIFF":
         for (at, fmt), value in zip(_tiff_size_fields(bytes(data)), (width, height)):
             mask = 0xFFFF if fmt[1] == "H" else 0xFFFFFFFF
-            data[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value & mask)
+            data[at : at + struct.calcsize(fmt)] = struct.pack(fmt, value & mask)
     elif seed.fmt == "WEBP":
         kind = bytes(data[12:16])
         if kind == b"VP8X":  # canvas size minus one, 24 bits each
@@ -281,12 +297,35 @@ def declare_size(seed: SeedFile, width: int, height: int) -> bytes | None:
     return bytes(data)
 
 
-HUGE_SIZES = [(65535, 65535), (2**31 - 1, 1), (1, 2**31 - 1), (2**32 - 1, 2**32 - 1), (100_000, 100_000),
-              (1000, 1000), (W * 30, H * 30), (0, H), (W, 0), (W + 1, H), (W, -H), (-1, -1)]
-JUNK = [b"hello, this is not an image\n", b"<html><body>404 Not Found</body></html>", b'{"image": "a.png"}',
-        b"PK\x03\x04" + bytes(40), b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", b"\x89PNG\r\n\x1a\n", b"GIF89a",
-        b"BM" + bytes(60), b"II*\x00" + bytes(12), b"\xff\xd8\xff\xe0", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
-        b"\x00" * 64, b" \n\t\r" * 8]
+HUGE_SIZES = [
+    (65535, 65535),
+    (2**31 - 1, 1),
+    (1, 2**31 - 1),
+    (2**32 - 1, 2**32 - 1),
+    (100_000, 100_000),
+    (1000, 1000),
+    (W * 30, H * 30),
+    (0, H),
+    (W, 0),
+    (W + 1, H),
+    (W, -H),
+    (-1, -1),
+]
+JUNK = [
+    b"hello, this is not an image\n",
+    b"<html><body>404 Not Found</body></html>",
+    b'{"image": "a.png"}',
+    b"PK\x03\x04" + bytes(40),
+    b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"BM" + bytes(60),
+    b"II*\x00" + bytes(12),
+    b"\xff\xd8\xff\xe0",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"\x00" * 64,
+    b" \n\t\r" * 8,
+]
 EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"]
 
 
@@ -334,9 +373,9 @@ def mutations(seed: SeedFile, rng: np.random.Generator, scale: int) -> list[Muta
                 mutated[where] = int(rng.integers(0, 256))
                 note = f"{kind.decode()} body byte {where - at - 8} set, CRC fixed"
             else:
-                mutated[at:at + 4] = struct.pack(">I", int(rng.choice([0, 1, 2**31 - 1, 2**32 - 1, length + 7])))
+                mutated[at : at + 4] = struct.pack(">I", int(rng.choice([0, 1, 2**31 - 1, 2**32 - 1, length + 7])))
                 note = f"{kind.decode()} length field changed"
-            if at + 12 + struct.unpack(">I", mutated[at:at + 4])[0] <= size:
+            if at + 12 + struct.unpack(">I", mutated[at : at + 4])[0] <= size:
                 _png_fix_crc(mutated, at)
             add("header", note, bytes(mutated))
         ihdr = bytearray(data)  # impossible bit depth / colour type / method combinations
@@ -366,8 +405,15 @@ def corpus(scale: int) -> list[Mutation]:
 
 
 def _check_image(out) -> str | None:
-    if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
-            and out.shape[0] > 0 and out.shape[1] > 0 and out.flags.c_contiguous):
+    if not (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.uint8
+        and out.ndim == 3
+        and out.shape[2] == 3
+        and out.shape[0] > 0
+        and out.shape[1] > 0
+        and out.flags.c_contiguous
+    ):
         return f"returned {type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}"
     return None
 
@@ -382,8 +428,10 @@ def _check_label_map(out) -> str | None:
 
 READERS = {
     "decode_image": (lambda path: decode_image(path, max_pixels=MAX_PIXELS), _check_image),
-    "read_label_map": (lambda path: read_label_map(path, expected_hw=(H, W), class_ids=LABEL_CLASSES,
-                                                   unlabelled=UNLABELLED), _check_label_map),
+    "read_label_map": (
+        lambda path: read_label_map(path, expected_hw=(H, W), class_ids=LABEL_CLASSES, unlabelled=UNLABELLED),
+        _check_label_map,
+    ),
 }
 
 
@@ -403,8 +451,9 @@ def fuzz_images(folder: Path, scale: int) -> tuple[dict, list[str], int]:
                 out = read(path)
             except InputError as exc:
                 if exc.path != str(path) or str(path) not in str(exc) or not exc.problem.strip():
-                    offences.append(f"{mutation.name} ({mutation.note}) {reader}: InputError without the "
-                                    f"file's path: {exc}")
+                    offences.append(
+                        f"{mutation.name} ({mutation.note}) {reader}: InputError without the file's path: {exc}"
+                    )
                 outcomes[mutation.kind][reader]["InputError"] += 1
                 continue
             except Exception as exc:  # noqa: BLE001 - exactly what this test hunts
@@ -419,8 +468,11 @@ def fuzz_images(folder: Path, scale: int) -> tuple[dict, list[str], int]:
 
 def _assert_fuzz(outcomes: dict, offences: list[str], total: int, minimum: int) -> None:
     summary = {kind: {reader: dict(counts) for reader, counts in readers.items()} for kind, readers in outcomes.items()}
-    assert not offences, f"{len(offences)} bad outcomes (want a valid array or InputError naming the file):\n" + \
-        "\n".join(offences) + f"\noutcomes: {summary}"
+    assert not offences, (
+        f"{len(offences)} bad outcomes (want a valid array or InputError naming the file):\n"
+        + "\n".join(offences)
+        + f"\noutcomes: {summary}"
+    )
     assert total >= minimum, f"only {total} mutations"
     assert set(outcomes) == set(KINDS), summary
     for kind in KINDS:  # every kind of mutation really breaks files, for both readers
@@ -461,25 +513,90 @@ TABLE_HW = (20, 30)
 POINT_COLUMNS = ("image", "x", "y", "class")
 BOX_COLUMNS = ("image", "x0", "y0", "x1", "y1", "class")
 DATASET = ["a.jpg", "d/b.jpg", "e/a.jpg", "c.png"]
-ODD_TEXT = ["nan", "NaN", "-nan", "inf", "-Infinity", "1e400", "-1e400", "1e-400", "", " ", "0x10", "1_000", "\u0663",
-            "+1", "-0", "1,5", "None", "null", "true", "\ufeff1", "1\x00", "  7  ", "9" * 5000, "1e308", "3.0", "2"]
-NUMBER = st.one_of(st.integers(-3, 40), st.floats(-5, 45), st.integers(-2**70, 2**70),
-                   st.floats(allow_nan=True, allow_infinity=True))
+ODD_TEXT = [
+    "nan",
+    "NaN",
+    "-nan",
+    "inf",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "",
+    " ",
+    "0x10",
+    "1_000",
+    "\u0663",
+    "+1",
+    "-0",
+    "1,5",
+    "None",
+    "null",
+    "true",
+    "\ufeff1",
+    "1\x00",
+    "  7  ",
+    "9" * 5000,
+    "1e308",
+    "3.0",
+    "2",
+]
+NUMBER = st.one_of(
+    st.integers(-3, 40), st.floats(-5, 45), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True)
+)
 CELL = st.one_of(NUMBER, NUMBER.map(str), st.sampled_from(ODD_TEXT), st.text(max_size=8), st.none(), st.booleans())
 JSON_CELL = st.one_of(CELL, st.lists(NUMBER, max_size=2), st.dictionaries(st.text(max_size=3), NUMBER, max_size=2))
-IMAGE_CELL = st.one_of(st.sampled_from([*DATASET, "./a.jpg", "d\\b.jpg", "../x.jpg", "/etc/passwd", "a.jpg\x00",
-                                        "c:/x.png", "a.jpg/", "e//a.jpg", " c.png "]), st.text(max_size=10), NUMBER)
+IMAGE_CELL = st.one_of(
+    st.sampled_from(
+        [
+            *DATASET,
+            "./a.jpg",
+            "d\\b.jpg",
+            "../x.jpg",
+            "/etc/passwd",
+            "a.jpg\x00",
+            "c:/x.png",
+            "a.jpg/",
+            "e//a.jpg",
+            " c.png ",
+        ]
+    ),
+    st.text(max_size=10),
+    NUMBER,
+)
 # raw files no writer produces: readers must refuse them, not crash
-RAW_TABLES = [b"", b"\xef\xbb\xbf", b"\xff\xfe" + "image,x,y,class\n".encode("utf-16-le"), b"\x00" * 10,
-              b"[" * 50_000, b"{" * 50_000, b"[1" + b"0" * 5000 + b"]", b"null", b"42", b'"points"', b"[[]]",
-              b'{"points": {"image": "a.jpg"}}', b'{"points": [1, 2]}', b"image,x,y,class\n\"a.jpg,1,2,1\n",
-              b"image,x,y,class\n" + b"a" * 200_000 + b",1,2,1\n", b"\x89PNG\r\n\x1a\n" + bytes(30),
-              b"image\tx\ty\tclass\na.jpg\t1\t2\t1\n", b"image;x;y;class\na.jpg;1;2;1\n"]
+RAW_TABLES = [
+    b"",
+    b"\xef\xbb\xbf",
+    b"\xff\xfe" + "image,x,y,class\n".encode("utf-16-le"),
+    b"\x00" * 10,
+    b"[" * 50_000,
+    b"{" * 50_000,
+    b"[1" + b"0" * 5000 + b"]",
+    b"null",
+    b"42",
+    b'"points"',
+    b"[[]]",
+    b'{"points": {"image": "a.jpg"}}',
+    b'{"points": [1, 2]}',
+    b'image,x,y,class\n"a.jpg,1,2,1\n',
+    b"image,x,y,class\n" + b"a" * 200_000 + b",1,2,1\n",
+    b"\x89PNG\r\n\x1a\n" + bytes(30),
+    b"image\tx\ty\tclass\na.jpg\t1\t2\t1\n",
+    b"image;x;y;class\na.jpg;1;2;1\n",
+]
 
 
-GOOD_CELL = {"image": st.sampled_from(DATASET), "class": st.integers(0, 5),
-             "number": st.one_of(st.floats(0, 19.99).map(lambda v: round(v, 2)), st.integers(0, 19),
-                                 st.floats(-2, 35).map(lambda v: round(v, 2)), st.integers(-1, 31))}
+GOOD_CELL = {
+    "image": st.sampled_from(DATASET),
+    "class": st.integers(0, 5),
+    "number": st.one_of(
+        st.floats(0, 19.99).map(lambda v: round(v, 2)),
+        st.integers(0, 19),
+        st.floats(-2, 35).map(lambda v: round(v, 2)),
+        st.integers(-1, 31),
+    ),
+}
 
 
 @st.composite
@@ -506,8 +623,9 @@ def table_file(draw) -> tuple[str, str, bytes]:
             if low in good and high in good and draw(st.integers(0, 5)):
                 good[low], good[high] = sorted((good[low], good[high]))
                 good[high] += 1 if good[low] == good[high] else 0
-        rows.append([draw(st.one_of(IMAGE_CELL, wild)) if draw(st.integers(0, 39)) == 0 else good[column]
-                     for column in columns])
+        rows.append(
+            [draw(st.one_of(IMAGE_CELL, wild)) if draw(st.integers(0, 39)) == 0 else good[column] for column in columns]
+        )
     if suffix == ".json":
         records = [dict(zip(columns, row)) for row in rows]
         wrap = draw(st.sampled_from(["list"] * 4 + ["object"] * 3 + ["junk"]))
@@ -542,8 +660,9 @@ def test_point_and_box_tables_give_valid_rows_or_an_input_error_naming_the_file(
 def _read_and_validate(path: Path, kind: str, class_ids: frozenset[int]) -> list[str]:
     """Read a table and validate every image's rows: valid rows or InputErrors naming
     ``path``. -> what happened, e.g. ['table read', 'rows valid', 'rows refused']."""
-    read, validate, width = ((read_point_table, validate_points, 3) if kind == "points"
-                             else (read_box_table, validate_boxes, 5))
+    read, validate, width = (
+        (read_point_table, validate_points, 3) if kind == "points" else (read_box_table, validate_boxes, 5)
+    )
     try:
         rows_by_image = read(path)
     except InputError as exc:
@@ -589,8 +708,7 @@ def test_raw_table_files_are_refused_with_the_file_named(tmp_path, content, suff
         _read_and_validate(path, kind, frozenset({0, 1, 2}))
 
 
-LABEL_DTYPES = [np.uint8, np.uint8, np.uint16, np.uint16, np.int32, np.bool_, np.float32, np.int16, np.uint32,
-                np.int64]
+LABEL_DTYPES = [np.uint8, np.uint8, np.uint16, np.uint16, np.int32, np.bool_, np.float32, np.int16, np.uint32, np.int64]
 
 
 @st.composite
@@ -606,8 +724,10 @@ def label_map_case(draw):
     if dtype == np.bool_:
         elements = st.booleans()
     elif dtype.kind == "f":
-        elements = st.one_of(st.sampled_from(sorted(class_ids | {unlabelled})).map(float),
-                             st.floats(allow_nan=True, allow_infinity=True, width=32))
+        elements = st.one_of(
+            st.sampled_from(sorted(class_ids | {unlabelled})).map(float),
+            st.floats(allow_nan=True, allow_infinity=True, width=32),
+        )
     else:
         info = np.iinfo(dtype)
         pool = [v for v in sorted(class_ids | {unlabelled}) if info.min <= v <= info.max] or [0]
@@ -675,10 +795,16 @@ PYTHON_TAGS = [  # (name, YAML, whether yaml.unsafe_load of it would touch the c
     ("apply-io-open", "run: !!python/object/apply:io.open ['{canary}', w]\n", True),
     ("as-a-key", "? !!python/object/apply:os.system [\"touch '{canary}'\"]\n: 1\nrun: {{name: x}}\n", True),
     ("document-tag", "--- !!python/object/apply:os.system [\"touch '{canary}'\"]\n", True),
-    ("nested-in-data", "run: {{name: x}}\ndata:\n  images: {{glob: !!python/object/apply:os.system "
-                       "[\"touch '{canary}'\"]}}\n", True),
-    ("in-a-list", "run: {{name: x}}\ndata: {{classes: [!!python/object/apply:os.system [\"touch '{canary}'\"]]}}\n",
-     True),
+    (
+        "nested-in-data",
+        "run: {{name: x}}\ndata:\n  images: {{glob: !!python/object/apply:os.system [\"touch '{canary}'\"]}}\n",
+        True,
+    ),
+    (
+        "in-a-list",
+        "run: {{name: x}}\ndata: {{classes: [!!python/object/apply:os.system [\"touch '{canary}'\"]]}}\n",
+        True,
+    ),
     ("python-name", "run: !!python/name:os.system\n", False),
     ("python-module", "run: !!python/module:os\n", False),
     ("object-new", "run: !!python/object/new:collections.OrderedDict [[[name, x]]]\n", False),
@@ -730,9 +856,21 @@ def test_duplicate_keys_nested_and_in_flow_mappings_are_refused(tiny):
     assert "duplicate key 'batch_size'" in str(_refused(tiny))
 
 
-@pytest.mark.parametrize("content", [b"", b"null\n", b"42\n", b"'just text'\n", b"- a\n- b\n", b"--- {}\n--- {}\n",
-                                     b"\xff\xfe\x00r\x00u\x00n\x00", b"run: {name: x}\x00\n", b"\t- a\n"],
-                         ids=["empty", "null", "number", "string", "list", "two-documents", "utf16", "nul", "tab"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"null\n",
+        b"42\n",
+        b"'just text'\n",
+        b"- a\n- b\n",
+        b"--- {}\n--- {}\n",
+        b"\xff\xfe\x00r\x00u\x00n\x00",
+        b"run: {name: x}\x00\n",
+        b"\t- a\n",
+    ],
+    ids=["empty", "null", "number", "string", "list", "two-documents", "utf16", "nul", "tab"],
+)
 def test_documents_that_are_not_a_mapping_are_refused(tmp_path, content):
     manifest = tmp_path / "manifest.yaml"
     manifest.write_bytes(content)
@@ -740,21 +878,62 @@ def test_documents_that_are_not_a_mapping_are_refused(tmp_path, content):
     assert error.path == str(manifest) and str(manifest) in str(error)
 
 
-MANIFEST_TOKENS = ["&a ", "*a", "!!", "!!python/object/apply:os.system ['true']", ":", ": ", "- ", "{", "}", "[", "]",
-                   "? ", "<<: ", "%YAML 1.1\n", "\t", "\x00", "2024-13-45", "!!int x", "!!float x", "!!binary @",
-                   "!!timestamp x", "!!set", "~", "..", "../", "/", "s3://", "'", '"', "#", "\n", "  ", "---\n",
-                   "\ufeff", "1e999", "-.inf", "0x", "&b [*b]", "99999999999999999999999", "\\"]
+MANIFEST_TOKENS = [
+    "&a ",
+    "*a",
+    "!!",
+    "!!python/object/apply:os.system ['true']",
+    ":",
+    ": ",
+    "- ",
+    "{",
+    "}",
+    "[",
+    "]",
+    "? ",
+    "<<: ",
+    "%YAML 1.1\n",
+    "\t",
+    "\x00",
+    "2024-13-45",
+    "!!int x",
+    "!!float x",
+    "!!binary @",
+    "!!timestamp x",
+    "!!set",
+    "~",
+    "..",
+    "../",
+    "/",
+    "s3://",
+    "'",
+    '"',
+    "#",
+    "\n",
+    "  ",
+    "---\n",
+    "\ufeff",
+    "1e999",
+    "-.inf",
+    "0x",
+    "&b [*b]",
+    "99999999999999999999999",
+    "\\",
+]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 3), st.sampled_from(MANIFEST_TOKENS)),
-                      min_size=1, max_size=6))
+@given(
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 3), st.sampled_from(MANIFEST_TOKENS)), min_size=1, max_size=6
+    )
+)
 def test_mutated_manifests_load_or_raise_a_manifest_error(tiny, edits):
     """Random edits of a valid manifest: a Manifest or a ManifestError, never another exception."""
     text = tiny.read_text()
     for where, deleted, token in edits:
         at = int(where * len(text))
-        text = text[:at] + token + text[at + deleted:]
+        text = text[:at] + token + text[at + deleted :]
     mutated = tiny.parent / "mutated.yaml"
     mutated.write_text(text)
     try:
@@ -770,8 +949,9 @@ def _with_images(manifest: Path, source: str) -> None:
     manifest.write_text(manifest.read_text().replace('  images: {glob: "images/*.png"}', f"  images: {source}", 1))
 
 
-@pytest.mark.parametrize("glob", ["../*.png", "../data/images/*.png", "images/../../*.png", "{root}/images/*.png",
-                                  "/etc/*"])
+@pytest.mark.parametrize(
+    "glob", ["../*.png", "../data/images/*.png", "images/../../*.png", "{root}/images/*.png", "/etc/*"]
+)
 def test_image_globs_escaping_the_data_root_are_refused(tiny, glob):
     _with_images(tiny, f"{{glob: '{glob.format(root=tiny.parent / 'data')}'}}")
     error = _refused(tiny, enumerate=True)
@@ -804,8 +984,11 @@ def test_index_files_may_lie_outside_the_data_root_but_their_entries_may_not(tin
 def test_gold_masks_escaping_the_data_root_are_refused(tiny, masks):
     (tiny.parent / "gold").mkdir()
     (tiny.parent / "data" / "gold-link").symlink_to(tiny.parent / "gold", target_is_directory=True)
-    tiny.write_text(tiny.read_text().replace(
-        "store:\n", f"  evaluation: {{images: {{glob: 'images/*.png'}}, masks: '{masks}'}}\nstore:\n", 1))
+    tiny.write_text(
+        tiny.read_text().replace(
+            "store:\n", f"  evaluation: {{images: {{glob: 'images/*.png'}}, masks: '{masks}'}}\nstore:\n", 1
+        )
+    )
     assert "outside the data root" in _first_problem(_refused(tiny), "data.evaluation.masks")
 
 
@@ -854,8 +1037,18 @@ def _url_in(manifest: Path, key: str, url: str) -> str:
     return key
 
 
-URL_KEYS = ["data.root", "data.images.list", "data.images.parquet", "data.images.glob", "list entry", "parquet entry",
-            "data.weak.path", "data.evaluation.masks", "store.path", "backend.sam.checkpoint"]
+URL_KEYS = [
+    "data.root",
+    "data.images.list",
+    "data.images.parquet",
+    "data.images.glob",
+    "list entry",
+    "parquet entry",
+    "data.weak.path",
+    "data.evaluation.masks",
+    "store.path",
+    "backend.sam.checkpoint",
+]
 
 
 @pytest.mark.parametrize("scheme", URL_SCHEMES)
@@ -893,8 +1086,11 @@ def malicious_checkpoints(folder: Path, canary: Path) -> list[Path]:
     paths = []
     for how in ("touch", "system", "exec"):
         payload = _RunsCode(canary, how)
-        for layout, state in (("flat", {"image_encoder.pos_embed": payload, "w": torch.zeros(2)}),
-                              ("model", {"model": {"w": payload}}), ("teacher", {"teacher": {"w": payload}})):
+        for layout, state in (
+            ("flat", {"image_encoder.pos_embed": payload, "w": torch.zeros(2)}),
+            ("model", {"model": {"w": payload}}),
+            ("teacher", {"teacher": {"w": payload}}),
+        ):
             torch.save(state, folder / f"zip-{how}-{layout}.pt")
             paths.append(folder / f"zip-{how}-{layout}.pt")
         torch.save({"w": payload}, folder / f"legacy-{how}.pt", _use_new_zipfile_serialization=False)
@@ -907,8 +1103,13 @@ def malicious_checkpoints(folder: Path, canary: Path) -> list[Path]:
 def torn_checkpoints(folder: Path, valid: bytes) -> list[Path]:
     """The valid checkpoint bytes cut short, plus an empty file and a text file."""
     folder.mkdir(parents=True, exist_ok=True)
-    cuts = {"empty": b"", "10-bytes": valid[:10], "half": valid[: len(valid) // 2], "all-but-1": valid[:-1],
-            "text": b"this is not a checkpoint\n"}
+    cuts = {
+        "empty": b"",
+        "10-bytes": valid[:10],
+        "half": valid[: len(valid) // 2],
+        "all-but-1": valid[:-1],
+        "text": b"this is not a checkpoint\n",
+    }
     for name, data in cuts.items():
         (folder / f"torn-{name}.pt").write_bytes(data)
     return [folder / f"torn-{name}.pt" for name in cuts]
@@ -931,8 +1132,9 @@ def _refuses(load, path: Path, message: str) -> None:
     assert "\x1b[" not in str(info.value) and "weights_only=False" not in str(info.value)
 
 
-TINY_SAM = dict(model="custom", encoder={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]},
-                precision="fp32")
+TINY_SAM = dict(
+    model="custom", encoder={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}, precision="fp32"
+)
 
 
 def test_sam_checkpoint_loader_refuses_code_and_torn_files(tmp_path):

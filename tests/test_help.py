@@ -1,4 +1,5 @@
 """Every command's --help: an example, flags shown as flags, no typer type placeholders."""
+
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.pipeline.registry import STAGES, round_stages
+from seglab.pipeline.core.registry import STAGES, round_stages
 
 PLACEHOLDER = re.compile(r"<[a-z]+(\[[A-Za-z]+\]| range)?>")
 """What typer shows for a parameter without a metavar: <bool>, <str>, <path>, <list[str]>, <int range>."""

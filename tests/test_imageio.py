@@ -1,4 +1,5 @@
 """decode_image: every bad file becomes an InputError; modes, bit depths and EXIF are handled."""
+
 from __future__ import annotations
 
 import io
@@ -11,19 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from seglab.pipeline.errors import InputError
-from seglab.stages.imageio import decode_image, scale_16bit_to_8bit
+from seglab.pipeline.base.errors import InputError
+from seglab.stages.parts.imageio import decode_image, scale_16bit_to_8bit
 
 LIMIT = 10_000_000
 
 
 def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, raw: bytes) -> bytes:
     """A PNG written by hand, so that the IHDR can declare anything."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -54,11 +56,14 @@ def test_truncated_file(tmp_path, rgb, fmt):
     assert info.value.path == str(path)
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", "empty"),
-    (bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)), "not an image"),
-    (png_bytes(0, 10, 8, 0, b""), "zero dimension|corrupt|not an image"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8)), "not an image"),
+        (png_bytes(0, 10, 8, 0, b""), "zero dimension|corrupt|not an image"),
+    ],
+)
 def test_unreadable_content(tmp_path, content, message):
     path = tmp_path / "x.png"
     path.write_bytes(content)
@@ -207,8 +212,11 @@ def _valid_file(fmt: str) -> bytes:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(["PNG", "JPEG", "GIF", "TIFF", "BMP"]), cut=st.floats(0, 1),
-       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4))
+@given(
+    fmt=st.sampled_from(["PNG", "JPEG", "GIF", "TIFF", "BMP"]),
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4),
+)
 def test_damaged_files_decode_or_raise_input_error_only(tmp_path, fmt, cut, flips):
     data = bytearray(_valid_file(fmt))
     for where, value in flips:

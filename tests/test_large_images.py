@@ -1,5 +1,6 @@
 """Large images: refused up front above ``ingest.max_pixels``, and processed with the
 memory bound the README states ("Large images") below it."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from seglab.pipeline.errors import InputError
+from seglab.pipeline.base.errors import InputError
 from seglab.stages.base import ClassTable, Context, Unit
 from seglab.stages.ingest import Ingest, IngestConfig
 
@@ -46,7 +47,7 @@ Image.fromarray(weak).save(f"{folder}/weak.png")
 del image, weak, yy, xx
 backend = WeightFreeBackend()
 ctx = Context(classes=ClassTable(tuple(range(c)), tuple(map(str, range(c))), 255), weak_kind="scribbles", seed=0,
-              backend=backend, extras={"unlabelled": 255, "feature_names": backend.feature_names()})
+              backend=backend, unlabelled=255, feature_names=backend.feature_names())
 unit = Unit("im", f"{folder}/im.png", weak_map=f"{folder}/weak.png")
 
 
@@ -79,8 +80,12 @@ print(json.dumps(peaks))
 
 def stage_peaks(height: int, width: int, classes: int, folder: Path) -> dict[str, float]:
     """Peak resident memory (MiB) of each stage on a synthetic image, measured in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", CHILD, str(height), str(width), str(classes), str(folder)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(height), str(width), str(classes), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -91,8 +96,10 @@ def bound_mib(pixels: int, classes: int) -> float:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height RGB pixels and holds no decodable data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\0" * 100) + chunk(b"IEND", b"")
 
@@ -103,8 +110,11 @@ def test_an_image_above_max_pixels_is_refused_at_ingest_before_decoding(tmp_path
     ctx = Context(classes=ClassTable((0, 1), ("a", "b"), 255), weak_kind="points", seed=0)
     unit = Unit("scan", str(path), weak_rows=((1.0, 1.0, 1),), weak_source=str(tmp_path / "points.csv"))
     limit = IngestConfig().max_pixels
-    with pytest.raises(InputError, match=rf"9000x9000 = 81000000 pixels exceeds the limit of {limit} "
-                                         r"\(ingest.max_pixels") as info:
+    with pytest.raises(
+        InputError,
+        match=rf"9000x9000 = 81000000 pixels exceeds the limit of {limit} "
+        r"\(ingest.max_pixels",
+    ) as info:
         Ingest(IngestConfig()).process(unit, {}, ctx)
     assert info.value.path == str(path)
 

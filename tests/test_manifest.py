@@ -3,11 +3,10 @@ import re
 from pathlib import Path
 
 import pytest
-
-from seglab.pipeline.errors import ManifestError
-from seglab.pipeline.manifest import load_manifest, manifest_schema, open_manifest
-
 from conftest import SHARED_DATA
+
+from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.manifest import load_manifest, manifest_schema, open_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIBBLES = "{kind: scribbles, path: data/scribbles}"
@@ -65,7 +64,11 @@ def test_duplicate_yaml_keys_are_refused(tiny):
 
 @pytest.mark.parametrize(
     "masks, message",
-    [("../../etc", "outside the data root"), ("s3://bucket/masks", "is a URL"), ("/etc/passwd", "outside the data root")],
+    [
+        ("../../etc", "outside the data root"),
+        ("s3://bucket/masks", "is a URL"),
+        ("/etc/passwd", "outside the data root"),
+    ],
 )
 def test_paths_must_stay_inside_the_data_root(tiny, masks, message):
     with_gold(tiny, f"{{images: {{glob: 'images/*.png'}}, masks: '{masks}'}}")
@@ -113,14 +116,17 @@ def test_python_tags_are_not_executed(tmp_path):
     assert not Path("canary").exists()
 
 
-@pytest.mark.parametrize(("text", "message"), [  # each raised TypeError, ValueError, ... (tests/test_fuzz.py)
-    ("? [a, b]\n: 1\n", "a key must be a plain value, not a list"),
-    ("run: {name: 2024-13-45}\n", "cannot convert the value '2024-13-45' (month must be in 1..12)"),
-    ("run: {name: !!int abc}\n", "cannot convert the value 'abc'"),
-    ("run: {name: !!float abc}\n", "cannot convert the value 'abc'"),
-    ("run: !!timestamp x\n", "cannot convert the value 'x'"),
-    ("run: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [  # each raised TypeError, ValueError, ... (tests/test_fuzz.py)
+        ("? [a, b]\n: 1\n", "a key must be a plain value, not a list"),
+        ("run: {name: 2024-13-45}\n", "cannot convert the value '2024-13-45' (month must be in 1..12)"),
+        ("run: {name: !!int abc}\n", "cannot convert the value 'abc'"),
+        ("run: {name: !!float abc}\n", "cannot convert the value 'abc'"),
+        ("run: !!timestamp x\n", "cannot convert the value 'x'"),
+        ("run: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+    ],
+)
 def test_yaml_values_that_do_not_convert_are_manifest_errors(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -132,13 +138,17 @@ def test_yaml_values_that_do_not_convert_are_manifest_errors(tmp_path, text, mes
 def test_alias_bomb_and_recursive_alias_are_refused_but_aliases_still_work(tiny):
     original = tiny.read_text()
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+    )
     tiny.write_text(bomb + original)  # 10**9 values once expanded
     assert "alias bomb" in str(problems(tiny))
     tiny.write_text("loop: &loop [*loop]\n" + original)
     assert "recursive alias" in str(problems(tiny))
-    tiny.write_text(original.replace("embed: {batch_size: 2}", "embed: &batch {batch_size: 2}")
-                    .replace("prompts: {batch_size: 2}", "prompts: *batch"))
+    tiny.write_text(
+        original.replace("embed: {batch_size: 2}", "embed: &batch {batch_size: 2}").replace(
+            "prompts: {batch_size: 2}", "prompts: *batch"
+        )
+    )
     assert load_manifest(tiny).prompts.batch_size == 2
 
 
@@ -146,17 +156,23 @@ def test_paths_that_cannot_be_resolved_are_named(tiny):
     original = tiny.read_text()
     tiny.write_text(original.replace("  root: data\n", '  root: "da\\0ta"\n'))  # raised ValueError
     assert "not a usable path" in problems(tiny)["data.root"]
-    tiny.write_text(original.replace("store:\n", "  evaluation: {images: {glob: 'images/*.png'}, "
-                                     "masks: '~no-such-user-here/gold'}\nstore:\n"))  # raised RuntimeError
+    tiny.write_text(
+        original.replace(
+            "store:\n", "  evaluation: {images: {glob: 'images/*.png'}, masks: '~no-such-user-here/gold'}\nstore:\n"
+        )
+    )  # raised RuntimeError
     assert "not a usable path" in problems(tiny)["data.evaluation.masks"]
 
 
-@pytest.mark.parametrize(("index", "content", "message"), [  # each crashed `seglab validate` in pipeline/units.py
-    ("list.txt", b"images/img00.png\n\xff\xfe\n", "is not UTF-8 text"),
-    ("list.txt", b"images/img00.png\nhttps://example.com/a.png\n", "names URLs"),
-    ("index.parquet", b"PAR1 not really", "Parquet index .*index.parquet cannot be read"),
-    ("index.parquet", "no-column", "cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("index", "content", "message"),
+    [  # each crashed `seglab validate` in pipeline/units.py
+        ("list.txt", b"images/img00.png\n\xff\xfe\n", "is not UTF-8 text"),
+        ("list.txt", b"images/img00.png\nhttps://example.com/a.png\n", "names URLs"),
+        ("index.parquet", b"PAR1 not really", "Parquet index .*index.parquet cannot be read"),
+        ("index.parquet", "no-column", "cannot be read"),
+    ],
+)
 def test_image_index_must_be_a_readable_file_of_local_paths(tiny, index, content, message):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -188,8 +204,10 @@ def test_schema_file_is_current():
     assert stored == manifest_schema(), "manifests/schema.json is stale: run `seglab schema > manifests/schema.json`"
 
 
-@pytest.mark.parametrize("value,message", [(0, "greater than or equal to 1"), (5000, "less than or equal to 4096"),
-                                           ("many", "valid integer")])
+@pytest.mark.parametrize(
+    "value,message",
+    [(0, "greater than or equal to 1"), (5000, "less than or equal to 4096"), ("many", "valid integer")],
+)
 def test_a_bad_prompt_batch_is_named_at_its_key(tiny, value, message):
     (tiny.parent / "sam.pth").write_bytes(b"not read while validating")
     tiny.write_text(tiny.read_text() + f"backend: {{name: sam, checkpoint: sam.pth, prompt_batch: {value}}}\n")
@@ -241,7 +259,8 @@ def test_a_large_plain_document_is_not_called_an_alias_bomb(tiny, monkeypatch):
     found = problems(tiny)
     assert list(found) == ["notes"] and "Extra inputs" in found["notes"]
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abc", "bcd"))
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abc", "bcd")
+    )
     tiny.write_text(bomb + tiny.read_text())  # 10**4 values from about 3 100 written
     assert "alias bomb" in str(problems(tiny))
 
@@ -250,8 +269,11 @@ def test_a_large_plain_document_is_not_called_an_alias_bomb(tiny, monkeypatch):
 def test_a_recursive_glob_over_a_system_folder_is_refused_at_once(tiny, root):
     import time
 
-    tiny.write_text(tiny.read_text().replace("  root: data\n", f"  root: {root}\n")
-                    .replace('glob: "images/*.png"', 'glob: "**/*.png"'))
+    tiny.write_text(
+        tiny.read_text()
+        .replace("  root: data\n", f"  root: {root}\n")
+        .replace('glob: "images/*.png"', 'glob: "**/*.png"')
+    )
     started = time.perf_counter()
     found = problems(tiny)
     assert time.perf_counter() - started < 2.0
@@ -308,22 +330,23 @@ def test_weak_background_is_for_boxes_only_and_must_be_a_class(tiny):
 def test_an_unset_background_keeps_the_signatures_stores_were_written_with(tiny):
     """Stores made before data.weak.background existed stay current when it is unset; setting
     it changes every stage's signature (all of them read the weak labels)."""
+    from seglab.pipeline.base.fingerprint import diff_signatures, digest
     from seglab.pipeline.dag import Dag
-    from seglab.pipeline.fingerprint import diff_signatures, digest
-    from seglab.pipeline.runner import active_stages, build_context, signatures
+    from seglab.pipeline.planning import active_stages, build_context, signatures
 
     def signed(weak: str):
         tiny.write_text(text.replace(SCRIBBLES, weak))
         manifest = load_manifest(tiny)
         ctx = build_context(manifest)
-        return ctx.extras["background"], signatures(manifest, Dag(active_stages(manifest)), ctx)
+        return ctx.background, signatures(manifest, Dag(active_stages(manifest)), ctx)
 
     text = tiny.read_text()
     background, before = signed("{kind: boxes, path: boxes.csv}")
     assert background is None
     # the data settings every stage signs, digested as they were before the key existed
     assert {digest(s["config"]["_data"]) for s in before.values()} == {
-        "c0e712ac96e833b460e7f99df4ff4a3c95ba53ec2adaae3d5562349ee3c97895"}
+        "c0e712ac96e833b460e7f99df4ff4a3c95ba53ec2adaae3d5562349ee3c97895"
+    }
     background, after = signed("{kind: boxes, path: boxes.csv, background: 0}")
     assert background == 0 and all(digest(after[n]) != digest(before[n]) for n in before)
     assert "config._data.weak_background added (0)" in diff_signatures(before["ingest"], after["ingest"])
@@ -336,3 +359,14 @@ def test_box_bench_manifests_box_every_camvid_class_and_only_the_grabcut_object(
     assert (camvid.data.weak.kind, camvid.data.weak.background, len(camvid.data.classes)) == ("boxes", None, 11)
     assert (grabcut.data.weak.kind, grabcut.data.weak.background, grabcut.data.weak.unlabelled) == ("boxes", 0, 128)
     assert [Path(m.data.weak.path).parent.name for m in (camvid, grabcut)] == [m.run.name for m in (camvid, grabcut)]
+
+
+def test_every_registered_stage_is_a_manifest_key_and_in_the_schema():
+    from seglab.pipeline.core.registry import STAGES
+    from seglab.pipeline.manifest import Manifest
+
+    schema = manifest_schema()
+    for name, stage in STAGES.items():
+        field = Manifest.model_fields[name]
+        assert field.annotation is stage.Config and field.default == stage.Config(), name
+        assert schema["properties"][name]["$ref"] == f"#/$defs/{stage.Config.__name__}", name

@@ -1,4 +1,5 @@
 """Confusion-matrix metrics and the nearest-label baseline, on arrays with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from seglab.pipeline.metrics import confusion, scores
-from seglab.stages.nearest_label import nearest_label
-from seglab.stages.ranking import auroc
+from seglab.pipeline.core.metrics import confusion, scores
+from seglab.stages.parts.nearest_label import nearest_label
+from seglab.stages.parts.ranking import auroc
 
 
 def test_known_case_with_ignored_gold_unlabelled_prediction_and_an_absent_class():

@@ -1,4 +1,5 @@
 """The worker pool: a worker killed mid-stage is replaced and its units redone once."""
+
 from __future__ import annotations
 
 import os
@@ -7,14 +8,13 @@ import signal
 import numpy as np
 import pytest
 import ray
+from conftest import write_dataset, write_manifest
 
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import Store
 from seglab.pipeline.units import enumerate_units
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
-
-from conftest import write_dataset, write_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -26,9 +26,13 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     runner.run()  # ingest everything, then run embed by hand with a kill in the middle
     store = Store(manifest.store_path)
     store.prepare_stage("embed", runner.stages["embed"].outputs(runner.context))
-    spec = WorkerSpec(str(manifest.store_path), runner.context,
-                      {n: manifest.stage_config(n) for n in runner.dag.order}, manifest.backend,
-                      manifest.embed.tiling)
+    spec = WorkerSpec(
+        str(manifest.store_path),
+        runner.context,
+        {n: manifest.stage_config(n) for n in runner.dag.order},
+        manifest.backend,
+        manifest.embed.tiling,
+    )
     pool = WorkerPool(spec, runner.stages["embed"].resources, size=2)
     victim = ray.get(pool.actors[0].pid.remote())
     receipts: list[dict] = []
@@ -40,8 +44,16 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
 
     units = enumerate_units(manifest)
     tasks = {u.id: {"inputs": "-", "signature": "-", "expected": {}} for u in units}
-    stats = run_batches(pool=pool, stage_name="embed", units=units, read_paths=["ingest/image"],
-                        batch_size=1, max_retries=2, on_receipts=record, tasks=tasks)
+    stats = run_batches(
+        pool=pool,
+        stage_name="embed",
+        units=units,
+        read_paths=["ingest/image"],
+        batch_size=1,
+        max_retries=2,
+        on_receipts=record,
+        tasks=tasks,
+    )
     pool.shutdown()
     assert pool.replaced == stats.replaced == 1 and 1 <= stats.resubmitted <= 2  # its in-flight batches, no more
     assert sorted(r["unit"] for r in receipts) == sorted(u.id for u in units)  # each exactly once

@@ -1,9 +1,11 @@
 """The prompts stage's samplers on synthetic weak labels with known answers."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from seglab.stages.parts.promptset import NEGATIVE, PADDING, POSITIVE
 from seglab.stages.prompts import (
     Prompts,
     PromptsConfig,
@@ -12,7 +14,6 @@ from seglab.stages.prompts import (
     grown_box,
     skeleton_pixels,
 )
-from seglab.stages.promptset import NEGATIVE, PADDING, POSITIVE
 
 IGNORE = 255
 NO_BOXES = np.zeros((0, 5), np.float32)
@@ -21,8 +22,9 @@ NO_BOXES = np.zeros((0, 5), np.float32)
 def compile_(weak, boxes=NO_BOXES, **config):
     with_boxes = config.pop("with_boxes", False)
     certainty = config.pop("certainty", None)
-    return Prompts(PromptsConfig(**config)).compile(weak, boxes, IGNORE, with_boxes=with_boxes, certainty=certainty,
-                                                    rng=np.random.default_rng(0))
+    return Prompts(PromptsConfig(**config)).compile(
+        weak, boxes, IGNORE, with_boxes=with_boxes, certainty=certainty, rng=np.random.default_rng(0)
+    )
 
 
 def test_farthest_points_spread_along_a_line_and_reach_both_ends():
@@ -42,9 +44,9 @@ def test_skeleton_of_a_bar_is_its_middle_row():
 
 def test_one_prompt_per_component_with_positives_on_its_skeleton():
     weak = np.full((40, 80), IGNORE, np.uint8)
-    weak[5, 5:30] = 1      # class 1, component 0 (first in scan order)
-    weak[30, 50:75] = 1    # class 1, component 1
-    weak[20, 40:45] = 2    # class 2, short
+    weak[5, 5:30] = 1  # class 1, component 0 (first in scan order)
+    weak[30, 50:75] = 1  # class 1, component 1
+    weak[20, 40:45] = 2  # class 2, short
     batch = compile_(weak, points_per_component=4, negatives_per_prompt=0)
     assert sorted(zip(batch.classes.tolist(), batch.components.tolist())) == [(1, 0), (1, 1), (2, 0)]
     for p in range(len(batch)):
@@ -58,10 +60,10 @@ def test_one_prompt_per_component_with_positives_on_its_skeleton():
 def test_negatives_come_one_from_each_of_the_nearest_other_components():
     weak = np.full((100, 100), IGNORE, np.uint8)
     weak[50, 50] = 1
-    weak[50, 58] = 2      # near: two components of class 2, 1 px apart
+    weak[50, 58] = 2  # near: two components of class 2, 1 px apart
     weak[50, 60] = 2
-    weak[50, 70] = 3      # middle
-    weak[50, 95] = 4      # far
+    weak[50, 70] = 3  # middle
+    weak[50, 95] = 4  # far
     batch = compile_(weak, points_per_component=1, negatives_per_prompt=2)
     p = int(np.flatnonzero(batch.classes == 1)[0])
     neg = batch.coords[p][batch.labels[p] == NEGATIVE]

@@ -1,15 +1,22 @@
 """refine: uncertainty composition, and re-prompting of uncertain regions from confident ones."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from seglab.stages.base import ClassTable, Context, Unit
-from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import POSITIVE, PromptBatch
+from seglab.stages.parts.geometry import ImageFrame
+from seglab.stages.parts.promptset import POSITIVE, PromptBatch
+from seglab.stages.parts.uncertainty import (
+    SIGNALS,
+    calibration_signal,
+    compose,
+    probability_signal,
+    teacher_signal,
+    variance_signal,
+)
 from seglab.stages.refine import Refine, RefineConfig
-from seglab.stages.uncertainty import (SIGNALS, calibration_signal, compose, probability_signal, teacher_signal,
-                                      variance_signal)
 
 IGNORE = 255
 S = 32
@@ -20,10 +27,12 @@ TRUTH = np.where(np.arange(64)[:, None] < 32, 1, 2).repeat(64, axis=1).astype(np
 
 def test_noisy_or_combines_weighted_signals():
     a, b = np.array([[0.5, 0.0]]), np.array([[0.5, 1.0]])
-    np.testing.assert_allclose(compose({"probability": a, "spread": b}, {"probability": 1.0, "spread": 1.0}),
-                               [[1 - 0.5 * 0.5, 1.0]])
-    np.testing.assert_allclose(compose({"probability": a, "spread": b}, {"probability": 1.0, "spread": 0.5}),
-                               [[1 - 0.5 * 0.75, 0.5]])
+    np.testing.assert_allclose(
+        compose({"probability": a, "spread": b}, {"probability": 1.0, "spread": 1.0}), [[1 - 0.5 * 0.5, 1.0]]
+    )
+    np.testing.assert_allclose(
+        compose({"probability": a, "spread": b}, {"probability": 1.0, "spread": 0.5}), [[1 - 0.5 * 0.75, 0.5]]
+    )
     np.testing.assert_allclose(compose({"probability": a}, {}), [[0.0, 0.0]])  # unweighted: ignored
     with pytest.raises(ValueError, match="unknown uncertainty signals"):
         compose({"entropy": a}, {})
@@ -54,7 +63,7 @@ class TruthBackend:
                 continue
             logits[p, :2][:, region] = 8.0
             half = region.copy()
-            half[np.flatnonzero(region.any(axis=1))[len(np.flatnonzero(region.any(axis=1))) // 2]:] = False
+            half[np.flatnonzero(region.any(axis=1))[len(np.flatnonzero(region.any(axis=1))) // 2] :] = False
             logits[p, 2][half] = 8.0
         return logits, np.ones((len(prompts), 3), np.float32)
 
@@ -71,9 +80,15 @@ def select_outputs():
     probabilities[:, 40:] = np.array([0.025, 0.025, 0.95])[:, None, None]
     rng = np.random.default_rng(0)  # the image: dark above the truth's edge at row 32, bright below
     image = np.clip(np.where(TRUTH[..., None] == 1, 60, 200) + rng.normal(0, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
-    return {"ingest/weak": weak, "ingest/image": image, "ingest/boxes": np.zeros((0, 5), np.float32),
-            "select/labels": labels, "select/probabilities": probabilities.astype(np.float16),
-            "select/variance": np.zeros((64, 64), np.float16), "embed/frame": FRAME.to_array()}
+    return {
+        "ingest/weak": weak,
+        "ingest/image": image,
+        "ingest/boxes": np.zeros((0, 5), np.float32),
+        "select/labels": labels,
+        "select/probabilities": probabilities.astype(np.float16),
+        "select/variance": np.zeros((64, 64), np.float16),
+        "embed/frame": FRAME.to_array(),
+    }
 
 
 def run_refine(inputs=None, round=0, **config):

@@ -1,4 +1,5 @@
 """seglab report: one self-contained HTML page whose numbers all come from the store and manifest."""
+
 from __future__ import annotations
 
 import base64
@@ -13,20 +14,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import calibrated_manifest, shapes_image, write_dataset, write_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import calibrated_manifest, shapes_image, write_dataset, write_manifest
 from seglab.cli.app import app
-from seglab.pipeline import report_html
-from seglab.pipeline.evaluate import evaluate
-from seglab.pipeline.labelsource import done_units
+from seglab.pipeline.core.store import Store
+from seglab.pipeline.evaluation.evaluate import evaluate
+from seglab.pipeline.exports.labelsource import done_units
+from seglab.pipeline.exports.palette import colour_of
 from seglab.pipeline.manifest import open_manifest
-from seglab.pipeline.palette import colour_of
-from seglab.pipeline.report import ALPHAS, UNCERTAIN
+from seglab.pipeline.report import html as report_html
+from seglab.pipeline.report.data import ALPHAS, UNCERTAIN
 from seglab.pipeline.runner import Runner
-from seglab.pipeline.store import Store
-from seglab.stages.weak_simulation import simulate_points
+from seglab.stages.parts.weak_simulation import simulate_points
 
 RETRAIN = "rounds: 1\nretrain: {epochs: 2, input_size: [48, 64], train_batch: 2, batch_size: 2}\n"
 SECTIONS = ("run", "stages", "overlays", "shares", "calibration", "quality")
@@ -101,12 +102,33 @@ def full(tmp_path_factory, ray_local):
     path.write_text(path.read_text() + RETRAIN)
     assert Runner(open_manifest(path)).run().ok
     out, queue = tmp / "out" / "report.html", tmp / "queue.csv"
-    result = cli.invoke(app, ["report", str(tmp / "run.zarr"), "--out", str(out), "--queue-out", str(queue),
-                              "--sample", "3", "--queue", "4"])
+    result = cli.invoke(
+        app,
+        [
+            "report",
+            str(tmp / "run.zarr"),
+            "--out",
+            str(out),
+            "--queue-out",
+            str(queue),
+            "--sample",
+            "3",
+            "--queue",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text(encoding="utf-8")
-    return SimpleNamespace(manifest=path, store=Store(tmp / "run.zarr"), out=out, queue=queue, text=text,
-                           output=result.output, tables=Tables(text), sections=sections(text))
+    return SimpleNamespace(
+        manifest=path,
+        store=Store(tmp / "run.zarr"),
+        out=out,
+        queue=queue,
+        text=text,
+        output=result.output,
+        tables=Tables(text),
+        sections=sections(text),
+    )
 
 
 def test_the_page_is_one_file_with_every_section_plotted(full):
@@ -121,8 +143,11 @@ def test_the_page_is_one_file_with_every_section_plotted(full):
         assert decoded_images(body)
     overlay = full.sections["overlays"]
     assert overlay.count('class="row"') == 3 + 4
-    panels = [image for figure in re.findall(r"<figure>(.*?)</figure>", overlay, flags=re.S)
-              for image in decoded_images(figure)]
+    panels = [
+        image
+        for figure in re.findall(r"<figure>(.*?)</figure>", overlay, flags=re.S)
+        for image in decoded_images(figure)
+    ]
     assert len(panels) == 5 * 7 and all(p.width <= 320 for p in panels)
     assert [p.format for p in panels[:5]] == ["JPEG", "JPEG", "PNG", "PNG", "PNG"]
     assert "refine.1" in full.sections["run"] and full.store.attrs["manifest_hash"] in full.sections["run"]
@@ -142,7 +167,9 @@ def test_stage_table_counts_are_the_ledgers(full):
     fitted = store.stage_attrs("retrain")["fitted"]
     assert float(rows["retrain"][5][1]) == fitted["seconds"]
     assert f"final loss {fitted['history'][-1]['loss']:.4f}" in rows["retrain"][8][0]
-    assert "risk-control, alpha 0.4" in rows["calibrate"][8][0] and "n = 2 calibration images" in rows["calibrate"][8][0]
+    assert (
+        "risk-control, alpha 0.4" in rows["calibrate"][8][0] and "n = 2 calibration images" in rows["calibrate"][8][0]
+    )
 
 
 def test_review_queue_is_ranked_by_the_stored_uncertainty_and_written_as_csv(full):
@@ -161,7 +188,8 @@ def test_review_queue_is_ranked_by_the_stored_uncertainty_and_written_as_csv(ful
         written = list(csv.reader(f))
     assert written[0] == ["unit", "image", "mean_uncertainty", "uncertain_fraction"]
     assert [(r[0], r[1], float(r[2]), float(r[3])) for r in written[1:]] == [
-        (unit, images[unit], mean, fraction) for mean, fraction, unit in measured[:4]]
+        (unit, images[unit], mean, fraction) for mean, fraction, unit in measured[:4]
+    ]
     link = re.search(r'href="data:text/csv;base64,([^"]+)"', full.sections["overlays"]).group(1)
     assert base64.b64decode(link).decode() == full.queue.read_text()
 
@@ -202,7 +230,9 @@ def test_quality_table_is_evaluates(full):
     rows = {row[0][0]: row for row in full.tables.body("quality-table")}
     assert list(rows) == [s.source for s in result.sources]
     assert "refine.1" in rows and "retrain" in rows
-    assert 'alt="mIoU per label source"' in full.sections["quality"] and 'alt="mIoU per round"' in full.sections["quality"]
+    assert (
+        'alt="mIoU per label source"' in full.sections["quality"] and 'alt="mIoU per round"' in full.sections["quality"]
+    )
     for source in result.sources:
         row = rows[source.source]
         assert (int(row[1][1]), int(row[2][1])) == (source.evaluated, len(source.missing))
@@ -233,12 +263,23 @@ def test_without_gold_sets_or_rounds_every_section_says_why_in_one_sentence(tiny
     assert "Traceback" not in refused.output and out.read_bytes() == before
     replaced = cli.invoke(app, ["report", str(tmp_path / "run.zarr"), "--out", str(out), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
-    for name, text in (("notes.html", "<!DOCTYPE html>\n<html><head><title>mine</title></head></html>"),
-                       ("budget.csv", "unit,cost\n")):  # --overwrite replaces only what seglab report wrote
+    for name, text in (
+        ("notes.html", "<!DOCTYPE html>\n<html><head><title>mine</title></head></html>"),
+        ("budget.csv", "unit,cost\n"),
+    ):  # --overwrite replaces only what seglab report wrote
         (tmp_path / name).write_text(text)
         flag = "--out" if name.endswith(".html") else "--queue-out"
-        refused = cli.invoke(app, ["report", str(tmp_path / "run.zarr"), flag, str(tmp_path / name),
-                                   *(["--out", str(out)] if flag == "--queue-out" else []), "--overwrite"])
+        refused = cli.invoke(
+            app,
+            [
+                "report",
+                str(tmp_path / "run.zarr"),
+                flag,
+                str(tmp_path / name),
+                *(["--out", str(out)] if flag == "--queue-out" else []),
+                "--overwrite",
+            ],
+        )
         assert refused.exit_code == 1 and "was not written by seglab report" in refused.output
         assert (tmp_path / name).read_text() == text
 
@@ -294,13 +335,18 @@ def points(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("points")
     sizes = [(216, 288)]
     write_dataset(tmp / "data", sizes)
-    rows = [{"image": f"img{i:02d}.png", "x": x, "y": y, "class": cls} for i, (h, w) in enumerate(sizes)
-            for x, y, cls in simulate_points(shapes_image(h, w, seed=i)[1], (), np.random.default_rng(i),
-                                             per_component=1, margin=8)]
+    rows = [
+        {"image": f"img{i:02d}.png", "x": x, "y": y, "class": cls}
+        for i, (h, w) in enumerate(sizes)
+        for x, y, cls in simulate_points(
+            shapes_image(h, w, seed=i)[1], (), np.random.default_rng(i), per_component=1, margin=8
+        )
+    ]
     (tmp / "data" / "points.json").write_text(json.dumps({"points": rows}))
     path = write_manifest(tmp)
-    path.write_text(path.read_text().replace("{kind: scribbles, path: data/scribbles}",
-                                             "{kind: points, path: data/points.json}"))
+    path.write_text(
+        path.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: points, path: data/points.json}")
+    )
     assert Runner(open_manifest(path)).run().ok
     out = tmp / "report.html"
     result = cli.invoke(app, ["report", str(tmp / "run.zarr"), "--out", str(out), "--sample", "1", "--queue", "0"])
@@ -316,14 +362,13 @@ def test_a_point_weak_label_is_drawn_as_a_visible_marker(points):
     shown = [p for p in points.points if p["image"] == "img00.png" and p["class"] != 0]  # class 0 is black: dim photo
     assert shown
     for p in shown:
-        inside = (xx - p["x"]) ** 2 + (yy - p["y"]) ** 2 <= 3 ** 2
+        inside = (xx - p["x"]) ** 2 + (yy - p["y"]) ** 2 <= 3**2
         matches = np.abs(weak[inside].astype(int) - colour_of(p["class"])).sum(axis=1) < 90
         assert matches.mean() > 0.9, (p, matches.mean())  # a filled disc, not one pixel
 
 
 def test_provenance_without_a_value_reads_none(points):
-    provenance = {k: v for k, v in (
-        (row[0][0], row[1][0]) for row in Tables(points.text).tables["provenance-table"])}
+    provenance = {k: v for k, v in ((row[0][0], row[1][0]) for row in Tables(points.text).tables["provenance-table"])}
     assert provenance["calibration"] == "none" and provenance["segmenter"] == "none"
     assert all(v not in ("", "None") for v in provenance.values()), provenance
 
@@ -343,13 +388,30 @@ CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "goog
 def test_the_page_fits_a_1280_pixel_window_in_chromium(points, tmp_path):
     """Measured by the browser: a copy of the page with a probe that, once loaded, writes the
     document's scroll width and client width onto <body> (the report itself has no script)."""
-    probe = ('<script>addEventListener("load", () => { const d = document.documentElement; '
-             "document.body.dataset.widths = d.scrollWidth + ' ' + d.clientWidth; });</script>")
+    probe = (
+        '<script>addEventListener("load", () => { const d = document.documentElement; '
+        "document.body.dataset.widths = d.scrollWidth + ' ' + d.clientWidth; });</script>"
+    )
     page = tmp_path / "probed.html"
     page.write_text(points.text.replace("</body>", probe + "</body>"), encoding="utf-8")
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--dump-dom",
-                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,900",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     scroll, client = map(int, re.search(r'data-widths="(\d+) (\d+)"', dom).groups())
     assert 1200 < client <= 1280 and scroll <= client, (scroll, client)

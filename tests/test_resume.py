@@ -1,4 +1,5 @@
 """The most important test: kill `seglab run` in several stages, rerun, and get a clean run's store."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from seglab.pipeline.store import Store
-
 from conftest import write_dataset, write_manifest
+
+from seglab.pipeline.core.store import Store
 
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
 SIZES = [(60 + 4 * i, 90 - 3 * i) for i in range(10)]
@@ -23,7 +23,10 @@ SIZES = [(60 + 4 * i, 90 - 3 * i) for i in range(10)]
 def seglab(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "seglab.cli.app", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kwargs,
     )
 
 
@@ -57,12 +60,17 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     return manifest, folder / "clean.zarr"
 
 
-@pytest.mark.parametrize("stage,done", [
-    ("embed", 3), ("select", 2), ("refine", 4),
-    # the long variants: python -m pytest -m slow tests/test_resume.py
-    pytest.param("prompts", 5, marks=pytest.mark.slow),
-    pytest.param("embed", 8, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "stage,done",
+    [
+        ("embed", 3),
+        ("select", 2),
+        ("refine", 4),
+        # the long variants: python -m pytest -m slow tests/test_resume.py
+        pytest.param("prompts", 5, marks=pytest.mark.slow),
+        pytest.param("embed", 8, marks=pytest.mark.slow),
+    ],
+)
 def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage, done):
     clean_manifest, clean_store = clean
     resumed = clean_manifest.parent / f"resumed-{stage}.zarr"
@@ -82,8 +90,10 @@ def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage,
         assert sorted(units) == sorted(set(units)), f"{name}: a unit was done twice"
         assert len(units) == len(SIZES)
         assert after[name][: len(before[name])] == before[name]  # finished work kept, not redone
-    new_embed = [json.loads(line) for line in (resumed / "_ledger" / "embed.jsonl").read_text().splitlines()
-                 [len(before["embed"]):]]
+    new_embed = [
+        json.loads(line)
+        for line in (resumed / "_ledger" / "embed.jsonl").read_text().splitlines()[len(before["embed"]) :]
+    ]
     encoded = {e["unit"] for e in new_embed if not e.get("adopted")}
     adopted = {e["unit"] for e in new_embed if e.get("adopted")}
     assert not encoded & committed  # no image whose features were stored was encoded again

@@ -1,4 +1,5 @@
 """retrain: the uncertainty-aware losses, atomic checkpoints, and training on Ray Train end to end."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import add_gold
 from typer.testing import CliRunner
 
-from conftest import add_gold
 from seglab.cli.app import app
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
-from seglab.pipeline.store import Store
-from seglab.stages.uncertainty import SIGNALS
+from seglab.stages.parts.uncertainty import SIGNALS
 from seglab.workers.losses import IGNORE_INDEX, batch_loss, dice_loss, focal_loss, image_weights
 from seglab.workers.trainer import checkpoint_files, latest_checkpoint, save_checkpoint
 
@@ -47,8 +48,13 @@ def test_dice_uses_only_confident_pixels_and_image_weights_follow_entropy():
     assert dice_loss(half_wrong, target, certainty).item() == pytest.approx(0.0, abs=1e-3)
     weights = image_weights(target.repeat(2, 1, 1), torch.stack([torch.zeros(2, 2), torch.full((2, 2), 0.5)]))
     assert weights.tolist() == pytest.approx([1.0, 0.0], abs=1e-4)
-    loss = batch_loss(perfect.repeat(2, 1, 1, 1), target.repeat(2, 1, 1),
-                      torch.stack([torch.zeros(2, 2), torch.full((2, 2), 0.5)]), gamma=2.0, dice_weight=1.0)
+    loss = batch_loss(
+        perfect.repeat(2, 1, 1, 1),
+        target.repeat(2, 1, 1),
+        torch.stack([torch.zeros(2, 2), torch.full((2, 2), 0.5)]),
+        gamma=2.0,
+        dice_weight=1.0,
+    )
     assert loss.item() < 1e-3  # the undecided image has weight 0
 
 
@@ -74,8 +80,12 @@ class _RunsCode:
 def test_resume_skips_unsafe_and_foreign_checkpoints(tmp_path):
     save_checkpoint(tmp_path, 0, {"epoch": 0, "w": torch.zeros(2)})
     newest = tmp_path / "epoch-0001.pt"
-    for state in ({"epoch": 1, "w": _RunsCode(tmp_path / "canary")},  # unpickling would run code
-                  torch.zeros(3), {"epoch": "1"}, [1, 2]):  # tensors, but no training state: train() crashed
+    for state in (
+        {"epoch": 1, "w": _RunsCode(tmp_path / "canary")},  # unpickling would run code
+        torch.zeros(3),
+        {"epoch": "1"},
+        [1, 2],
+    ):  # tensors, but no training state: train() crashed
         torch.save(state, newest)
         path, loaded = latest_checkpoint(tmp_path)
         assert path.name == "epoch-0000.pt" and loaded["epoch"] == 0
@@ -88,7 +98,7 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
     tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=2, epochs=2))
     report = Runner(load_manifest(tiny)).run()
     order = [s.stage for s in report.stages]
-    assert report.ok and order[order.index("refine"):] == ["refine", "retrain", "refine.1", "retrain.1", "refine.2"]
+    assert report.ok and order[order.index("refine") :] == ["refine", "retrain", "refine.1", "retrain.1", "refine.2"]
     assert all(s.done_now == 4 for s in report.stages)
     store = Store(tiny.parent / "run.zarr")
     for name, trained_on in (("retrain", "refine"), ("retrain.1", "refine.1")):  # one segmenter per round
@@ -100,8 +110,9 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
         assert store.stage_attrs(name)["signature"]["upstream"].keys() >= {trained_on, "ingest"}
     assert store.stage_attrs("retrain")["fitted"]["sha256"] != store.stage_attrs("retrain.1")["fitted"]["sha256"]
     for unit in store.ledger("retrain").load():
-        arrays = store.read_unit(["retrain/labels", "retrain/probabilities", "ingest/image", "refine/signals",
-                                  "refine.2/signals"], unit)
+        arrays = store.read_unit(
+            ["retrain/labels", "retrain/probabilities", "ingest/image", "refine/signals", "refine.2/signals"], unit
+        )
         assert arrays["retrain/labels"].shape == arrays["ingest/image"].shape[:2]
         assert arrays["retrain/probabilities"].shape == (3, 48, 64)
         np.testing.assert_allclose(arrays["retrain/probabilities"].astype(np.float32).sum(0), 1.0, atol=1e-2)
@@ -122,8 +133,9 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
     assert "auroc_teacher" in sources["refine.1"] and "auroc_teacher" not in sources["refine"]
 
     # the same segmenter and budget on the gold masks of the same three training images
-    result = CliRunner().invoke(app, ["bench", "retrain", str(tiny), "--gold-masks",
-                                      str(tiny.parent / "data" / "gold"), "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", "retrain", str(tiny), "--gold-masks", str(tiny.parent / "data" / "gold"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)
     assert (bench["training_images"], bench["evaluation_images"]) == (3, 1)
@@ -143,8 +155,12 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
 def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=1, epochs=8))
     store_path = tiny.parent / "run.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     saved = []
     while time.time() < deadline and proc.poll() is None:
@@ -158,8 +174,9 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     _, before = latest_checkpoint(saved[0].parent)
     assert 2 <= before["epoch"] < 7  # killed mid-training
 
-    rerun = subprocess.run([sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     fitted = Store(store_path).stage_attrs("retrain")["fitted"]
     assert [h["epoch"] for h in fitted["history"]] == list(range(8))
@@ -168,15 +185,22 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
 
 
 def test_rounds_add_a_retrain_and_a_refine_per_round_and_are_bounded(tiny):
+    from seglab.pipeline.base.errors import ManifestError
     from seglab.pipeline.dag import Dag
-    from seglab.pipeline.errors import ManifestError
-    from seglab.pipeline.runner import active_stages
+    from seglab.pipeline.planning import active_stages
 
     assert not any(s.startswith("retrain") for s in active_stages(load_manifest(tiny)))
     tiny.write_text(tiny.read_text() + "rounds: 3\n")
     order = Dag(active_stages(load_manifest(tiny))).order
-    assert order[order.index("refine"):] == ("refine", "retrain", "refine.1", "retrain.1", "refine.2", "retrain.2",
-                                             "refine.3")
+    assert order[order.index("refine") :] == (
+        "refine",
+        "retrain",
+        "refine.1",
+        "retrain.1",
+        "refine.2",
+        "retrain.2",
+        "refine.3",
+    )
     tiny.write_text(tiny.read_text().replace("rounds: 3", "rounds: 21"))
     with pytest.raises(ManifestError) as info:
         load_manifest(tiny)

@@ -1,5 +1,6 @@
 """Runs that notice what changed under them and write only when they must (issue 16: items
 6, 8, 9, 10, 13 and status in 17), on a local Ray with the tiny synthetic dataset."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from seglab.pipeline.errors import StorageError
+from seglab.pipeline.base.errors import StorageError
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.status import store_status
-from seglab.pipeline.store import Store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 UNITS = ["images__img00.png", "images__img01.png", "images__img02.png", "images__img03.png"]
@@ -58,8 +59,12 @@ def test_damaged_ledger_lines_cost_their_units_only_and_are_reported(tiny):
     assert run(tiny, only="ingest").ok
     ledger = Store(tiny.parent / "run.zarr").ledger("ingest").path
     lines = ledger.read_bytes().splitlines()
-    damaged = [lines[0], lines[1].replace(b'"status"', b'"st\xffatus"'),
-               json.dumps({**json.loads(lines[2]), "outputs": "x"}).encode(), lines[3]]
+    damaged = [
+        lines[0],
+        lines[1].replace(b'"status"', b'"st\xffatus"'),
+        json.dumps({**json.loads(lines[2]), "outputs": "x"}).encode(),
+        lines[3],
+    ]
     ledger.write_bytes(b"\n".join(damaged) + b"\n")
     report = run(tiny, only="ingest").stages[0]
     assert report.already_done == 2 and report.adopted == 2  # the commit records of the two units vouch for them
@@ -127,7 +132,8 @@ def test_a_read_only_store_runs_when_nothing_is_to_do_and_else_says_why_in_one_l
     with pytest.raises(StorageError, match="cannot write here .*Read-only file system"):
         run(tiny, only="ingest", force=("ingest",))
     assert Store(small_disk / "run.zarr").ledger("ingest").done(
-        Store(small_disk / "run.zarr").stage_attrs("ingest")["signature_digest"]) == set(UNITS)
+        Store(small_disk / "run.zarr").stage_attrs("ingest")["signature_digest"]
+    ) == set(UNITS)
 
 
 def test_force_names_each_file_it_kept_even_when_a_stage_is_cleared_through_two_names(tiny):

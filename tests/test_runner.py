@@ -1,17 +1,17 @@
 """End-to-end runs of a tiny manifest on a local Ray: resume, signatures, --force, failures."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shapes_image
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
-from seglab.pipeline.errors import SignatureMismatch
+from seglab.pipeline.base.errors import SignatureMismatch
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import Store
-
-from conftest import shapes_image
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
@@ -51,15 +51,22 @@ def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream
     run(tiny)
     store = Store(tiny.parent / "run.zarr")
     before = {s: len(ledger_lines(store, s)) for s in STAGES}
-    tiny.write_text(tiny.read_text().replace("prompts: {batch_size: 2}", "prompts: {batch_size: 2, points_per_component: 3}"))
+    tiny.write_text(
+        tiny.read_text().replace("prompts: {batch_size: 2}", "prompts: {batch_size: 2, points_per_component: 3}")
+    )
     with pytest.raises(SignatureMismatch) as info:
         run(tiny)
     assert info.value.stage == "prompts"
     assert "config.points_per_component: 5 -> 3" in info.value.changes
     report = run(tiny, force=("prompts",))
     assert report.ok
-    assert {s.stage: s.done_now for s in report.stages} == {"ingest": 0, "embed": 0, "prompts": 4, "select": 4,
-                                                                "refine": 4}
+    assert {s.stage: s.done_now for s in report.stages} == {
+        "ingest": 0,
+        "embed": 0,
+        "prompts": 4,
+        "select": 4,
+        "refine": 4,
+    }
     after = {s: len(ledger_lines(store, s)) for s in STAGES}
     assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
     assert after["prompts"] == after["select"] == after["refine"] == 4  # cleared, then written once
@@ -121,7 +128,9 @@ def test_boxes_become_box_prompts_and_labels_end_to_end(tiny):
             ys, xs = np.nonzero(truth == cls)
             rows.append(f"{path.name},{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1},{cls}")
     (tiny.parent / "boxes.csv").write_text("\n".join(rows) + "\n")
-    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: boxes, path: boxes.csv}"))
+    tiny.write_text(
+        tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: boxes, path: boxes.csv}")
+    )
     assert run(tiny).ok
     store = Store(store_path)
     for i, unit in enumerate(sorted(store.ledger("select").load())):
@@ -144,7 +153,9 @@ def test_coarse_masks_add_grown_component_boxes(tiny):
         for cls in (0, 1, 2):  # each class eroded by 3 px: the boundaries are left unlabelled
             coarse[binary_erosion(truth == cls, iterations=3)] = cls
         Image.fromarray(coarse).save(data / "coarse" / path.name)
-    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: coarse, path: data/coarse}"))
+    tiny.write_text(
+        tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: coarse, path: data/coarse}")
+    )
     assert run(tiny).ok
     store = Store(tiny.parent / "run.zarr")
     for i, unit in enumerate(sorted(store.ledger("select").load())):

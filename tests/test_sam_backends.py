@@ -1,5 +1,6 @@
 """SAM and SAM2 backends with the official architectures and random weights, loaded
 through the same checkpoint path an operator uses. Nothing is downloaded."""
+
 from __future__ import annotations
 
 import pickle
@@ -8,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shapes_image
 
-from seglab.pipeline.errors import InputError
-from seglab.stages.promptset import PromptBatch
+from seglab.pipeline.base.errors import InputError
+from seglab.stages.parts.promptset import PromptBatch
 from seglab.workers.model_configs import Sam2Config, SamConfig, VitShape
 from seglab.workers.sam import SamBackend, build_sam_architecture
 from seglab.workers.sam2 import Sam2Backend, build_sam2_architecture
-
-from conftest import shapes_image
 
 TINY_VIT = VitShape(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
 
@@ -43,8 +43,14 @@ def sam2_checkpoint(tmp_path_factory) -> Path:
 
 def point_prompts(image_hw) -> PromptBatch:
     h, w = image_hw
-    coords = np.array([[[w * 0.3, h * 0.35], [w * 0.7, h * 0.7]], [[w * 0.7, h * 0.7], [0, 0]],
-                       [[w * 0.5, h * 0.5], [w * 0.1, h * 0.9]]], np.float32)
+    coords = np.array(
+        [
+            [[w * 0.3, h * 0.35], [w * 0.7, h * 0.7]],
+            [[w * 0.7, h * 0.7], [0, 0]],
+            [[w * 0.5, h * 0.5], [w * 0.1, h * 0.9]],
+        ],
+        np.float32,
+    )
     labels = np.array([[1, 0], [1, -1], [-1, -1]], np.int32)
     boxes = np.full((3, 4), np.nan, np.float32)
     boxes[2] = (w * 0.1, h * 0.1, w * 0.6, h * 0.6)
@@ -68,8 +74,9 @@ def test_sam_decode_from_cache_equals_sampredictor(sam_checkpoint):
     np.testing.assert_array_equal(predictor.features[0].numpy(), features["image_embed"])
     for i in range(2):  # one prompt at a time, as a user would; padding points (label -1)
         # are part of the prompt, SAM's decoder attends to them, so they are passed as well
-        _, ref_iou, ref_low = predictor.predict(prompts.coords[i], prompts.labels[i],
-                                                multimask_output=True, return_logits=True)
+        _, ref_iou, ref_low = predictor.predict(
+            prompts.coords[i], prompts.labels[i], multimask_output=True, return_logits=True
+        )
         np.testing.assert_allclose(logits[i], ref_low, rtol=0, atol=1e-4)
         np.testing.assert_allclose(iou[i], ref_iou, rtol=0, atol=1e-5)
     _, ref_iou, ref_low = predictor.predict(box=prompts.boxes[2], multimask_output=True, return_logits=True)
@@ -119,7 +126,10 @@ def test_sam2_cache_round_trips_and_matches_its_predictor(sam2_checkpoint):
     backend = Sam2Backend(Sam2Config(checkpoint=str(sam2_checkpoint), precision="fp32", feature_dtype="float32"))
     features = backend.encode([image])[0]
     assert {k: v.shape for k, v in features.items() if k != "frame"} == {
-        "image_embed": (256, 64, 64), "high_res_feats_0": (32, 256, 256), "high_res_feats_1": (64, 128, 128)}
+        "image_embed": (256, 64, 64),
+        "high_res_feats_0": (32, 256, 256),
+        "high_res_feats_1": (64, 128, 128),
+    }
     prompts = point_prompts(image.shape[:2])
     logits, iou = backend.decode(features, prompts)
 
@@ -127,12 +137,14 @@ def test_sam2_cache_round_trips_and_matches_its_predictor(sam2_checkpoint):
     predictor.set_image(image)
     np.testing.assert_array_equal(predictor._features["image_embed"][0].numpy(), features["image_embed"])
     for i in range(2):
-        _, ref_iou, ref_low = predictor.predict(prompts.coords[i], prompts.labels[i],
-                                                multimask_output=True, return_logits=True)
+        _, ref_iou, ref_low = predictor.predict(
+            prompts.coords[i], prompts.labels[i], multimask_output=True, return_logits=True
+        )
         np.testing.assert_allclose(np.clip(logits[i], -32, 32), ref_low, rtol=0, atol=1e-4)
         np.testing.assert_allclose(iou[i], ref_iou, rtol=0, atol=1e-5)
-    _, _, ref_low = predictor.predict(prompts.coords[2], prompts.labels[2], box=prompts.boxes[2],
-                                      multimask_output=True, return_logits=True)
+    _, _, ref_low = predictor.predict(
+        prompts.coords[2], prompts.labels[2], box=prompts.boxes[2], multimask_output=True, return_logits=True
+    )
     np.testing.assert_allclose(np.clip(logits[2], -32, 32), ref_low, rtol=0, atol=1e-4)
 
 
@@ -159,7 +171,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, sam_checkpoi
 def test_refusals_are_one_clear_line(tmp_path, sam_checkpoint):
     torch.save({"weights": _RunsCode(str(tmp_path / "canary"))}, tmp_path / "evil.pth")
     with pytest.raises(InputError) as info:
-        SamBackend(tiny_sam_config(tmp_path / "evil.pth")).model
+        _ = SamBackend(tiny_sam_config(tmp_path / "evil.pth")).model
     message = str(info.value)  # torch's own text has colour codes and advises weights_only=False
     assert "would call getattr" in message and "\x1b[" not in message and "weights_only=False" not in message
     assert "\n" not in message and not (tmp_path / "canary").exists()
@@ -171,7 +183,7 @@ def test_empty_or_truncated_checkpoint_is_a_clear_error(tmp_path, sam_checkpoint
     torn = tmp_path / "torn.pth"
     torn.write_bytes(data[:keep] if keep >= 0 else data[:keep])  # the empty file raised IndexError
     with pytest.raises(InputError, match="empty or truncated") as info:
-        SamBackend(tiny_sam_config(torn)).model
+        _ = SamBackend(tiny_sam_config(torn)).model
     assert info.value.path == str(torn)
 
 
@@ -198,10 +210,10 @@ def test_signature_names_checkpoint_hash(sam_checkpoint, tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_sam_manifest_runs_end_to_end_and_a_rerun_encodes_nothing(tiny, sam_checkpoint, tmp_path):
-    from seglab.pipeline.errors import SignatureMismatch
+    from seglab.pipeline.base.errors import SignatureMismatch
+    from seglab.pipeline.core.store import Store
     from seglab.pipeline.manifest import load_manifest
     from seglab.pipeline.runner import Runner
-    from seglab.pipeline.store import Store
 
     text = tiny.read_text() + (
         "backend:\n  name: sam\n  model: custom\n  encoder: {embed_dim: 32, depth: 2, num_heads: 2, "
@@ -232,9 +244,9 @@ def test_sam_manifest_runs_end_to_end_and_a_rerun_encodes_nothing(tiny, sam_chec
 
 @pytest.mark.usefixtures("ray_local")
 def test_sam2_manifest_runs_end_to_end(tiny, sam2_checkpoint):
+    from seglab.pipeline.core.store import Store
     from seglab.pipeline.manifest import load_manifest
     from seglab.pipeline.runner import Runner
-    from seglab.pipeline.store import Store
 
     tiny.write_text(tiny.read_text() + f"backend: {{name: sam2, checkpoint: {sam2_checkpoint}}}\n")
     report = Runner(load_manifest(tiny)).run()

@@ -1,17 +1,17 @@
 """Weak labels simulated from ground truth: faithful to the mask, deterministic per seed."""
+
 from __future__ import annotations
 
 import csv
 
 import numpy as np
 import pytest
+from conftest import shapes_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.stages import weak_simulation as sim
-
-from conftest import shapes_image
+from seglab.stages.parts import weak_simulation as sim
 
 
 @pytest.fixture
@@ -61,8 +61,22 @@ def test_the_background_class_gets_no_boxes_and_the_other_classes_keep_theirs(tm
     runner = CliRunner()
 
     def run(kind, out):
-        return runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", kind, "--ignore", "11",
-                                   "--background", "0", "--out", str(tmp_path / out)])
+        return runner.invoke(
+            app,
+            [
+                "simulate-weak",
+                "--masks",
+                str(masks),
+                "--kind",
+                kind,
+                "--ignore",
+                "11",
+                "--background",
+                "0",
+                "--out",
+                str(tmp_path / out),
+            ],
+        )
 
     assert run("boxes", "b").exit_code == 0
     rows = list(csv.DictReader(open(tmp_path / "b" / "boxes.csv")))
@@ -80,22 +94,46 @@ def test_cli_is_deterministic_per_seed(tmp_path, truth):
     runner = CliRunner()
 
     def run(kind, out, seed):
-        result = runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", kind,
-                                     "--out", str(tmp_path / out), "--seed", str(seed), "--ignore", "11"])
+        result = runner.invoke(
+            app,
+            [
+                "simulate-weak",
+                "--masks",
+                str(masks),
+                "--kind",
+                kind,
+                "--out",
+                str(tmp_path / out),
+                "--seed",
+                str(seed),
+                "--ignore",
+                "11",
+            ],
+        )
         assert result.exit_code == 0, result.output
 
     run("scribbles", "a", 1)
     run("scribbles", "b", 1)
     run("scribbles", "c", 2)
-    same = [np.array_equal(np.asarray(Image.open(tmp_path / "a" / f"m{i}.png")),
-                           np.asarray(Image.open(tmp_path / "b" / f"m{i}.png"))) for i in range(3)]
-    different = [np.array_equal(np.asarray(Image.open(tmp_path / "a" / f"m{i}.png")),
-                                np.asarray(Image.open(tmp_path / "c" / f"m{i}.png"))) for i in range(3)]
+    same = [
+        np.array_equal(
+            np.asarray(Image.open(tmp_path / "a" / f"m{i}.png")), np.asarray(Image.open(tmp_path / "b" / f"m{i}.png"))
+        )
+        for i in range(3)
+    ]
+    different = [
+        np.array_equal(
+            np.asarray(Image.open(tmp_path / "a" / f"m{i}.png")), np.asarray(Image.open(tmp_path / "c" / f"m{i}.png"))
+        )
+        for i in range(3)
+    ]
     assert all(same) and not all(different)
     run("points", "p", 0)
     rows = list(csv.DictReader(open(tmp_path / "p" / "points.csv")))
     assert {r["image"] for r in rows} == {"m0.png", "m1.png", "m2.png"} and "11" not in {r["class"] for r in rows}
-    result = runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", "points", "--out", str(tmp_path / "p")])
+    result = runner.invoke(
+        app, ["simulate-weak", "--masks", str(masks), "--kind", "points", "--out", str(tmp_path / "p")]
+    )
     assert result.exit_code == 1 and "already exists" in result.output
 
 
@@ -113,8 +151,21 @@ def test_a_name_list_and_a_limit_choose_the_masks(tmp_path, truth):
     runner = CliRunner()
 
     def run(out, *extra):
-        return runner.invoke(app, ["simulate-weak", "--masks", str(masks), "--kind", "scribbles", "--ignore", "11",
-                                   "--out", str(tmp_path / out), *extra])
+        return runner.invoke(
+            app,
+            [
+                "simulate-weak",
+                "--masks",
+                str(masks),
+                "--kind",
+                "scribbles",
+                "--ignore",
+                "11",
+                "--out",
+                str(tmp_path / out),
+                *extra,
+            ],
+        )
 
     assert run("listed", "--list", str(names)).exit_code == 0
     assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["m1.png", "m3.png", "m4.png"]
@@ -127,7 +178,7 @@ def test_a_name_list_and_a_limit_choose_the_masks(tmp_path, truth):
 
 
 def test_progress_is_told_of_every_mask(tmp_path, truth):
-    from seglab.pipeline.simulate import simulate_weak
+    from seglab.pipeline.evaluation.simulate import simulate_weak
 
     class Recorder:
         def __init__(self):
@@ -140,7 +191,14 @@ def test_progress_is_told_of_every_mask(tmp_path, truth):
             self.calls.append(("advance", stage, count))
 
     recorder = Recorder()
-    count = simulate_weak(masks=_masks(tmp_path / "masks", truth), kind="points", out=tmp_path / "p", seed=0,
-                          ignore=(11,), limit=4, progress=recorder)
+    count = simulate_weak(
+        masks=_masks(tmp_path / "masks", truth),
+        kind="points",
+        out=tmp_path / "p",
+        seed=0,
+        ignore=(11,),
+        limit=4,
+        progress=recorder,
+    )
     assert count == 4
     assert recorder.calls == [("start", "points", 4, 0)] + [("advance", "points", 1)] * 4

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from seglab.pipeline.fingerprint import array_sha256, diff_signatures, stage_signature
-from seglab.pipeline.store import Store, StoreError
+from seglab.pipeline.base.fingerprint import array_sha256, diff_signatures, stage_signature
+from seglab.pipeline.core.store import Store, StoreError
 
 
 def test_units_of_different_shapes_round_trip(tmp_path):
@@ -41,8 +41,13 @@ def test_opening_a_folder_that_is_not_a_store(tmp_path):
 
 def done_line(unit: str, outputs: dict | None = None) -> dict:
     """A ledger line as the runner writes one for a finished unit."""
-    return {"unit": unit, "status": "done", "inputs": "i", "signature": "s",
-            "outputs": outputs if outputs is not None else {"f": {"sha256": "0" * 64, "shape": [3], "dtype": "<f8"}}}
+    return {
+        "unit": unit,
+        "status": "done",
+        "inputs": "i",
+        "signature": "s",
+        "outputs": outputs if outputs is not None else {"f": {"sha256": "0" * 64, "shape": [3], "dtype": "<f8"}},
+    }
 
 
 def failed_line(unit: str) -> dict:

@@ -1,5 +1,6 @@
 """What a store may touch (issue 16: items 1, 2, 5, 8): stage names only, its own files only,
 one run at a time, and a damaged ledger line costs one unit, not the store. No Ray here."""
+
 from __future__ import annotations
 
 import errno
@@ -11,22 +12,22 @@ import sys
 
 import numpy as np
 import pytest
+from test_store import done_line, failed_line
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.pipeline.errors import UsageError
+from seglab.pipeline.base.errors import UsageError
+from seglab.pipeline.core.store import Store, StoreError
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
-from seglab.pipeline.store import Store, StoreError
 from seglab.pipeline.storelock import StoreBusy, StoreLock
-
-from test_store import done_line, failed_line
 
 cli = CliRunner()
 
 
-@pytest.mark.parametrize("flag, value", [("--force", ""), ("--force", "refin"), ("--from", "nope"),
-                                         ("--only", "select/labels")])
+@pytest.mark.parametrize(
+    "flag, value", [("--force", ""), ("--force", "refin"), ("--from", "nope"), ("--only", "select/labels")]
+)
 def test_only_stage_names_of_the_dag_are_taken(tiny, flag, value):
     result = cli.invoke(app, ["run", str(tiny), flag, value])
     assert result.exit_code == 2, result.output
@@ -162,9 +163,9 @@ def _raised(make):
 
 
 def test_an_unreadable_image_is_its_units_failure_and_a_full_disk_the_stores():
-    from seglab.pipeline.errors import InputError, os_error_cause
+    from seglab.pipeline.base.errors import InputError, os_error_cause
     from seglab.stages.base import Unit
-    from seglab.workers.pool import _failure
+    from seglab.workers.schedule import failure_receipt
 
     def unreadable():
         try:
@@ -178,13 +179,16 @@ def test_an_unreadable_image_is_its_units_failure_and_a_full_disk_the_stores():
         except OSError as exc:
             raise RuntimeError("codec pipeline failed") from exc
 
-    image, disk = _failure(Unit("a", "/data/a.png"), _raised(unreadable)), _failure(Unit("u", "/x.png"), _raised(full))
+    image, disk = (
+        failure_receipt(Unit("a", "/data/a.png"), _raised(unreadable)),
+        failure_receipt(Unit("u", "/x.png"), _raised(full)),
+    )
     assert "storage" not in image["error"] and image["error"]["message"].startswith("/data/a.png: permission denied")
     assert disk["error"]["storage"]["path"] == "/store/embed/lab/u/c/0"
     assert os_error_cause(_raised(full)).errno == errno.ENOSPC
 
 
-@pytest.mark.parametrize("meta", ['[1]', '"group"', '{"node_type": "group", "attributes": []}', '\xff'])
+@pytest.mark.parametrize("meta", ["[1]", '"group"', '{"node_type": "group", "attributes": []}', "\xff"])
 def test_a_folder_whose_zarr_json_is_not_seglabs_is_refused_without_a_crash(tmp_path, meta):
     folder = tmp_path / "f"
     folder.mkdir()

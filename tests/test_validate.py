@@ -1,4 +1,5 @@
 """`seglab validate` and `seglab run` on missing weak labels (issue 16, item 14)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
-from seglab.pipeline.errors import ManifestError
+from seglab.pipeline.base.errors import ManifestError
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.units import enumerate_units
 
@@ -20,7 +21,9 @@ def _points_manifest(tiny, rows_for: list[str]):
     """Switch ``tiny`` to a points table with one point per image named in ``rows_for``."""
     lines = ["image,x,y,class", *(f"{name},5,5,1" for name in rows_for)]
     (tiny.parent / "points.csv").write_text("\n".join(lines) + "\n")
-    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: points, path: points.csv}"))
+    tiny.write_text(
+        tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: points, path: points.csv}")
+    )
 
 
 def _weak_path_problem(tiny) -> str:

@@ -1,17 +1,18 @@
 """SCALER's augmentation ensemble: view geometry, the vote, and select over cached views."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import scribbles_from_truth, shapes_image
+
 from seglab.stages.base import ClassTable, Context
 from seglab.stages.embed import Embed, EmbedConfig
-from seglab.stages.fusion import ViewEnsemble
+from seglab.stages.parts.fusion import ViewEnsemble
+from seglab.stages.parts.promptset import POSITIVE, PromptBatch
+from seglab.stages.parts.views import View, ViewSpec
 from seglab.stages.prompts import Prompts, PromptsConfig
-from seglab.stages.promptset import POSITIVE, PromptBatch
 from seglab.stages.select import Select, SelectConfig, split_views
-from seglab.stages.views import View, ViewSpec
 from seglab.workers.backend import build_backend, feature_names
 from seglab.workers.weightfree import WeightFreeConfig
 
@@ -25,8 +26,13 @@ def test_points_and_boxes_land_on_the_same_content_in_the_view(flip, scale):
     assert seen.shape[:2] == view.view_hw == (round(40 * scale), round(60 * scale))
     x, y = view.points(np.array([10.0, 15.0]))
     assert seen[int(y), int(x)].tolist() == [255, 255, 255]
-    prompts = PromptBatch(np.array([[[10.0, 15.0]]], np.float32), np.array([[POSITIVE]], np.int32),
-                          np.array([[5, 10, 15, 20]], np.float32), np.array([1], np.int32), np.array([0], np.int32))
+    prompts = PromptBatch(
+        np.array([[[10.0, 15.0]]], np.float32),
+        np.array([[POSITIVE]], np.int32),
+        np.array([[5, 10, 15, 20]], np.float32),
+        np.array([1], np.int32),
+        np.array([0], np.int32),
+    )
     box = view.prompts(prompts).boxes[0]
     assert box[0] < box[2] and box[1] < box[3]
     inside = seen[int(box[1]) + 1 : int(box[3]) - 1, int(box[0]) + 1 : int(box[2]) - 1]
@@ -60,16 +66,25 @@ def test_select_decodes_every_cached_view_and_agrees_with_the_truth():
     weak = scribbles_from_truth(truth)
     classes = ClassTable((0, 1, 2), ("background", "disc", "rectangle"), 255)
     backend = build_backend(WeightFreeConfig())
-    ctx = Context(classes=classes, weak_kind="scribbles", seed=0, backend=backend,
-                  extras={"feature_names": feature_names(WeightFreeConfig())})
+    ctx = Context(
+        classes=classes,
+        weak_kind="scribbles",
+        seed=0,
+        backend=backend,
+        feature_names=feature_names(WeightFreeConfig()),
+    )
     embed = Embed(EmbedConfig(views=(ViewSpec(flip=True), ViewSpec(scale=0.75))))
     features = embed.process(None, {"ingest/image": image}, ctx)
     assert set(features) == set(embed.outputs(ctx))
     assert [v for v, _ in split_views(features)][1:] == [View(True, 1.0, (96, 128)), View(False, 0.75, (96, 128))]
     prompts = Prompts(PromptsConfig()).process(None, {"ingest/weak": weak, "ingest/boxes": np.zeros((0, 5))}, ctx)
-    inputs = {"ingest/weak": weak, "ingest/image": image, "ingest/boxes": np.zeros((0, 5), np.float32),
-              **{f"embed/{k}": v for k, v in features.items()},
-              **{f"prompts/{k}": v for k, v in prompts.items()}}
+    inputs = {
+        "ingest/weak": weak,
+        "ingest/image": image,
+        "ingest/boxes": np.zeros((0, 5), np.float32),
+        **{f"embed/{k}": v for k, v in features.items()},
+        **{f"prompts/{k}": v for k, v in prompts.items()},
+    }
     out = Select(SelectConfig()).process(None, inputs, ctx)
     assert (out["labels"] == truth).mean() > 0.9
     assert out["variance"].shape == truth.shape and out["variance"].max() > 0

@@ -1,4 +1,5 @@
 """Weak-label readers: label maps, point and box tables; every bad input is an InputError."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from seglab.pipeline.errors import InputError
-from seglab.stages.weak import (
+from seglab.pipeline.base.errors import InputError
+from seglab.stages.parts.weak import (
     assign_to_images,
     rasterize_points,
     read_box_table,
@@ -42,6 +43,7 @@ def scribble(hw=HW) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- label maps
+
 
 def test_grayscale_label_map_round_trip(tmp_path):
     Image.fromarray(scribble()).save(tmp_path / "s.png")
@@ -170,47 +172,60 @@ def test_points_json_object_form_bom_and_spaced_header(tmp_path):
     assert read_point_table(tmp_path / "p.csv") == {"a.jpg": [(1.0, 2.0, 1)]}
 
 
-@pytest.mark.parametrize(("rows", "message"), [
-    ([("a.jpg", "abc", 1, 1)], r"row 1: x is not a number \(got 'abc'\)"),
-    ([("a.jpg", 1, 1, 1), ("a.jpg", 1, 1, 1.5)], r"row 2: class is not an integer"),
-    ([("a.jpg", 1, None, 1)], r"row 1: y is missing"),
-    ([("", 1, 1, 1)], r"row 1: image must be a non-empty"),
-    ([("/etc/a.jpg", 1, 1, 1)], r"relative to the data root"),
-    ([("../a.jpg", 1, 1, 1)], r"relative to the data root"),
-    ([("a.jpg", True, 1, 1)], r"x is not a number \(got True\)"),
-    ([(3, 1, 1, 1)], r"image must be"),
-    ([("a.jpg", "x", 1, 1)] * 7, r"and 2 more"),
-])
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([("a.jpg", "abc", 1, 1)], r"row 1: x is not a number \(got 'abc'\)"),
+        ([("a.jpg", 1, 1, 1), ("a.jpg", 1, 1, 1.5)], r"row 2: class is not an integer"),
+        ([("a.jpg", 1, None, 1)], r"row 1: y is missing"),
+        ([("", 1, 1, 1)], r"row 1: image must be a non-empty"),
+        ([("/etc/a.jpg", 1, 1, 1)], r"relative to the data root"),
+        ([("../a.jpg", 1, 1, 1)], r"relative to the data root"),
+        ([("a.jpg", True, 1, 1)], r"x is not a number \(got True\)"),
+        ([(3, 1, 1, 1)], r"image must be"),
+        ([("a.jpg", "x", 1, 1)] * 7, r"and 2 more"),
+    ],
+)
 def test_malformed_json_rows(tmp_path, rows, message):
     with pytest.raises(InputError, match=message):
         read_point_table(write_points(tmp_path / "p.json", rows))
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("image,x,y\na.jpg,1,2\n", "missing: class"),
-    ("image,x,y,class\na.jpg,1,2\n", "row 1: class is missing"),
-    ("image,x,y,class\na.jpg,1,2,1,9\n", "row 1: has more fields than the header"),
-    ("image,x,y,class\na.jpg,1,2,one\n", "row 1: class is not a number"),
-    ("image,x,y,class\n", "contains no points"),
-    ("", "missing: image, x, y, class"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("image,x,y\na.jpg,1,2\n", "missing: class"),
+        ("image,x,y,class\na.jpg,1,2\n", "row 1: class is missing"),
+        ("image,x,y,class\na.jpg,1,2,1,9\n", "row 1: has more fields than the header"),
+        ("image,x,y,class\na.jpg,1,2,one\n", "row 1: class is not a number"),
+        ("image,x,y,class\n", "contains no points"),
+        ("", "missing: image, x, y, class"),
+    ],
+)
 def test_malformed_csv(tmp_path, content, message):
     (tmp_path / "p.csv").write_text(content)
     with pytest.raises(InputError, match=message):
         read_point_table(tmp_path / "p.csv")
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("p.json", b"[{\"image\": ", "not valid JSON: .* line 1"),
-    ("p.json", b"{\"rows\": []}", "list of objects"),
-    ("p.json", b"[[\"a.jpg\", 1, 2, 3]]", "row 1: expected an object"),
-    ("p.csv", b"image,x,y,class\n\xff\xfe,1,2,3\n", "not UTF-8"),
-    ("p.parquet", b"PAR1 not really", "not a readable Parquet file"),
-    ("p.txt", b"image,x,y,class\n", "unsupported table type '.txt'"),
-    # json.loads raised ValueError / RecursionError here, not JSONDecodeError (found by tests/test_fuzz.py)
-    ("p.json", b'[{"image": "a.jpg", "x": 1' + b"0" * 5000 + b', "y": 1, "class": 1}]', "a number has too many digits"),
-    ("p.json", b"[" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.json", b'[{"image": ', "not valid JSON: .* line 1"),
+        ("p.json", b'{"rows": []}', "list of objects"),
+        ("p.json", b'[["a.jpg", 1, 2, 3]]', "row 1: expected an object"),
+        ("p.csv", b"image,x,y,class\n\xff\xfe,1,2,3\n", "not UTF-8"),
+        ("p.parquet", b"PAR1 not really", "not a readable Parquet file"),
+        ("p.txt", b"image,x,y,class\n", "unsupported table type '.txt'"),
+        # json.loads raised ValueError / RecursionError here, not JSONDecodeError (found by tests/test_fuzz.py)
+        (
+            "p.json",
+            b'[{"image": "a.jpg", "x": 1' + b"0" * 5000 + b', "y": 1, "class": 1}]',
+            "a number has too many digits",
+        ),
+        ("p.json", b"[" * 100_000, "nested too deeply"),
+    ],
+)
 def test_unreadable_tables(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(InputError, match=message) as info:
@@ -234,18 +249,22 @@ def test_source_rows_keep_row_number_when_pickled(tmp_path):
 
 # ---------------------------------------------------------------- validation
 
+
 def test_validate_points_accepts_in_bounds_points():
     out = validate_points(EXPECTED["a.jpg"], path_for_errors="p.csv", image_hw=HW, class_ids=CLASSES)
     assert out.dtype == np.float32 and out.shape == (2, 3)
     np.testing.assert_allclose(out, [[1.5, 2.0, 1], [29.9, 0.0, 0]], rtol=1e-6)
 
 
-@pytest.mark.parametrize(("point", "message"), [
-    ((30.0, 1.0, 1), "outside the 30x20 image"),
-    ((-0.01, 1.0, 1), "outside"),
-    ((1.0, 20.0, 1), "outside"),
-    ((1.0, 1.0, 5), r"class 5 is not one of \[0, 1, 2\]"),
-])
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ((30.0, 1.0, 1), "outside the 30x20 image"),
+        ((-0.01, 1.0, 1), "outside"),
+        ((1.0, 20.0, 1), "outside"),
+        ((1.0, 1.0, 5), r"class 5 is not one of \[0, 1, 2\]"),
+    ],
+)
 def test_validate_points_refuses_bad_points(tmp_path, point, message):
     path = write_points(tmp_path / "p.csv", [("a.jpg", 1, 1, 1), ("a.jpg", *point)])
     rows = read_point_table(path)["a.jpg"]
@@ -258,8 +277,9 @@ def test_validate_points_refuses_empty_and_conflicting_points():
     with pytest.raises(InputError, match="no points"):
         validate_points([], path_for_errors="p.csv", image_hw=HW, class_ids=CLASSES)
     with pytest.raises(InputError, match="point 2 and point 3 give different classes to the same pixel"):
-        validate_points([(4.2, 5.9, 1), (4.5, 5.5, 1), (4.9, 5.0, 2)], path_for_errors="p.csv",
-                        image_hw=HW, class_ids=CLASSES)
+        validate_points(
+            [(4.2, 5.9, 1), (4.5, 5.5, 1), (4.9, 5.0, 2)], path_for_errors="p.csv", image_hw=HW, class_ids=CLASSES
+        )
     with pytest.raises(InputError, match="rows of 3 numbers"):
         validate_points([(1.0, 2.0)], path_for_errors="p.csv", image_hw=HW, class_ids=CLASSES)
 
@@ -283,10 +303,12 @@ def test_assign_to_images_by_path_or_unique_file_name(tmp_path):
     with pytest.raises(InputError, match="'dir/b.jpg' matches no image"):
         assign_to_images(table, ["x/a.jpg", "./c.jpg"], path_for_errors=tmp_path / "p.csv")
     assert assign_to_images(table, ["x/a.jpg"], path_for_errors="p", allow_unmatched=True) == {
-        "x/a.jpg": [(1.0, 1.0, 1)]}
+        "x/a.jpg": [(1.0, 1.0, 1)]
+    }
 
 
 # ---------------------------------------------------------------- boxes
+
 
 def test_boxes_round_trip_and_checks(tmp_path):
     columns = ("image", "x0", "y0", "x1", "y1", "class")
@@ -309,20 +331,28 @@ def test_a_box_of_the_background_class_fails_its_image_at_ingest_naming_the_tabl
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
     columns = ("image", "x0", "y0", "x1", "y1", "class")
     path = write_points(tmp_path / "b.csv", [("a.png", 2, 2, 9, 9, 1), ("a.png", 0, 0, 30, 20, 0)], columns)
-    unit = Unit(id="a.png", image=str(tmp_path / "a.png"), weak_rows=tuple(read_box_table(path)["a.png"]),
-                weak_source=str(path))
+    unit = Unit(
+        id="a.png", image=str(tmp_path / "a.png"), weak_rows=tuple(read_box_table(path)["a.png"]), weak_source=str(path)
+    )
 
     def ingest(background):
-        ctx = Context(classes=ClassTable((0, 1, 2), ("bg", "a", "b"), 255), weak_kind="boxes", seed=0,
-                      extras={"unlabelled": 255, "background": background})
+        ctx = Context(
+            classes=ClassTable((0, 1, 2), ("bg", "a", "b"), 255),
+            weak_kind="boxes",
+            seed=0,
+            unlabelled=255,
+            background=background,
+        )
         return Ingest(IngestConfig()).process(unit, {}, ctx)
 
     assert ingest(None)["boxes"].shape == (2, 5)  # unset: class 0 is boxed like any class
     with pytest.raises(InputError) as info:
         ingest(0)
     assert info.value.path == str(path) and "\n" not in str(info.value)
-    assert info.value.problem == ("image 'a.png': row 2: class 0 is the background class (data.weak.background): "
-                                  "it has no boxes, it is what no box covers")
+    assert info.value.problem == (
+        "image 'a.png': row 2: class 0 is the background class (data.weak.background): "
+        "it has no boxes, it is what no box covers"
+    )
 
 
 # ---------------------------------------------------------------- property
@@ -342,9 +372,13 @@ def table_row(draw):
     if draw(st.integers(0, 5)):
         return tuple(row)
     field = draw(st.integers(0, 3))
-    row[field] = draw(st.sampled_from(["", None]) if field == 0 else
-                      st.sampled_from(["1.5", "x", None]) if field == 3 else
-                      st.one_of(BAD_NUMBER, st.sampled_from(NON_FINITE)))
+    row[field] = draw(
+        st.sampled_from(["", None])
+        if field == 0
+        else st.sampled_from(["1.5", "x", None])
+        if field == 3
+        else st.one_of(BAD_NUMBER, st.sampled_from(NON_FINITE))
+    )
     return tuple(row)
 
 
@@ -372,8 +406,7 @@ def test_random_point_tables(tmp_path_factory, rows, suffix):
         height, width = PROPERTY_HW
         in_bounds = all(0 <= x < width and 0 <= y < height and c in CLASSES for x, y, c in points)
         try:
-            out = validate_points(points, path_for_errors=path, image_hw=PROPERTY_HW, class_ids=CLASSES,
-                                  image=image)
+            out = validate_points(points, path_for_errors=path, image_hw=PROPERTY_HW, class_ids=CLASSES, image=image)
         except InputError as exc:
             assert not in_bounds or "same pixel" in exc.problem
         else:
@@ -383,9 +416,16 @@ def test_random_point_tables(tmp_path_factory, rows, suffix):
 
 # ---------------------------------------------------------------- non-finite values (issue 16, item 12)
 
+
 @pytest.mark.parametrize("suffix", [".json", ".csv", ".parquet"])
-@pytest.mark.parametrize(("value", "problem"), [(math.nan, "x is NaN"), (math.inf, "x is infinite or too large (inf)"),
-                                                (-math.inf, "x is infinite or too large (-inf)")])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (math.nan, "x is NaN"),
+        (math.inf, "x is infinite or too large (inf)"),
+        (-math.inf, "x is infinite or too large (-inf)"),
+    ],
+)
 def test_a_non_finite_coordinate_fails_its_image_not_the_table(tmp_path, suffix, value, problem):
     path = write_points(tmp_path / f"p{suffix}", [("a.jpg", 1, 1, 1), ("a.jpg", value, 2, 1), ("b.jpg", 3, 3, 2)])
     table = read_point_table(path)
@@ -405,8 +445,9 @@ def test_non_finite_box_values_and_classes_fail_their_image(tmp_path):
     assert info.value.problem == "image 'a.jpg': row 1: x1 is infinite or too large (inf); row 2: class is NaN"
     (tmp_path / "p.json").write_text('[{"image": "a.jpg", "x": 1' + "0" * 400 + ', "y": 1, "class": 1}]')
     with pytest.raises(InputError, match=r"row 1: x is infinite or too large \(inf\)$"):  # too large for a float
-        validate_points(read_point_table(tmp_path / "p.json")["a.jpg"], path_for_errors=path, image_hw=HW,
-                        class_ids=CLASSES)
+        validate_points(
+            read_point_table(tmp_path / "p.json")["a.jpg"], path_for_errors=path, image_hw=HW, class_ids=CLASSES
+        )
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -416,8 +457,12 @@ def test_a_nan_point_fails_only_its_image_in_a_run(tiny):
 
     rows = ["image,x,y,class", *(f"img0{i}.png,5,5,1" for i in range(4)), "img01.png,NaN,7,2"]
     (tiny.parent / "points.csv").write_text("\n".join(rows) + "\n")
-    tiny.write_text(tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: points, path: points.csv}"))
+    tiny.write_text(
+        tiny.read_text().replace("{kind: scribbles, path: data/scribbles}", "{kind: points, path: points.csv}")
+    )
     report = Runner(load_manifest(tiny), RunOptions(only="ingest")).run()
     ingest = report.stages[0]
     assert ingest.done_now == 3 and [unit for unit, _ in ingest.failures] == ["images__img01.png"]
-    assert ingest.failures[0][1] == f"{(tiny.parent / 'points.csv').resolve()}: image 'images__img01.png': row 5: x is NaN"
+    assert (
+        ingest.failures[0][1] == f"{(tiny.parent / 'points.csv').resolve()}: image 'images__img01.png': row 5: x is NaN"
+    )

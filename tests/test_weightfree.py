@@ -1,4 +1,5 @@
 """Tests of the weight-free promptable backend (superpixel random walker)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pydantic import ValidationError
 from skimage import data
 from skimage.draw import ellipse
 
-from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import PromptBatch
+from seglab.stages.parts.geometry import ImageFrame
+from seglab.stages.parts.promptset import PromptBatch
 from seglab.workers.weightfree import WeightFreeBackend, WeightFreeConfig
 
 S = 256
@@ -97,7 +98,7 @@ def test_box_prompt_alone_segments_the_shape(backend, synthetic):
     assert iou(mask, a) >= 0.85  # measured 0.97
     # outside the box is never inside the mask, for any candidate
     full = backend.frame(feats).grid_to_image(logits[0]) > 0
-    assert not full[:, :, : int(box[0]) - 1].any() and not full[:, :, int(box[2]) + 2:].any()
+    assert not full[:, :, : int(box[0]) - 1].any() and not full[:, :, int(box[2]) + 2 :].any()
 
 
 @pytest.mark.parametrize("fine", [(1200, 900), (60,)])
@@ -109,7 +110,7 @@ def test_box_cutting_through_a_region_bounds_every_candidate(fine):
     logits, _ = backend.decode(feats, prompts([[(30, 60, 1)], [(38, 60, 1)]], boxes=[box, box]))
     full = backend.frame(feats).grid_to_image(logits) > 0  # [2, 3, H, W]
     inside = np.zeros(a.shape, bool)
-    inside[box[1]: box[3] + 1, box[0]: box[2] + 1] = True
+    inside[box[1] : box[3] + 1, box[0] : box[2] + 1] = True
     # the rest of the disc lies outside the box with the same colour, in the same (large)
     # superpixels: only the box constraint keeps the candidates inside
     assert full.any(axis=(2, 3)).all() and not (full & ~inside).any()
@@ -154,8 +155,10 @@ def test_points_and_padding_respected_by_every_candidate(backend, shape):
     feats = backend.encode([img])[0]
     frame = backend.frame(feats)
     rng = np.random.default_rng(1)
-    batch = [[(x, y, int(lab)) for x, y, lab in zip(rng.uniform(0, w - 1, 4), rng.uniform(0, h - 1, 4), [1, 1, 0, 0])]
-             for _ in range(6)]
+    batch = [
+        [(x, y, int(lab)) for x, y, lab in zip(rng.uniform(0, w - 1, 4), rng.uniform(0, h - 1, 4), [1, 1, 0, 0])]
+        for _ in range(6)
+    ]
     logits, _ = backend.decode(feats, prompts(batch))
     gh, gw = frame.grid_hw
     assert (gh, gw) != (S, S)
@@ -205,8 +208,17 @@ def test_real_photo_coffee_cup(backend):
     """skimage's coffee photo: points on the cup and saucer, negatives on the wooden table."""
     img = data.coffee()  # 400 x 600
     feats = backend.encode([img])[0]
-    points = [(290, 60, 1), (220, 250, 1), (150, 250, 1), (430, 290, 1),
-              (50, 50, 0), (520, 80, 0), (550, 300, 0), (60, 350, 0), (300, 390, 0)]
+    points = [
+        (290, 60, 1),
+        (220, 250, 1),
+        (150, 250, 1),
+        (430, 290, 1),
+        (50, 50, 0),
+        (520, 80, 0),
+        (550, 300, 0),
+        (60, 350, 0),
+        (300, 390, 0),
+    ]
     logits, quality = backend.decode(feats, prompts([points]))
     mask = best_mask(backend, feats, logits, quality)
     # hand-drawn rough outline of the tableware: the saucer's ellipse plus the cup's rim

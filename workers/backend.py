@@ -1,75 +1,29 @@
-"""The interface every promptable segmenter implements, and the factory that builds one."""
+"""The factory that builds the promptable backend a manifest names (workers/promptable.py
+is the interface). SAM and SAM 2 are imported only when asked for: they load torch, which
+the weight-free backend and the driver's planning never need."""
+
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-
-import numpy as np
-
-from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import PromptBatch
-
-
-class PromptableBackend(ABC):
-    """Encode images once; decode many prompt sets from the cached features.
-
-    ``encode`` returns, per image, a mapping of named feature arrays that the ``embed``
-    stage stores as they are; it always includes ``frame`` (``ImageFrame.to_array()``).
-    ``decode`` reads those arrays back and never runs the encoder.
-
-    Constructing a backend must be cheap (the driver builds one to learn its feature
-    names and signature); a backend with a model loads it on first use, in a worker.
-    """
-
-    name: str
-    #: side of the square low-resolution logit grid returned by ``decode``
-    grid_size: int = 256
-    #: number of candidate masks per prompt (M)
-    num_candidates: int = 3
-
-    @abstractmethod
-    def feature_names(self) -> tuple[str, ...]:
-        """Names of the arrays ``encode`` returns per image (``frame`` included)."""
-
-    @abstractmethod
-    def signature(self) -> dict[str, str]:
-        """What makes stored features valid: model name, checkpoint sha256, preprocessing."""
-
-    @abstractmethod
-    def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """images: each HxWx3 uint8 RGB (sizes may differ) -> per-image feature arrays."""
-
-    @abstractmethod
-    def decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
-        """-> (mask logits float32 [P, M, S, S] on the grid, predicted quality float32 [P, M]).
-
-        S = ``grid_size``; logit > 0 is inside the mask. The grid covers the padded model
-        input; ``ImageFrame.grid_to_image`` maps it back onto the original image.
-        """
-
-    def frame(self, features: Mapping[str, np.ndarray]) -> ImageFrame:
-        return ImageFrame.from_array(features["frame"])
+from seglab.workers.promptable import PromptableBackend
+from seglab.workers.tiling import TiledBackend, TilingConfig
+from seglab.workers.weightfree import WeightFreeBackend
 
 
 def build_backend(config, tiling=None) -> PromptableBackend:
     """The backend a manifest's ``backend`` section names, wrapped for large-image tiling
     (cheap: models load on first use)."""
-    from seglab.workers.tiling import TiledBackend, TilingConfig
-
     return TiledBackend(_build_plain(config), tiling or TilingConfig())
 
 
 def _build_plain(config) -> PromptableBackend:
     if config.name == "weightfree":
-        from seglab.workers.weightfree import WeightFreeBackend
-
         return WeightFreeBackend(config)
     if config.name == "sam":
-        from seglab.workers.sam import SamBackend
+        from seglab.workers.sam import SamBackend  # noqa: PLC0415 (torch loads only for a SAM backend)
 
         return SamBackend(config)
     if config.name == "sam2":
-        from seglab.workers.sam2 import Sam2Backend
+        from seglab.workers.sam2 import Sam2Backend  # noqa: PLC0415 (torch loads only for a SAM 2 backend)
 
         return Sam2Backend(config)
     raise ValueError(f"unknown backend '{config.name}'")

@@ -4,6 +4,7 @@
 object, so a malicious checkpoint cannot run code. The state dict must name exactly the
 architecture's parameters: a missing or unexpected key is an error naming the keys.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from seglab.pipeline.errors import InputError
-from seglab.pipeline.fingerprint import file_sha256
+from seglab.pipeline.base.errors import InputError
+from seglab.pipeline.base.fingerprint import file_sha256
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: what torch's refusal says the pickle wanted to call, or the pickle opcode it stopped at
@@ -38,13 +39,17 @@ def describe_load_failure(exc: Exception) -> str:
     text = str(exc)
     if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in text.lower():
         if found := _GLOBAL.search(text):
-            return (f"not a safe tensor checkpoint: unpickling it would call {found.group(1).rstrip('.')}, not "
-                    f"just rebuild tensors, so weights_only loading refused it without running any of it; use a "
-                    f"file that holds only a state dict of tensors")
+            return (
+                f"not a safe tensor checkpoint: unpickling it would call {found.group(1).rstrip('.')}, not "
+                f"just rebuild tensors, so weights_only loading refused it without running any of it; use a "
+                f"file that holds only a state dict of tensors"
+            )
         found = _OPCODE.search(text)
         where = f" at pickle opcode {found.group(1)}" if found else ""
-        return (f"not a safe tensor checkpoint: weights_only loading refused it{where} without running any of it "
-                f"(a damaged file, or a pickle that is not a plain state dict of tensors)")
+        return (
+            f"not a safe tensor checkpoint: weights_only loading refused it{where} without running any of it "
+            f"(a damaged file, or a pickle that is not a plain state dict of tensors)"
+        )
     if isinstance(exc, EOFError) or "central directory" in text or "truncated" in text.lower():
         return "the checkpoint file is empty or truncated (an incomplete download or copy?); replace it"
     first = next((line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()), "")

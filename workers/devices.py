@@ -1,7 +1,9 @@
 """Device and precision choices for model backends (the only place that asks torch)."""
+
 from __future__ import annotations
 
 import contextlib
+
 import torch
 
 from seglab.workers.model_configs import Precision

@@ -1,5 +1,6 @@
 """What the SAM and SAM2 backends share: a frozen network built lazily inside a worker
 from a checkpoint that is hashed and loaded safely."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from seglab.stages.promptset import PromptBatch
-from seglab.workers.backend import PromptableBackend
+from seglab.stages.parts.promptset import PromptBatch
 from seglab.workers.checkpoints import checkpoint_sha256, load_exact
 from seglab.workers.devices import autocast_dtype, pick_device
-
+from seglab.workers.promptable import PromptableBackend
 
 #: default prompts per decoder call. On the CPU a batch of 64 needs ~256 MiB of attention
 #: activations that glibc maps fresh for every call; the page faults cost more than the
@@ -51,10 +51,16 @@ class FrozenModelBackend(PromptableBackend):
     def signature(self) -> dict[str, str]:
         if self._sha256 is None:
             self._sha256 = checkpoint_sha256(self.config.checkpoint)
-        preprocessing = {**self.preprocessing(), "precision": self.config.precision,
-                         "feature_dtype": self.config.feature_dtype}
-        return {"model": self.model_name(), "checkpoint": self._sha256,
-                "preprocessing": json.dumps(preprocessing, sort_keys=True)}
+        preprocessing = {
+            **self.preprocessing(),
+            "precision": self.config.precision,
+            "feature_dtype": self.config.feature_dtype,
+        }
+        return {
+            "model": self.model_name(),
+            "checkpoint": self._sha256,
+            "preprocessing": json.dumps(preprocessing, sort_keys=True),
+        }
 
     @property
     def model(self) -> torch.nn.Module:
@@ -82,8 +88,9 @@ class FrozenModelBackend(PromptableBackend):
         """The cached features of one image as float32 tensors on the model's device."""
 
     @abstractmethod
-    def decode_rows(self, cached: dict[str, torch.Tensor], coords: np.ndarray, labels: np.ndarray,
-                    boxes: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_rows(
+        self, cached: dict[str, torch.Tensor], coords: np.ndarray, labels: np.ndarray, boxes: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder call: coords float32 [p, K, 2] and boxes [p, 4] in model-input pixels,
         labels int32 [p, K] -> (logits [p, M, S, S], predicted IoU [p, M])."""
 
@@ -106,7 +113,8 @@ class FrozenModelBackend(PromptableBackend):
                 index = np.flatnonzero(prompts.has_box == boxed)
                 for start in range(0, len(index), step):
                     rows = index[start : start + step]
-                    low_res, iou = self.decode_rows(cached, coords[rows], prompts.labels[rows],
-                                                    boxes[rows] if boxed else None)
+                    low_res, iou = self.decode_rows(
+                        cached, coords[rows], prompts.labels[rows], boxes[rows] if boxed else None
+                    )
                     logits[rows], quality[rows] = low_res.float().cpu().numpy(), iou.float().cpu().numpy()
         return logits, quality

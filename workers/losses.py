@@ -10,6 +10,7 @@ the label is unknown; uncertainty float [B, H, W] in [0, 1] (0 = certain).
           pixels: an image whose labels are undecided (u near 1/2) counts less.
 Each image's loss is focal + dice_weight * dice; the batch loss is the image-weighted mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def image_weights(target: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tens
     return 1.0 - mean
 
 
-def batch_loss(logits: torch.Tensor, target: torch.Tensor, uncertainty: torch.Tensor, *, gamma: float,
-               dice_weight: float) -> torch.Tensor:
+def batch_loss(
+    logits: torch.Tensor, target: torch.Tensor, uncertainty: torch.Tensor, *, gamma: float, dice_weight: float
+) -> torch.Tensor:
     """The scalar training loss of a batch (see the module docstring)."""
     certainty = 1.0 - uncertainty
     per_image = focal_loss(logits, target, certainty, gamma) + dice_weight * dice_loss(logits, target, certainty)

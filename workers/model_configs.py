@@ -1,16 +1,19 @@
 """Manifest sections of the model backends (pydantic only: loading a manifest never
 imports torch). The backends themselves live in sam.py and sam2.py."""
+
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from seglab.pipeline.paths import ManifestFile
+from seglab.pipeline.core.paths import ManifestFile
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-PROMPT_BATCH_HELP = ("Prompts per mask-decoder call; unset: 64 on a GPU, 4 on the CPU, where a large "
-                     "batch's activations are mapped afresh by every call and page faults dominate.")
+PROMPT_BATCH_HELP = (
+    "Prompts per mask-decoder call; unset: 64 on a GPU, 4 on the CPU, where a large "
+    "batch's activations are mapped afresh by every call and page faults dominate."
+)
 
 
 class VitShape(BaseModel):
@@ -39,10 +42,14 @@ class SamConfig(BaseModel):
 
 
 SAM2_CONFIGS = (
-    "configs/sam2/sam2_hiera_t.yaml", "configs/sam2/sam2_hiera_s.yaml",
-    "configs/sam2/sam2_hiera_b+.yaml", "configs/sam2/sam2_hiera_l.yaml",
-    "configs/sam2.1/sam2.1_hiera_t.yaml", "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "configs/sam2.1/sam2.1_hiera_b+.yaml", "configs/sam2.1/sam2.1_hiera_l.yaml",
+    "configs/sam2/sam2_hiera_t.yaml",
+    "configs/sam2/sam2_hiera_s.yaml",
+    "configs/sam2/sam2_hiera_b+.yaml",
+    "configs/sam2/sam2_hiera_l.yaml",
+    "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "configs/sam2.1/sam2.1_hiera_l.yaml",
 )
 
 
@@ -52,8 +59,9 @@ class Sam2Config(BaseModel):
     name: Literal["sam2"] = "sam2"
     config: Literal[SAM2_CONFIGS] = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 model config.")
     checkpoint: ManifestFile = Field(description="SAM2 checkpoint ({'model': state dict}); weights_only loading.")
-    overrides: tuple[str, ...] = Field((), description="Hydra overrides for a variant architecture, e.g. "
-                                       "'++model.image_encoder.trunk.embed_dim=48'.")
+    overrides: tuple[str, ...] = Field(
+        (), description="Hydra overrides for a variant architecture, e.g. '++model.image_encoder.trunk.embed_dim=48'."
+    )
     precision: Precision = "auto"
     feature_dtype: Literal["float16", "float32"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,4 +1,5 @@
 """Starting or joining Ray, and sizing worker pools from what the cluster has."""
+
 from __future__ import annotations
 
 import logging
@@ -7,9 +8,8 @@ from contextlib import contextmanager
 
 import ray
 
-from seglab.pipeline.errors import SeglabError
+from seglab.pipeline.base.errors import SeglabError
 from seglab.stages.base import Resources
-
 
 TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 """Where Ray (2.60) warns, on every new local cluster, that it enabled token authentication.
@@ -35,8 +35,7 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     uses token authentication. Reuses a Ray already initialised in this process (tests)."""
     if ray.is_initialized():
         return
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                  configure_logging=True)
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -45,6 +44,13 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
                 ray.init(address="local", num_cpus=num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
+
+
+def wants_gpu(setting: str) -> bool:
+    """'yes' / 'no', or 'auto': whether the Ray cluster this driver joined has GPUs."""
+    if setting != "auto":
+        return setting == "yes"
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def capacity(resources: Resources) -> int:

@@ -8,6 +8,7 @@ logits [P, 3, 256, 256] over the padded 1024² input and predicted IoU [P, 3], e
 what ``SamPredictor.predict_torch(..., multimask_output=True, return_logits=True)``
 computes before upsampling.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,11 @@ from functools import partial
 
 import numpy as np
 import torch
-from seglab.stages.geometry import ImageFrame
+from segment_anything import sam_model_registry
+from segment_anything.build_sam import _build_sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from seglab.stages.parts.geometry import ImageFrame
 from seglab.workers.devices import autocast
 from seglab.workers.frozen_model import FrozenModelBackend
 from seglab.workers.model_configs import SamConfig
@@ -26,9 +31,6 @@ GRID = 256
 
 def build_sam_architecture(config: SamConfig) -> torch.nn.Module:
     """The SAM network for ``config`` with random weights (the checkpoint loads after)."""
-    from segment_anything import sam_model_registry
-    from segment_anything.build_sam import _build_sam
-
     if config.model != "custom":
         return sam_model_registry[config.model](checkpoint=None)
     if config.encoder is None:
@@ -59,13 +61,15 @@ class SamBackend(FrozenModelBackend):
         return f"sam/{model}" if model != "custom" else f"sam/custom{self.config.encoder.model_dump_json()}"
 
     def preprocessing(self) -> dict:
-        return {"resize_longest_side": IMAGE_SIZE, "pad": "bottom-right",
-                "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
+        return {
+            "resize_longest_side": IMAGE_SIZE,
+            "pad": "bottom-right",
+            "pixel_mean": [123.675, 116.28, 103.53],
+            "pixel_std": [58.395, 57.12, 57.375],
+        }
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> float32 [3, 1024, 1024], exactly as ``SamPredictor.set_image``."""
-        from segment_anything.utils.transforms import ResizeLongestSide
-
         model = self.model
         resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()

@@ -10,6 +10,7 @@ low-resolution logits [P, 3, 256, 256] over the stretched input and predicted Io
 as ``SAM2ImagePredictor._predict(..., multimask_output=True)`` before upsampling
 (without its clamp to ±32).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -17,18 +18,27 @@ from functools import partial
 
 import numpy as np
 import torch
-from seglab.stages.geometry import ImageFrame
+from sam2.build_sam import build_sam2
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+from seglab.stages.parts.geometry import ImageFrame
 from seglab.workers.devices import autocast
 from seglab.workers.frozen_model import FrozenModelBackend
 from seglab.workers.model_configs import Sam2Config
 
 GRID = 256
+
+
 def build_sam2_architecture(config: Sam2Config) -> torch.nn.Module:
     """The SAM2 network for ``config`` with random weights, on the CPU."""
-    from sam2.build_sam import build_sam2
-
-    return build_sam2(config.config, ckpt_path=None, device="cpu", mode="eval",
-                      hydra_overrides_extra=list(config.overrides), apply_postprocessing=False)
+    return build_sam2(
+        config.config,
+        ckpt_path=None,
+        device="cpu",
+        mode="eval",
+        hydra_overrides_extra=list(config.overrides),
+        apply_postprocessing=False,
+    )
 
 
 class Sam2Backend(FrozenModelBackend):
@@ -47,12 +57,14 @@ class Sam2Backend(FrozenModelBackend):
         return f"sam2/{self.config.config}"
 
     def preprocessing(self) -> dict:
-        return {"resize": "stretch", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                "overrides": list(self.config.overrides)}
+        return {
+            "resize": "stretch",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "overrides": list(self.config.overrides),
+        }
 
     def on_loaded(self, model: torch.nn.Module) -> None:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
         # the predictor holds SAM2's transforms and feature-map sizes; we never call set_image
         self.predictor = SAM2ImagePredictor(model)
 
@@ -66,19 +78,27 @@ class Sam2Backend(FrozenModelBackend):
             if model.directly_add_no_mem_embed:
                 vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
         b = len(images)
-        feats = [feat.permute(1, 2, 0).reshape(b, -1, *size)
-                 for feat, size in zip(vision_feats[::-1], predictor._bb_feat_sizes[::-1])][::-1]
+        feats = [
+            feat.permute(1, 2, 0).reshape(b, -1, *size)
+            for feat, size in zip(vision_feats[::-1], predictor._bb_feat_sizes[::-1])
+        ][::-1]
         arrays = [f.float().cpu().numpy().astype(self.config.feature_dtype) for f in feats]
         return [
-            {"image_embed": arrays[2][i], "high_res_feats_0": arrays[0][i], "high_res_feats_1": arrays[1][i],
-             "frame": ImageFrame(tuple(im.shape[:2]), model.image_size, GRID, keep_aspect=False).to_array()}
+            {
+                "image_embed": arrays[2][i],
+                "high_res_feats_0": arrays[0][i],
+                "high_res_feats_1": arrays[1][i],
+                "frame": ImageFrame(tuple(im.shape[:2]), model.image_size, GRID, keep_aspect=False).to_array(),
+            }
             for i, im in enumerate(images)
         ]
 
     def cached_tensors(self, features: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         tensor = partial(torch.as_tensor, dtype=torch.float32, device=self.device)
-        return {name: tensor(np.asarray(features[name]))[None]
-                for name in ("image_embed", "high_res_feats_0", "high_res_feats_1")}
+        return {
+            name: tensor(np.asarray(features[name]))[None]
+            for name in ("image_embed", "high_res_feats_0", "high_res_feats_1")
+        }
 
     def decode_rows(self, cached, coords, labels, boxes):
         model = self.model

@@ -4,11 +4,17 @@ No weights are downloaded (``weights=None, weights_backbone=None``): the network
 random initialisation, as every model here must. ``forward`` returns per-class logits at
 the input's size.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import segmentation
+
+from seglab.workers.checkpoints import load_exact
+from seglab.workers.devices import pick_device
+
 
 class Segmenter(nn.Module):
     """images: float32 [B, 3, H, W] in [0, 1] (RGB) -> logits float32 [B, C, H, W]."""
@@ -18,7 +24,6 @@ class Segmenter(nn.Module):
 
     def __init__(self, architecture: str, num_classes: int):
         super().__init__()
-        from torchvision.models import segmentation
 
         if not hasattr(segmentation, architecture):
             raise ValueError(f"torchvision has no segmentation model '{architecture}'")
@@ -36,9 +41,6 @@ class TeacherPredictor:
     ``predictor(image)`` with image HxWx3 uint8 RGB -> float32 [C, h, w] softmax at ``input_size``."""
 
     def __init__(self, checkpoint: str, architecture: str, num_classes: int, input_size: tuple[int, int]):
-        from seglab.workers.checkpoints import load_exact
-        from seglab.workers.devices import pick_device
-
         self.device = pick_device("auto")
         self.input_size = tuple(input_size)
         self.model = Segmenter(architecture, num_classes)

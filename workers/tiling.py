@@ -14,6 +14,7 @@ positive points (or meets its box), with the points inside that crop, and writes
 tile's logits into its core on one global grid of ``grid_per_tile`` cells per tile
 along the longest side; the rest of the grid is strongly negative.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,9 @@ import numpy as np
 from skimage.transform import resize
 
 from seglab.stages.embed import TilingConfig
-from seglab.stages.geometry import ImageFrame
-from seglab.stages.promptset import PADDING, POSITIVE, PromptBatch
-from seglab.workers.backend import PromptableBackend
+from seglab.stages.parts.geometry import ImageFrame
+from seglab.stages.parts.promptset import PADDING, POSITIVE, PromptBatch
+from seglab.workers.promptable import PromptableBackend
 
 OUTSIDE = -20.0
 
@@ -38,8 +39,18 @@ def plan_tiles(height: int, width: int, tile: int, halo: int) -> np.ndarray:
         for c in range(cols):
             cy0, cx0 = r * height // rows, c * width // cols
             cy1, cx1 = (r + 1) * height // rows, (c + 1) * width // cols
-            out.append([max(0, cy0 - halo), max(0, cx0 - halo), min(height, cy1 + halo), min(width, cx1 + halo),
-                        cy0, cx0, cy1, cx1])
+            out.append(
+                [
+                    max(0, cy0 - halo),
+                    max(0, cx0 - halo),
+                    min(height, cy1 + halo),
+                    min(width, cx1 + halo),
+                    cy0,
+                    cx0,
+                    cy1,
+                    cx1,
+                ]
+            )
     return np.array(out, np.int64)
 
 
@@ -102,8 +113,14 @@ class TiledBackend(PromptableBackend):
             core = crop[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
             gy0, gx0 = int(round(cy0 * scale)), int(round(cx0 * scale))
             gy1, gx1 = max(gy0 + 1, int(round(cy1 * scale))), max(gx0 + 1, int(round(cx1 * scale)))  # >= 1 cell
-            logits[rows, :, gy0:gy1, gx0:gx1] = resize(core, (*core.shape[:2], gy1 - gy0, gx1 - gx0), order=1,
-                                                       mode="edge", anti_aliasing=True, preserve_range=True)
+            logits[rows, :, gy0:gy1, gx0:gx1] = resize(
+                core,
+                (*core.shape[:2], gy1 - gy0, gx1 - gx0),
+                order=1,
+                mode="edge",
+                anti_aliasing=True,
+                preserve_range=True,
+            )
             quality[rows] += tile_quality
             used[rows] += 1
         return logits, quality / np.maximum(used, 1)[:, None]
@@ -124,5 +141,6 @@ class TiledBackend(PromptableBackend):
         labels = np.where(in_crop[rows], lab[rows], PADDING).astype(np.int32)
         boxes = b[rows] - np.array([x0, y0, x0, y0], np.float32)
         boxes = np.where(np.isnan(boxes), np.nan, np.clip(boxes, 0, [x1 - x0, y1 - y0, x1 - x0, y1 - y0]))
-        return rows, PromptBatch(coords.astype(np.float32), labels, boxes.astype(np.float32),
-                                 prompts.classes[rows], prompts.components[rows])
+        return rows, PromptBatch(
+            coords.astype(np.float32), labels, boxes.astype(np.float32), prompts.classes[rows], prompts.components[rows]
+        )

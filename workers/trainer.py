@@ -11,6 +11,7 @@ from the newest checkpoint that loads (a torn or corrupt one is skipped).
 Images are resized to ``input_size`` (H, W) for training (bilinear; labels and gold masks
 nearest), with random horizontal flips.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.nn.functional as F
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from seglab.pipeline.core.gold import read_gold_file
+from seglab.pipeline.core.metrics import class_index
+from seglab.pipeline.core.store import Store
 from seglab.workers.losses import IGNORE_INDEX, batch_loss
 from seglab.workers.segmenter import Segmenter
 
@@ -107,23 +115,24 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> torch.Te
     return resized[0]
 
 
-def load_examples(job: TrainingJob, units: tuple[str, ...],
-                  label_files: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_examples(
+    job: TrainingJob, units: tuple[str, ...], label_files: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> images uint8 [N, 3, h, w], targets int64 [N, h, w], uncertainty float16 [N, h, w].
     ``label_files``: the units' gold masks, when training on ground truth."""
-    from seglab.pipeline.gold import read_gold_file
-    from seglab.pipeline.metrics import class_index
-    from seglab.pipeline.store import Store
-
     store = Store(job.store_path)
     size = tuple(job.settings["input_size"])
     images, targets, uncertainties = [], [], []
     for i, unit in enumerate(units):
-        paths = ["ingest/image"] + ([] if label_files else [job.labels]) + ([job.uncertainty] if job.uncertainty else [])
+        paths = (
+            ["ingest/image"] + ([] if label_files else [job.labels]) + ([job.uncertainty] if job.uncertainty else [])
+        )
         arrays = store.read_unit(paths, unit)
         images.append(_resize(arrays["ingest/image"], size, nearest=False).round().clamp(0, 255).to(torch.uint8))
         if label_files:
-            index, valid = read_gold_file(label_files[i], job.label_ignore, job.class_ids, arrays["ingest/image"].shape[:2])
+            index, valid = read_gold_file(
+                label_files[i], job.label_ignore, job.class_ids, arrays["ingest/image"].shape[:2]
+            )
         else:
             index, valid = class_index(arrays[job.labels], job.class_ids)  # the ignore id is no class
         index = np.where(valid, index, IGNORE_INDEX)
@@ -149,9 +158,6 @@ def _update_teacher(teacher: torch.nn.Module, student: torch.nn.Module, decay: f
 
 def train_loop(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (``config['job']`` is a TrainingJob as a dict)."""
-    import ray.train
-    import ray.train.torch
-
     job = TrainingJob(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["job"].items()})
     s = job.settings
     context = ray.train.get_context()
@@ -183,46 +189,58 @@ def train_loop(config: dict[str, Any]) -> None:
         for step, first in enumerate(range(0, len(images), s["train_batch"])):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(s["learning_rate"], epoch * steps_per_epoch + step, total_steps)
-            pick = order[first:first + s["train_batch"]]
+            pick = order[first : first + s["train_batch"]]
             flip = torch.rand(len(pick)) < 0.5
             x = images[pick].float().div(255)
             y, u = targets[pick], uncertainty[pick].float()
             x[flip], y[flip], u[flip] = x[flip].flip(-1), y[flip].flip(-1), u[flip].flip(-1)
-            loss = batch_loss(model(x.to(device)), y.to(device), u.to(device), gamma=s["focal_gamma"],
-                              dice_weight=s["dice_weight"])
+            loss = batch_loss(
+                model(x.to(device)), y.to(device), u.to(device), gamma=s["focal_gamma"], dice_weight=s["dice_weight"]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             _update_teacher(teacher, student, s["ema_decay"])
             losses.append(float(loss.detach()))
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "seconds": round(time.perf_counter() - started, 3), "images": len(images) * world}
+        metrics = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "images": len(images) * world,
+        }
         history.append(metrics)
         if rank == 0:
-            save_checkpoint(job.checkpoint_dir, epoch, {
-                "student": {k: v.cpu() for k, v in student.state_dict().items()},
-                "teacher": {k: v.cpu() for k, v in teacher.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch, "history": history, "architecture": s["architecture"],
-                "class_ids": list(job.class_ids),
-            })
+            save_checkpoint(
+                job.checkpoint_dir,
+                epoch,
+                {
+                    "student": {k: v.cpu() for k, v in student.state_dict().items()},
+                    "teacher": {k: v.cpu() for k, v in teacher.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "history": history,
+                    "architecture": s["architecture"],
+                    "class_ids": list(job.class_ids),
+                },
+            )
         ray.train.report(metrics)
 
 
 def train(job: TrainingJob, *, num_workers: int, use_gpu: bool, max_failures: int) -> tuple[Path, dict[str, Any]]:
     """Run ``train_loop`` on Ray Train until every epoch has a checkpoint -> (the last
     checkpoint file, its state). Resumes from ``job.checkpoint_dir`` when it holds epochs."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     found = latest_checkpoint(job.checkpoint_dir)
     if found is None or int(found[1]["epoch"]) + 1 < job.settings["epochs"]:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"job": asdict(job)},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-            run_config=RunConfig(name="train", storage_path=str(Path(job.checkpoint_dir).resolve().parent / "_ray"),
-                                 failure_config=FailureConfig(max_failures=max_failures)),
+            run_config=RunConfig(
+                name="train",
+                storage_path=str(Path(job.checkpoint_dir).resolve().parent / "_ray"),
+                failure_config=FailureConfig(max_failures=max_failures),
+            ),
         )
         trainer.fit()
         found = latest_checkpoint(job.checkpoint_dir)

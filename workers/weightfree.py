@@ -8,8 +8,9 @@ Algorithm ("multiscale superpixel random walker with GrabCut-style colour priors
 
 1. ``encode``: resize so the long side is ``input_size`` (SAM's frame, padded bottom/right to
    a square canvas; an image over 8 x ``input_size`` is first box-reduced by an integer factor,
-   so encoding needs constant memory beyond the image itself); cache CIE-Lab colour, a normalised colour-gradient magnitude and SLIC
-   superpixel maps: two fine ones (different counts) plus a medium and a coarse one.
+   so encoding needs constant memory beyond the image itself); cache CIE-Lab colour, a
+   normalised colour-gradient magnitude and SLIC superpixel maps: two fine ones (different
+   counts) plus a medium and a coarse one.
 2. ``decode`` builds the region-adjacency graph of each fine map (edge weight
    ``exp(-beta * dLab^2 / mean dLab^2 - edge_beta * border gradient) * sqrt(border length)``);
    points seed their regions, the outside of a box seeds background, and without any
@@ -26,6 +27,7 @@ Algorithm ("multiscale superpixel random walker with GrabCut-style colour priors
    times the mask's boundary contrast ``c / (c + 4)``, c = mean gradient on the mask border
    over the image's mean gradient.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +45,9 @@ from skimage.color import rgb2lab
 from skimage.segmentation import slic
 from skimage.transform import resize
 
-from seglab.stages.geometry import ImageFrame, resized_shape
-from seglab.stages.promptset import NEGATIVE, POSITIVE, PromptBatch
-from seglab.workers.backend import PromptableBackend
+from seglab.stages.parts.geometry import ImageFrame, resized_shape
+from seglab.stages.parts.promptset import NEGATIVE, POSITIVE, PromptBatch
+from seglab.workers.promptable import PromptableBackend
 
 #: logit of the padding and of everything outside a prompt's box
 OUTSIDE_LOGIT = -20.0
@@ -65,7 +67,9 @@ class WeightFreeConfig(BaseModel):
     name: Literal["weightfree"] = "weightfree"
     input_size: int = Field(256, ge=64, le=1024, description="long side of the resized image, in pixels")
     fine_segments: tuple[int, ...] = Field(
-        (1200, 900), min_length=1, max_length=4,
+        (1200, 900),
+        min_length=1,
+        max_length=4,
         description="SLIC superpixel counts of the fine maps; one random walker per map, probabilities averaged",
     )
     snap_segments: tuple[int, int] = Field(
@@ -83,8 +87,12 @@ class WeightFreeConfig(BaseModel):
     box_prior_weight: float = Field(0.03, ge=0.0, le=10.0, description="colour-prior weight when a box is given")
     colour_bandwidth: float = Field(4.0, gt=0.0, le=100.0, description="Lab kernel bandwidth of the colour model")
     em_steps: int = Field(2, ge=0, le=10, description="colour-model refits after the first random-walker solve")
-    far_quantile: float = Field(0.7, gt=0.0, lt=1.0, description="without negatives: geodesic-distance quantile "
-                                "beyond which regions are background seeds")
+    far_quantile: float = Field(
+        0.7,
+        gt=0.0,
+        lt=1.0,
+        description="without negatives: geodesic-distance quantile beyond which regions are background seeds",
+    )
     thresholds: tuple[float, float, float] = Field(
         (0.8, 0.7, 0.55), description="walker-probability thresholds of the part, object and larger-region candidates"
     )
@@ -140,8 +148,12 @@ class WeightFreeBackend(PromptableBackend):
             raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
         h, w = image.shape[:2]
         rh, rw = resized_shape(h, w, n)
-        small = resize(_box_reduced(image, n), (rh, rw), order=1, anti_aliasing=True,
-                       preserve_range=True).astype(np.float32) / 255.0
+        small = (
+            resize(_box_reduced(image, n), (rh, rw), order=1, anti_aliasing=True, preserve_range=True).astype(
+                np.float32
+            )
+            / 255.0
+        )
         if cfg.smoothing > 0:
             small = ndimage.gaussian_filter(small, (cfg.smoothing, cfg.smoothing, 0))
         small = np.clip(small, 0.0, 1.0)
@@ -151,15 +163,26 @@ class WeightFreeBackend(PromptableBackend):
         counts = (*cfg.fine_segments, *cfg.snap_segments)
         labels = np.full((len(counts), n, n), -1, dtype=np.int32)
         for k, count in enumerate(counts):
-            segments = slic(small, n_segments=count, compactness=cfg.compactness, max_num_iter=cfg.slic_iterations,
-                            start_label=0, enforce_connectivity=True, channel_axis=-1)
+            segments = slic(
+                small,
+                n_segments=count,
+                compactness=cfg.compactness,
+                max_num_iter=cfg.slic_iterations,
+                start_label=0,
+                enforce_connectivity=True,
+                channel_axis=-1,
+            )
             labels[k, :rh, :rw] = np.unique(segments, return_inverse=True)[1].reshape(rh, rw)  # 0..n-1, no gaps
         lab_out = np.zeros((3, n, n), np.float16)
         lab_out[:, :rh, :rw] = lab.transpose(2, 0, 1)
         edges = np.zeros((n, n), np.float16)
         edges[:rh, :rw] = np.minimum(grad, 60000.0)
-        return {"lab": lab_out, "edges": edges, "superpixels": labels,
-                "frame": ImageFrame((h, w), n, self.grid_size).to_array()}
+        return {
+            "lab": lab_out,
+            "edges": edges,
+            "superpixels": labels,
+            "frame": ImageFrame((h, w), n, self.grid_size).to_array(),
+        }
 
     def decode(self, features: Mapping[str, np.ndarray], prompts: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
         """-> (logits float32 [P, 3, S, S], quality float32 [P, 3] in [0, 1]), S = 256; the
@@ -280,7 +303,7 @@ class _RegionGraph:
         kernel[kernel < 1e-12] = 0.0
         start = 0
         for w in self.walkers:
-            w.kernel, w.palette_index = kernel, index[start: start + w.n]
+            w.kernel, w.palette_index = kernel, index[start : start + w.n]
             start += w.n
         self.snap = [np.ascontiguousarray(sp[k]) for k in range(nf, sp.shape[0])]
         self.snap_counts = [np.bincount(lb.ravel()).astype(np.float64) for lb in self.snap]
@@ -310,8 +333,10 @@ class _RegionGraph:
         if box.size == 4 and not np.isnan(box).any():
             (x0, y0), (x1, y1) = self.frame.scale_to_input(box.reshape(2, 2))
             inside = np.zeros(hw, bool)
-            inside[max(0, int(np.floor(min(y0, y1)))): int(np.ceil(max(y0, y1))) + 1,
-                   max(0, int(np.floor(min(x0, x1)))): int(np.ceil(max(x0, x1))) + 1] = True
+            inside[
+                max(0, int(np.floor(min(y0, y1)))) : int(np.ceil(max(y0, y1))) + 1,
+                max(0, int(np.floor(min(x0, x1)))) : int(np.ceil(max(x0, x1))) + 1,
+            ] = True
         prob = sum(w.solve(pos, neg, inside)[w.fine] for w in self.walkers) / len(self.walkers)
         out = np.full((3, cfg.input_size, cfg.input_size), OUTSIDE_LOGIT, np.float32)
         for k, t in enumerate(cfg.thresholds):
@@ -322,7 +347,7 @@ class _RegionGraph:
             if k == 2:
                 holes, _ = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
                 mask |= (holes > 0) & ~np.isin(holes, holes[neg])
-            pixel = (cfg.logit_scale * np.where(mask, np.maximum(prob - t, 0.05), np.minimum(prob - t, -0.05)))
+            pixel = cfg.logit_scale * np.where(mask, np.maximum(prob - t, 0.05), np.minimum(prob - t, -0.05))
             if k > 0 and cfg.snap_weight > 0:
                 pixel = (1 - cfg.snap_weight) * pixel + cfg.snap_weight * self._average(k - 1, pixel)
             if inside is not None:

@@ -13,18 +13,21 @@ Unlabelled pixels belong to no annotation, so painting every annotation's mask w
 category id onto the ignore value gives back the class map. The file is written as the
 images stream past; only the image records stay in memory.
 """
+
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as rle
-from skimage.measure import label as connected_components, regionprops
+from skimage.measure import label as connected_components
+from skimage.measure import regionprops
 
+from seglab.pipeline.exports.formats import ExportOptions
 from seglab.pipeline.exports.items import ExportItem
 
 
@@ -45,26 +48,36 @@ def annotations(item: ExportItem, image_id: int, first_id: int, class_ids: list[
         encoded = rle.encode(np.asfortranarray(mask.astype(np.uint8)))
         uncertainty = None if item.uncertainty is None else float(item.uncertainty[mask].mean())
         yield {
-            "id": first_id + offset, "image_id": image_id, "category_id": int(class_id),
+            "id": first_id + offset,
+            "image_id": image_id,
+            "category_id": int(class_id),
             "segmentation": {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")},
-            "area": int(rle.area(encoded)), "bbox": [float(v) for v in rle.toBbox(encoded)], "iscrowd": 0,
-            "score": None if uncertainty is None else 1.0 - uncertainty, "uncertainty": uncertainty,
+            "area": int(rle.area(encoded)),
+            "bbox": [float(v) for v in rle.toBbox(encoded)],
+            "iscrowd": 0,
+            "score": None if uncertainty is None else 1.0 - uncertainty,
+            "uncertainty": uncertainty,
         }
 
 
-def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any]) -> dict[str, Any]:
+def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
     """Write ``annotations.json`` into ``folder``; -> {"images", "annotations"} counts."""
     class_ids = [c["id"] for c in meta["classes"]]
     images: list[dict[str, Any]] = []
     count = 0
     with open(folder / "annotations.json", "w", encoding="utf-8") as f:
-        info = {"description": f"seglab labels of stage {meta['stage']}", "version": meta["provenance"]["seglab_version"],
-                "date_created": datetime.now(timezone.utc).isoformat(), "seglab": meta["provenance"]}
+        info = {
+            "description": f"seglab labels of stage {meta['stage']}",
+            "version": meta["provenance"]["seglab_version"],
+            "date_created": datetime.now(UTC).isoformat(),
+            "seglab": meta["provenance"],
+        }
         f.write('{"info": ' + json.dumps(info) + ', "licenses": [], "annotations": [')
         for image_id, item in enumerate(items, start=1):
             height, width = item.labels.shape
-            images.append({"id": image_id, "file_name": item.image, "height": height, "width": width,
-                           "seglab_unit": item.unit})
+            images.append(
+                {"id": image_id, "file_name": item.image, "height": height, "width": width, "seglab_unit": item.unit}
+            )
             for annotation in annotations(item, image_id, count + 1, class_ids):
                 f.write(("," if count else "") + "\n" + json.dumps(annotation))
                 count += 1

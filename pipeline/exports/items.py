@@ -5,6 +5,7 @@ its class map with unlabelled pixels set to the export's ignore value, and its
 uncertainty when the source has one. A unit whose stored arrays are missing or differ from
 what their writer recorded becomes a ``Damaged`` record instead, never an item.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seglab.pipeline.labelsource import LabelSource
-from seglab.pipeline.palette import palette
-from seglab.pipeline.store import StoreError
+from seglab.pipeline.core.store import StoreError
+from seglab.pipeline.exports.labelsource import LabelSource
+from seglab.pipeline.exports.palette import palette
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def items(source: LabelSource, units: Sequence[str], ignore_value: int, uncertain_above: float,
-          damaged: list[Damaged]) -> Iterator[ExportItem]:
+def items(
+    source: LabelSource, units: Sequence[str], ignore_value: int, uncertain_above: float, damaged: list[Damaged]
+) -> Iterator[ExportItem]:
     """The units' items, read from the store one at a time and checked against their
     records; a pixel is uncertain when its uncertainty is at least ``uncertain_above``.
     Units whose arrays are missing or damaged go to ``damaged``."""
@@ -100,7 +102,9 @@ def items(source: LabelSource, units: Sequence[str], ignore_value: int, uncertai
             damaged.append(Damaged(unit, source.images[unit], str(exc)))
             continue
         yield ExportItem(
-            unit=unit, image=source.images[unit], name=stems[unit],
+            unit=unit,
+            image=source.images[unit],
+            name=stems[unit],
             labels=remap_ignore(labels, source.ignore_id, ignore_value),
             uncertainty=uncertainty,
             uncertain_fraction=None if uncertainty is None else float((uncertainty >= uncertain_above).mean()),

@@ -20,6 +20,7 @@ schema metadata says so (key ``huggingface``), so ``load_dataset`` decodes them 
 images. The schema metadata key ``seglab`` holds the export's description as JSON.
 Rows are written in row groups of ``ROW_GROUP`` images, so memory does not grow with the dataset.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,18 +32,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seglab.pipeline.exports.formats import ExportOptions
 from seglab.pipeline.exports.items import ExportItem, label_image, png_bytes, uncertainty_image
 
 ROW_GROUP = 64
 FILE = "labels.parquet"
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema([
-    ("unit", pa.string()), ("image", IMAGE), ("label", IMAGE), ("uncertainty", IMAGE),
-    ("height", pa.int32()), ("width", pa.int32()),
-    ("class_ids", pa.list_(pa.int32())), ("class_names", pa.list_(pa.string())),
-    ("mean_uncertainty", pa.float32()), ("uncertain_fraction", pa.float32()),
-    ("stage", pa.string()), ("round", pa.int32()), ("provenance", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("image", IMAGE),
+        ("label", IMAGE),
+        ("uncertainty", IMAGE),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("class_ids", pa.list_(pa.int32())),
+        ("class_names", pa.list_(pa.string())),
+        ("mean_uncertainty", pa.float32()),
+        ("uncertain_fraction", pa.float32()),
+        ("stage", pa.string()),
+        ("round", pa.int32()),
+        ("provenance", pa.string()),
+    ]
+)
 
 
 def _feature(t: pa.DataType) -> dict[str, Any]:
@@ -62,25 +74,31 @@ def _row(item: ExportItem, meta: dict[str, Any], names: dict[int, str], embed_im
     present = [int(c) for c in np.unique(item.labels) if int(c) in names]
     uncertainty = None
     if item.uncertainty is not None:
-        uncertainty = {"bytes": png_bytes(uncertainty_image(item.uncertainty)),
-                       "path": f"{item.name}.uncertainty.png"}
+        uncertainty = {"bytes": png_bytes(uncertainty_image(item.uncertainty)), "path": f"{item.name}.uncertainty.png"}
     height, width = item.labels.shape
     return {
         "unit": item.unit,
         "image": {"bytes": Path(item.image).read_bytes() if embed_images else None, "path": item.image},
         "label": {"bytes": png_bytes(label_image(item.labels)), "path": f"{item.name}.png"},
-        "uncertainty": uncertainty, "height": height, "width": width,
-        "class_ids": present, "class_names": [names[c] for c in present],
-        "mean_uncertainty": item.mean_uncertainty, "uncertain_fraction": item.uncertain_fraction,
-        "stage": meta["stage"], "round": meta["round"], "provenance": json.dumps(meta["provenance"], sort_keys=True),
+        "uncertainty": uncertainty,
+        "height": height,
+        "width": width,
+        "class_ids": present,
+        "class_names": [names[c] for c in present],
+        "mean_uncertainty": item.mean_uncertainty,
+        "uncertain_fraction": item.uncertain_fraction,
+        "stage": meta["stage"],
+        "round": meta["round"],
+        "provenance": json.dumps(meta["provenance"], sort_keys=True),
     }
 
 
-def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], *, embed_images: bool = False) -> dict[str, Any]:
-    """Write ``labels.parquet`` into ``folder``; -> {"images": rows}."""
+def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
+    """Write ``labels.parquet`` into ``folder`` (image bytes with ``options.embed_images``);
+    -> {"images": rows}."""
+    embed_images = options.embed_images
     names = {c["id"]: c["name"] for c in meta["classes"]}
-    schema = SCHEMA.with_metadata({"huggingface": json.dumps(huggingface_features()),
-                                   "seglab": json.dumps(meta)})
+    schema = SCHEMA.with_metadata({"huggingface": json.dumps(huggingface_features()), "seglab": json.dumps(meta)})
     count, batch = 0, []
     with pq.ParquetWriter(folder / FILE, schema) as writer:
         for item in items:

@@ -11,6 +11,7 @@
 <stem> is the source image's file stem, so a trainer that pairs images and annotations by
 name (images/<stem>.jpg with labels/<stem>.png) finds them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,14 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from seglab.pipeline.exports.formats import ExportOptions
 from seglab.pipeline.exports.items import ExportItem, label_image, uncertainty_image
-from seglab.pipeline.palette import colour_of
-
-UNCERTAINTY_FORMATS = ("png", "npy")
+from seglab.pipeline.exports.palette import colour_of
 
 
-def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], *, uncertainty_format: str = "png") -> dict[str, Any]:
-    """Write the layout above into ``folder``; -> {"images": count}."""
+def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
+    """Write the layout above into ``folder`` (uncertainty as ``options.uncertainty_format``);
+    -> {"images": count}."""
+    uncertainty_format = options.uncertainty_format
     (folder / "labels").mkdir()
     rows = []
     for item in items:
@@ -43,14 +45,25 @@ def write(folder: Path, items: Iterable[ExportItem], meta: dict[str, Any], *, un
             else:
                 uncertainty_image(item.uncertainty).save(folder / uncertainty)
         height, width = item.labels.shape
-        rows.append({"unit": item.unit, "image": item.image, "label": label, "uncertainty": uncertainty,
-                     "height": height, "width": width, "mean_uncertainty": item.mean_uncertainty,
-                     "uncertain_fraction": item.uncertain_fraction})
+        rows.append(
+            {
+                "unit": item.unit,
+                "image": item.image,
+                "label": label,
+                "uncertainty": uncertainty,
+                "height": height,
+                "width": width,
+                "mean_uncertainty": item.mean_uncertainty,
+                "uncertain_fraction": item.uncertain_fraction,
+            }
+        )
     classes = meta["classes"]
-    (folder / "palette.json").write_text(json.dumps(
-        [{**c, "color": list(colour_of(c["id"]))} for c in classes], indent=2))
-    (folder / "index.json").write_text(json.dumps(
-        {"classes": classes, "ignore_value": meta["ignore_value"], "images": rows}, indent=2))
+    (folder / "palette.json").write_text(
+        json.dumps([{**c, "color": list(colour_of(c["id"]))} for c in classes], indent=2)
+    )
+    (folder / "index.json").write_text(
+        json.dumps({"classes": classes, "ignore_value": meta["ignore_value"], "images": rows}, indent=2)
+    )
     with open(folder / "index.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "uncertainty"])

@@ -1,0 +1,198 @@
+"""``seglab bench scale`` and ``seglab bench rerun``: how a run's cost grows with the dataset
+and the workers, and what a rerun of a finished run costs.
+
+Every measured run is what an operator starts: ``seglab run M`` in its own process (Ray
+started by it, weight-free backend). The driver's peak resident memory is its
+``VmHWM`` (/proc/<pid>/status) just before it exits; each stage's workers report their
+own peak (``StageWorker.peak_rss``) into the stage summary, with the stage's map time and
+units computed, from which images/s per stage come.
+
+Datasets are synthetic (``pipeline/bench/synthetic.py``): ``images`` scenes of ``size`` with
+scribbles, written once into ``folder`` and listed per run (``data.images.list``), so
+runs with fewer images use a prefix of the same images.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.bench.synthetic import write_dataset
+from seglab.pipeline.core.store import Store, is_store
+from seglab.pipeline.manifest import open_manifest
+
+MANIFEST = """\
+run: {{name: {name}, seed: 0}}
+data:
+  root: {root}
+  images: {{list: {listing}}}
+  weak: {{kind: scribbles, path: {root}/scribbles}}
+  classes:
+    - {{id: 0, name: background}}
+    - {{id: 1, name: disc}}
+    - {{id: 2, name: rectangle}}
+store: {{path: {store}}}
+ray: {{workers: {workers}}}
+"""
+
+
+def dataset(folder: Path, images: int, size: tuple[int, int]) -> Path:
+    """``folder``/data with at least ``images`` synthetic scenes (made once, reused); -> data root."""
+    root = folder / "data"
+    have = len(list((root / "images").glob("*.png"))) if (root / "images").exists() else 0
+    if have < images:
+        write_dataset(root, [size] * images)
+    return root
+
+
+def write_run_manifest(folder: Path, name: str, images: int, workers: int, size: tuple[int, int]) -> Path:
+    """A manifest over the first ``images`` scenes with ``workers`` workers per stage and its own store."""
+    root = dataset(folder, images, size)
+    listing = root / f"{name}.txt"  # image listings must live under the data root
+    listing.write_text("".join(f"images/img{i:02d}.png\n" for i in range(images)))
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        MANIFEST.format(name=name, root=root, listing=listing, store=folder / f"{name}.zarr", workers=workers)
+    )
+    return path
+
+
+def timed_run(manifest: Path) -> dict[str, Any]:
+    """``seglab run manifest`` in a new process -> wall seconds and the driver's peak RSS (bytes)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seglab.cli.app", "run", str(manifest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _high_water_mark(proc.pid))
+        time.sleep(0.05)
+    output = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SeglabError(f"{manifest}: seglab run failed (exit {proc.returncode}):\n{output[-2000:]}")
+    return {"seconds": round(time.perf_counter() - started, 2), "driver_peak_rss": peak}
+
+
+def _high_water_mark(pid: int) -> int:
+    """VmHWM of a live process in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def stage_figures(store_path: Path) -> dict[str, dict[str, Any]]:
+    """Per stage of a store: units computed, map seconds, images/s and worker peak RSS."""
+    store = Store(store_path)
+    figures = {}
+    for stage in store.stages():
+        summary = store.stage_attrs(stage).get("summary") or {}
+        computed, seconds = summary.get("computed"), summary.get("seconds")
+        figures[stage] = {
+            "computed": computed,
+            "seconds": seconds,
+            "images_per_second": round(computed / seconds, 3) if computed and seconds else None,
+            "worker_peak_rss": summary.get("worker_peak_rss"),
+        }
+    return figures
+
+
+def measure(folder: Path, images: int, workers: int, size: tuple[int, int]) -> dict[str, Any]:
+    """One fresh run over ``images`` scenes with ``workers`` workers."""
+    name = f"scale-{images}-w{workers}"
+    manifest = write_run_manifest(folder, name, images, workers, size)
+    store = folder / f"{name}.zarr"
+    if store.exists():  # a fresh run each time, over a store an earlier bench made
+        if not is_store(store):
+            raise SeglabError(f"{store}: exists and is not a seglab store; choose another --folder")
+        shutil.rmtree(store)
+    run = timed_run(manifest)
+    stages = stage_figures(store)
+    map_seconds = sum(s["seconds"] or 0.0 for s in stages.values())
+    peaks = [s["worker_peak_rss"] for s in stages.values() if s["worker_peak_rss"]]
+    return {
+        "images": images,
+        "workers": workers,
+        **run,
+        "map_seconds": round(map_seconds, 2),
+        "images_per_second": round(images / map_seconds, 3) if map_seconds else None,
+        "worker_peak_rss": max(peaks, default=None),
+        "stages": stages,
+    }
+
+
+def bench_scale(
+    folder: Path,
+    *,
+    images: Sequence[int] = (200, 2000),
+    workers: Sequence[int] = (1, 2),
+    size: tuple[int, int] = (96, 128),
+) -> dict[str, Any]:
+    """Every ``images`` count with the most workers, and the smallest count with each of
+    ``workers``; -> the runs and the two ratios the targets are stated in."""
+    folder = folder.resolve()  # the manifests written there name absolute paths
+    folder.mkdir(parents=True, exist_ok=True)
+    small, large, most = min(images), max(images), max(workers)
+    runs = [measure(folder, n, most, size) for n in sorted(images)]
+    runs += [measure(folder, small, w, size) for w in sorted(workers) if w != most]
+    by = {(r["images"], r["workers"]): r for r in runs}
+    result: dict[str, Any] = {"size": list(size), "cpus": os.cpu_count(), "runs": runs}
+    if small != large:
+        result["driver_memory_ratio"] = round(
+            by[large, most]["driver_peak_rss"] / by[small, most]["driver_peak_rss"], 3
+        )
+        result["worker_memory_ratio"] = round(
+            by[large, most]["worker_peak_rss"] / by[small, most]["worker_peak_rss"], 3
+        )
+    if len(set(workers)) > 1:
+        least = min(workers)
+        result["worker_speedup"] = round(
+            by[small, most]["images_per_second"] / by[small, least]["images_per_second"], 3
+        )
+    return result
+
+
+def bench_rerun(
+    folder: Path, *, images: int = 200, size: tuple[int, int] = (96, 128), manifest: Path | None = None
+) -> dict[str, Any]:
+    """A run from nothing, then the same command again: wall times, their ratio, and the
+    units each stage computed in the rerun (embed's = encoder calls)."""
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = write_run_manifest(folder, f"rerun-{images}", images, 2, size)
+
+    store = open_manifest(str(manifest)).store_path
+    if (store / "zarr.json").exists():
+        raise SeglabError(f"{store} exists: bench rerun times a first run from nothing; remove it or use another store")
+    first = timed_run(manifest)
+    lines = _ledger_lines(store)
+    again = timed_run(manifest)
+    computed = {stage: n - lines.get(stage, 0) for stage, n in _ledger_lines(store).items()}
+    return {
+        "manifest": str(manifest),
+        "first_seconds": first["seconds"],
+        "rerun_seconds": again["seconds"],
+        "rerun_share": round(again["seconds"] / first["seconds"], 4),
+        "encoder_calls_in_rerun": computed.get("embed", 0),
+        "ledger_lines_added_by_rerun": computed,
+    }
+
+
+def _ledger_lines(store: Path) -> dict[str, int]:
+    """Ledger lines per stage (a recomputed or adopted unit adds one)."""
+    return {p.stem: len(p.read_text().splitlines()) for p in (store / "_ledger").glob("*.jsonl")}

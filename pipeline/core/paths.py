@@ -1,0 +1,102 @@
+"""Manifest path fields: resolved at validation time and refused when unsafe.
+
+Relative paths resolve against the data root (data paths) or the manifest's folder
+(store, checkpoints, weak labels); image lists and Parquet indexes are looked for beside
+the manifest, then under the data root. URLs are refused; data paths must stay inside the
+data root. The folders come from the validation context that ``parse_manifest`` passes to
+pydantic; without one (a manifest built in code) nothing is checked on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, ValidationInfo
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: str) -> bool:
+    return bool(_URL.match(value))
+
+
+def _absolute(value: str, base: Path) -> Path:
+    """``value`` (``~`` expanded; relative: against ``base``) -> resolved absolute path;
+    ValueError for a URL or a path that cannot be resolved."""
+    if is_url(value):
+        raise ValueError(f"'{value}' is a URL; only local paths are accepted")
+    try:
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else base / path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, an unknown ~user, a symlink loop
+        raise ValueError(f"{value!r} is not a usable path ({exc})") from None
+
+
+def resolve(value: str, info: ValidationInfo, *, under_root: bool = True) -> str:
+    """-> absolute path; ValueError for a URL or a data path outside the data root."""
+    ctx = info.context or {}
+    resolved = _absolute(value, Path(ctx.get("root" if under_root else "manifest_dir", ".")))
+    if under_root and "root" in ctx and not resolved.is_relative_to(Path(ctx["root"]).resolve()):
+        raise ValueError(f"'{value}' resolves to {resolved}, outside the data root {ctx['root']}")
+    return str(resolved)
+
+
+def resolve_index(value: str, info: ValidationInfo) -> str:
+    """An image list or Parquet index -> absolute path; the file may be anywhere (a subset of
+    a read-only dataset), only its entries must stay inside the data root.
+
+    A relative path is looked for beside the manifest, then under data.root (where it had to
+    be before), and the first that is a file is taken. ValueError for a URL and, while a
+    manifest is loaded, when no candidate is a file (naming each place looked at)."""
+    beside = resolve(value, info, under_root=False)
+    ctx = info.context
+    if not ctx or Path(beside).is_file():
+        return beside
+    under_root = str(_absolute(value, Path(ctx["root"])))
+    if Path(under_root).is_file():
+        return under_root
+    if under_root == beside:  # an absolute path, or data.root is the manifest's folder
+        raise ValueError(f"'{value}' ({beside}) is not a file")
+    raise ValueError(
+        f"'{value}' is not a file: looked for {beside} (beside the manifest) and {under_root} (under data.root)"
+    )
+
+
+#: folders that hold no datasets; walking them never ends well (/proc/self/root is /)
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_data_root(root: Path) -> None:
+    """ValueError unless ``root`` (resolved) is an existing folder outside SYSTEM_FOLDERS."""
+    if not root.exists():
+        raise ValueError(f"{root} does not exist")
+    if root.is_file():
+        raise ValueError(f"{root} is a file, not a folder")
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder")
+    system = next((folder for folder in SYSTEM_FOLDERS if root.is_relative_to(folder)), None)
+    if system is not None:
+        raise ValueError(f"{root} is inside the system folder {system}, not a dataset")
+
+
+def check_glob_walk(glob: str, root: Path) -> None:
+    """ValueError for a recursive glob ('**') over the whole file system (data.root /):
+    it would walk every mounted disk and /proc, for minutes, to find a dataset's images."""
+    if "**" in glob and root == Path(root.anchor):
+        raise ValueError(
+            f"'{glob}' at data.root {root} walks the whole file system; set data.root to the "
+            f"dataset's folder, use a narrower glob without '**', or a list file (data.images.list)"
+        )
+
+
+def _existing_file(value: str, info: ValidationInfo) -> str:
+    resolved = resolve(value, info, under_root=False)
+    if info.context and not Path(resolved).is_file():
+        raise ValueError(f"'{value}' ({resolved}) is not a file")
+    return resolved
+
+
+#: a file beside the manifest (e.g. a checkpoint) that must exist
+ManifestFile = Annotated[str, AfterValidator(_existing_file)]

@@ -1,0 +1,1 @@
+"""Benchmark helpers that hold models: encoder and decoder throughput, SAM test models, checkpoint scoring."""
