@@ -132,6 +132,19 @@ def seed_index(labels: np.ndarray, class_ids: tuple[int, ...]) -> np.ndarray:
     return index
 
 
+def box_rect(box: np.ndarray, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box's (x0, y0, x1, y1) pixel edges -> (r0, r1, c0, c1), the rows and columns it
+    covers inside an image of ``hw`` (at least one of each where the box starts inside)."""
+    x0, y0, x1, y1 = box[:4]
+    h, w = hw
+    return (
+        max(0, math.floor(y0)),
+        min(h, max(math.ceil(y1), math.floor(y0) + 1)),
+        max(0, math.floor(x0)),
+        min(w, max(math.ceil(x1), math.floor(x0) + 1)),
+    )
+
+
 def box_allowed(
     boxes: np.ndarray, class_ids: tuple[int, ...], hw: tuple[int, int], background: int | None
 ) -> np.ndarray | None:
@@ -144,12 +157,11 @@ def box_allowed(
     h, w = hw
     allowed = np.zeros((len(class_ids), h, w), bool)
     slot = {c: i for i, c in enumerate(class_ids)}
-    for x0, y0, x1, y1, cls in np.asarray(boxes, np.float64):
-        if int(cls) not in slot:
+    for box in np.asarray(boxes, np.float64):
+        if int(box[4]) not in slot:
             continue
-        r0, r1 = max(0, math.floor(y0)), min(h, max(math.ceil(y1), math.floor(y0) + 1))
-        c0, c1 = max(0, math.floor(x0)), min(w, max(math.ceil(x1), math.floor(x0) + 1))
-        allowed[slot[int(cls)], r0:r1, c0:c1] = True
+        r0, r1, c0, c1 = box_rect(box, hw)
+        allowed[slot[int(box[4])], r0:r1, c0:c1] = True
     if background is not None and background in slot:
         allowed[slot[background]] = True
     return allowed
@@ -167,15 +179,7 @@ def box_cores(boxes: np.ndarray, class_ids: tuple[int, ...], hw: tuple[int, int]
     seeds = np.full((h, w), -1, np.int64)
     slot = {c: i for i, c in enumerate(class_ids)}
     boxes = np.asarray(boxes, np.float64)
-    rects = [
-        (
-            max(0, math.floor(y0)),
-            min(h, max(math.ceil(y1), math.floor(y0) + 1)),
-            max(0, math.floor(x0)),
-            min(w, max(math.ceil(x1), math.floor(x0) + 1)),
-        )
-        for x0, y0, x1, y1, _ in boxes
-    ]
+    rects = [box_rect(box, hw) for box in boxes]
     areas = np.array([(r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rects])
     for b in np.argsort(-areas, kind="stable"):
         x0, y0, x1, y1, cls = boxes[b]
