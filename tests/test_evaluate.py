@@ -97,9 +97,6 @@ def test_simulate_weak_writes_the_unlabelled_value_asked_for(tmp_path):
     assert set(np.unique(np.asarray(Image.open(tmp_path / "weak" / "a.png")))) == {0, 100, 128, 200}
 
 
-@pytest.mark.realdata
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
-@pytest.mark.usefixtures("ray_local")
 def test_bench_quality_by_default_runs_every_bench_manifest_of_the_checkout():
     from seglab.pipeline.bench.quality import default_manifests
 
@@ -109,6 +106,9 @@ def test_bench_quality_by_default_runs_every_bench_manifest_of_the_checkout():
     assert all(p.parent == Path(__file__).resolve().parents[1] / "manifests" / "bench" for p in default_manifests())
 
 
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+@pytest.mark.usefixtures("ray_local")
 def test_bench_quality_on_two_grabcut_images(tmp_path):
     """The packaged bench manifest, pointed at a temporary weak-label folder and store."""
     spec = yaml.safe_load((ROOT / "manifests" / "bench" / "grabcut-points.yaml").read_text())
