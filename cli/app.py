@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -472,12 +471,12 @@ def bench_quality(
     from seglab.pipeline.bench.quality import default_manifests
 
     paths = manifests or default_manifests()
-    options = dict(limit=limit, force=tuple(force or ()))
+    forced = tuple(force or ())
     if json_:
-        rows = measure(paths, **options)
+        rows = measure(paths, limit=limit, force=forced)
     else:
         with render.RichProgress() as progress:
-            rows = measure(paths, **options, progress=progress)
+            rows = measure(paths, limit=limit, force=forced, progress=progress)
     render.quality_table(rows, json_)
 
 
@@ -611,4 +610,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pyarrow.parquet as pq
 import yaml
@@ -36,6 +37,15 @@ from seglab.pipeline.core.registry import STAGES
 from seglab.stages.base import ROUND_SEPARATOR
 from seglab.workers.model_configs import Sam2Config, SamConfig
 from seglab.workers.weightfree import WeightFreeConfig
+
+if TYPE_CHECKING:
+    from seglab.stages.calibrate import CalibrateConfig
+    from seglab.stages.embed import EmbedConfig
+    from seglab.stages.ingest import IngestConfig
+    from seglab.stages.prompts import PromptsConfig
+    from seglab.stages.refine import RefineConfig
+    from seglab.stages.retrain import RetrainConfig
+    from seglab.stages.select import SelectConfig
 
 BackendConfig = Annotated[WeightFreeConfig | SamConfig | Sam2Config, Field(discriminator="name")]
 
@@ -99,7 +109,9 @@ class ImageSource(_Frozen):
 def _check_index(source: ImageSource) -> None:
     """An image list or Parquet index must be a readable file of local paths: ValueError
     naming the file otherwise (entries escaping data.root are refused when listed)."""
-    index = Path(source.list if source.list is not None else source.parquet)  # a file: resolve_index saw to it
+    name = source.list if source.list is not None else source.parquet
+    assert name is not None  # checked only for a list or a Parquet index
+    index = Path(name)  # a file: resolve_index saw to it
     what = "image list" if source.list is not None else "Parquet index"
     try:
         if source.list is not None:
@@ -199,7 +211,8 @@ class DataConfig(_Frozen):
     def _classes_consistent(self) -> DataConfig:
         ids = [c.id for c in self.classes]
         names = [c.name for c in self.classes]
-        for what, values in (("id", ids), ("name", names)):
+        columns: tuple[tuple[str, Sequence[int | str]], ...] = (("id", ids), ("name", names))
+        for what, values in columns:
             dupes = sorted({v for v in values if values.count(v) > 1}, key=str)
             if dupes:
                 raise ValueError(f"class {what}s must be unique; repeated: {dupes}")
@@ -251,12 +264,28 @@ class RayConfig(_Frozen):
     )
 
 
-StageSections = create_model(
-    "StageSections",
-    __base__=_Frozen,
-    __doc__="One manifest key per stage of the registry (pipeline/core/registry.py), holding its Config.",
-    **{name: (stage.Config, stage.Config()) for name, stage in STAGES.items()},
-)
+if TYPE_CHECKING:
+
+    class StageSections(_Frozen):
+        """What type checkers see of the model built below from the registry: one field per
+        stage, its Config (a stage added to the registry needs its line here too)."""
+
+        ingest: IngestConfig = IngestConfig()
+        embed: EmbedConfig = EmbedConfig()
+        prompts: PromptsConfig = PromptsConfig()
+        select: SelectConfig = SelectConfig()
+        calibrate: CalibrateConfig = CalibrateConfig()
+        refine: RefineConfig = RefineConfig()
+        retrain: RetrainConfig = RetrainConfig()
+
+else:
+    _stage_fields: dict[str, Any] = {name: (stage.Config, stage.Config()) for name, stage in STAGES.items()}
+    StageSections = create_model(
+        "StageSections",
+        __base__=_Frozen,
+        __doc__="One manifest key per stage of the registry (pipeline/core/registry.py), holding its Config.",
+        **_stage_fields,
+    )
 
 
 class Manifest(StageSections):
@@ -401,7 +430,8 @@ def parse_manifest(raw: object, path: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(path, [("", "the manifest must be a mapping of sections (run, data, ...)")])
     manifest_dir = path.resolve().parent
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    data = raw.get("data")
+    data = data if isinstance(data, dict) else {}
     root_value = data.get("root", ".") if isinstance(data.get("root", "."), str) else "."
     try:
         root = (manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value)

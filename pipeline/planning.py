@@ -10,19 +10,18 @@ files' for the first stage). ``Planner`` reads the store and never writes it: th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeGuard
 
-from seglab.pipeline.base.errors import SeglabError, SignatureMismatch
-from seglab.pipeline.base.fingerprint import diff_signatures, digest, file_sha256, stage_signature
-from seglab.pipeline.core.gold import gold_mask_path
+from seglab.pipeline.base.errors import SignatureMismatch
+from seglab.pipeline.base.fingerprint import diff_signatures, digest, stage_signature
+from seglab.pipeline.core.ledger import LedgerEntry, Receipt, Task
 from seglab.pipeline.core.registry import STAGES, round_stages
-from seglab.pipeline.core.store import Store, entry_problem
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.dag import Dag
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.units import file_stat, gold_units, training_units, unit_input_digest
-from seglab.stages.base import ClassTable, Context, Stage, Unit
+from seglab.pipeline.units import unit_input_digest
+from seglab.stages.base import ClassTable, Context, FitByTraining, FitOnGoldSet, MapStage, Unit
 from seglab.workers.backend import backend_signature, feature_names
 
 
@@ -35,8 +34,8 @@ class Plan:
     upstream stage they wait on; ``missing``: done units whose arrays are gone."""
 
     todo: list[Unit] = field(default_factory=list)
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    adopted: list[dict[str, Any]] = field(default_factory=list)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    adopted: list[Receipt] = field(default_factory=list)
     blocked: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)
@@ -53,37 +52,32 @@ def _count(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
-def _todo_reason(entry: dict[str, Any] | None, task: dict[str, Any]) -> str:
+def _todo_reason(entry: LedgerEntry | None, task: Task) -> str:
     """Why a unit with ledger line ``entry`` is not done as ``task`` asks."""
     if entry is None:
         return "new"
-    if entry.get("status") != "done":
+    if not isinstance(entry, Receipt):
         return "failed before"
-    if entry.get("signature") != task["signature"]:
+    if entry.signature != task.signature:
         return "made with other settings"
     return "with changed inputs"
 
 
-def _adoptable(store: Store | None, name: str, unit: str, task: dict[str, Any], cleared: frozenset[str]) -> dict | None:
-    """The ledger entry of a unit a killed run committed but did not ledger, when its
-    commit record is whole, made as ``task`` asks, and its arrays are all there; else None."""
+def _adoptable(store: Store | None, name: str, unit: str, task: Task, cleared: frozenset[str]) -> Receipt | None:
+    """The receipt of a unit a killed run committed but did not ledger, when its commit
+    record is whole, made as ``task`` asks, and its arrays are all there; else None."""
     if store is None or name in cleared:
         return None
     record = store.committed(name, unit)
-    if not done_as(record, task) or entry_problem(record) or store.missing_outputs(name, unit, record["outputs"]):
+    if not done_as(record, task) or store.missing_outputs(name, unit, record.outputs):
         return None
-    return {**record, "adopted": True}
+    return replace(record, adopted=True, time=None)
 
 
-def done_as(entry: dict[str, Any] | None, task: dict[str, Any]) -> bool:
+def done_as(entry: LedgerEntry | None, task: Task) -> TypeGuard[Receipt]:
     """Whether a ledger line or commit record says the unit was done from the task's
     ``inputs`` digest with its stage ``signature`` digest (else it must be computed)."""
-    return (
-        bool(entry)
-        and entry.get("status") == "done"
-        and entry.get("inputs") == task["inputs"]
-        and entry.get("signature") == task["signature"]
-    )
+    return isinstance(entry, Receipt) and entry.made_as(task)
 
 
 def build_context(manifest: Manifest) -> Context:
@@ -99,18 +93,18 @@ def build_context(manifest: Manifest) -> Context:
     )
 
 
-def active_stages(manifest: Manifest) -> dict[str, type[Stage]]:
+def active_stages(manifest: Manifest) -> dict[str, type[MapStage]]:
     """The stages this manifest runs: a stage fitted on a gold set runs only when the
     manifest names that set; trained stages, and the refinements that use their teachers,
     only in the ``rounds`` it asks for."""
-    return {
-        **{
-            n: s
-            for n, s in STAGES.items()
-            if (s.gold_set is None or getattr(manifest.data, s.gold_set) is not None) and not s.trains
-        },
-        **round_stages(manifest.rounds),
-    }
+
+    def runs(stage: type[MapStage]) -> bool:
+        kind = stage.fitting
+        if isinstance(kind, FitOnGoldSet):
+            return getattr(manifest.data, kind.gold_set) is not None
+        return not isinstance(kind, FitByTraining)  # trained stages come with the rounds
+
+    return {**{n: s for n, s in STAGES.items() if runs(s)}, **round_stages(manifest.rounds)}
 
 
 def signatures(manifest: Manifest, dag: Dag, ctx: Context) -> dict[str, dict[str, Any]]:
@@ -143,10 +137,11 @@ class Planner:
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        self.dag = Dag(active_stages(manifest))
+        active = active_stages(manifest)
+        self.dag = Dag(active)
         self.context = build_context(manifest)
         self.signatures = signatures(manifest, self.dag, self.context)
-        self.stages: dict[str, Stage] = {n: self.dag.stages[n](manifest.stage_config(n)) for n in self.dag.order}
+        self.stages: dict[str, MapStage] = {n: active[n](manifest.stage_config(n)) for n in self.dag.order}
 
     def check_signatures(self, store: Store, selected: Sequence[str]) -> None:
         for name in selected:
@@ -182,7 +177,7 @@ class Planner:
         A done unit whose arrays are gone from the store is redone. ``cleared``: stages to
         plan as if their records were removed (what ``--force`` does before a run)."""
 
-        def ledger(stage: str) -> dict[str, dict[str, Any]]:
+        def ledger(stage: str) -> dict[str, LedgerEntry]:
             return {} if store is None or stage in cleared else store.ledger(stage).load()
 
         entries = ledger(name)
@@ -193,22 +188,22 @@ class Planner:
             expected: dict[str, str] = {}
             if parents:
                 upstream = {d: parents[d].get(unit.id) for d in parents}
-                waiting = next((d for d, e in upstream.items() if e is None or e.get("status") != "done"), None)
+                waiting = next((d for d, e in upstream.items() if not isinstance(e, Receipt)), None)
                 if waiting is not None:
                     plan.blocked += 1
                     _count(plan.waiting, waiting)
                     continue
+                done = [e for e in upstream.values() if isinstance(e, Receipt)]
                 inputs = digest(
-                    [{k: v["sha256"] for k, v in e["outputs"].items()} for e in upstream.values()]
-                    + ([fitted] if fitted else [])
+                    [{k: v.sha256 for k, v in e.outputs.items()} for e in done] + ([fitted] if fitted else [])
                 )
-                expected = {f"{d}/{k}": v["sha256"] for d, e in upstream.items() for k, v in e["outputs"].items()}
+                expected = {f"{d}/{k}": v.sha256 for d, e in zip(upstream, done) for k, v in e.outputs.items()}
             else:
                 inputs = unit_input_digest(unit)
-            task = {"inputs": inputs, "signature": sig, "expected": expected}
+            task = Task(inputs, sig, expected)
             entry = entries.get(unit.id)
             if done_as(entry, task):
-                if not store.missing_outputs(name, unit.id, entry["outputs"]):
+                if store is None or not store.missing_outputs(name, unit.id, entry.outputs):
                     continue
                 plan.missing.append(unit.id)
                 _count(plan.reasons, "with missing arrays")
@@ -220,64 +215,3 @@ class Planner:
             plan.todo.append(unit)
             plan.tasks[unit.id] = task
         return plan
-
-    # -- fits -------------------------------------------------------------------------
-    def fit_key(self, store: Store | None, name: str, units: Sequence[Unit]) -> tuple[str, list[Unit]]:
-        """What a fitted or trained stage would be fitted on now: (a digest of its signature,
-        its samples' upstream outputs (and gold masks), those samples). The samples are the
-        gold set's units for a fitted stage, the training units whose upstream outputs are
-        done for a trained one. SeglabError when it cannot be fitted yet."""
-        stage = self.stages[name]
-        parents = {dep: store.ledger(dep).load() if store else {} for dep in self.dag.deps[name]}
-
-        def finished(unit: Unit) -> bool:
-            return all(parents[d].get(unit.id, {}).get("status") == "done" for d in parents)
-
-        def outputs(samples: list[Unit]) -> list:
-            return [[u.id, {d: parents[d][u.id]["outputs"] for d in parents}] for u in samples]
-
-        if stage.trains:
-            training = [u for u in training_units(self.manifest, list(units)) if finished(u)]
-            if not training:
-                raise SeglabError(
-                    f"{name}: nothing to train on: no image outside the calibration and evaluation "
-                    f"sets has finished {'/'.join(parents)} outputs"
-                )
-            return digest([self.signatures[name], outputs(training)]), training
-        gold = getattr(self.manifest.data, stage.gold_set)
-        samples = gold_units(self.manifest, stage.gold_set, units)
-        missing = [u.id for u in samples if not finished(u)]
-        if missing:
-            raise SeglabError(
-                f"{name}: cannot fit, {len(missing)} {stage.gold_set} image(s) have no "
-                f"finished {'/'.join(parents)} output (first: {missing[0]})"
-            )
-        masks = [gold_mask_path(gold, Path(u.image)) for u in samples]
-        return digest([self.signatures[name], outputs(samples), [file_stat(m) for m in masks]]), samples
-
-    def stored_fit(self, store: Store | None, name: str, key: str) -> dict[str, Any] | None:
-        """The stage's stored fit when it was made from ``key`` (and, for a trained stage,
-        its checkpoint is still the file it recorded), else None."""
-        attrs = store.stage_attrs(name) if store else {}
-        fitted = attrs.get("fitted")
-        if attrs.get("fitted_from") != key or not fitted:
-            return None
-        if self.stages[name].trains:
-            checkpoint = store.path / fitted["checkpoint"]
-            if not checkpoint.is_file() or file_sha256(checkpoint) != fitted["sha256"]:
-                return None
-        return fitted
-
-    def current_fit(
-        self, store: Store | None, name: str, units: Sequence[Unit], cleared: frozenset[str] = frozenset()
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        """Read only: (the stored fit a fitted or trained stage would use for today's inputs,
-        None when it must be fitted first; why it must, or None). ``cleared``: as in ``plan``."""
-        try:
-            key, _ = self.fit_key(store, name, units)
-        except SeglabError:
-            return None, "fitted once its inputs are done"
-        fitted = None if name in cleared else self.stored_fit(store, name, key)
-        if fitted is None:
-            return None, "to be trained anew" if self.stages[name].trains else "to be fitted anew"
-        return fitted, None

@@ -15,17 +15,19 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from seglab.pipeline.base.errors import StorageError, UsageError, os_error_cause
-from seglab.pipeline.base.fingerprint import diff_signatures, digest, file_sha256
+from seglab.pipeline.base.fingerprint import diff_signatures, digest
+from seglab.pipeline.core.ledger import Failure, LedgerEntry, Receipt
 from seglab.pipeline.core.store import Store, check_store_path
 from seglab.pipeline.dag import Dag
+from seglab.pipeline.fitting import Fitted, current_fit, fitter_for
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.planning import Plan, Planner, done_as
 from seglab.pipeline.records import NoProgress, Progress, RunOptions, RunReport, StageReport
 from seglab.pipeline.storelock import StoreLock
-from seglab.pipeline.units import enumerate_units, held_out, training_units
+from seglab.pipeline.units import enumerate_units, held_out
 from seglab.stages.base import Unit
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
-from seglab.workers.raysession import ensure_ray, pool_size, wants_gpu, worker_resources
+from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 
 MAX_PASSES = 3
 """Passes over the stages per run: a pass that finds damaged stored inputs invalidates
@@ -34,6 +36,16 @@ them, and the next pass redoes them with everything that read them."""
 
 def seglab_version() -> str:
     return package_version("seglab")
+
+
+Pools = dict[tuple[float, float], WorkerPool]
+"""A run's worker pools by resource shape (CPUs, GPUs per worker)."""
+
+
+def _release(pools: Pools) -> None:
+    for pool in pools.values():
+        pool.shutdown()
+    pools.clear()
 
 
 def check_stage_names(options: RunOptions, dag: Dag) -> None:
@@ -82,11 +94,9 @@ class Runner:
                     f"settings changed ({'; '.join(diff_signatures(stored, self.planner.signatures[name]))}): "
                     f"needs --force {name}"
                 )
-            fitted = None
-            if self.stages[name].fits:
-                fitted, refit = self.planner.current_fit(store, name, units, cleared)
-                why += [refit] if refit else []
-            plan = self.planner.plan(store, name, units, fitted=fitted and digest(fitted), cleared=cleared)
+            fitted, refit = current_fit(self.planner, store, name, units, cleared)
+            why += [refit] if refit else []
+            plan = self.planner.plan(store, name, units, fitted=digest(fitted) if fitted else None, cleared=cleared)
             report = StageReport(
                 name,
                 len(units),
@@ -163,7 +173,7 @@ class Runner:
         kept = {cleared: store.clear_stage(cleared) for cleared in self.forced()}
         self.planner.check_signatures(store, selected)
         reports: dict[str, StageReport] = {}
-        pools: dict[tuple[float, float], Any] = {}
+        pools: Pools = {}
         try:
             for _ in range(MAX_PASSES):
                 passed = self._run_pass(store, selected, units, pools)
@@ -178,8 +188,7 @@ class Runner:
             if any(store.attrs.get(k) != v for k, v in recorded.items()):
                 store.set_root_attrs(**recorded)
         finally:
-            for pool in pools.values():
-                pool.shutdown()
+            _release(pools)
         for name, report in reports.items():
             left = kept.get(name)
             if left:
@@ -188,15 +197,13 @@ class Runner:
         return list(reports.values())
 
     def _run_pass(
-        self, store: Store, selected: Sequence[str], units: Sequence[Unit], pools: dict
+        self, store: Store, selected: Sequence[str], units: Sequence[Unit], pools: Pools
     ) -> dict[str, StageReport]:
         """Plan and run every selected stage once, in DAG order."""
         reports: dict[str, StageReport] = {}
         for name in selected:
-            fitted = None
-            if self.stages[name].fits:
-                fitted = self._fit(store, name, units, pools)
-            plan = self.planner.plan(store, name, units, fitted=fitted and digest(fitted))
+            fitted = self._fit(store, name, units, pools)
+            plan = self.planner.plan(store, name, units, fitted=digest(fitted) if fitted else None)
             report = StageReport(
                 name,
                 len(units),
@@ -239,89 +246,31 @@ class Runner:
             )
         return reports
 
-    def _fit(self, store: Store, name: str, units: Sequence[Unit], pools: dict) -> dict[str, Any]:
-        """The stage's fit for today's inputs (``fit_key``): the stored one when it was made
-        from them, else fitted anew (``_fit_gold``) or trained anew (``_train``) and stored
-        as the stage's ``fitted`` attribute."""
-        key, samples = self.planner.fit_key(store, name, units)
-        fitted = self.planner.stored_fit(store, name, key)
+    def _fit(self, store: Store, name: str, units: Sequence[Unit], pools: Pools) -> Fitted | None:
+        """The stage's fit for today's inputs (None: the stage is not fitted): the stored one
+        when it was made from them, else made anew by its fitter and stored as the stage's
+        ``fitted`` attribute."""
+        fitter = fitter_for(self.planner, name)
+        if fitter is None:
+            return None
+        key, samples = fitter.key(store, units)
+        fitted = fitter.stored(store, key)
         if fitted is None:
-            fitted = (self._train if self.stages[name].trains else self._fit_gold)(
-                store, name, key, samples, units, pools
-            )
+            fitted = fitter.fit(store, key, samples, units, _Host(self, pools))
             store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
         return fitted
 
-    def _fit_gold(
-        self, store: Store, name: str, key: str, samples: list[Unit], units: Sequence[Unit], pools: dict
-    ) -> dict[str, Any]:
-        """Fit the stage on its gold set's ``samples`` in a worker."""
-        pool = self._pool_for(name, pools)
-        return pool.fit(
-            name, samples, self.planner.read_paths(name), getattr(self.manifest.data, self.stages[name].gold_set)
-        )
-
-    def _train(
-        self, store: Store, name: str, key: str, training: list[Unit], units: Sequence[Unit], pools: dict
-    ) -> dict[str, Any]:
-        """Train the stage's model on ``training`` on Ray Train, resuming from the
-        checkpoints of an interrupted run with the same inputs (``key``); -> its description."""
-        from seglab.workers.trainer import TrainingJob, train  # noqa: PLC0415 (torch loads only when a retrain stage runs)
-
-        for pool in pools.values():  # the trainer's workers need the CPUs/GPUs
-            pool.shutdown()
-        pools.clear()
-        config = self.manifest.stage_config(name)
-        labels, uncertainty = self.stages[name].training_targets
+    def _connect(self) -> None:
         ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
-        job = TrainingJob(
-            store_path=str(store.path),
-            units=tuple(u.id for u in training),
-            class_ids=self.context.classes.ids,
-            labels=labels,
-            uncertainty=uncertainty,
-            checkpoint_dir=str(store.checkpoint_dir(name) / key[:16]),
-            settings=config.model_dump(mode="json"),
-            seed=self.manifest.run.seed,
-        )
-        self.progress.note(
-            name,
-            f"training {config.architecture} on {len(training)} images for {config.epochs} epochs "
-            f"({config.workers} Ray Train worker(s))",
-        )
-        started = time.perf_counter()
-        path, state = train(
-            job,
-            num_workers=config.workers,
-            use_gpu=wants_gpu(config.use_gpu),
-            max_failures=self.manifest.ray.max_retries,
-        )
-        seconds = time.perf_counter() - started
-        self.progress.note(name, f"trained in {seconds:.0f}s, final loss {state['history'][-1]['loss']:.4f}")
-        store.remove_other_checkpoints(name, keep=key[:16])
-        return {
-            "architecture": config.architecture,
-            "checkpoint": str(path.relative_to(store.path)),
-            "sha256": file_sha256(path),
-            "epochs": len(state["history"]),
-            "units": len(training),
-            "skipped": len(training_units(self.manifest, list(units))) - len(training),
-            "input_size": list(config.input_size),
-            "trained_on": [u.id for u in training],
-            "seconds": round(seconds, 1),
-            "history": state["history"],
-        }
 
-    def _pool_for(self, name: str, pools: dict) -> Any:
+    def _pool_for(self, name: str, pools: Pools) -> WorkerPool:
         """The pool for a stage's resource shape; consecutive stages with the same shape share
         it. Another shape's pool is shut down first so that it frees its CPUs/GPUs."""
-        ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
+        self._connect()
         resources = worker_resources(self.stages[name].resources, self.manifest.backend)
         key = (resources.cpus, resources.gpus)
         if key not in pools:
-            for old in pools.values():
-                old.shutdown()
-            pools.clear()
+            _release(pools)
             spec = WorkerSpec(
                 store_path=str(self.manifest.store_path),
                 context=self.context,
@@ -337,7 +286,7 @@ class Runner:
             )
         return pools[key]
 
-    def _run_stage(self, store: Store, name: str, plan: Plan, report: StageReport, pool) -> None:
+    def _run_stage(self, store: Store, name: str, plan: Plan, report: StageReport, pool: WorkerPool) -> None:
         """Run the plan's units on ``pool``; every final receipt is appended to the ledger.
         A unit whose input turned out damaged invalidates that input's unit in its producing
         stage (a failed ledger line, its commit record dropped) for the next pass to redo."""
@@ -346,42 +295,30 @@ class Runner:
         self.progress.start(name, report.total, report.already_done + report.adopted)
         started = time.perf_counter()
 
-        def record(receipts: list[dict[str, Any]]) -> None:
-            storage = next(
-                (r["error"]["storage"] for r in receipts if r["status"] == "failed" and r["error"].get("storage")), None
-            )
-            receipts = [r for r in receipts if r["status"] == "done" or not r["error"].get("storage")]
-            ledger.append(
-                [
-                    {
-                        **r,
-                        "inputs": plan.tasks[r["unit"]]["inputs"],
-                        "signature": plan.tasks[r["unit"]]["signature"],
-                        **({} if r["status"] == "done" else {"info": {"source": images[r["unit"]]}}),
-                    }
-                    for r in receipts
-                ]
-            )
+        def record(outcomes: list[LedgerEntry]) -> None:
+            storage = next((o.storage for o in outcomes if isinstance(o, Failure) and o.storage), None)
+            final = [
+                o if isinstance(o, Receipt) else o.for_task(plan.tasks[o.unit], images[o.unit])
+                for o in outcomes
+                if isinstance(o, Receipt) or o.storage is None
+            ]
+            ledger.append(final)
             if storage:  # a full disk or an unwritable store is no unit's fault: stop, record nothing against it
-                raise StorageError(storage["path"], storage["problem"])
-            for r in receipts:
-                if r["status"] == "done":
+                raise StorageError(storage.path, storage.problem)
+            for outcome in final:
+                if isinstance(outcome, Receipt):
                     report.done_now += 1
-                elif r["error"].get("corrupt"):
-                    self._invalidate(store, r["unit"], r["error"]["corrupt"], r["error"]["message"])
-                    report.invalidated += [(r["unit"], path) for path in r["error"]["corrupt"]]
+                elif outcome.corrupt:
+                    self._invalidate(store, outcome.unit, outcome.corrupt, outcome.message)
+                    report.invalidated += [(outcome.unit, path) for path in outcome.corrupt]
                 else:
-                    report.failures.append((r["unit"], r["error"]["message"]))
-            self.progress.advance(name, len(receipts))
+                    report.failures.append((outcome.unit, outcome.message))
+            self.progress.advance(name, len(final))
 
-        def recover(units: Sequence[Unit]) -> list[dict[str, Any]]:
+        def recover(units: Sequence[Unit]) -> list[Receipt]:
             """Receipts of the units a lost worker had committed before it died."""
             records = {u.id: store.committed(name, u.id) for u in units}
-            return [
-                {k: v for k, v in r.items() if k not in ("inputs", "signature")}
-                for u, r in records.items()
-                if done_as(r, plan.tasks[u])
-            ]
+            return [r for u, r in records.items() if done_as(r, plan.tasks[u])]
 
         stats = run_batches(
             pool=pool,
@@ -404,12 +341,20 @@ class Runner:
     def _invalidate(self, store: Store, unit: str, paths: Sequence[str], message: str) -> None:
         for stage in dict.fromkeys(path.split("/", 1)[0] for path in paths):
             store.forget_commit(stage, unit)
-            store.ledger(stage).append(
-                [
-                    {
-                        "unit": unit,
-                        "status": "failed",
-                        "error": {"type": "CorruptOutput", "message": message, "transient": False},
-                    }
-                ]
-            )
+            store.ledger(stage).append([Failure(unit, type="CorruptOutput", message=message)])
+
+
+class _Host:
+    """What a fitter borrows from a run (``fitting.FitHost``): its pools and Ray session."""
+
+    def __init__(self, runner: Runner, pools: Pools):
+        self.runner, self.pools, self.progress = runner, pools, runner.progress
+
+    def pool_for(self, name: str) -> WorkerPool:
+        return self.runner._pool_for(name, self.pools)
+
+    def release_pools(self) -> None:
+        _release(self.pools)
+
+    def connect(self) -> None:
+        self.runner._connect()

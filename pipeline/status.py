@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from seglab.pipeline.base.fingerprint import diff_signatures, digest
+from seglab.pipeline.core.ledger import Failure
 from seglab.pipeline.core.store import Store, check_store_path
+from seglab.pipeline.fitting import current_fit
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.planning import Planner
 from seglab.pipeline.units import enumerate_units
@@ -54,11 +56,10 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
         stored = attrs.get("signature")
         expected = planner.signatures[name]
         state = "none" if stored is None else ("current" if digest(stored) == digest(expected) else "stale")
-        fitted = planner.current_fit(store, name, units)[0] if planner.stages[name].fits else None
-        plan = planner.plan(store, name, units, fitted=fitted and digest(fitted))
-        failed = [
-            (u, e["error"]["message"]) for u, e in entries.items() if u in unit_ids and e.get("status") == "failed"
-        ]
+        stage = planner.stages[name]
+        fitted = current_fit(planner, store, name, units)[0]
+        plan = planner.plan(store, name, units, fitted=digest(fitted) if fitted else None)
+        failed = [(u, e.message) for u, e in entries.items() if u in unit_ids and isinstance(e, Failure)]
         out.append(
             StageStatus(
                 stage=name,
@@ -66,11 +67,11 @@ def store_status(manifest: Manifest) -> list[StageStatus]:
                 done=len(unit_ids) - len(plan.todo) - plan.blocked,
                 failed=len(failed),
                 signature=state,
-                changes=tuple(diff_signatures(stored, expected)) if state == "stale" else (),
+                changes=tuple(diff_signatures(stored, expected)) if stored is not None and state == "stale" else (),
                 seconds=(attrs.get("summary") or {}).get("seconds"),
                 failures=tuple(sorted(failed)),
                 fitted=attrs.get("fitted"),
-                fit_summary=planner.stages[name].describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
+                fit_summary=stage.describe_fit(attrs["fitted"]) if attrs.get("fitted") else None,
                 blocked=plan.blocked,
                 missing=len(plan.missing),
                 warnings=tuple(store.problems_of(name)) if store else (),

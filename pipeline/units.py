@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def unlabelled_images(manifest: Manifest, units: list[Unit]) -> UnlabelledImages
         absent = f"no row in {weak.path}"
     else:
         present = {entry.name for entry in os.scandir(weak.path)}
-        missing = [u for u in units if Path(u.weak_map).name not in present]
+        missing = [u for u in units if u.weak_map is None or Path(u.weak_map).name not in present]
         absent = f"no <image stem>.png in {weak.path}"
     return UnlabelledImages(tuple(_image_key(Path(u.image), root) for u in missing), len(units), absent)
 
@@ -203,7 +204,7 @@ def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Uni
     return [by_image[p] for p in images]
 
 
-def held_out(manifest: Manifest, units: list[Unit]) -> dict[str, list[str]]:
+def held_out(manifest: Manifest, units: Sequence[Unit]) -> dict[str, list[str]]:
     """Ids of the run's units in each gold set the manifest names ('calibration',
     'evaluation'), in run order; gold images outside data.images are not units."""
     data, root = manifest.data, Path(manifest.data.root)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -86,6 +86,25 @@ class Context:
     -> float32 [C, h, w] class probabilities."""
 
 
+@dataclass(frozen=True)
+class FitOnGoldSet:
+    """The stage is fitted on the manifest's gold set ``gold_set`` ('calibration': its images
+    and gold masks) by ``MapStage.fit`` before it maps, and runs only when the manifest names
+    that set."""
+
+    gold_set: str
+
+
+@dataclass(frozen=True)
+class FitByTraining:
+    """The stage is fitted by training a model (workers/trainer.py) on the run's training
+    units before it maps, learning from the store paths ``labels`` (HxW class ids) and
+    ``uncertainty`` (HxW float in [0, 1]); it runs only in the ``rounds`` a manifest asks for."""
+
+    labels: str
+    uncertainty: str
+
+
 ROUND_SEPARATOR = "."
 
 
@@ -108,21 +127,14 @@ class Stage(ABC):
     """True when the stage's ``labels`` output is a dense HxW class map (what evaluate scores)."""
     gold_reads: ClassVar[tuple[str, ...]] = ()
     """Store paths ('stage/array') that ``gold_measures`` needs; none: it measures nothing."""
-    gold_set: ClassVar[str | None] = None
-    """'calibration': the stage is fitted on that gold set of the manifest before it maps
-    (``MapStage.fit``), and it runs only when the manifest names one."""
-    trains: ClassVar[bool] = False
-    """True: the stage is fitted by training a model on the run's training units (workers/
-    trainer.py) before it maps, and it runs only when the manifest asks for ``rounds``."""
-    training_targets: ClassVar[tuple[str, str]] = ("", "")
-    """For a stage that trains: the store paths of the HxW labels and the HxW [0, 1]
-    uncertainty it learns from."""
+    fitting: ClassVar[FitOnGoldSet | FitByTraining | None] = None
+    """How the stage is fitted before it maps, if it is (the engine runs one strategy per kind)."""
 
     def __init__(self, config: StageConfig):
         self.config = config
 
     @classmethod
-    def in_round(cls, r: int) -> type[Stage]:
+    def in_round(cls, r: int) -> type[Self]:
         """The stage as it runs in round ``r`` (its store group ``round_name(name, r)``);
         round 0 is the stage itself, only stages that repeat per round have others."""
         if r == 0:
@@ -137,11 +149,19 @@ class Stage(ABC):
     @property
     def fits(self) -> bool:
         """Whether the stage is fitted (on a gold set, or by training) before it maps."""
-        return self.gold_set is not None or self.trains
+        return self.fitting is not None
 
     @abstractmethod
     def outputs(self, ctx: Context) -> tuple[str, ...]:
         """Names of the arrays written per unit under this stage's group."""
+
+    def describe_fit(self, fitted: dict[str, Any]) -> str:
+        """One line for the operator about the stored fit (``seglab status``); for fitted stages."""
+        raise NotImplementedError(f"stage '{self.name}' is not fitted")
+
+    def fit_warning(self, fitted: dict[str, Any]) -> str | None:
+        """A sentence for the operator when the fit could not keep its promise (default none)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -162,7 +182,7 @@ class GoldSample:
 class MapStage(Stage):
     """Independent per unit: the runner fans units out to workers in batches.
 
-    A stage with a ``gold_set`` is first fitted: ``fit`` runs once (in a worker) on the
+    A stage fitted on a gold set (``FitOnGoldSet``) is first fitted: ``fit`` runs once (in a worker) on the
     gold set's units and returns JSON-able parameters; the runner stores them as the
     stage's ``fitted`` attribute and hands them to every worker as ``self.fitted``.
     """
@@ -170,7 +190,7 @@ class MapStage(Stage):
     fitted: dict[str, Any] | None = None
 
     def fit(self, samples: Sequence[GoldSample], ctx: Context) -> dict[str, Any]:
-        """Parameters fitted on the gold samples (JSON-able); only for stages with a gold_set."""
+        """Parameters fitted on the gold samples (JSON-able); only for stages fitted on a gold set."""
         raise NotImplementedError(f"stage '{self.name}' has no gold set to fit on")
 
     def gold_measures(
@@ -180,14 +200,6 @@ class MapStage(Stage):
         ``seglab evaluate`` scores anyway), averaged over images by evaluate; default none.
         inputs: the image's arrays named in ``gold_reads``; gold_index, valid: as in ``GoldSample``."""
         return {}
-
-    def describe_fit(self, fitted: dict[str, Any]) -> str:
-        """One line for the operator about the stored fit (``seglab status``); for fitted stages."""
-        raise NotImplementedError(f"stage '{self.name}' is not fitted")
-
-    def fit_warning(self, fitted: dict[str, Any]) -> str | None:
-        """A sentence for the operator when the fit could not keep its promise (default none)."""
-        return None
 
     @abstractmethod
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:

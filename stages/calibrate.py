@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from seglab.stages.base import Context, GoldSample, MapStage, Resources, StageConfig, Unit
+from seglab.stages.base import Context, FitOnGoldSet, GoldSample, MapStage, Resources, StageConfig, Unit
 from seglab.stages.parts.conformal import METHODS, ScoreTable, calibrated_labels, image_miscoverage, prediction_sets
 
 
@@ -39,10 +39,11 @@ class CalibrateConfig(StageConfig):
 class Calibrate(MapStage):
     name = "calibrate"
     Config = CalibrateConfig
+    config: CalibrateConfig
     reads = ("select/probabilities",)
     resources = Resources(cpus=1)
     writes_class_map = True
-    gold_set = "calibration"
+    fitting = FitOnGoldSet("calibration")
     gold_reads = ("select/probabilities",)
 
     def outputs(self, ctx: Context) -> tuple[str, ...]:

@@ -56,6 +56,7 @@ def view_prefix(k: int) -> str:
 class Embed(MapStage):
     name = "embed"
     Config = EmbedConfig
+    config: EmbedConfig
     reads = ("ingest/image",)
     resources = Resources(cpus=1, needs_backend=True)
 
@@ -71,7 +72,7 @@ class Embed(MapStage):
         self, units: Sequence[Unit], inputs: Sequence[Mapping[str, np.ndarray]], ctx: Context
     ) -> list[dict[str, np.ndarray] | BaseException]:
         try:
-            return self._encode([i["ingest/image"] for i in inputs], ctx)
+            return list(self._encode([i["ingest/image"] for i in inputs], ctx))
         except Exception:
             return super().process_batch(units, inputs, ctx)
 

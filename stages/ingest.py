@@ -40,6 +40,7 @@ class Ingest(MapStage):
     name = "ingest"
     version = 2  # 2: boxes output
     Config = IngestConfig
+    config: IngestConfig
     reads = ()
     resources = Resources(cpus=1)
 
@@ -53,23 +54,30 @@ class Ingest(MapStage):
         dtype = classes.label_dtype
         boxes = np.zeros((0, 5), np.float32)
         weak = np.full(hw, classes.ignore_id, dtype)
-        row_checks = dict(
-            path_for_errors=Path(unit.weak_source or unit.image),
-            image_hw=hw,
-            class_ids=frozenset(classes.ids),
-            image=unit.id,
-        )
+        path_for_errors = Path(unit.weak_source or unit.image)
+        class_ids = frozenset(classes.ids)
         if ctx.weak_kind == "points":
-            weak = rasterize_points(validate_points(unit.weak_rows, **row_checks), hw, classes.ignore_id, dtype)
+            points = validate_points(
+                unit.weak_rows, path_for_errors=path_for_errors, image_hw=hw, class_ids=class_ids, image=unit.id
+            )
+            weak = rasterize_points(points, hw, classes.ignore_id, dtype)
         elif ctx.weak_kind == "boxes":
-            boxes = validate_boxes(unit.weak_rows, **row_checks, background=ctx.background)
+            boxes = validate_boxes(
+                unit.weak_rows,
+                path_for_errors=path_for_errors,
+                image_hw=hw,
+                class_ids=class_ids,
+                image=unit.id,
+                background=ctx.background,
+            )
         elif ctx.weak_kind in ("scribbles", "coarse"):
             if unit.weak_map is None or not Path(unit.weak_map).exists():
                 raise InputError(unit.weak_map or unit.image, "no weak label map for this image")
+            assert ctx.unlabelled is not None  # set from data.weak.unlabelled for every label-map kind
             raw = read_label_map(
                 Path(unit.weak_map),
                 expected_hw=hw,
-                class_ids=frozenset(classes.ids),
+                class_ids=class_ids,
                 unlabelled=ctx.unlabelled,
             )
             weak = np.where(raw == ctx.unlabelled, classes.ignore_id, raw).astype(dtype)

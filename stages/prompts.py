@@ -116,6 +116,7 @@ class Prompts(MapStage):
     name = "prompts"
     version = 2  # 2: box prompts (boxes, coarse extents), certainty-weighted sampling
     Config = PromptsConfig
+    config: PromptsConfig
     reads = ("ingest/weak", "ingest/boxes")
     resources = Resources(cpus=1)
 

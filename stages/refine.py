@@ -126,6 +126,7 @@ class Refine(MapStage):
     name = "refine"
     version = 2  # 2: mask evidence upsampled once per class
     Config = RefineConfig
+    config: RefineConfig
     reads = (
         "select/labels",
         "select/probabilities",
@@ -226,6 +227,7 @@ class Refine(MapStage):
                 classes,
                 cfg.field,
             )
+            assert decoded.spread is not None  # decoded with_spread
             signals["spread"] = decoded.spread
             _mix_into(probabilities, reprompted, uncertain, cfg.reprompt_weight)
             del reprompted

@@ -1,6 +1,6 @@
 """retrain: train a segmenter on the refined labels, then predict every image with its mean teacher.
 
-The stage is fitted by training (``trains``): on the run's training units (every image
+The stage is fitted by training (``FitByTraining``): on the run's training units (every image
 that is neither a calibration nor an evaluation image), workers/trainer.py trains
 ``architecture`` on Ray Train with SUM's uncertainty-aware losses (focal loss weighted by
 1 - u, Dice on pixels with 1 - u > 1/2) and image weights from the labels' uncertainty
@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 from skimage.transform import resize
 
-from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit, round_name
+from seglab.stages.base import Context, FitByTraining, MapStage, Resources, StageConfig, Unit, round_name
 
 
 class RetrainConfig(StageConfig):
@@ -53,11 +53,11 @@ class RetrainConfig(StageConfig):
 class Retrain(MapStage):
     name = "retrain"
     Config = RetrainConfig
-    training_targets = ("refine/labels", "refine/uncertainty")
-    reads = ("ingest/image", *training_targets)
+    config: RetrainConfig
+    fitting = FitByTraining("refine/labels", "refine/uncertainty")
+    reads = ("ingest/image", "refine/labels", "refine/uncertainty")
     resources = Resources(cpus=1)
     writes_class_map = True
-    trains = True
 
     @classmethod
     @cache
@@ -65,11 +65,15 @@ class Retrain(MapStage):
         if r == 0:
             return cls
         refined = round_name("refine", r)
-        targets = (f"{refined}/labels", f"{refined}/uncertainty")
+        fitting = FitByTraining(f"{refined}/labels", f"{refined}/uncertainty")
         return type(
             f"RetrainRound{r}",
             (cls,),
-            {"name": round_name(cls.name, r), "training_targets": targets, "reads": ("ingest/image", *targets)},
+            {
+                "name": round_name(cls.name, r),
+                "fitting": fitting,
+                "reads": ("ingest/image", fitting.labels, fitting.uncertainty),
+            },
         )
 
     def describe_fit(self, fitted: dict[str, Any]) -> str:
@@ -84,6 +88,7 @@ class Retrain(MapStage):
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
         image = inputs["ingest/image"]
+        assert ctx.segmenter is not None  # the trained teacher, set for every stage that trains
         probabilities = np.asarray(ctx.segmenter(image), np.float32)
         full = resize(
             probabilities,

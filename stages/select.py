@@ -67,6 +67,7 @@ class Select(MapStage):
     name = "select"
     version = 7  # 6: the joint label field; 7: evidence upsampled per class, no prior once seeded
     Config = SelectConfig
+    config: SelectConfig
     reads = ("embed", "prompts", "ingest/weak", "ingest/image", "ingest/boxes")
     resources = Resources(cpus=1, needs_backend=True)
     writes_class_map = True
@@ -104,6 +105,7 @@ class Select(MapStage):
             classes,
             self.config.field,
         )
+        assert original is not None  # split_views yields the original view first
         weak_pixels = weak != classes.ignore_id
         confidence = value_of_label(labels, probabilities, classes.ids, classes.ignore_id)
         variance = np.where(weak_pixels, 0.0, value_of_label(labels, class_variance, classes.ids, classes.ignore_id))

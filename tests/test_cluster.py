@@ -134,7 +134,7 @@ def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, sta
             done = [e["unit"] for e in ledger_lines(store_path, s) if e["status"] == "done"]
             assert sorted(done) == sorted(set(done)) and len(done) == len(SIZES), f"{s}: lost or done twice"
             for unit, entry in clean.ledger(s).load().items():
-                paths = [f"{s}/{out}" for out in entry["outputs"]]
+                paths = [f"{s}/{out}" for out in entry.outputs]
                 for path, value in clean.read_unit(paths, unit).items():
                     np.testing.assert_array_equal(store.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
     finally:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 
 from seglab.cli.app import app
 from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.ledger import Failure, Receipt
 from seglab.pipeline.core.store import CorruptOutput, Store
 from seglab.pipeline.exports import coco
 from seglab.pipeline.exports.export import export
@@ -50,7 +52,7 @@ def store(tmp_path_factory, ray_local) -> Path:
 def stored(store: Path, stage: str = "refine") -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
     """unit -> (labels, uncertainty or None, source image) as the store holds them."""
     s = Store(store)
-    sources = {u: e["info"]["source"] for u, e in s.ledger("ingest").load().items()}
+    sources = {u: e.source for u, e in s.ledger("ingest").load().items()}
     out = {}
     for unit in done_units(s, stage):
         labels = s.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
@@ -225,7 +227,7 @@ def test_images_the_stage_has_not_finished_are_named_not_silently_missing(store,
     copy = tmp_path / "run.zarr"
     shutil.copytree(store, copy)
     unit = sorted(Store(copy).ledger("refine").load())[0]
-    Store(copy).ledger("refine").append([{"unit": unit, "status": "failed", "error": {"message": "lost"}}])
+    Store(copy).ledger("refine").append([Failure(unit, type="RuntimeError", message="lost")])
     result = CliRunner().invoke(app, ["export", str(copy), "--format", "coco", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "1 images of the run have no finished refine labels" in result.output
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
@@ -288,8 +290,9 @@ def test_checksums_of_names_with_a_newline_or_backslash_pass_sha256sum_check(sto
     copy = copied(store, tmp_path)
     ingest = Store(copy).ledger("ingest")
     unit, entry = sorted(ingest.load().items())[0]
-    odd = str(Path(entry["info"]["source"]).with_name("we\\ird\nname.png"))  # a stem holding both
-    ingest.append([{**entry, "info": {**entry["info"], "source": odd}}])
+    assert isinstance(entry, Receipt) and entry.source is not None
+    odd = str(Path(entry.source).with_name("we\\ird\nname.png"))  # a stem holding both
+    ingest.append([replace(entry, info={**entry.info, "source": odd}, time=None)])
     out = tmp_path / "out"
     export(copy, out, ExportOptions(format="png"))
     assert (out / "labels" / "we\\ird\nname.png").exists()
@@ -372,4 +375,4 @@ def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_alloca
     assert "not exported" in done.stdout and unit in done.stdout and "--skip-damaged" in done.stdout
     assert not (tmp_path / "out").exists()
     with pytest.raises(CorruptOutput):
-        Store(copy).read_recorded("refine/labels", unit, Store(copy).ledger("refine").load()[unit]["outputs"]["labels"])
+        Store(copy).read_recorded("refine/labels", unit, Store(copy).ledger("refine").load()[unit].outputs["labels"])

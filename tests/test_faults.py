@@ -17,12 +17,13 @@ from conftest import write_dataset, write_manifest
 from ray import cloudpickle
 
 from seglab.pipeline.base.errors import InputError, TransientError
+from seglab.pipeline.core.ledger import Failure, Receipt, Task
 from seglab.pipeline.core.store import COMMIT_DIR, CorruptOutput, Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.stages.base import Resources, Unit
 from seglab.workers.pool import StageFailed, WorkerPool, run_batches
-from seglab.workers.schedule import failure_receipt
+from seglab.workers.schedule import failure_of
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SIZES = [(48 + 4 * i, 64) for i in range(6)]
@@ -32,7 +33,7 @@ STAGES = ("ingest", "embed", "prompts", "select", "refine")
 def stored_equal(a: Store, b: Store, stages=STAGES) -> None:
     for stage in stages:
         for unit, entry in a.ledger(stage).load().items():
-            paths = [f"{stage}/{name}" for name in entry["outputs"]]
+            paths = [f"{stage}/{name}" for name in entry.outputs]
             for path, value in a.read_unit(paths, unit).items():
                 np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
 
@@ -61,7 +62,7 @@ def test_units_committed_before_the_driver_died_are_adopted_not_recomputed(clean
     embed = next(s for s in report.stages if s.stage == "embed")
     assert report.ok and embed.adopted == len(lost) == 4 and embed.done_now == 0  # no image encoded again
     entries = store.ledger("embed").load()
-    assert {u for u, e in entries.items() if e.get("adopted")} == lost
+    assert {u for u, e in entries.items() if isinstance(e, Receipt) and e.adopted} == lost
     stored_equal(reference, store)
 
 
@@ -80,9 +81,7 @@ def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(cle
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
     with pytest.raises(CorruptOutput, match=f"embed/lab/{unit}"):
-        store.verify_reads(
-            ["embed/lab"], unit, {"embed/lab": store.ledger("embed").load()[unit]["outputs"]["lab"]["sha256"]}
-        )
+        store.verify_reads(["embed/lab"], unit, {"embed/lab": store.ledger("embed").load()[unit].outputs["lab"].sha256})
 
     report = Runner(manifest, RunOptions(force=("select",))).run()  # select reads embed again
     by_stage = {s.stage: s for s in report.stages}
@@ -95,6 +94,7 @@ def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(cle
 
 WRITER = """
 import sys, time, numpy as np
+from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 store = Store(sys.argv[1])
 start = int(sys.argv[2])
@@ -103,8 +103,7 @@ for k in range(start, start + 1000):
     unit = f"u{k:05d}"
     outputs = store.write_unit("embed", unit, {"lab": rng.random((3, 256, 256)).astype(np.float32),
                                                "edges": rng.random((256, 256)).astype(np.float16)})
-    store.commit_unit("embed", unit,
-                      {"unit": unit, "status": "done", "outputs": outputs, "inputs": "-", "signature": "-"})
+    store.commit_unit("embed", Receipt(unit=unit, outputs=outputs, inputs="-", signature="-"))
 """
 
 
@@ -122,7 +121,7 @@ def test_writers_killed_mid_write_leave_no_torn_unit_a_resume_would_accept(tmp_p
     assert len(committed) >= 12 and len(written - set(committed)) >= 1  # some kills hit before a commit
     for unit in committed:  # every committed unit reads back whole and equal to what its writer hashed
         record = store.committed("embed", unit)
-        expected = {f"embed/{k}": v["sha256"] for k, v in record["outputs"].items()}
+        expected = {f"embed/{k}": v.sha256 for k, v in record.outputs.items()}
         store.verify_reads(expected, unit, expected)
 
 
@@ -144,11 +143,11 @@ class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot i
             if unit.id.startswith("die"):
                 os._exit(1)
             if unit.id.startswith("transient"):
-                receipts.append(failure_receipt(unit, TransientError("storage hiccup")))
+                receipts.append(failure_of(unit, TransientError("storage hiccup")))
             elif unit.id.startswith("bad"):
-                receipts.append(failure_receipt(unit, InputError(unit.image, "cannot identify image file")))
+                receipts.append(failure_of(unit, InputError(unit.image, "cannot identify image file")))
             else:
-                receipts.append({"unit": unit.id, "status": "done", "outputs": {}, "info": {}})
+                receipts.append(Receipt(unit=unit.id, outputs={}, inputs="-", signature="-"))
         return receipts
 
 
@@ -172,24 +171,23 @@ def run_flaky(tmp_path, ids, *, size=2, resources=ONE_CPU, **options):
             batch_size=1,
             max_retries=2,
             on_receipts=receipts.extend,
-            tasks={u.id: {} for u in units},
+            tasks={u.id: Task("-", "-") for u in units},
             **options,
         )
     finally:
         pool.shutdown()
     calls = log.read_text().split() if log.exists() else []
-    return {r["unit"]: r for r in receipts}, {i: calls.count(i) for i in ids}
+    return {r.unit: r for r in receipts}, {i: calls.count(i) for i in ids}
 
 
 def test_transient_errors_are_retried_to_the_limit_and_deterministic_ones_never(tmp_path):
     receipts, calls = run_flaky(tmp_path, ["ok1", "transient1", "bad1", "ok2"])
     assert calls == {"ok1": 1, "transient1": 3, "bad1": 1, "ok2": 1}  # max_retries = 2
-    assert receipts["ok1"]["status"] == receipts["ok2"]["status"] == "done"
-    assert (
-        receipts["transient1"]["error"]["transient"] and "storage hiccup" in receipts["transient1"]["error"]["message"]
-    )
-    bad = receipts["bad1"]["error"]
-    assert not bad["transient"] and bad["message"] == "/data/bad1.png: cannot identify image file"
+    assert receipts["ok1"].status == receipts["ok2"].status == "done"
+    flaky, bad = receipts["transient1"], receipts["bad1"]
+    assert isinstance(flaky, Failure) and flaky.transient and "storage hiccup" in flaky.message
+    assert isinstance(bad, Failure) and not bad.transient
+    assert bad.message == "/data/bad1.png: cannot identify image file"
 
 
 def test_a_pool_that_keeps_dying_fails_the_stage_naming_it_and_a_unit(tmp_path):

@@ -370,3 +370,22 @@ def test_every_registered_stage_is_a_manifest_key_and_in_the_schema():
         field = Manifest.model_fields[name]
         assert field.annotation is stage.Config and field.default == stage.Config(), name
         assert schema["properties"][name]["$ref"] == f"#/$defs/{stage.Config.__name__}", name
+
+
+def test_what_the_type_checker_sees_of_the_stage_sections_is_the_registry():
+    """manifest.py spells the stage sections out for mypy only (``if TYPE_CHECKING``); they
+    must be the registry's stages with their Config classes, in its order."""
+    import ast
+
+    from seglab.pipeline.core.registry import STAGES
+
+    tree = ast.parse((ROOT / "pipeline" / "manifest.py").read_text())
+    typed = next(
+        node
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ClassDef) and node.name == "StageSections"
+    )
+    fields = [(f.target.id, ast.unparse(f.annotation)) for f in typed.body if isinstance(f, ast.AnnAssign)]
+    assert fields == [(name, stage.Config.__name__) for name, stage in STAGES.items()]

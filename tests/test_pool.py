@@ -10,6 +10,7 @@ import pytest
 import ray
 from conftest import write_dataset, write_manifest
 
+from seglab.pipeline.core.ledger import Receipt, Task
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
@@ -37,13 +38,13 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     victim = ray.get(pool.actors[0].pid.remote())
     receipts: list[dict] = []
 
-    def record(batch: list[dict]) -> None:
+    def record(batch: list) -> None:
         if not receipts and batch:
             os.kill(victim, signal.SIGKILL)  # one worker dies while it still has work in flight
         receipts.extend(batch)
 
     units = enumerate_units(manifest)
-    tasks = {u.id: {"inputs": "-", "signature": "-", "expected": {}} for u in units}
+    tasks = {u.id: Task("-", "-") for u in units}
     stats = run_batches(
         pool=pool,
         stage_name="embed",
@@ -56,8 +57,8 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     )
     pool.shutdown()
     assert pool.replaced == stats.replaced == 1 and 1 <= stats.resubmitted <= 2  # its in-flight batches, no more
-    assert sorted(r["unit"] for r in receipts) == sorted(u.id for u in units)  # each exactly once
-    assert all(r["status"] == "done" for r in receipts)
+    assert sorted(r.unit for r in receipts) == sorted(u.id for u in units)  # each exactly once
+    assert all(isinstance(r, Receipt) for r in receipts)
     for unit in units:
         lab = store.read_unit(["embed/lab"], unit.id)["embed/lab"]
         assert lab.shape == (3, 256, 256) and np.isfinite(lab.astype(np.float32)).all()

@@ -160,7 +160,7 @@ def test_stage_table_counts_are_the_ledgers(full):
     total = len(store.ledger("ingest").load())
     for stage, row in rows.items():
         entries = store.ledger(stage).load()
-        failed = sum(e["status"] == "failed" for e in entries.values())
+        failed = sum(e.status == "failed" for e in entries.values())
         assert [int(row[i][1]) for i in (1, 2, 3)] == [len(done_units(store, stage)), failed, total] == [6, 0, 6]
         summary = store.stage_attrs(stage)["summary"]
         assert float(row[7][1]) == pytest.approx(summary["computed"] / summary["seconds"])
@@ -174,7 +174,7 @@ def test_stage_table_counts_are_the_ledgers(full):
 
 def test_review_queue_is_ranked_by_the_stored_uncertainty_and_written_as_csv(full):
     store = full.store
-    images = {u: e["info"]["source"] for u, e in store.ledger("ingest").load().items()}
+    images = {u: e.source for u, e in store.ledger("ingest").load().items()}
     measured = []
     for unit in done_units(store, "refine.1"):
         u = store.read_unit(["refine.1/uncertainty"], unit)["refine.1/uncertainty"].astype(np.float32)

@@ -104,6 +104,6 @@ def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage,
     a, b = Store(clean_store), Store(resumed)
     for name in STAGES:
         for unit in a.ledger(name).load():
-            paths = [f"{name}/{out}" for out in a.ledger(name).load()[unit]["outputs"]]
+            paths = [f"{name}/{out}" for out in a.ledger(name).load()[unit].outputs]
             for path, value in a.read_unit(paths, unit).items():
                 np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")

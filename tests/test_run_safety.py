@@ -117,7 +117,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_blames_no_unit(tiny, small_
     with pytest.raises(StorageError, match="no space left on the device; free some space"):
         run(tiny, only="embed")
     embed = Store(small_disk / "run.zarr").ledger("embed").load()
-    assert all(e["status"] == "done" for e in embed.values())  # ENOSPC is never a unit's failure
+    assert all(e.status == "done" for e in embed.values())  # ENOSPC is never a unit's failure
     (small_disk / "filler").unlink()
     report = run(tiny, only="embed")
     assert report.ok and report.stages[0].done_now + report.stages[0].already_done + report.stages[0].adopted == 4

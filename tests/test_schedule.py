@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from seglab.pipeline.base.errors import InputError, TransientError
+from seglab.pipeline.core.ledger import Receipt
 from seglab.stages.base import Unit
-from seglab.workers.schedule import BatchSchedule, failure_receipt
+from seglab.workers.schedule import BatchSchedule, failure_of
 
 UNITS = [Unit(f"u{i}", f"/data/u{i}.png") for i in range(7)]
 
 
 def done(batch):
-    return [{"unit": u.id, "status": "done"} for u in batch]
+    return [Receipt(unit=u.id, outputs={}, inputs="i", signature="s") for u in batch]
 
 
 def ids(batch):
@@ -33,7 +34,7 @@ def test_batches_go_to_the_least_loaded_live_worker_up_to_in_flight_each():
 
 def test_a_transient_failure_is_retried_alone_until_its_attempts_run_out():
     schedule = BatchSchedule(UNITS[:2], batch_size=2, workers=1, in_flight=1, max_retries=2)
-    flaky = failure_receipt(UNITS[0], TransientError("storage hiccup"))
+    flaky = failure_of(UNITS[0], TransientError("storage hiccup"))
     worker, batch = schedule.dispatch([0])
     schedule.sent("a", worker, batch)
     schedule.returned("a")
@@ -50,8 +51,8 @@ def test_a_transient_failure_is_retried_alone_until_its_attempts_run_out():
 
 def test_an_input_error_is_final_at_once():
     schedule = BatchSchedule(UNITS[:1], batch_size=1, workers=1, in_flight=1, max_retries=5)
-    bad = failure_receipt(UNITS[0], InputError("/data/u0.png", "cannot identify image file"))
-    assert not bad["error"]["transient"]
+    bad = failure_of(UNITS[0], InputError("/data/u0.png", "cannot identify image file"))
+    assert not bad.transient
     worker, batch = schedule.dispatch([0])
     schedule.sent("a", worker, batch)
     schedule.returned("a")
@@ -74,5 +75,5 @@ def test_a_lost_worker_gives_back_its_other_batches_and_they_are_resubmitted():
     assert schedule.resubmit_or_fail(batch + others[0], TransientError("worker lost")) == []
     assert [ids(b) for b in schedule.queue] == [["u0"], ["u1"], ["u4"], ["u5"]] and schedule.stats.resubmitted == 4
     final = schedule.resubmit_or_fail(UNITS[:1], TransientError("worker lost"))  # u0's second loss
-    assert [r["unit"] for r in final] == ["u0"] and "after 2 attempts" in final[0]["error"]["message"]
-    assert final[0]["error"]["transient"]
+    assert [r.unit for r in final] == ["u0"] and "after 2 attempts" in final[0].message
+    assert final[0].transient

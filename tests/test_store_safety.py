@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_store import done_line, failed_line
+from test_ledger import done_line
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -74,7 +74,7 @@ def test_clearing_a_stage_removes_only_what_seglab_wrote(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
     store.prepare_stage("select", ["labels"])
     receipt = store.write_unit("select", "a", {"labels": np.ones((4, 4), np.uint8)})
-    store.commit_unit("select", "a", {**done_line("a", receipt)})
+    store.commit_unit("select", done_line("a", receipt))
     store.ledger("select").append([done_line("a", receipt)])
     (store.path / "select" / "keep.txt").write_text("mine")
     (store.path / "select" / "labels" / "notes").mkdir()
@@ -116,25 +116,6 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
         assert lock.taken_over is None  # released cleanly last time
 
 
-def test_malformed_ledger_lines_count_as_absent_and_are_reported_with_their_line(tmp_path):
-    store = Store(tmp_path / "s.zarr", create=True)
-    ledger = store.ledger("embed")
-    ledger.append([done_line("a"), done_line("b"), failed_line("c")])
-    with open(ledger.path, "ab") as f:
-        f.write(b'{"unit": "d", "status": "done"\xff}\n')  # a non-UTF-8 byte
-        f.write(json.dumps({**done_line("e"), "unit": ["e"]}).encode() + b"\n")
-        f.write(json.dumps({**done_line("a"), "outputs": "x"}).encode() + b"\n")
-        f.write(json.dumps({"unit": "b", "status": "failed"}).encode() + b"\n")
-    entries = ledger.load()
-    assert sorted(entries) == ["a", "b", "c"] and entries["a"]["outputs"] == done_line("a")["outputs"]
-    problems = store.problems_of("embed")
-    assert [p.split(": line ")[1].split(":")[0] for p in problems] == ["4", "5", "6", "7"]
-    assert "not UTF-8" in problems[0] and "'unit' is not a non-empty string" in problems[1]
-    assert "'outputs' is not a mapping" in problems[2] and "failed line without an 'error'" in problems[3]
-    ledger.load()
-    assert len(store.problems) == 4  # each reported once however often the ledger is read
-
-
 def test_status_reports_a_damaged_ledger_instead_of_crashing(tiny):
     path = tiny.parent / "run.zarr"
     store = Store(path, create=True)
@@ -165,7 +146,7 @@ def _raised(make):
 def test_an_unreadable_image_is_its_units_failure_and_a_full_disk_the_stores():
     from seglab.pipeline.base.errors import InputError, os_error_cause
     from seglab.stages.base import Unit
-    from seglab.workers.schedule import failure_receipt
+    from seglab.workers.schedule import failure_of
 
     def unreadable():
         try:
@@ -180,11 +161,11 @@ def test_an_unreadable_image_is_its_units_failure_and_a_full_disk_the_stores():
             raise RuntimeError("codec pipeline failed") from exc
 
     image, disk = (
-        failure_receipt(Unit("a", "/data/a.png"), _raised(unreadable)),
-        failure_receipt(Unit("u", "/x.png"), _raised(full)),
+        failure_of(Unit("a", "/data/a.png"), _raised(unreadable)),
+        failure_of(Unit("u", "/x.png"), _raised(full)),
     )
-    assert "storage" not in image["error"] and image["error"]["message"].startswith("/data/a.png: permission denied")
-    assert disk["error"]["storage"]["path"] == "/store/embed/lab/u/c/0"
+    assert image.storage is None and image.message.startswith("/data/a.png: permission denied")
+    assert disk.storage is not None and disk.storage.path == "/store/embed/lab/u/c/0"
     assert os_error_cause(_raised(full)).errno == errno.ENOSPC
 
 

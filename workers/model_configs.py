@@ -3,7 +3,7 @@ imports torch). The backends themselves live in sam.py and sam2.py."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,7 +41,7 @@ class SamConfig(BaseModel):
     prompt_batch: int | None = Field(None, ge=1, le=4096, description=PROMPT_BATCH_HELP)
 
 
-SAM2_CONFIGS = (
+Sam2ModelConfig = Literal[
     "configs/sam2/sam2_hiera_t.yaml",
     "configs/sam2/sam2_hiera_s.yaml",
     "configs/sam2/sam2_hiera_b+.yaml",
@@ -50,14 +50,15 @@ SAM2_CONFIGS = (
     "configs/sam2.1/sam2.1_hiera_s.yaml",
     "configs/sam2.1/sam2.1_hiera_b+.yaml",
     "configs/sam2.1/sam2.1_hiera_l.yaml",
-)
+]
+SAM2_CONFIGS: tuple[str, ...] = get_args(Sam2ModelConfig)
 
 
 class Sam2Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["sam2"] = "sam2"
-    config: Literal[SAM2_CONFIGS] = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 model config.")
+    config: Sam2ModelConfig = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 model config.")
     checkpoint: ManifestFile = Field(description="SAM2 checkpoint ({'model': state dict}); weights_only loading.")
     overrides: tuple[str, ...] = Field(
         (), description="Hydra overrides for a variant architecture, e.g. '++model.image_encoder.trunk.embed_dim=48'."

@@ -23,12 +23,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.base.errors import SeglabError, TransientError
 from seglab.pipeline.core.gold import read_gold
+from seglab.pipeline.core.ledger import LedgerEntry, Receipt, Task
 from seglab.pipeline.core.registry import stage_class
 from seglab.pipeline.core.store import Store
-from seglab.stages.base import Context, GoldSample, Resources, StageConfig, Unit
+from seglab.stages.base import Context, FitByTraining, GoldSample, Resources, StageConfig, Unit
 from seglab.workers.backend import build_backend
 from seglab.workers.raysession import capacity
-from seglab.workers.schedule import BatchSchedule, BatchStats, failure_receipt
+from seglab.workers.schedule import BatchSchedule, BatchStats, failure_of
 
 
 class StageFailed(SeglabError):
@@ -101,46 +102,42 @@ class StageWorker:
         return self._stage(stage_name).fit(samples, self.context)
 
     def run(
-        self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], tasks: Mapping[str, Mapping[str, Any]]
-    ) -> list[dict[str, Any]]:
-        """Run a batch; -> one receipt per unit. ``tasks[unit id]``: 'inputs' (input digest)
-        and 'signature' (stage signature digest) for the commit record, 'expected': the
-        sha256 of each read array as its producer recorded it."""
+        self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], tasks: Mapping[str, Task]
+    ) -> list[LedgerEntry]:
+        """Run a batch; -> one receipt or failure per unit. ``tasks[unit id]``: the input and
+        signature digests its commit record carries, the sha256 each read must have."""
         stage = self._stage(stage_name)
         if stage.fits:
             stage.fitted = self.store.stage_attrs(stage_name).get("fitted")
-        if stage.trains:
+        if isinstance(stage.fitting, FitByTraining):
             self._load_segmenter(stage)
-        receipts: list[dict[str, Any]] = []
+        receipts: list[LedgerEntry] = []
         ready_units, inputs = [], []
         for unit in units:
             try:
-                inputs.append(self.store.verify_reads(read_paths, unit.id, tasks[unit.id]["expected"]))
+                inputs.append(self.store.verify_reads(read_paths, unit.id, tasks[unit.id].expected))
                 ready_units.append(unit)
             except Exception as exc:
-                receipts.append(failure_receipt(unit, exc))
+                receipts.append(failure_of(unit, exc))
         started = time.perf_counter()
         results = stage.process_batch(ready_units, inputs, self.context) if ready_units else []
         seconds = (time.perf_counter() - started) / max(1, len(ready_units))
         for unit, result in zip(ready_units, results):
             if isinstance(result, BaseException):
-                receipts.append(failure_receipt(unit, result))
+                receipts.append(failure_of(unit, result))
                 continue
             try:
-                receipt = {
-                    "unit": unit.id,
-                    "status": "done",
-                    "outputs": self.store.write_unit(stage_name, unit.id, result),
-                    "info": stage.receipt_info(unit, result),
-                    "seconds": round(seconds, 4),
-                }
-                self.store.commit_unit(
-                    stage_name,
-                    unit.id,
-                    {**receipt, "inputs": tasks[unit.id]["inputs"], "signature": tasks[unit.id]["signature"]},
+                receipt = Receipt(
+                    unit=unit.id,
+                    outputs=self.store.write_unit(stage_name, unit.id, result),
+                    inputs=tasks[unit.id].inputs,
+                    signature=tasks[unit.id].signature,
+                    info=stage.receipt_info(unit, result),
+                    seconds=round(seconds, 4),
                 )
+                self.store.commit_unit(stage_name, receipt)
             except Exception as exc:
-                receipts.append(failure_receipt(unit, exc))
+                receipts.append(failure_of(unit, exc))
                 continue
             receipts.append(receipt)
         return receipts
@@ -168,7 +165,7 @@ class WorkerPool:
         self.size = size
         self.start_timeout = start_timeout
         self.replaced = 0
-        self._cls = ray.remote(worker).options(
+        self._cls: Any = ray.remote(worker).options(
             num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=0, max_task_retries=0
         )
         self.actors: list[Any] = [self._cls.remote(spec) for _ in range(size)]
@@ -251,15 +248,15 @@ def run_batches(
     read_paths: Sequence[str],
     batch_size: int,
     max_retries: int,
-    on_receipts: Callable[[list[dict[str, Any]]], None],
-    tasks: Mapping[str, Mapping[str, Any]],
-    recover: Callable[[Sequence[Unit]], list[dict[str, Any]]] | None = None,
+    on_receipts: Callable[[list[LedgerEntry]], None],
+    tasks: Mapping[str, Task],
+    recover: Callable[[Sequence[Unit]], list[Receipt]] | None = None,
     stall_timeout: float = 1800.0,
     in_flight: int = 2,
     replace_limit: int | None = None,
 ) -> BatchStats:
-    """Run ``stage_name`` over ``units``; every unit ends in exactly one final receipt
-    passed to ``on_receipts`` (done, or failed with its reason).
+    """Run ``stage_name`` over ``units``; every unit ends in exactly one final receipt or
+    failure, passed to ``on_receipts``.
 
     tasks: per unit id what ``StageWorker.run`` needs besides the unit. A worker lost with
     batches in flight: ``recover`` turns the units it had already committed into done
@@ -274,9 +271,9 @@ def run_batches(
     stats = schedule.stats
 
     def lost(batch: list[Unit], error: BaseException) -> None:
-        recovered = recover(batch) if recover else []
+        recovered: list[LedgerEntry] = list(recover(batch)) if recover else []
         stats.recovered += len(recovered)
-        finished = {r["unit"] for r in recovered}
+        finished = {r.unit for r in recovered}
         on_receipts(recovered + schedule.resubmit_or_fail([u for u in batch if u.id not in finished], error))
 
     last_progress = time.monotonic()
@@ -324,6 +321,6 @@ def run_batches(
                 lost(batch, TransientError(f"worker lost: {type(exc).__name__}"))
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
-                receipts = [failure_receipt(unit, exc) for unit in batch]
+                receipts = [failure_of(unit, exc) for unit in batch]
             on_receipts(schedule.settle(batch, receipts))
     return stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import ray
 
@@ -35,13 +36,15 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     uses token authentication. Reuses a Ray already initialised in this process (tests)."""
     if ray.is_initialized():
         return
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    init = partial(
+        ray.init, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True
+    )
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            init(address=address)
         else:
             with _quiet(TOKEN_SETUP_LOGGER):
-                ray.init(address="local", num_cpus=num_cpus, **kwargs)
+                init(address="local", num_cpus=num_cpus)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
 

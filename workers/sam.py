@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from seglab.stages.parts.geometry import ImageFrame
@@ -70,13 +72,13 @@ class SamBackend(FrozenModelBackend):
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> float32 [3, 1024, 1024], exactly as ``SamPredictor.set_image``."""
-        model = self.model
+        model = cast(Sam, self.model)  # what build_architecture built
         resized = ResizeLongestSide(IMAGE_SIZE).apply_image(image)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
         return model.preprocess(tensor[None])[0]
 
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        model = self.model
+        model = cast(Sam, self.model)  # what build_architecture built
         batch = torch.stack([self.preprocess(np.asarray(im)) for im in images])
         with torch.inference_mode(), autocast(self.device, self.dtype):
             embed = model.image_encoder(batch)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
 from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from seglab.stages.parts.geometry import ImageFrame
@@ -69,7 +71,7 @@ class Sam2Backend(FrozenModelBackend):
         self.predictor = SAM2ImagePredictor(model)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        model = self.model
+        model = cast(SAM2Base, self.model)  # what build_architecture built
         predictor = self.predictor
         batch = predictor._transforms.forward_batch([np.asarray(im) for im in images]).to(self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):

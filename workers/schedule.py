@@ -2,7 +2,7 @@
 can be tested without it: batches queued, batches in flight per worker, attempts per unit.
 
 ``run_batches`` (workers/pool.py) is the Ray loop around it: it asks ``dispatch`` where the
-next batch goes, reports each batch back with ``settle`` (its receipts) or, when the worker
+next batch goes, reports each batch back with ``settle`` (its receipts and failures) or, when the worker
 died, ``lose_worker`` and ``resubmit_or_fail``. The retry rule lives here once: a unit is
 retried while it has had at most ``max_retries`` failed attempts, then its failure is final.
 """
@@ -13,9 +13,9 @@ import traceback
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from seglab.pipeline.base.errors import InputError, SeglabError, StorageError, TransientError, os_error_cause
+from seglab.pipeline.core.ledger import Failure, LedgerEntry, StorageProblem
 from seglab.pipeline.core.store import CorruptOutput
 from seglab.stages.base import Unit
 
@@ -25,25 +25,22 @@ TRANSIENT = (TransientError, TimeoutError, ConnectionError, MemoryError)
 Batch = list[Unit]
 
 
-def failure_receipt(unit: Unit, exc: BaseException) -> dict[str, Any]:
-    """A failed unit's receipt. ``error.transient``: worth retrying; ``error.corrupt``: the
-    damaged input arrays ('stage/output') whose producing stage must redo the unit;
-    ``error.storage``: {path, problem} of a full disk or an unwritable file, which the
-    driver stops on without recording anything against the unit."""
-    transient = isinstance(exc, TRANSIENT) and not isinstance(exc, InputError)
-    message = str(exc) if isinstance(exc, SeglabError) else f"{type(exc).__name__}: {exc}"
-    error = {
-        "type": type(exc).__name__,
-        "message": message,
-        "transient": transient,
-        "detail": "".join(traceback.format_exception(exc))[-2000:],
-    }
-    if isinstance(exc, CorruptOutput):
-        error["corrupt"] = exc.paths
-    if (cause := os_error_cause(exc)) is not None:
-        storage = StorageError.from_os_error(cause, "the store")
-        error["storage"] = {"path": storage.path, "problem": storage.problem}
-    return {"unit": unit.id, "status": "failed", "error": error}
+def failure_of(unit: Unit, exc: BaseException) -> Failure:
+    """A unit's failure from the exception it raised: ``transient`` when worth retrying,
+    ``corrupt`` the damaged input arrays ('stage/output') whose producing stage must redo
+    the unit, ``storage`` the path and problem of a full disk or an unwritable file, which
+    the driver stops on without recording anything against the unit."""
+    cause = os_error_cause(exc)
+    storage = StorageError.from_os_error(cause, "the store") if cause is not None else None
+    return Failure(
+        unit=unit.id,
+        type=type(exc).__name__,
+        message=str(exc) if isinstance(exc, SeglabError) else f"{type(exc).__name__}: {exc}",
+        transient=isinstance(exc, TRANSIENT) and not isinstance(exc, InputError),
+        detail="".join(traceback.format_exception(exc))[-2000:],
+        corrupt=tuple(exc.paths) if isinstance(exc, CorruptOutput) else (),
+        storage=StorageProblem(storage.path, storage.problem) if storage is not None else None,
+    )
 
 
 @dataclass
@@ -107,29 +104,27 @@ class BatchSchedule:
         self.attempts[unit_id] += 1
         return self.attempts[unit_id] <= self.max_retries
 
-    def settle(self, batch: Batch, receipts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A batch's receipts -> the final ones; a transient failure with attempts left is
-        queued again instead."""
-        final = []
-        for receipt in receipts:
-            if receipt["status"] == "failed" and receipt["error"]["transient"] and self._retry(receipt["unit"]):
-                self.queue.append([u for u in batch if u.id == receipt["unit"]])
+    def settle(self, batch: Batch, outcomes: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        """A batch's receipts and failures -> the final ones; a transient failure with
+        attempts left is queued again instead."""
+        final: list[LedgerEntry] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Failure) and outcome.transient and self._retry(outcome.unit):
+                self.queue.append([u for u in batch if u.id == outcome.unit])
                 continue
-            final.append(receipt)
+            final.append(outcome)
         return final
 
-    def resubmit_or_fail(self, units: Sequence[Unit], error: BaseException) -> list[dict[str, Any]]:
+    def resubmit_or_fail(self, units: Sequence[Unit], error: BaseException) -> list[LedgerEntry]:
         """Units whose worker died before they were committed: each is queued again while it
         has attempts left (counted as resubmitted), else gets a final transient failure."""
-        final = []
+        final: list[LedgerEntry] = []
         for unit in units:
             if self._retry(unit.id):
                 self.queue.append([unit])
                 self.stats.resubmitted += 1
             else:
-                final.append(
-                    failure_receipt(unit, TransientError(f"{error} (after {self.attempts[unit.id]} attempts)"))
-                )
+                final.append(failure_of(unit, TransientError(f"{error} (after {self.attempts[unit.id]} attempts)")))
         return final
 
     def waiting(self) -> list[str]:

@@ -21,6 +21,8 @@ class Segmenter(nn.Module):
 
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, architecture: str, num_classes: int):
         super().__init__()

@@ -74,20 +74,17 @@ class TiledBackend(PromptableBackend):
         return self.config.above is not None and max(hw) > self.config.above
 
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        out: list[dict[str, np.ndarray] | None] = [None] * len(images)
         small = [i for i, im in enumerate(images) if not self._tiled(im.shape[:2])]
+        encoded: dict[int, dict[str, np.ndarray]] = {}
         for i, feats in zip(small, self.inner.encode([images[i] for i in small]) if small else []):
-            out[i] = {**feats, "tiles": np.zeros((0, 8), np.int64), "tile_frames": np.zeros((0, 5), np.int64)}
-        for i, image in enumerate(images):
-            if out[i] is None:
-                out[i] = self._encode_tiled(np.asarray(image))
-        return out
+            encoded[i] = {**feats, "tiles": np.zeros((0, 8), np.int64), "tile_frames": np.zeros((0, 5), np.int64)}
+        return [encoded[i] if i in encoded else self._encode_tiled(np.asarray(image)) for i, image in enumerate(images)]
 
     def _encode_tiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        tiles = plan_tiles(*image.shape[:2], self.config.tile, self.config.halo)
+        h, w = image.shape[:2]
+        tiles = plan_tiles(h, w, self.config.tile, self.config.halo)
         per_tile = self.inner.encode([image[y0:y1, x0:x1] for y0, x0, y1, x1 in tiles[:, :4]])
         stacked = {name: np.stack([f[name] for f in per_tile]) for name in per_tile[0]}
-        h, w = image.shape[:2]
         grid = self.config.grid_per_tile * math.ceil(max(h, w) / self.config.tile)
         stacked["tile_frames"] = stacked.pop("frame")
         return {**stacked, "frame": ImageFrame((h, w), max(h, w), grid).to_array(), "tiles": tiles}

@@ -62,6 +62,22 @@ class TrainingJob:
     label_files: tuple[str, ...] = ()
     label_ignore: tuple[int, ...] = ()
 
+    @classmethod
+    def from_json(cls, job: dict[str, Any]) -> TrainingJob:
+        """The job from its JSON form (lists back to tuples)."""
+        return cls(
+            store_path=job["store_path"],
+            units=tuple(job["units"]),
+            class_ids=tuple(job["class_ids"]),
+            labels=job["labels"],
+            uncertainty=job["uncertainty"],
+            checkpoint_dir=job["checkpoint_dir"],
+            settings=job["settings"],
+            seed=job["seed"],
+            label_files=tuple(job.get("label_files", ())),
+            label_ignore=tuple(job.get("label_ignore", ())),
+        )
+
 
 # -- checkpoints ----------------------------------------------------------------------------
 def checkpoint_files(folder: Path | str) -> list[Path]:
@@ -152,13 +168,13 @@ def _learning_rate(base: float, step: int, total: int) -> float:
 def _update_teacher(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+    for mine, theirs in zip(teacher.buffers(), student.buffers()):
+        mine.copy_(theirs)
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (``config['job']`` is a TrainingJob as a dict)."""
-    job = TrainingJob(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["job"].items()})
+    job = TrainingJob.from_json(config["job"])
     s = job.settings
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

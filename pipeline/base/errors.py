@@ -59,7 +59,7 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def os_error_cause(exc: BaseException) -> OSError | None:
+def os_error_cause(exc: BaseException | None) -> OSError | None:
     """The OSError of a full disk or an unwritable file in ``exc`` or its chain of causes
     (zarr and numcodecs wrap them), or None. The chain stops at an InputError (an
     unreadable input file is that unit's fault, not the store's) and where an error was

@@ -66,7 +66,7 @@ def bench_conformal(
             thresholds = np.asarray(fitted.thresholds)
             rows.append(
                 {
-                    **summarize(image_figures(*images[i], thresholds) for i in test),
+                    **summarize(image_figures(*images[int(i)], thresholds) for i in test),
                     "threshold": float(np.mean(fitted.thresholds)),
                     "feasible": fitted.feasible,
                 }

@@ -31,8 +31,9 @@ from seglab.pipeline.base.errors import InputError, SeglabError
 from seglab.pipeline.bench.baselines import BASELINES, MissingExtra, baselines_for
 from seglab.pipeline.bench.results import REFINE, SELECT, BaselineResult, QualityRow
 from seglab.pipeline.core.gold import gold_mask_path, read_mask
+from seglab.pipeline.core.ledger import Receipt, done_units
 from seglab.pipeline.core.metrics import confusion, scores
-from seglab.pipeline.core.store import Store, done_units
+from seglab.pipeline.core.store import Store
 from seglab.pipeline.evaluation.evaluate import class_map_stages, evaluate, gold_set_images
 from seglab.pipeline.evaluation.simulate import simulate_weak
 from seglab.pipeline.manifest import ImageSource, Manifest, load_manifest
@@ -150,6 +151,7 @@ def score_baselines(manifest: Manifest, progress: Any = None) -> dict[str, Basel
     gold = manifest.data.evaluation
     names = baselines_for(weak.kind)
     items = gold_set_images(manifest, "evaluation")
+    assert gold is not None  # gold_set_images raised otherwise
     store = Store(manifest.store_path)
     _, _, current = class_map_stages(manifest)
     entries = store.ledger("ingest").load()
@@ -162,7 +164,9 @@ def score_baselines(manifest: Manifest, progress: Any = None) -> dict[str, Basel
     if progress:
         progress.start("baselines", len(units), 0)
     for image, unit in units:
-        outputs = entries[unit]["outputs"]
+        entry = entries[unit]
+        assert isinstance(entry, Receipt)  # among ``done``
+        outputs = entry.outputs
         pixels, weak_map, boxes = (
             store.read_recorded(f"ingest/{name}", unit, outputs[name]) for name in ("image", "weak", "boxes")
         )
@@ -207,9 +211,8 @@ def stage_seconds(manifest: Manifest) -> dict[str, float]:
     for stage in {s for stages in TIMED_STAGES.values() for s in stages}:
         entries = store.ledger(stage).load() if stage in current else {}
         done = done_units(entries, current[stage]) if stage in current else set()
-        timed[stage] = {
-            u: float(entries[u]["seconds"]) for u in done & units if isinstance(entries[u].get("seconds"), (int, float))
-        }
+        receipts = [entries[u] for u in done & units]
+        timed[stage] = {r.unit: r.seconds for r in receipts if isinstance(r, Receipt) and r.seconds is not None}
     out = {}
     for source, stages in TIMED_STAGES.items():
         both = set.intersection(*(set(timed[s]) for s in stages))

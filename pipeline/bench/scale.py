@@ -77,6 +77,7 @@ def timed_run(manifest: Path) -> dict[str, Any]:
     while proc.poll() is None:
         peak = max(peak, _high_water_mark(proc.pid))
         time.sleep(0.05)
+    assert proc.stdout is not None  # stdout=PIPE
     output = proc.stdout.read()
     if proc.returncode != 0:
         raise SeglabError(f"{manifest}: seglab run failed (exit {proc.returncode}):\n{output[-2000:]}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def class_index(values: np.ndarray, class_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def class_index(values: np.ndarray, class_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """values: any-shape integer array; -> (intp index into ``class_ids``, bool is-a-class),
     both shaped like ``values``. The index is meaningless where is-a-class is False."""
     ids = np.asarray(class_ids, np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from seglab.stages.base import ROUND_SEPARATOR, Stage, round_name
+from seglab.stages.base import ROUND_SEPARATOR, MapStage, round_name
 from seglab.stages.calibrate import Calibrate
 from seglab.stages.embed import Embed
 from seglab.stages.ingest import Ingest
@@ -14,7 +14,7 @@ from seglab.stages.refine import Refine
 from seglab.stages.retrain import Retrain
 from seglab.stages.select import Select
 
-STAGES: dict[str, type[Stage]] = {
+STAGES: dict[str, type[MapStage]] = {
     "ingest": Ingest,
     "embed": Embed,
     "prompts": Prompts,
@@ -25,11 +25,11 @@ STAGES: dict[str, type[Stage]] = {
 }
 
 
-def round_stages(rounds: int) -> dict[str, type[Stage]]:
+def round_stages(rounds: int) -> dict[str, type[MapStage]]:
     """The stages ``rounds: R`` adds, in run order: per round r < R the segmenter trained on
     round r's refined labels (retrain of round r), then the refinement of round r + 1 that
     uses its mean teacher. Round 0's refine is the plain ``refine``."""
-    added: dict[str, type[Stage]] = {}
+    added: dict[str, type[MapStage]] = {}
     for r in range(rounds):
         for stage in (Retrain.in_round(r), Refine.in_round(r + 1)):
             added[stage.name] = stage
@@ -37,7 +37,7 @@ def round_stages(rounds: int) -> dict[str, type[Stage]]:
 
 
 @cache
-def stage_class(name: str) -> type[Stage]:
+def stage_class(name: str) -> type[MapStage]:
     """A stage by its name in the store, round instances included ('refine.2')."""
     base, _, r = name.partition(ROUND_SEPARATOR)
     if base not in STAGES or (r and not r.isdigit()):

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import zarr
 
 from seglab.pipeline.base.errors import SeglabError
 from seglab.pipeline.base.fingerprint import array_sha256
+from seglab.pipeline.core.ledger import ArrayRecord, Ledger, Receipt, parse_entry
 
 LEDGER_DIR = "_ledger"
 COMMIT_DIR = "_commits"
@@ -211,47 +211,49 @@ class Store:
                 _remove_matching(entry, lambda path: bool(CHECKPOINT_FILE.fullmatch(path.name)))
 
     # -- data (workers) ----------------------------------------------------------------
-    def write_unit(self, stage: str, unit: str, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-        """Write one unit's outputs; returns per output its sha256, shape and dtype.
+    def write_unit(self, stage: str, unit: str, arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord]:
+        """Write one unit's outputs; returns per output its record (sha256, shape, dtype).
 
         Idempotent: a retry overwrites the same arrays with the same content. The output
         groups must exist (``prepare_stage``).
         """
-        receipt: dict[str, dict[str, Any]] = {}
+        receipt: dict[str, ArrayRecord] = {}
         for name, value in arrays.items():
             array = np.ascontiguousarray(value)
             group = self._root[f"{stage}/{name}"]
+            assert isinstance(group, zarr.Group)  # made by ``prepare_stage``
             target = group.create_array(
                 unit,
                 shape=array.shape,
                 dtype=array.dtype,
-                chunks=tuple(max(1, s) for s in array.shape) or None,
+                chunks=tuple(max(1, s) for s in array.shape) or "auto",
                 fill_value=0,
                 overwrite=True,
                 config={"write_empty_chunks": True},
             )
             if array.size:
                 target[...] = array
-            receipt[name] = {"sha256": array_sha256(array), "shape": list(array.shape), "dtype": array.dtype.str}
+            receipt[name] = ArrayRecord(array_sha256(array), tuple(array.shape), array.dtype.str)
         return receipt
 
-    def commit_unit(self, stage: str, unit: str, record: Mapping[str, Any]) -> None:
+    def commit_unit(self, stage: str, receipt: Receipt) -> None:
         """Record (worker side, after ``write_unit``) that the unit's outputs are complete:
-        ``record`` holds its receipt (outputs, info), input digest and stage signature.
-        Written to a temporary file and renamed, so a record is whole or absent."""
-        path = self.path / COMMIT_DIR / stage / f"{unit}.json"
+        its receipt, with the input digest and stage signature it was made with. Written
+        to a temporary file and renamed, so a record is whole or absent."""
+        path = self.path / COMMIT_DIR / stage / f"{receipt.unit}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, separators=(",", ":")), encoding="utf-8")
+        tmp.write_text(json.dumps(receipt.to_json(), separators=(",", ":")), encoding="utf-8")
         os.replace(tmp, path)
 
-    def committed(self, stage: str, unit: str) -> dict[str, Any] | None:
-        """The unit's commit record, or None when there is none (or it cannot be read)."""
+    def committed(self, stage: str, unit: str) -> Receipt | None:
+        """The unit's commit record, or None when there is none (or it is not a whole,
+        valid record of that unit done)."""
         try:
-            record = json.loads((self.path / COMMIT_DIR / stage / f"{unit}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            record = parse_entry((self.path / COMMIT_DIR / stage / f"{unit}.json").read_bytes())
+        except OSError:
             return None
-        return record if isinstance(record, dict) else None
+        return record if isinstance(record, Receipt) and record.unit == unit else None
 
     def forget_commit(self, stage: str, unit: str) -> None:
         """Drop a unit's commit record (its outputs were found damaged: it must be redone)."""
@@ -270,7 +272,7 @@ class Store:
         """``read_unit``, checking each array against the sha256 its producer recorded
         (``expected``: 'stage/output' -> sha256; paths without one are not checked).
         CorruptOutput names every array that cannot be decoded or differs from its record."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray | None] = {}
         for path in paths:
             try:
                 out[path] = self._checked(path, unit, expected.get(path))
@@ -281,18 +283,16 @@ class Store:
         corrupt = [path for path, value in out.items() if value is None]
         if corrupt:
             raise CorruptOutput(self.path, unit, corrupt)
-        return out
+        return {path: value for path, value in out.items() if value is not None}
 
-    def read_recorded(self, path: str, unit: str, record: Mapping[str, Any]) -> np.ndarray:
+    def read_recorded(self, path: str, unit: str, record: ArrayRecord) -> np.ndarray:
         """One 'stage/output' array of one unit, checked against the ``record`` its writer
-        made ({"sha256", "shape", "dtype"}, as ``write_unit`` returns it): the declared
+        made (as ``write_unit`` returns it): the declared
         shape and dtype before anything is read (a damaged ``zarr.json`` declaring a huge
         array allocates nothing), the content's sha256 after. StoreError when the array is
         missing, CorruptOutput when it differs from its record or does not decode."""
         try:
-            value = self._checked(
-                path, unit, record.get("sha256") or "", tuple(record.get("shape") or ()), record.get("dtype")
-            )
+            value = self._checked(path, unit, record.sha256, record.shape, record.dtype)
         except KeyError:
             raise StoreError(f"{self.path}: '{path}/{unit}' is missing (its unit is recorded as done)") from None
         if value is None:
@@ -404,103 +404,3 @@ def remove_zarr_tree(folder: Path) -> list[Path]:
     meta.unlink()
     _rmdir_if_empty(folder)
     return left
-
-
-def done_units(entries: Mapping[str, Mapping[str, Any]], signature: str) -> set[str]:
-    """Of loaded ledger entries, the units done with the stage ``signature`` digest."""
-    return {u for u, e in entries.items() if e.get("status") == "done" and e.get("signature") == signature}
-
-
-def entry_problem(entry: Any) -> str | None:
-    """Why a parsed ledger line is not a valid entry, or None when it is one: a mapping
-    with a non-empty string ``unit`` and ``status`` 'done' (``outputs``: name -> {sha256,
-    shape, dtype}; ``inputs`` and ``signature`` strings, as the runner writes them) or
-    'failed' (``error`` with a string ``message``)."""
-    if not isinstance(entry, dict):
-        return "not a JSON object"
-    if not isinstance(entry.get("unit"), str) or not entry["unit"]:
-        return "'unit' is not a non-empty string"
-    if entry.get("status") == "failed":
-        error = entry.get("error")
-        return (
-            None
-            if isinstance(error, dict) and isinstance(error.get("message"), str)
-            else "a failed line without an 'error' message"
-        )
-    if entry.get("status") != "done":
-        return f"'status' is {entry.get('status')!r}, not 'done' or 'failed'"
-    for key in ("inputs", "signature"):
-        if not isinstance(entry.get(key), str):
-            return f"'{key}' is not a string"
-    outputs = entry.get("outputs")
-    if not isinstance(outputs, dict) or not all(
-        isinstance(name, str)
-        and isinstance(record, dict)
-        and isinstance(record.get("sha256"), str)
-        and isinstance(record.get("shape"), list)
-        and all(isinstance(n, int) and n >= 0 for n in record["shape"])
-        and isinstance(record.get("dtype"), str)
-        for name, record in outputs.items()
-    ):
-        return "'outputs' is not a mapping of output name -> {sha256, shape, dtype}"
-    return None
-
-
-class Ledger:
-    """Append-only JSON lines: {"unit", "status": done|failed, "inputs", "signature",
-    "outputs", "info", "seconds" | "error", "time"} (``entry_problem`` checks one). The
-    last line for a unit wins. A line that is not a valid entry (a torn last line of a
-    killed driver, a damaged byte, a hand edit) counts as absent, so its unit is redone;
-    each is reported once in ``problems`` (file and line number), but for a line that
-    is only cut short, which a driver killed mid-append leaves."""
-
-    def __init__(self, path: Path, problems: dict[str, str] | None = None):
-        self.path = path
-        self.problems = problems if problems is not None else {}
-        """Where problems go: message -> the ledger's stage."""
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        entries: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return entries
-        with open(self.path, "rb") as f:
-            lines = f.read().split(b"\n")
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            torn = False
-            try:
-                text = raw.decode("utf-8")
-                entry = json.loads(text)
-                problem = entry_problem(entry)
-            except UnicodeDecodeError:
-                problem = "not UTF-8"
-            except ValueError as exc:  # a line cut short where it ends is a killed driver's append, not damage
-                torn = isinstance(exc, json.JSONDecodeError) and (
-                    exc.pos >= len(text.rstrip()) or exc.msg == "Unterminated string starting at"
-                )
-                problem = "not valid JSON"
-            except RecursionError:
-                problem = "nested too deeply"
-            if problem is None:
-                entries[entry["unit"]] = entry
-            elif not torn:
-                self.problems[f"{self.path}: line {number}: {problem}; the line is ignored"] = self.path.stem
-        return entries
-
-    def done(self, signature: str) -> set[str]:
-        """Units whose last line says done with the stage ``signature`` digest."""
-        return done_units(self.load(), signature)
-
-    def append(self, entries: Sequence[Mapping[str, Any]]) -> None:
-        if not entries:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        text = "".join(json.dumps({**e, "time": e.get("time", now)}, separators=(",", ":")) + "\n" for e in entries)
-        with open(self.path, "a+b") as f:
-            if f.tell() and (f.seek(f.tell() - 1), f.read(1))[1] != b"\n":
-                text = "\n" + text  # close a torn line left by a killed driver
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())

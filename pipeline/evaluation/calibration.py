@@ -29,7 +29,7 @@ def gold_images(
     class_ids = tuple(c.id for c in manifest.data.classes)
     gold = getattr(manifest.data, gold_set)
     for image, unit in gold_set_images(manifest, gold_set):
-        if unit in done:
+        if unit is not None and unit in done:
             probabilities = store.read_array("select/probabilities", unit)
             index, valid = read_gold(gold, Path(image), class_ids, probabilities.shape[1:])
             yield unit, (probabilities, index, valid)

@@ -128,25 +128,30 @@ def _predictions(
 
 
 def _measures(
-    planner: Planner, store: Store, stage: str, unit: str, gold: tuple[np.ndarray, np.ndarray]
+    planner: Planner, store: Store, stage: str, unit: str, gold: tuple[np.ndarray, np.ndarray] | None
 ) -> dict[str, float]:
-    """The stage's own measures of one image against its gold (index, valid) (none for most stages)."""
-    reads = planner.stages[stage].gold_reads
+    """The stage's own measures of one image against its gold (index, valid) (none for most
+    stages); ``gold`` None only when no stage measures anything."""
+    instance = planner.stages[stage]
+    reads = instance.gold_reads
     if not reads:
         return {}
-    return planner.stages[stage].gold_measures(store.read_unit(reads, unit), *gold, planner.context)
+    assert gold is not None  # read for every image when a stage has gold_reads
+    return instance.gold_measures(store.read_unit(reads, unit), *gold, planner.context)
 
 
 def evaluate(manifest: Manifest) -> Evaluation:
     """Score every label source of ``manifest``'s store on its evaluation images."""
     items = gold_set_images(manifest, "evaluation")
     gold = manifest.data.evaluation
+    assert gold is not None  # gold_set_images raised otherwise
     store = Store(manifest.store_path)
     planner, stages, current = class_map_stages(manifest)
     stages = [s for s in stages if s in store.stages()]
     for stage in stages:
-        if planner.stages[stage].fits:
-            planner.stages[stage].fitted = store.stage_attrs(stage).get("fitted")
+        instance = planner.stages[stage]
+        if instance.fits:
+            instance.fitted = store.stage_attrs(stage).get("fitted")
     done, stale = {}, {}
     for stage in ("ingest", *stages):
         done[stage], stale[stage] = _done(store, stage, current[stage])
@@ -157,7 +162,9 @@ def evaluate(manifest: Manifest) -> Evaluation:
     measured: dict[str, list[dict[str, float]]] = {s: [] for s in stages}
     measuring = any(planner.stages[s].gold_reads for s in stages)  # gold as class indices, read once per image
     for image, unit in items:
-        predictions = list(_predictions(store, stages, done, unit, manifest.data.ignore_id)) if unit else []
+        if not unit:
+            continue
+        predictions = list(_predictions(store, stages, done, unit, manifest.data.ignore_id))
         if not predictions:
             continue
         mask_path = gold_mask_path(gold, image)

@@ -14,8 +14,7 @@ category id onto the ignore value gives back the class map. The file is written 
 images stream past; only the image records stay in memory.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: the function ``annotations`` below would shadow it
 import json
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime

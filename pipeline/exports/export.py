@@ -132,9 +132,11 @@ def _kept(
 ) -> Iterator[ExportItem]:
     """The items whose uncertain fraction is at most ``max_uncertain``; the others go to ``dropped``."""
     for item in stream:
-        if max_uncertain is not None and item.uncertain_fraction > max_uncertain:
-            dropped.append({"unit": item.unit, "image": item.image, "uncertain_fraction": item.uncertain_fraction})
-            continue
+        if max_uncertain is not None:
+            assert item.uncertain_fraction is not None  # export refuses --max-uncertain without uncertainty
+            if item.uncertain_fraction > max_uncertain:
+                dropped.append({"unit": item.unit, "image": item.image, "uncertain_fraction": item.uncertain_fraction})
+                continue
         yield item
 
 
@@ -143,7 +145,7 @@ def export(store_path: Path | str, out: Path | str, options: ExportOptions) -> d
     store = Store(store_path)
     source = open_source(store, stage=options.stage, round=options.round)
     classes = [{"id": i, "name": n} for i, n in source.classes]
-    options.check([c["id"] for c in classes])
+    options.check([i for i, _ in source.classes])
     if options.max_uncertain is not None and not source.has_uncertainty:
         raise SeglabError(
             f"stage '{source.stage}' has no per-pixel uncertainty to filter by (--max-uncertain); export a refine stage"

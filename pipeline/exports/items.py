@@ -24,15 +24,15 @@ from seglab.pipeline.exports.palette import palette
 
 @dataclass(frozen=True)
 class ExportItem:
-    """unit: store unit id; image: absolute path of the source image; name: file stem the
-    export uses for it (the image's stem, or the unit id where stems collide);
-    labels: HxW uint8 (uint16 when a class id or the ignore value exceeds 255) class ids,
-    the export's ignore value where unlabelled; uncertainty: HxW float32 in [0, 1]
-    (0 = certain) or None; uncertain_fraction / mean_uncertainty: of this image (None
-    without uncertainty)."""
+    """unit: store unit id; image: absolute path of the source image (None when ingest's
+    ledger records none); name: file stem the export uses for it (the image's stem, or the
+    unit id where stems collide); labels: HxW uint8 (uint16 when a class id or the ignore
+    value exceeds 255) class ids, the export's ignore value where unlabelled; uncertainty:
+    HxW float32 in [0, 1] (0 = certain) or None; uncertain_fraction / mean_uncertainty: of
+    this image (None without uncertainty)."""
 
     unit: str
-    image: str
+    image: str | None
     name: str
     labels: np.ndarray
     uncertainty: np.ndarray | None

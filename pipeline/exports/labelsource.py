@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.ledger import ArrayRecord, Failure, LedgerEntry, Receipt
 from seglab.pipeline.core.registry import stage_class
-from seglab.pipeline.core.store import Store
-from seglab.pipeline.core.store import done_units as ledger_done
+from seglab.pipeline.core.store import Store, StoreError
 from seglab.pipeline.dag import Dag
 from seglab.stages.base import ROUND_SEPARATOR, round_name
 
@@ -34,15 +34,13 @@ def stage_round(stage: str) -> int:
     return int(r) if r.isdigit() else 0
 
 
-def _ledger_outcomes(store: Store, stage: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def _ledger_outcomes(store: Store, stage: str) -> tuple[dict[str, Receipt], dict[str, str]]:
     """From one read of ``stage``'s ledger: ({unit done with the signature its stored arrays
-    carry: its ledger line}, {unit whose last line failed: its error message})."""
+    carry: its receipt}, {unit whose last line failed: its error message})."""
     entries = store.ledger(stage).load()
     digest = store.stage_attrs(stage).get("signature_digest")
-    done = {u: entries[u] for u in ledger_done(entries, digest)} if digest else {}
-    failed = {
-        u: str((e.get("error") or {}).get("message", "")) for u, e in entries.items() if e.get("status") == "failed"
-    }
+    done = {u: e for u, e in entries.items() if isinstance(e, Receipt) and e.signature == digest} if digest else {}
+    failed = {u: e.message for u, e in entries.items() if isinstance(e, Failure)}
     return done, failed
 
 
@@ -56,11 +54,11 @@ def stage_outcomes(store: Store, stage: str) -> tuple[list[str], dict[str, str]]
 @dataclass(frozen=True)
 class StageOutputs:
     """The arrays of a stage's done units as their ledger lines recorded them when written:
-    records: unit -> output name -> {"sha256", "shape", "dtype"}."""
+    records: unit -> output name -> its record."""
 
     store: Store
     stage: str
-    records: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    records: Mapping[str, Mapping[str, ArrayRecord]]
 
     def has(self, output: str, unit: str) -> bool:
         """Whether ``unit`` is done and its line records ``output``."""
@@ -69,13 +67,16 @@ class StageOutputs:
     def read(self, output: str, unit: str) -> np.ndarray:
         """The unit's array, checked against its record before (shape, dtype) and after
         (sha256) reading; StoreError when it is missing, CorruptOutput when it differs."""
-        return self.store.read_recorded(f"{self.stage}/{output}", unit, self.records[unit].get(output, {}))
+        record = self.records[unit].get(output)
+        if record is None:
+            raise StoreError(f"{self.store.path}: '{self.stage}/{output}/{unit}' is not in its done ledger line")
+        return self.store.read_recorded(f"{self.stage}/{output}", unit, record)
 
 
 def stage_outputs(store: Store, stage: str) -> StageOutputs:
     """The recorded outputs of ``stage``'s done units."""
     done, _ = _ledger_outcomes(store, stage)
-    return StageOutputs(store, stage, {u: e.get("outputs") or {} for u, e in done.items()})
+    return StageOutputs(store, stage, {u: e.outputs for u, e in done.items()})
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Unfinished:
     error: str | None
 
 
-def run_units(store: Store, ingest: Mapping[str, Any]) -> set[str]:
+def run_units(store: Store, ingest: Mapping[str, LedgerEntry]) -> set[str]:
     """The units the store knows of: every unit ingest's ledger has a line for (ingest
     attempts every unit of the run) and every unit the run put in a gold set (root attr
     ``splits``), should ingest never have reached it."""
@@ -164,16 +165,17 @@ class LabelSource:
     """One stage's class maps in a store.
 
     units: the done units, sorted; images: unit -> absolute path of its source image (as
-    ingest read it); classes: ((id, name), ...) in manifest order; ignore_id: the value of
-    unlabelled pixels in the store; has_uncertainty: whether the stage writes 'uncertainty';
-    outputs: the recorded arrays of the done units. ``labels`` and ``uncertainty`` raise
-    StoreError for a missing array, CorruptOutput for one that differs from its record.
+    ingest read it; None when ingest's ledger records none); classes: ((id, name), ...) in
+    manifest order; ignore_id: the value of unlabelled pixels in the store; has_uncertainty:
+    whether the stage writes 'uncertainty'; outputs: the recorded arrays of the done units.
+    ``labels`` and ``uncertainty`` raise StoreError for a missing array, CorruptOutput for
+    one that differs from its record.
     """
 
     store: Store
     stage: str
     units: tuple[str, ...]
-    images: dict[str, str]
+    images: dict[str, str | None]
     classes: tuple[tuple[int, str], ...]
     ignore_id: int
     has_uncertainty: bool
@@ -203,7 +205,7 @@ class LabelSource:
         out = []
         for unit in sorted(run_units(self.store, ingest) - set(self.units)):
             stage, _, failed = next((link for link in chain if unit not in link[1]), (self.stage, {}, {}))
-            image = ((ingest.get(unit) or {}).get("info") or {}).get("source")
+            image = entry.source if (entry := ingest.get(unit)) else None
             out.append(Unfinished(unit, image, stage, failed.get(unit)))
         return out
 
@@ -261,7 +263,7 @@ def open_source(store: Store, *, stage: str | None = None, round: int | None = N
     units = sorted(outputs.records)
     if not units:
         raise SeglabError(f"{store.path}: stage '{stage}' has no finished units")
-    images = {u: (e.get("info") or {}).get("source") for u, e in store.ledger("ingest").load().items()}
+    images = {u: e.source for u, e in store.ledger("ingest").load().items()}
     classes, ignore_id = stored_classes(store)
     return LabelSource(
         store=store,

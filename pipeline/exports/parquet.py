@@ -76,9 +76,13 @@ def _row(item: ExportItem, meta: dict[str, Any], names: dict[int, str], embed_im
     if item.uncertainty is not None:
         uncertainty = {"bytes": png_bytes(uncertainty_image(item.uncertainty)), "path": f"{item.name}.uncertainty.png"}
     height, width = item.labels.shape
+    image_bytes = None
+    if embed_images:
+        assert item.image is not None  # ingest's receipt of a finished unit records its source
+        image_bytes = Path(item.image).read_bytes()
     return {
         "unit": item.unit,
-        "image": {"bytes": Path(item.image).read_bytes() if embed_images else None, "path": item.image},
+        "image": {"bytes": image_bytes, "path": item.image},
         "label": {"bytes": png_bytes(label_image(item.labels)), "path": f"{item.name}.png"},
         "uncertainty": uncertainty,
         "height": height,

@@ -64,7 +64,8 @@ def _encode(image: Image.Image, fmt: str) -> tuple[bytes, str]:
 
 
 def _shrink(rgb: np.ndarray, max_width: int, resample: int) -> Image.Image:
-    h, w = panel_size(*rgb.shape[:2], max_width)
+    height, width = rgb.shape[:2]
+    h, w = panel_size(height, width, max_width)
     image = Image.fromarray(rgb)
     return image if (h, w) == rgb.shape[:2] else image.resize((w, h), resample)
 
@@ -150,7 +151,8 @@ def _cmap_palette() -> list[int]:
 def uncertainty_panel(uncertainty: np.ndarray, max_width: int = MAX_WIDTH) -> tuple[bytes, str]:
     """HxW float in [0, 1] (0 = certain) -> (palette PNG bytes, mime) in ``CMAP``."""
     u = np.nan_to_num(np.clip(uncertainty.astype(np.float32), 0, 1), nan=1.0)
-    h, w = panel_size(*u.shape, max_width)
+    height, width = u.shape
+    h, w = panel_size(height, width, max_width)
     small = Image.fromarray(u, mode="F")
     if (h, w) != u.shape:
         small = small.resize((w, h), Image.Resampling.BOX)

@@ -49,7 +49,8 @@ def calibration_section(store: Store, manifest: Manifest | None, why_not: str | 
             reason="The store has no fitted calibrate stage (it runs only when the manifest "
             "names a data.calibration gold set)."
         )
-    section = CalibrationSection(method=fitted["method"], fitted_alpha=float(fitted["alpha"]))
+    method, fitted_alpha = fitted["method"], float(fitted["alpha"])
+    section = CalibrationSection(method=method, fitted_alpha=fitted_alpha)
     if manifest is None:
         section.reason = why_not
         return section
@@ -58,15 +59,16 @@ def calibration_section(store: Store, manifest: Manifest | None, why_not: str | 
         names = " and no ".join(f"data.{s}" for s in missing)
         section.reason = f"The manifest {manifest.path} names no {names} gold set."
         return section
-    section.manifest_alpha = float(manifest.calibrate.alpha)
+    manifest_alpha = float(manifest.calibrate.alpha)
+    section.manifest_alpha = manifest_alpha
     done = set(done_units(store, "select"))
     try:
         tables = [ScoreTable.of_image(*image) for _, image in gold_images(manifest, store, done, "calibration")]
         if not tables:
             section.reason = "No calibration image has finished select output to fit thresholds on."
             return section
-        alphas = sorted({*ALPHAS, section.fitted_alpha, section.manifest_alpha})
-        fits = {a: fit_thresholds(tables, section.method, a) for a in alphas}
+        alphas = sorted({*ALPHAS, fitted_alpha, manifest_alpha})
+        fits = {a: fit_thresholds(tables, method, a) for a in alphas}
         stored = np.asarray(fitted["thresholds"], np.float64)
         measured: dict[Any, list[dict[str, float]]] = {a: [] for a in (*alphas, "stored")}
         for _, image in gold_images(manifest, store, done, "evaluation"):
@@ -94,7 +96,7 @@ def calibration_section(store: Store, manifest: Manifest | None, why_not: str | 
         )
 
     section.rows = [row(a, fits[a].thresholds, fits[a].feasible, measured[a]) for a in alphas]
-    section.stored = row(section.fitted_alpha, fitted["thresholds"], fitted.get("feasible", True), measured["stored"])
+    section.stored = row(fitted_alpha, fitted["thresholds"], fitted.get("feasible", True), measured["stored"])
     return section
 
 

@@ -169,11 +169,11 @@ def stages_section(data: ReportData) -> str:
             )
     else:
         body += '<p class="note">No failed units.</p>'
-    measured = [r for r in s.rows if r.throughput]
+    measured = [(r.stage, r.throughput) for r in s.rows if r.throughput]
     if measured:
         chart = figures.bar_chart(
-            [r.stage for r in measured],
-            [r.throughput for r in measured],
+            [stage for stage, _ in measured],
+            [throughput for _, throughput in measured],
             ylabel="images / s",
             title="throughput per stage (last run that computed units)",
         )
@@ -317,6 +317,7 @@ def calibration_section(data: ReportData) -> str:
     c = data.calibration
     if c.reason:
         return _section("calibration", "Calibration", _reason(c.reason))
+    assert c.method is not None  # set on every section that gives no reason
     chart = figures.calibration_chart(
         [r.alpha for r in c.rows],
         [r.miscoverage for r in c.rows],
@@ -382,12 +383,12 @@ def quality_section(data: ReportData) -> str:
             rows,
         )
     )
-    scored = [r for r in q.rows if r.miou is not None]
+    scored = [(r.source, r.miou) for r in q.rows if r.miou is not None]
     if scored:
         body += _img(
             figures.bar_chart(
-                [r.source for r in scored],
-                [100 * r.miou for r in scored],
+                [source for source, _ in scored],
+                [100 * miou for _, miou in scored],
                 ylabel="mIoU (%)",
                 title="mIoU per label source",
             ),

@@ -179,7 +179,7 @@ def _risk_control_threshold(score: np.ndarray, weight: np.ndarray, n: int, alpha
     values, which = np.unique(score, return_inverse=True)
     mass = np.bincount(which, weights=weight, minlength=len(values))
     loss = np.append(np.cumsum(mass[::-1])[::-1][1:], 0.0)  # sum_i L_i(values[k]), non-increasing
-    first = np.searchsorted(-loss, -(alpha * (n + 1) - 1 + TOL), side="left")
+    first = int(np.searchsorted(-loss, -(alpha * (n + 1) - 1 + TOL), side="left"))
     return float(values[min(first, len(values) - 1)])  # min: float rounding of (n+1) * alpha
 
 
@@ -225,14 +225,14 @@ def pixel_split(table: ScoreTable, alpha: float) -> Calibration:
 METHODS = {"risk-control": risk_control, "mondrian": mondrian, "pixel-split": pixel_split}
 
 
-def prediction_sets(probabilities: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+def prediction_sets(probabilities: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
     """probabilities: float [C, H, W] in class order; thresholds: [C] -> bool [C, H, W],
     True where class c is in the pixel's set (1 - p_c <= lambda_c)."""
-    thresholds = np.asarray(thresholds, np.float64)
-    if len(thresholds) != len(probabilities):
-        raise ValueError(f"{len(thresholds)} thresholds for {len(probabilities)} classes")
+    lambdas = np.asarray(thresholds, np.float64)
+    if len(lambdas) != len(probabilities):
+        raise ValueError(f"{len(lambdas)} thresholds for {len(probabilities)} classes")
     sets = np.empty(np.shape(probabilities), bool)
-    for c, threshold in enumerate(thresholds):  # one class at a time: float64 scores are large
+    for c, threshold in enumerate(lambdas):  # one class at a time: float64 scores are large
         sets[c] = _score(probabilities[c]) <= threshold
     return sets
 
@@ -249,7 +249,7 @@ def calibrated_labels(
 
 
 def image_miscoverage(
-    probabilities: np.ndarray, gold_index: np.ndarray, valid: np.ndarray, thresholds: Sequence[float]
+    probabilities: np.ndarray, gold_index: np.ndarray, valid: np.ndarray, thresholds: Sequence[float] | np.ndarray
 ) -> float:
     """The share of an image's valid gold pixels whose gold class is outside their set;
     NaN without valid pixels. Arguments as in ``ScoreTable.of_image``."""

@@ -72,6 +72,7 @@ class ViewEnsemble:
         if self.views == 2:
             self.total = np.zeros(self.shape, np.float64)
             self.squares = np.zeros_like(self.total)
+            assert self.first is not None  # kept by the first view
             self._accumulate(self.first)
             self.first = None
         self._accumulate(evidence)
@@ -82,6 +83,7 @@ class ViewEnsemble:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         if self.views == 1:
+            assert self.first is not None  # kept by the only view
             return self.first.astype(np.float32, copy=False), np.broadcast_to(np.float32(0), self.first.shape)
         mean = self.total / self.views
         variance = np.maximum(self.squares / self.views - mean**2, 0.0)

@@ -46,7 +46,7 @@ _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
 
 
-def read_file_bytes(path: Path) -> bytes:
+def read_file_bytes(path: Path | str) -> bytes:
     """Whole file contents. Missing/unreadable files -> InputError; other I/O failures
     (which may go away on a retry) -> TransientError."""
     try:
@@ -74,7 +74,9 @@ def _describe_decode_failure(exc: Exception) -> str:
     return f"corrupt or unsupported image data ({type(exc).__name__}: {exc})"
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int, expected_hw: tuple[int, int] | None) -> None:
+def _check_size(
+    path: Path | str, width: int, height: int, max_pixels: int, expected_hw: tuple[int, int] | None
+) -> None:
     if width <= 0 or height <= 0:
         raise InputError(path, f"declared size {width}x{height} has a zero dimension")
     if expected_hw is not None and sorted((width, height)) != sorted(expected_hw):
@@ -89,7 +91,9 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int, expected_h
         )
 
 
-def open_checked(path: Path, *, max_pixels: int, expected_hw: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+def open_checked(
+    path: Path | str, *, max_pixels: int, expected_hw: tuple[int, int] | None = None
+) -> tuple[Image.Image, str]:
     """Open, size-check and fully decode the first frame of an image file.
 
     expected_hw: (H, W) the image must have after EXIF orientation (used for label maps).
@@ -102,7 +106,7 @@ def open_checked(path: Path, *, max_pixels: int, expected_hw: tuple[int, int] | 
     if not data:
         raise InputError(path, "file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         fmt = image.format or ""
         if fmt in _EXTERNAL_DECODER_FORMATS:
             raise InputError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,7 @@ class PromptBatch:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> PromptBatch:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "") -> PromptBatch:
         return cls(
             **{k: np.asarray(arrays[prefix + k]) for k in ("coords", "labels", "boxes", "classes", "components")}
         )

@@ -44,6 +44,8 @@ _MAX_LISTED = 5
 class SourceRow(tuple):
     """One table row's values, e.g. (x, y, class), plus ``row``: its 1-based row number."""
 
+    row: int
+
     def __new__(cls, values: Iterable, row: int = 0):
         self = super().__new__(cls, tuple(values))
         self.row = row
@@ -232,13 +234,13 @@ def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, 
     return table
 
 
-def read_point_table(path: Path) -> dict[str, list[tuple[float, float, int]]]:
+def read_point_table(path: Path) -> dict[str, list[SourceRow]]:
     """Points file -> image key -> [(x, y, class)] (``SourceRow``s, carrying ``.row``)."""
     return _read_table(path, POINT_COLUMNS, "points")
 
 
-def read_box_table(path: Path) -> dict[str, list[tuple[float, float, float, float, int]]]:
-    """Boxes file -> image key -> [(x0, y0, x1, y1, class)]; each row has x0 < x1, y0 < y1."""
+def read_box_table(path: Path) -> dict[str, list[SourceRow]]:
+    """Boxes file -> image key -> [(x0, y0, x1, y1, class)] (``SourceRow``s); each row has x0 < x1, y0 < y1."""
     return _read_table(path, BOX_COLUMNS, "boxes")
 
 

@@ -57,7 +57,8 @@ def simulate_points(mask, ignore, rng, *, per_component=3, margin=3, min_area=20
 
 def _walk(skeleton: np.ndarray, start: tuple[int, int], length: int) -> list[tuple[int, int]]:
     """Breadth-first walk along skeleton pixels from ``start``, at most ``length`` pixels."""
-    seen, path, queue = {start}, [], deque([start])
+    seen, queue = {start}, deque([start])
+    path: list[tuple[int, int]] = []
     h, w = skeleton.shape
     while queue and len(path) < length:
         y, x = queue.popleft()

@@ -178,7 +178,9 @@ def bench_decode(
         read_seconds = decode_seconds = select_seconds = set_image_seconds = predict_seconds = 0.0
         decoded = predicted = 0
         select_config = SelectConfig()
-        first_logits = first_features = reference_embed = None
+        first_logits: np.ndarray | None = None
+        first_features: dict[str, np.ndarray] | None = None
+        reference_embed: np.ndarray | None = None
         reference = []  # the first image's first prompts: (full-resolution masks, low-resolution logits)
         for i, (unit, image, prompts, weak) in enumerate(zip(units, pictures, prompt_sets, weaks)):
             start = time.perf_counter()
@@ -210,6 +212,7 @@ def bench_decode(
             select_seconds += time.perf_counter() - start
 
         # sanity: the same prompts decoded both ways on the first image
+        assert first_logits is not None and first_features is not None and reference_embed is not None  # images >= 1
         frame = backend.frame(first_features)
         ious = [
             mask_iou(frame.grid_to_image(first_logits[j, m]) > 0, masks[m])

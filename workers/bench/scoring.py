@@ -32,12 +32,13 @@ def score_checkpoint(
     """items: (unit id, gold mask file) -> the summed confusion matrix int64 [C, C + 1]
     (pipeline/core/metrics.py) of the teacher's labels over those images."""
     task = ray.remote(num_cpus=1)(_score_batch)
+    height, width = input_size
     refs = [
         task.remote(
             store_path,
             checkpoint,
             architecture,
-            tuple(input_size),
+            (height, width),
             list(items[i : i + batch]),
             classes,
             tuple(gold_ignore),
