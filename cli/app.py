@@ -595,6 +595,28 @@ def bench_rerun(
     render.figures(measure(folder, images=images, manifest=Path(manifest) if manifest else None), json_)
 
 
+@bench.command(
+    "plan",
+    cls=HelpCommand,
+    epilog=examples("seglab bench plan --units 1000000", "seglab bench plan --units 20000 --json"),
+)
+@handled
+def bench_plan(
+    units: Annotated[int, typer.Option(min=1, metavar="N", help="Units in the synthetic store.")] = 1_000_000,
+    shard_size: Annotated[int, typer.Option(min=1, metavar="N", help="Units per shard.")] = 128,
+    folder: Annotated[Path, typer.Option(metavar="DIR", help="Where the synthetic index and tables go.")] = Path(
+        "runs/bench/plan"
+    ),
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Plan every stage over a synthetic store of N units (a unit index and per-stage record
+    tables, no images): seconds per stage and the planning process's peak memory."""
+    from seglab.cli import render
+    from seglab.pipeline.bench.plan import bench_plan as measure
+
+    render.plan_table(measure(folder, units=units, shard_size=shard_size), json_)
+
+
 @app.command(cls=HelpCommand, epilog=examples("seglab schema > schema.json"))
 def schema() -> None:
     """Print the manifest's JSON schema (what manifests/schema.json holds)."""

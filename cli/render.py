@@ -429,6 +429,25 @@ def export_summary(meta: dict, out) -> None:
             console.print(f"  … and {len(failed) - 5} more", highlight=False)
 
 
+def plan_table(result: dict, as_json: bool) -> None:
+    """``bench plan``: one row per stage, then the totals."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("stage", "plan s", "to do", "shards to do", "blocked", "why")
+    for s in result["stages"]:
+        why = ", ".join(f"{n} {reason}" for reason, n in s["reasons"].items())
+        table.add_row(
+            s["stage"], f"{s['plan_seconds']:.2f}", str(s["todo"]), str(s["shards_to_do"]), str(s["blocked"]), why
+        )
+    console.print(table)
+    console.print(
+        f"{result['units']:,} units in {result['shards']:,} shards: planning every stage took "
+        f"{result['planning_seconds']:.1f} s (index {result['index_seconds']:.1f} s), peak memory "
+        f"{result['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+
+
 def scale_table(result: dict, as_json: bool) -> None:
     """``bench scale``: one row per run, then the ratios."""
     if as_json:

@@ -111,14 +111,14 @@ def test_writers_killed_mid_write_leave_no_torn_unit_a_resume_would_accept(tmp_p
     store = Store(tmp_path / "run.zarr", create=True)
     store.prepare_stage("embed", ["lab", "edges"])
     rng = np.random.default_rng(0)
-    for kill in range(12):
+    for kill in range(8):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), str(kill * 1000)])
         time.sleep(1.5 + rng.random())  # start-up, then a few units, then a kill at a random point of a write
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     committed = sorted(p.stem for p in (store.path / COMMIT_DIR / "embed").glob("*.json"))
     written = {p.name for p in (store.path / "embed" / "lab").iterdir() if p.is_dir()}
-    assert len(committed) >= 12 and len(written - set(committed)) >= 1  # some kills hit before a commit
+    assert len(committed) >= 8 and len(written - set(committed)) >= 1  # some kills hit before a commit
     for unit in committed:  # every committed unit reads back whole and equal to what its writer hashed
         record = store.committed("embed", unit)
         expected = {f"embed/{k}": v.sha256 for k, v in record.outputs.items()}

@@ -152,6 +152,7 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
     assert list((store.path / "_checkpoints" / "bench-retrain-gold").glob("*/epoch-0001.pt"))
 
 
+@pytest.mark.slow  # two `seglab run` processes with Ray Train (about 2 min); checkpoints themselves are tested above
 def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=1, epochs=8))
     store_path = tiny.parent / "run.zarr"

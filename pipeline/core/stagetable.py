@@ -1,0 +1,87 @@
+"""A stage's records as a columnar table: one row per unit the stage finished or failed.
+
+Rows are appended in parts (one Parquet file each, written whole, never changed); a unit's
+last row wins. Columns (``stage_schema``):
+
+    uid        int64                  the unit (``UnitIndex`` row)
+    state      int8                   DONE or FAILED
+    signature  fixed_size_binary(32)  the stage signature digest it ran with
+    fitted     fixed_size_binary(32)  digest of the fit it used (zeros: not a fitted stage)
+    outputs    fixed_size_binary(32)  digest of its output arrays' hashes (zeros when failed)
+    from_<p>   fixed_size_binary(32)  per input p: the digest it was made from (a parent
+                                      stage's ``outputs``, or ``source`` of the unit index)
+    seconds    float32                time in the stage's ``process``
+    error      string                 the failure message (null when done)
+
+Planning never loads a row per unit into Python objects: ``DenseStage`` scatters the last
+rows into numpy arrays over the whole index, compared column against column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from seglab.pipeline.core.unitindex import DIGEST, digests_to_numpy
+
+DONE, FAILED = 1, 2
+SOURCE = "source"
+"""The input name of a stage without parents: the unit index's source digest."""
+
+
+def stage_schema(inputs: Sequence[str]) -> pa.Schema:
+    """The table of a stage whose inputs (parent stages, or ``SOURCE``) are ``inputs``."""
+    return pa.schema(
+        [
+            ("uid", pa.int64()),
+            ("state", pa.int8()),
+            ("signature", DIGEST),
+            ("fitted", DIGEST),
+            ("outputs", DIGEST),
+            *((f"from_{name}", DIGEST) for name in inputs),
+            ("seconds", pa.float32()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class DenseStage:
+    """A stage's last row per unit, over the ``n`` units of the index (row = uid).
+
+    state: int8 [n] (0: no row); signature, fitted, outputs: uint8 [n, 32]; inputs: input
+    name -> uint8 [n, 32]. Rows of units without a row are zeros."""
+
+    state: np.ndarray
+    signature: np.ndarray
+    fitted: np.ndarray
+    outputs: np.ndarray
+    inputs: dict[str, np.ndarray]
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[pa.Table], n: int, inputs: Sequence[str]) -> DenseStage:
+        """The parts in the order they were written; a uid outside 0..n-1 is an error."""
+        state = np.zeros(n, np.int8)
+        columns = {name: np.zeros((n, 32), np.uint8) for name in ("signature", "fitted", "outputs")}
+        from_columns = {name: np.zeros((n, 32), np.uint8) for name in inputs}
+        for part in parts:  # later parts overwrite earlier ones: the last row wins
+            uid = part.column("uid").to_numpy()
+            if len(uid) and (uid.min() < 0 or uid.max() >= n):
+                raise ValueError(f"a stage table row names uid {int(uid.max())}, beyond the {n} units of the index")
+            order = _last_occurrence(uid)
+            rows = uid[order]
+            state[rows] = part.column("state").to_numpy()[order]
+            for name, dense in columns.items():
+                dense[rows] = digests_to_numpy(part.column(name))[order]
+            for name, dense in from_columns.items():
+                dense[rows] = digests_to_numpy(part.column(f"from_{name}"))[order]
+        return cls(state, columns["signature"], columns["fitted"], columns["outputs"], from_columns)
+
+
+def _last_occurrence(uid: np.ndarray) -> np.ndarray:
+    """Row positions of each uid's last row in ``uid`` (int64 [m]), any order."""
+    reversed_first = np.unique(uid[::-1], return_index=True)[1]
+    return len(uid) - 1 - reversed_first

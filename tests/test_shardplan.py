@@ -1,0 +1,49 @@
+"""Planning by shard over columnar stage tables (pipeline/shardplan.py), against the truth a
+synthetic store was built with (pipeline/bench/plan.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from seglab.pipeline.bench.plan import FATES, plan_all, write_synthetic
+from seglab.pipeline.core.stagetable import SOURCE
+
+
+def test_every_stage_plans_exactly_the_units_its_records_leave_to_do(tmp_path):
+    made = write_synthetic(tmp_path, 3000, shard_size=64, parts=3, rate=0.02, seed=1)
+    timings, _ = plan_all(tmp_path)
+    by_name = {s.name: s for s in made}
+    not_done = {s.name: np.union1d(s.fates["failed"], s.fates["missing"]) for s in made}
+    shards = pq.read_table(tmp_path / "index.parquet").column("shard").to_numpy()
+    for stage, timing in zip(made, timings):
+        assert timing.stage == stage.name
+        blocked = np.unique(np.concatenate([not_done[p] for p in stage.inputs if p != SOURCE] or [[]]))
+        todo = np.setdiff1d(
+            np.concatenate([stage.fates[f] for f in ("failed", "missing", "other settings", "changed inputs")]),
+            blocked,
+        )
+        assert timing.todo == len(todo) and timing.blocked == len(blocked), stage.name
+        assert timing.shards == len(np.unique(shards[todo.astype(np.int64)])), stage.name
+        assert sum(timing.reasons.values()) == len(todo)
+        assert timing.reasons.get("failed before", 0) == len(np.setdiff1d(stage.fates["failed"], blocked))
+        assert set(FATES) == set(by_name[stage.name].fates)
+    assert any(t.blocked for t in timings) and all(t.todo for t in timings)
+
+
+def test_bench_plan_times_every_stage_in_a_fresh_process(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from seglab.cli.app import app
+    from seglab.pipeline.core.registry import STAGES
+    from seglab.pipeline.dag import Dag
+
+    result = CliRunner().invoke(app, ["bench", "plan", "--units", "2000", "--folder", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["stage"] for s in report["stages"]] == list(Dag(STAGES).order)
+    assert report["shards"] == 16 and report["peak_rss_bytes"] > 2**20
+    total = report["index_seconds"] + sum(s["plan_seconds"] for s in report["stages"])
+    assert abs(report["planning_seconds"] - total) < 0.01
