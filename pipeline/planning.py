@@ -188,16 +188,16 @@ class Planner:
             expected: dict[str, str] = {}
             if parents:
                 upstream = {d: parents[d].get(unit.id) for d in parents}
-                waiting = next((d for d, e in upstream.items() if not isinstance(e, Receipt)), None)
+                done = {d: e for d, e in upstream.items() if isinstance(e, Receipt)}
+                waiting = next((d for d in upstream if d not in done), None)
                 if waiting is not None:
                     plan.blocked += 1
                     _count(plan.waiting, waiting)
                     continue
-                done = [e for e in upstream.values() if isinstance(e, Receipt)]
                 inputs = digest(
-                    [{k: v.sha256 for k, v in e.outputs.items()} for e in done] + ([fitted] if fitted else [])
+                    [{k: v.sha256 for k, v in e.outputs.items()} for e in done.values()] + ([fitted] if fitted else [])
                 )
-                expected = {f"{d}/{k}": v.sha256 for d, e in zip(upstream, done) for k, v in e.outputs.items()}
+                expected = {f"{d}/{k}": v.sha256 for d, e in done.items() for k, v in e.outputs.items()}
             else:
                 inputs = unit_input_digest(unit)
             task = Task(inputs, sig, expected)

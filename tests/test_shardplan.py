@@ -47,3 +47,24 @@ def test_bench_plan_times_every_stage_in_a_fresh_process(tmp_path):
     assert report["shards"] == 16 and report["peak_rss_bytes"] > 2**20
     total = report["index_seconds"] + sum(s["plan_seconds"] for s in report["stages"])
     assert abs(report["planning_seconds"] - total) < 0.01
+
+
+def test_bench_plan_writes_only_into_a_folder_of_its_own(tmp_path):
+    import pytest
+
+    from seglab.pipeline.base.errors import SeglabError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "index.parquet").write_text("a user's file")
+    with pytest.raises(SeglabError, match="was not written by `seglab bench plan`"):
+        write_synthetic(mine, 100)
+    assert [p.name for p in mine.iterdir()] == ["index.parquet"]
+    assert (mine / "index.parquet").read_text() == "a user's file"
+
+    ours = tmp_path / "plan"
+    write_synthetic(ours, 300, parts=4)
+    write_synthetic(ours, 100, parts=2)  # a smaller rerun replaces the parts of the first
+    assert len(list((ours / "embed").glob("part-*.parquet"))) == 3
+    timings, _ = plan_all(ours)
+    assert all(t.todo <= 100 for t in timings)

@@ -11,7 +11,9 @@ seconds per stage and the process's peak resident memory.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import re
 import resource
 import time
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seglab.pipeline.base.errors import SeglabError
 from seglab.pipeline.core.registry import STAGES
 from seglab.pipeline.core.stagetable import DONE, FAILED, SOURCE, DenseStage, stage_schema
 from seglab.pipeline.core.unitindex import UnitIndex, digests_to_numpy, numpy_to_digests
@@ -30,6 +33,10 @@ from seglab.pipeline.dag import Dag
 from seglab.pipeline.shardplan import plan_stage
 
 SIGNATURE, OLD_SIGNATURE = bytes([1] * 32), bytes([2] * 32)
+MARKER = "seglab-bench-plan.json"
+"""The file ``write_synthetic`` puts first into a folder it makes, proving later that the
+folder's index and parts are its own to replace."""
+PART = re.compile(r"part-[0-9]{5}\.parquet")
 FATES = ("failed", "missing", "other settings", "changed inputs", "redone")
 """What happens to a stage's units besides being done, each to ``rate`` of them."""
 
@@ -51,11 +58,12 @@ def write_synthetic(
     folder: Path, units: int, *, shard_size: int = 128, parts: int = 8, rate: float = 0.002, seed: int = 0
 ) -> list[SyntheticStage]:
     """Write ``folder``/index.parquet and ``folder``/<stage>/part-<k>.parquet for every stage
-    of the registry's DAG; -> what was done to each stage."""
+    of the registry's DAG, into a new or empty folder or one an earlier call wrote (its parts
+    are replaced); SeglabError naming any other folder. -> what was done to each stage."""
+    _claim(folder)
     rng = np.random.default_rng(seed)
     ids = pa.array([f"images__img{i:08d}.png" for i in range(units)])
     index, _ = UnitIndex.empty(shard_size).update(ids, ids, rng.integers(0, 256, (units, 32), dtype=np.uint8))
-    folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(index.table, folder / "index.parquet")
     dag = Dag(STAGES)
     outputs = {SOURCE: digests_to_numpy(index.table.column("source"))}
@@ -84,6 +92,23 @@ def write_synthetic(
         outputs[name] = own
         made.append(SyntheticStage(name, inputs, fates))
     return made
+
+
+def _claim(folder: Path) -> None:
+    """Make ``folder`` this benchmark's (new or empty: mark it), or check that it is (its mark
+    is there: remove the parts an earlier call wrote); SeglabError when it holds anything else."""
+    if folder.is_dir() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise SeglabError(f"{folder}: exists and was not written by `seglab bench plan`; choose another --folder")
+    if folder.exists() and not folder.is_dir():
+        raise SeglabError(f"{folder}: exists and is not a folder; choose another --folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text(json.dumps({"written_by": "seglab bench plan"}))
+    for name in STAGES:
+        if (folder / name).is_symlink():
+            raise SeglabError(f"{folder / name}: is a link, which `seglab bench plan` never makes; remove it")
+        for part in (folder / name).glob("part-*.parquet"):
+            if PART.fullmatch(part.name) and part.is_file() and not part.is_symlink():
+                part.unlink()
 
 
 def _write_part(

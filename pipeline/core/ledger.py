@@ -234,9 +234,14 @@ def parse_entry(text: str | bytes) -> LedgerEntry | None:
     return None if entry_problem(entry) else entry_from_json(entry)
 
 
+def done_receipts(entries: Mapping[str, LedgerEntry], signature: str) -> dict[str, Receipt]:
+    """Of loaded ledger entries, the receipts of the units done with the stage ``signature`` digest."""
+    return {u: e for u, e in entries.items() if isinstance(e, Receipt) and e.signature == signature}
+
+
 def done_units(entries: Mapping[str, LedgerEntry], signature: str) -> set[str]:
     """Of loaded ledger entries, the units done with the stage ``signature`` digest."""
-    return {u for u, e in entries.items() if isinstance(e, Receipt) and e.signature == signature}
+    return set(done_receipts(entries, signature))
 
 
 class Ledger:

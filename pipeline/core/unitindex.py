@@ -84,10 +84,10 @@ class UnitIndex:
         today_old = sources[~is_new]
         differs = (known_sources[old_rows] != today_old).any(axis=1)
         changed = old_rows[differs]
+        table = self.table
         if len(changed):
-            known_sources = known_sources.copy()
             known_sources[changed] = today_old[differs]
-        table = self.table.set_column(5, "source", numpy_to_digests(known_sources))
+            table = table.set_column(5, "source", numpy_to_digests(known_sources))
 
         first, new_count = len(self), int(is_new.sum())
         offsets = np.arange(new_count, dtype=np.int64)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from seglab.pipeline.base.errors import SeglabError
-from seglab.pipeline.core.ledger import ArrayRecord, Failure, LedgerEntry, Receipt
+from seglab.pipeline.core.ledger import ArrayRecord, Failure, LedgerEntry, Receipt, done_receipts
 from seglab.pipeline.core.registry import stage_class
 from seglab.pipeline.core.store import Store, StoreError
 from seglab.pipeline.dag import Dag
@@ -39,7 +39,7 @@ def _ledger_outcomes(store: Store, stage: str) -> tuple[dict[str, Receipt], dict
     carry: its receipt}, {unit whose last line failed: its error message})."""
     entries = store.ledger(stage).load()
     digest = store.stage_attrs(stage).get("signature_digest")
-    done = {u: e for u, e in entries.items() if isinstance(e, Receipt) and e.signature == digest} if digest else {}
+    done = done_receipts(entries, digest) if digest else {}
     failed = {u: e.message for u, e in entries.items() if isinstance(e, Failure)}
     return done, failed
 
