@@ -1,10 +1,18 @@
 """The run lock: one ``seglab run`` writes to a store at a time.
 
-``<store>/_run.lock`` is locked with a POSIX record lock (``fcntl.lockf``, which NFS
-servers honour too) and holds its holder's host, PID, start time and command. The kernel
-drops the lock when the holding process dies, however it dies, so a lock left by a killed
-run is stale by construction: the next run takes it and says whose it was. Read-only
-commands (status, export, report, evaluate) take no lock.
+On a local or shared file system (``StoreLock``), ``<store>/_run.lock`` is locked with a
+POSIX record lock (``fcntl.lockf``, which NFS servers honour too) and holds its holder's
+host, PID, start time and command. The kernel drops the lock when the holding process
+dies, however it dies, so a lock left by a killed run is stale by construction: the next
+run takes it and says whose it was. Read-only commands (status, export, report,
+evaluate) take no lock.
+
+On object storage (``LeaseLock``) no kernel sees the holder die, so the lock is a lease:
+the object ``_run.lock`` names its holder and when the lease ends. It is taken with a
+create-only write (S3 ``If-None-Match: *``) or, when an ended or released lease is there,
+with a write conditional on that object's ETag (``If-Match``), so of two runs racing for
+it exactly one wins. The holder renews the lease from a background thread every third of
+its length; a run killed without warning holds the store until its lease ends.
 """
 
 from __future__ import annotations
@@ -14,11 +22,22 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import obstore
+from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.store import LOCK_FILE
+
+if TYPE_CHECKING:
+    from obstore import PutMode
 
 
 class StoreBusy(SeglabError):
@@ -82,3 +101,96 @@ class StoreLock:
         except (OSError, ValueError):
             return {}
         return holder if isinstance(holder, dict) else {}
+
+
+LEASE_SECONDS = 60.0
+"""How long a lease on an object-storage lock lasts unless renewed."""
+
+
+def _holder_record(lease_id: str, seconds: float) -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": sys.argv[:8],
+        "lease": lease_id,
+        "expires": time.time() + seconds,
+    }
+
+
+class LeaseLock:
+    """Hold ``_run.lock`` under ``objects`` (an object-storage location) for the life of a
+    run (a context manager). ``taken_over``: the holder of an ended lease this run took
+    the store from (None when the last run released it).
+
+    seconds: the lease's length; the holder renews it every ``seconds / 3``. A holder that
+    finds its lease taken (it could not renew in time) stops renewing; ``lost`` says so."""
+
+    def __init__(self, objects: Objects, *, seconds: float = LEASE_SECONDS):
+        self.objects, self.seconds = objects, seconds
+        self.lease_id = uuid.uuid4().hex
+        self.taken_over: dict | None = None
+        self.lost = False
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _write(self, record: dict, *, replacing: str | None) -> str | None:
+        """Write the lock object: create-only (``replacing`` None) or only while its ETag is
+        ``replacing``; -> the new ETag, None when another writer got there first."""
+        data = json.dumps(record).encode()
+        mode: PutMode = "create" if replacing is None else {"e_tag": replacing}
+        try:
+            result = obstore.put(self.objects.store, LOCK_FILE, data, mode=mode)
+        except (AlreadyExistsError, PreconditionError):
+            return None
+        return result["e_tag"]
+
+    def _read(self) -> tuple[dict, str] | None:
+        """The lock object's holder record and ETag (None: no lock object)."""
+        try:
+            got = obstore.get(self.objects.store, LOCK_FILE)
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(bytes(got.bytes()).decode("utf-8") or "{}")
+        except ValueError:
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), str(got.meta["e_tag"])
+
+    def __enter__(self) -> LeaseLock:
+        record = _holder_record(self.lease_id, self.seconds)
+        etag = self._write(record, replacing=None)
+        if etag is None:
+            current = self._read()
+            holder, tag = current if current is not None else ({}, None)
+            if holder.get("lease") and float(holder.get("expires", 0)) > time.time():
+                raise StoreBusy(
+                    f"{self.objects}: another seglab run is using this store ({_holder_text(holder)}, its lease "
+                    f"ends in {float(holder['expires']) - time.time():.0f}s unless renewed); wait for it to "
+                    "finish or stop it, then run again"
+                )
+            etag = self._write(record, replacing=tag) if tag is not None else self._write(record, replacing=None)
+            if etag is None:
+                raise StoreBusy(f"{self.objects}: another seglab run took this store's lock just now; run again later")
+            self.taken_over = holder if holder.get("lease") else None
+        self._etag = etag
+        self._renewer = threading.Thread(target=self._renew, name="seglab-lease", daemon=True)
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            etag = self._write(_holder_record(self.lease_id, self.seconds), replacing=self._etag)
+            if etag is None:
+                self.lost = True
+                return
+            self._etag = etag
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self._etag is not None and not self.lost:
+            self._write({}, replacing=self._etag)  # an empty record: released cleanly
+        self._etag = None

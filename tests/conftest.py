@@ -98,3 +98,44 @@ def calibrated_manifest(
     )
     path.write_text(path.read_text().replace("store:\n", gold + "store:\n", 1))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 API server (moto's, the one s3fs and zarr test against) on 127.0.0.1 for the
+    test session; -> its endpoint URL. Stopped at the end of the session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
+    """A new, empty bucket on the test S3 server, with the environment pointing every S3
+    client (obstore, boto3) at it; -> 's3://<bucket>'. Credentials are fixed test values."""
+    import re
+    import uuid
+
+    import boto3
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "seglab-test",
+        "AWS_SECRET_ACCESS_KEY": "seglab-test",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"

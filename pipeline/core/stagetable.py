@@ -13,6 +13,9 @@ last row wins. Columns (``stage_schema``):
     seconds    float32                time in the stage's ``process``
     error      string                 the failure message (null when done)
 
+Parts folded from batch commit objects (pipeline/core/stagerecords.py) also carry where a
+unit's outputs are: ``batch`` int64 (the batch's sequence number) and ``row`` int32.
+
 Planning never loads a row per unit into Python objects: ``DenseStage`` scatters the last
 rows into numpy arrays over the whole index, compared column against column.
 """
@@ -53,13 +56,16 @@ class DenseStage:
     """A stage's last row per unit, over the ``n`` units of the index (row = uid).
 
     state: int8 [n] (0: no row); signature, fitted, outputs: uint8 [n, 32]; inputs: input
-    name -> uint8 [n, 32]. Rows of units without a row are zeros."""
+    name -> uint8 [n, 32]. Rows of units without a row are zeros. batch: int64 [n], row:
+    int32 [n]: where the unit's outputs are (-1: nowhere; parts without those columns)."""
 
     state: np.ndarray
     signature: np.ndarray
     fitted: np.ndarray
     outputs: np.ndarray
     inputs: dict[str, np.ndarray]
+    batch: np.ndarray | None = None
+    row: np.ndarray | None = None
 
     @classmethod
     def from_parts(cls, parts: Sequence[pa.Table], n: int, inputs: Sequence[str]) -> DenseStage:
@@ -67,21 +73,25 @@ class DenseStage:
         state = np.zeros(n, np.int8)
         columns = {name: np.zeros((n, 32), np.uint8) for name in ("signature", "fitted", "outputs")}
         from_columns = {name: np.zeros((n, 32), np.uint8) for name in inputs}
+        batch, row = np.full(n, -1, np.int64), np.full(n, -1, np.int32)
         for part in parts:  # later parts overwrite earlier ones: the last row wins
             uid = part.column("uid").to_numpy()
             if len(uid) and (uid.min() < 0 or uid.max() >= n):
                 raise ValueError(f"a stage table row names uid {int(uid.max())}, beyond the {n} units of the index")
-            order = _last_occurrence(uid)
+            order = last_occurrence(uid)
             rows = uid[order]
             state[rows] = part.column("state").to_numpy()[order]
             for name, dense in columns.items():
                 dense[rows] = digests_to_numpy(part.column(name))[order]
             for name, dense in from_columns.items():
                 dense[rows] = digests_to_numpy(part.column(f"from_{name}"))[order]
-        return cls(state, columns["signature"], columns["fitted"], columns["outputs"], from_columns)
+            located = "batch" in part.column_names and "row" in part.column_names
+            batch[rows] = part.column("batch").to_numpy()[order] if located else -1
+            row[rows] = part.column("row").to_numpy()[order] if located else -1
+        return cls(state, columns["signature"], columns["fitted"], columns["outputs"], from_columns, batch, row)
 
 
-def _last_occurrence(uid: np.ndarray) -> np.ndarray:
+def last_occurrence(uid: np.ndarray) -> np.ndarray:
     """Row positions of each uid's last row in ``uid`` (int64 [m]), any order."""
     reversed_first = np.unique(uid[::-1], return_index=True)[1]
     return len(uid) - 1 - reversed_first

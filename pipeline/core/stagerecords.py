@@ -1,0 +1,133 @@
+"""A stage's records in a store: batch commit objects, folded by the driver into table parts.
+
+Keys (under the store's location)::
+
+    _records/<stage>/b<seq>.parquet   a batch's commit object (pipeline/core/batcharrays.py):
+                                      rows of ``stage_schema`` plus ``row`` and per-output
+                                      hashes and shapes; a batch of failures has no arrays
+    _tables/<stage>/t<seq>.parquet    the stage's last row per unit over every record up to
+                                      batch <seq>, with ``batch`` and ``row`` columns
+
+A stage's state is its newest table part plus the commit objects after it, in sequence
+order, the last row of a unit winning (``DenseStage.from_parts``). Folding writes a new
+part, then removes the older parts (create-only writes and deletes, no appends, no
+renames: a kill at any point leaves a readable state). Commit objects stay: they hold the
+hashes and shapes readers check arrays against.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from seglab.pipeline.core.batcharrays import RECORDS
+from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.stagetable import FAILED, DenseStage, last_occurrence, stage_schema
+
+TABLES = "_tables"
+RECORD_NAME = re.compile(r"b([0-9]{12})\.parquet")
+PART_NAME = re.compile(r"t([0-9]{12})\.parquet")
+
+
+def _numbered(objects: Objects, folder: str, pattern: re.Pattern[str]) -> list[tuple[int, str]]:
+    """(sequence number, key) of the objects in ``folder`` named by ``pattern``, ascending."""
+    found = []
+    for key in objects.list(folder):
+        match = pattern.fullmatch(key[len(folder) + 1 :])
+        if match:
+            found.append((int(match.group(1)), key))
+    return sorted(found)
+
+
+def _read(objects: Objects, key: str, columns: Sequence[str]) -> pa.Table | None:
+    data = objects.get(key)
+    return None if data is None else pq.read_table(pa.BufferReader(data), columns=list(columns))
+
+
+@dataclass(frozen=True)
+class StageState:
+    """A stage's records: ``dense`` over the index's units; ``table``: the last row per
+    unit that has one (``stage_schema`` columns plus batch and row); ``folded``: sequence
+    number of the newest table part (-1: none), ``unfolded``: commit objects after it;
+    ``next_batch``: the first sequence number not yet used."""
+
+    dense: DenseStage
+    table: pa.Table
+    folded: int
+    unfolded: int
+    next_batch: int
+
+
+def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:
+    """The stage's records over ``n`` units whose inputs (parents, or ``SOURCE``) are
+    ``inputs``. Reads one table part and the commit objects after it."""
+    schema = stage_schema(inputs)
+    columns = [*schema.names, "batch", "row"]
+    parts = _numbered(objects, f"{TABLES}/{stage}", PART_NAME)
+    records = _numbered(objects, f"{RECORDS}/{stage}", RECORD_NAME)
+    folded = parts[-1][0] if parts else -1
+    tables = []
+    if parts and (table := _read(objects, parts[-1][1], columns)) is not None:
+        tables.append(table)
+    for seq, key in records:
+        if seq > folded and (table := _read(objects, key, [*schema.names, "row"])) is not None:
+            tables.append(table.append_column("batch", pa.array(np.full(table.num_rows, seq, np.int64))))
+    unfolded = sum(seq > folded for seq, _ in records)
+    table = last_rows(tables, schema)
+    dense = DenseStage.from_parts([table], n, inputs)
+    used = max([folded, *(seq for seq, _ in records)])
+    return StageState(dense, table, folded, unfolded, used + 1)
+
+
+def last_rows(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
+    """The tables in order, concatenated, keeping each uid's last row (rows by uid)."""
+    full = pa.schema([*schema, pa.field("batch", pa.int64()), pa.field("row", pa.int32())])
+    if not tables:
+        return full.empty_table()
+    table = pa.concat_tables([t.select(full.names).cast(full) for t in tables]).combine_chunks()
+    keep = np.sort(last_occurrence(table.column("uid").to_numpy()))
+    table = table.take(pa.array(keep))
+    return table.take(pc.sort_indices(table, [("uid", "ascending")]))
+
+
+def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:
+    """Fold the stage's commit objects into a new table part (when any are unfolded) and
+    remove the parts it supersedes; -> the state, as ``load_stage`` gives it."""
+    state = load_stage(objects, stage, inputs, n)
+    if not state.unfolded:
+        return state
+    through = state.next_batch - 1
+    sink = io.BytesIO()
+    pq.write_table(state.table, sink)
+    objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", sink.getvalue())
+    older = [key for seq, key in _numbered(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
+    objects.delete(older)
+    return StageState(state.dense, state.table, through, 0, state.next_batch)
+
+
+def failure_records(
+    uids: Sequence[int], errors: Sequence[str], signature: bytes, fitted: bytes, inputs: Sequence[str]
+) -> pa.Table:
+    """A batch of failures (no arrays): FAILED rows of ``stage_schema`` plus ``row`` -1."""
+    m = len(uids)
+    zeros = pa.array([bytes(32)] * m, pa.binary(32))
+    return pa.table(
+        {
+            "uid": pa.array(uids, pa.int64()),
+            "state": pa.array([FAILED] * m, pa.int8()),
+            "signature": pa.array([signature] * m, pa.binary(32)),
+            "fitted": pa.array([fitted] * m, pa.binary(32)),
+            "outputs": zeros,
+            **{f"from_{name}": zeros for name in inputs},
+            "seconds": pa.array([0.0] * m, pa.float32()),
+            "error": pa.array(list(errors), pa.string()),
+            "row": pa.array([-1] * m, pa.int32()),
+        }
+    )

@@ -1,0 +1,129 @@
+"""Batches of outputs as one sharded Zarr array per output: padding cut back out on
+read, one object per array, commit objects that make a batch visible, and damage found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zarr
+
+from seglab.pipeline.core.batcharrays import (
+    BatchDamaged,
+    array_path,
+    batch_id,
+    batch_keys,
+    commit_batch,
+    output_rows,
+    read_commit,
+    read_rows,
+    records_table,
+    stack_padded,
+    units_per_chunk,
+    write_batch_arrays,
+)
+from seglab.pipeline.core.objects import Objects
+
+
+@pytest.fixture(params=["local", "s3"])
+def objects(request, tmp_path) -> Objects:
+    if request.param == "local":
+        return Objects(str(tmp_path / "store"))
+    return Objects(request.getfixturevalue("s3_bucket") + "/store")
+
+
+def _units(seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shapes = [(60, 80), (72, 64), (50, 90)]
+    return [
+        {
+            "labels": rng.integers(0, 3, hw, dtype=np.uint8),
+            "probabilities": rng.random((3, *hw), dtype=np.float32),
+            "coords": rng.random((k, 2)).astype(np.float32),
+        }
+        for hw, k in zip(shapes, (4, 0, 7))
+    ]
+
+
+def test_a_batch_reads_back_exactly_with_its_padding_cut_away(objects):
+    units = _units()
+    batch = batch_id(7)
+    records = write_batch_arrays(objects, "select", batch, units)
+    table = records_table(records, pa.table({"uid": pa.array([10, 11, 12], pa.int64())}))
+    assert commit_batch(objects, "select", batch, table)
+    committed = read_commit(objects, "select", batch)
+    assert committed is not None and committed.column("uid").to_pylist() == [10, 11, 12]
+    for name in ("labels", "probabilities", "coords"):
+        rows = output_rows(committed, name)
+        assert rows.shapes == tuple(u[name].shape for u in units)
+        for row in ([0, 1, 2], [1], [2, 0]):
+            values = read_rows(objects, "select", name, batch, row, rows)
+            for got, r in zip(values, row):
+                np.testing.assert_array_equal(got, units[r][name])
+                assert got.dtype == units[r][name].dtype
+    array = zarr.open_array(objects.zarr_store(read_only=True), path=array_path("select", "labels", batch), mode="r")
+    assert array.shape == (3, 72, 90), "padded to the largest unit of the batch"
+    keys = batch_keys(objects, "select", ["labels", "probabilities", "coords"], batch)
+    chunk_objects = [k for k in keys if "/c/" in k]
+    assert len(chunk_objects) == 3, f"one object per output array: {chunk_objects}"
+
+
+def test_a_second_commit_of_a_batch_is_refused_and_changes_nothing(objects):
+    units = _units()
+    batch = batch_id(1)
+    records = write_batch_arrays(objects, "prompts", batch, units)
+    first = records_table(records, pa.table({"uid": pa.array([0, 1, 2], pa.int64())}))
+    assert commit_batch(objects, "prompts", batch, first)
+    other = records_table(records, pa.table({"uid": pa.array([5, 6, 7], pa.int64())}))
+    assert not commit_batch(objects, "prompts", batch, other)
+    committed = read_commit(objects, "prompts", batch)
+    assert committed is not None and committed.column("uid").to_pylist() == [0, 1, 2]
+
+
+def test_an_uncommitted_batch_is_invisible(objects):
+    write_batch_arrays(objects, "ingest", batch_id(3), _units())
+    assert read_commit(objects, "ingest", batch_id(3)) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
+def test_damage_to_a_stored_batch_is_found_per_row(objects, damage):
+    units = _units(1)
+    batch = batch_id(2)
+    records = write_batch_arrays(objects, "refine", batch, units)
+    rows = records["labels"]
+    chunk = next(k for k in batch_keys(objects, "refine", ["labels"], batch) if "/c/" in k)
+    data = bytearray(objects.get(chunk) or b"")
+    if damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+        objects.put(chunk, bytes(data))
+    elif damage == "truncate":
+        objects.put(chunk, bytes(data[: len(data) // 2]))
+    else:  # another batch's valid array in its place: decodes, but is not what was recorded
+        other = _units(2)
+        write_batch_arrays(objects, "refine", batch_id(9), other)
+        other_chunk = next(k for k in batch_keys(objects, "refine", ["labels"], batch_id(9)) if "/c/" in k)
+        objects.put(chunk, objects.get(other_chunk) or b"")
+    with pytest.raises(BatchDamaged) as raised:
+        read_rows(objects, "refine", "labels", batch, [0, 1, 2], rows)
+    assert raised.value.rows, "the rows at fault are named"
+
+
+def test_stacking_refuses_units_that_disagree_on_an_outputs_kind():
+    with pytest.raises(ValueError, match="output 'labels' differs"):
+        stack_padded([np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.int32)], "labels")
+    padded = stack_padded([np.ones((1, 3), np.int16), np.ones((2, 1), np.int16)], "x")
+    assert padded.shape == (2, 2, 3) and padded.sum() == 5
+
+
+def test_inner_chunks_hold_whole_units_up_to_a_size_and_read_back(objects):
+    small = np.zeros((5, 96, 128), np.uint8)
+    large = np.zeros((5, 3, 640, 640), np.float32)  # 4.9 MB per unit
+    assert units_per_chunk(small) == 5 and units_per_chunk(large) == 1
+    assert units_per_chunk(np.zeros((400, 1024, 1024), np.uint8)) == 4
+    rng = np.random.default_rng(3)
+    units = [{"big": rng.random((2, 700, 800), dtype=np.float32)} for _ in range(3)]
+    records = write_batch_arrays(objects, "embed", batch_id(0), units)
+    array = zarr.open_array(objects.zarr_store(read_only=True), path=array_path("embed", "big", batch_id(0)), mode="r")
+    assert array.metadata.codecs[0].chunk_shape == (1, 2, 700, 800)
+    got = read_rows(objects, "embed", "big", batch_id(0), [2], records["big"])
+    np.testing.assert_array_equal(got[0], units[2]["big"])

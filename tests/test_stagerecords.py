@@ -1,0 +1,104 @@
+"""A stage's state from batch commit objects and folded table parts: the last record of a
+unit wins, folding changes nothing a planner sees, a kill mid-fold loses nothing, and
+planning runs on what was loaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from seglab.pipeline.core.batcharrays import batch_id, commit_batch, records_table, write_batch_arrays
+from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.stagerecords import TABLES, failure_records, fold_stage, load_stage
+from seglab.pipeline.core.stagetable import DONE, FAILED, SOURCE
+from seglab.pipeline.shardplan import plan_stage
+
+SIGNATURE = bytes([5] * 32)
+INPUTS = [SOURCE]
+
+
+@pytest.fixture(params=["local", "s3"])
+def objects(request, tmp_path) -> Objects:
+    if request.param == "local":
+        return Objects(str(tmp_path / "store"))
+    return Objects(request.getfixturevalue("s3_bucket") + "/store")
+
+
+def _done(objects: Objects, seq: int, uids: list[int], source: int) -> None:
+    """A committed batch of ``uids`` made from source digest bytes([source] * 32)."""
+    units = [{"labels": np.full((4, 5), uid, np.uint8)} for uid in uids]
+    records = write_batch_arrays(objects, "ingest", batch_id(seq), units)
+    digest = pa.array([bytes([source] * 32)] * len(uids), pa.binary(32))
+    columns = pa.table(
+        {
+            "uid": pa.array(uids, pa.int64()),
+            "state": pa.array([DONE] * len(uids), pa.int8()),
+            "signature": pa.array([SIGNATURE] * len(uids), pa.binary(32)),
+            "fitted": pa.array([bytes(32)] * len(uids), pa.binary(32)),
+            "outputs": pa.array([bytes([uid + 1] * 32) for uid in uids], pa.binary(32)),
+            "from_source": digest,
+            "seconds": pa.array([0.01] * len(uids), pa.float32()),
+            "error": pa.array([None] * len(uids), pa.string()),
+        }
+    )
+    assert commit_batch(objects, "ingest", batch_id(seq), records_table(records, columns))
+
+
+def _fail(objects: Objects, seq: int, uids: list[int]) -> None:
+    table = failure_records(uids, [f"unit {u} broke" for u in uids], SIGNATURE, bytes(32), INPUTS)
+    assert commit_batch(objects, "ingest", batch_id(seq), table)
+
+
+def test_the_last_record_of_a_unit_wins_and_locates_its_outputs(objects):
+    _done(objects, 0, [0, 1, 2], source=1)
+    _fail(objects, 1, [1, 3])
+    _done(objects, 2, [3], source=1)
+    state = load_stage(objects, "ingest", INPUTS, 5)
+    assert state.dense.state.tolist() == [DONE, FAILED, DONE, DONE, 0]
+    assert state.dense.batch.tolist() == [0, 1, 0, 2, -1] and state.dense.row.tolist() == [0, -1, 2, 0, -1]
+    assert state.table.column("error").to_pylist() == [None, "unit 1 broke", None, None]
+    assert (state.folded, state.unfolded, state.next_batch) == (-1, 3, 3)
+
+
+def test_folding_changes_nothing_a_reader_sees_and_reads_one_part_after(objects):
+    _done(objects, 0, [0, 1], source=1)
+    _fail(objects, 1, [0])
+    before = load_stage(objects, "ingest", INPUTS, 3)
+    folded = fold_stage(objects, "ingest", INPUTS, 3)
+    assert (folded.folded, folded.unfolded) == (1, 0)
+    after = load_stage(objects, "ingest", INPUTS, 3)
+    assert after.table.equals(before.table) and (after.folded, after.unfolded, after.next_batch) == (1, 0, 2)
+    _done(objects, 2, [0], source=1)  # records after the fold count on top of the part
+    fold_stage(objects, "ingest", INPUTS, 3)
+    assert [k.rsplit("/", 1)[1] for k in objects.list(f"{TABLES}/ingest")] == ["t000000000002.parquet"]
+    again = load_stage(objects, "ingest", INPUTS, 3)
+    assert again.dense.state.tolist() == [DONE, DONE, 0] and again.dense.batch.tolist() == [2, 0, -1]
+
+
+def test_a_kill_between_writing_a_part_and_removing_the_old_one_reads_the_same(objects):
+    _done(objects, 0, [0, 1], source=1)
+    fold_stage(objects, "ingest", INPUTS, 2)
+    old_part = objects.get(f"{TABLES}/ingest/t000000000000.parquet")
+    _fail(objects, 1, [1])
+    fold_stage(objects, "ingest", INPUTS, 2)
+    objects.put(f"{TABLES}/ingest/t000000000000.parquet", old_part or b"")  # as if the removal never ran
+    state = load_stage(objects, "ingest", INPUTS, 2)
+    assert state.dense.state.tolist() == [DONE, FAILED] and state.folded == 1
+
+
+def test_a_stage_plans_from_its_loaded_records(objects):
+    _done(objects, 0, [0, 1, 2, 3], source=1)
+    _fail(objects, 1, [2])
+    state = load_stage(objects, "ingest", INPUTS, 6)
+    sources = np.ones((6, 32), np.uint8)
+    sources[1] = 9  # unit 1's file changed since
+    plan = plan_stage(
+        state.dense,
+        {SOURCE: sources},
+        current=np.ones(6, bool),
+        shards=np.array([0, 0, 1, 1, 2, 2], np.int32),
+        signature=SIGNATURE,
+    )
+    assert plan.todo.tolist() == [1, 2, 4, 5] and plan.shards.tolist() == [0, 1, 2]
+    assert plan.reasons == {"new": 2, "failed before": 1, "with changed inputs": 1}
