@@ -114,8 +114,9 @@ class Objects:
         return True
 
     def list(self, prefix: str) -> list[str]:
-        """Keys under ``prefix`` (a folder: keys start with ``prefix/``), sorted."""
-        keys = [meta["path"] for batch in obstore.list(self.store, prefix.rstrip("/") + "/") for meta in batch]
+        """Keys under ``prefix`` (a folder: keys start with ``prefix/``; '': every key), sorted."""
+        folder = prefix.strip("/")
+        keys = [meta["path"] for batch in obstore.list(self.store, f"{folder}/" if folder else None) for meta in batch]
         return sorted(keys)
 
     def delete(self, keys: Iterable[str]) -> None:

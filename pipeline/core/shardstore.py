@@ -42,7 +42,7 @@ from seglab.pipeline.core.batcharrays import (
     write_batch_arrays,
 )
 from seglab.pipeline.core.objects import Location, Objects
-from seglab.pipeline.core.stagerecords import RECORD_NAME, StageState, fold_stage, load_stage
+from seglab.pipeline.core.stagerecords import RECORD_NAME, StageState, fold_stage, load_stage, numbered_keys
 from seglab.pipeline.core.unitindex import UnitIndex
 
 LAYOUT = 2
@@ -155,12 +155,7 @@ class ShardStore:
         self.objects.delete(key for _, key in parts)
 
     def _index_parts(self) -> list[tuple[int, str]]:
-        found = []
-        for key in self.objects.list(INDEX):
-            match = INDEX_NAME.fullmatch(key[len(INDEX) + 1 :])
-            if match:
-                found.append((int(match.group(1)), key))
-        return sorted(found)
+        return numbered_keys(self.objects, INDEX, INDEX_NAME)
 
     # -- batches (workers write, the driver folds) ------------------------------------
     def write_batch(
@@ -209,11 +204,7 @@ class ShardStore:
         no batch in flight, before handing out batch names from ``state.next_batch``: a
         name an uncommitted batch held is free again once it is gone. -> batches removed."""
         referenced = set(np.unique(state.table.column("batch").to_numpy()).tolist())
-        committed = {
-            int(m.group(1))
-            for key in self.objects.list(f"{RECORDS}/{stage}")
-            if (m := RECORD_NAME.fullmatch(key.rsplit("/", 1)[1]))
-        }
+        committed = {seq for seq, _ in numbered_keys(self.objects, f"{RECORDS}/{stage}", RECORD_NAME)}
         written: set[int] = set()
         for output in outputs:
             prefix = f"{stage}/{output}/"

@@ -36,7 +36,7 @@ RECORD_NAME = re.compile(r"b([0-9]{12})\.parquet")
 PART_NAME = re.compile(r"t([0-9]{12})\.parquet")
 
 
-def _numbered(objects: Objects, folder: str, pattern: re.Pattern[str]) -> list[tuple[int, str]]:
+def numbered_keys(objects: Objects, folder: str, pattern: re.Pattern[str]) -> list[tuple[int, str]]:
     """(sequence number, key) of the objects in ``folder`` named by ``pattern``, ascending."""
     found = []
     for key in objects.list(folder):
@@ -70,8 +70,8 @@ def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
     ``inputs``. Reads one table part and the commit objects after it."""
     schema = stage_schema(inputs)
     columns = [*schema.names, "batch", "row"]
-    parts = _numbered(objects, f"{TABLES}/{stage}", PART_NAME)
-    records = _numbered(objects, f"{RECORDS}/{stage}", RECORD_NAME)
+    parts = numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME)
+    records = numbered_keys(objects, f"{RECORDS}/{stage}", RECORD_NAME)
     folded = parts[-1][0] if parts else -1
     tables = []
     if parts and (table := _read(objects, parts[-1][1], columns)) is not None:
@@ -107,7 +107,7 @@ def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
     sink = io.BytesIO()
     pq.write_table(state.table, sink)
     objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", sink.getvalue())
-    older = [key for seq, key in _numbered(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
+    older = [key for seq, key in numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
     objects.delete(older)
     return StageState(state.dense, state.table, through, 0, state.next_batch)
 
