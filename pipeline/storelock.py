@@ -75,12 +75,7 @@ class StoreLock:
                 "wait for it to finish or stop it, then run again"
             ) from None
         self.taken_over = self._read(fd) or None
-        record = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": sys.argv[:8],
-        }
+        record = _holder()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
@@ -107,15 +102,18 @@ LEASE_SECONDS = 60.0
 """How long a lease on an object-storage lock lasts unless renewed."""
 
 
-def _holder_record(lease_id: str, seconds: float) -> dict:
+def _holder() -> dict:
+    """Who holds a lock: this process's host, PID, start time and command."""
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": sys.argv[:8],
-        "lease": lease_id,
-        "expires": time.time() + seconds,
     }
+
+
+def _holder_record(lease_id: str, seconds: float) -> dict:
+    return {**_holder(), "lease": lease_id, "expires": time.time() + seconds}
 
 
 class LeaseLock:
@@ -170,7 +168,7 @@ class LeaseLock:
                     f"ends in {float(holder['expires']) - time.time():.0f}s unless renewed); wait for it to "
                     "finish or stop it, then run again"
                 )
-            etag = self._write(record, replacing=tag) if tag is not None else self._write(record, replacing=None)
+            etag = self._write(record, replacing=tag)  # no object any more (tag None): create it
             if etag is None:
                 raise StoreBusy(f"{self.objects}: another seglab run took this store's lock just now; run again later")
             self.taken_over = holder if holder.get("lease") else None

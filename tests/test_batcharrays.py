@@ -45,12 +45,15 @@ def _units(seed: int = 0) -> list[dict[str, np.ndarray]]:
     ]
 
 
+def _commit(objects: Objects, stage: str, batch: str, records, uids: list[int]) -> bool:
+    """Commit a written batch whose only own column is ``uid``."""
+    return commit_batch(objects, stage, batch, records_table(records, pa.table({"uid": pa.array(uids, pa.int64())})))
+
+
 def test_a_batch_reads_back_exactly_with_its_padding_cut_away(objects):
     units = _units()
     batch = batch_id(7)
-    records = write_batch_arrays(objects, "select", batch, units)
-    table = records_table(records, pa.table({"uid": pa.array([10, 11, 12], pa.int64())}))
-    assert commit_batch(objects, "select", batch, table)
+    assert _commit(objects, "select", batch, write_batch_arrays(objects, "select", batch, units), [10, 11, 12])
     committed = read_commit(objects, "select", batch)
     assert committed is not None and committed.column("uid").to_pylist() == [10, 11, 12]
     for name in ("labels", "probabilities", "coords"):
@@ -72,10 +75,8 @@ def test_a_second_commit_of_a_batch_is_refused_and_changes_nothing(objects):
     units = _units()
     batch = batch_id(1)
     records = write_batch_arrays(objects, "prompts", batch, units)
-    first = records_table(records, pa.table({"uid": pa.array([0, 1, 2], pa.int64())}))
-    assert commit_batch(objects, "prompts", batch, first)
-    other = records_table(records, pa.table({"uid": pa.array([5, 6, 7], pa.int64())}))
-    assert not commit_batch(objects, "prompts", batch, other)
+    assert _commit(objects, "prompts", batch, records, [0, 1, 2])
+    assert not _commit(objects, "prompts", batch, records, [5, 6, 7])
     committed = read_commit(objects, "prompts", batch)
     assert committed is not None and committed.column("uid").to_pylist() == [0, 1, 2]
 

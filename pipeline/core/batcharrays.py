@@ -22,19 +22,18 @@ Each inner chunk carries a CRC32C checksum, so a torn or flipped chunk fails to 
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from seglab.pipeline.base.fingerprint import array_sha256
 from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.stagetable import parquet_bytes, parquet_table
 from seglab.pipeline.core.unitindex import DIGEST, digests_to_numpy
 
 RECORDS = "_records"
@@ -171,15 +170,13 @@ def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Ta
 def commit_batch(objects: Objects, stage: str, batch: str, table: pa.Table) -> bool:
     """Make the batch visible: write its commit object, create-only (after every array of
     the batch is written). -> False when the batch already had one (nothing written)."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return objects.create(records_key(stage, batch), sink.getvalue())
+    return objects.create(records_key(stage, batch), parquet_bytes(table))
 
 
 def read_commit(objects: Objects, stage: str, batch: str) -> pa.Table | None:
     """The batch's commit object (None: the batch was never committed)."""
     data = objects.get(records_key(stage, batch))
-    return None if data is None else pq.read_table(pa.BufferReader(data))
+    return None if data is None else parquet_table(data)
 
 
 def output_rows(table: pa.Table, output: str) -> OutputRows:

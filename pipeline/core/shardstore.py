@@ -17,7 +17,6 @@ batches no unit's record refers to any more.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -25,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from zarr.errors import ContainsArrayError
 
 from seglab.pipeline.base.errors import SeglabError
 from seglab.pipeline.core.batcharrays import (
     BATCH_ID,
     RECORDS,
+    batch_id,
     batch_keys,
     commit_batch,
     output_rows,
@@ -43,6 +42,7 @@ from seglab.pipeline.core.batcharrays import (
 )
 from seglab.pipeline.core.objects import Location, Objects
 from seglab.pipeline.core.stagerecords import RECORD_NAME, StageState, fold_stage, load_stage, numbered_keys
+from seglab.pipeline.core.stagetable import parquet_bytes, parquet_table
 from seglab.pipeline.core.unitindex import UnitIndex
 
 LAYOUT = 2
@@ -139,7 +139,7 @@ class ShardStore:
         data = self.objects.get(parts[-1][1])
         if data is None:
             raise ShardStoreError(f"{self.objects}: {parts[-1][1]} vanished while it was read")
-        table = pq.read_table(pa.BufferReader(data))
+        table = parquet_table(data)
         stored = int((table.schema.metadata or {}).get(b"shard_size", b"0"))
         return UnitIndex(table.replace_schema_metadata(None), stored or shard_size)
 
@@ -148,9 +148,7 @@ class ShardStore:
         parts = self._index_parts()
         seq = parts[-1][0] + 1 if parts else 0
         table = index.table.replace_schema_metadata({b"shard_size": str(index.shard_size).encode()})
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        if not self.objects.create(f"{INDEX}/i{seq:012d}.parquet", sink.getvalue()):
+        if not self.objects.create(f"{INDEX}/i{seq:012d}.parquet", parquet_bytes(table)):
             raise ShardStoreError(f"{self.objects}: another writer saved a unit index meanwhile (is a second run on?)")
         self.objects.delete(key for _, key in parts)
 
@@ -191,7 +189,7 @@ class ShardStore:
     def read(self, stage: str, output: str, batch: int, rows: Sequence[int]) -> list[np.ndarray]:
         """The units at ``rows`` of one committed batch's ``output``, checked against its
         commit object (batcharrays.BatchDamaged when they differ)."""
-        name = f"b{batch:012d}"
+        name = batch_id(batch)
         table = read_commit(self.objects, stage, name)
         if table is None:
             raise ShardStoreError(f"{self.objects}: batch {stage}/{name} has no commit object")
@@ -215,5 +213,5 @@ class ShardStore:
         stale = {seq for seq in committed if seq <= state.folded and seq not in referenced}
         stale |= written - committed
         for seq in sorted(stale):
-            self.objects.delete(batch_keys(self.objects, stage, outputs, f"b{seq:012d}"))
+            self.objects.delete(batch_keys(self.objects, stage, outputs, batch_id(seq)))
         return len(stale)

@@ -17,7 +17,6 @@ hashes and shapes readers check arrays against.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,11 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from seglab.pipeline.core.batcharrays import RECORDS
 from seglab.pipeline.core.objects import Objects
-from seglab.pipeline.core.stagetable import FAILED, DenseStage, last_occurrence, stage_schema
+from seglab.pipeline.core.stagetable import (
+    FAILED,
+    DenseStage,
+    last_occurrence,
+    parquet_bytes,
+    parquet_table,
+    stage_schema,
+)
 
 TABLES = "_tables"
 RECORD_NAME = re.compile(r"b([0-9]{12})\.parquet")
@@ -48,7 +53,7 @@ def numbered_keys(objects: Objects, folder: str, pattern: re.Pattern[str]) -> li
 
 def _read(objects: Objects, key: str, columns: Sequence[str]) -> pa.Table | None:
     data = objects.get(key)
-    return None if data is None else pq.read_table(pa.BufferReader(data), columns=list(columns))
+    return None if data is None else parquet_table(data, columns)
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,7 @@ def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
     if not state.unfolded:
         return state
     through = state.next_batch - 1
-    sink = io.BytesIO()
-    pq.write_table(state.table, sink)
-    objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", sink.getvalue())
+    objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", parquet_bytes(state.table))
     older = [key for seq, key in numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
     objects.delete(older)
     return StageState(state.dense, state.table, through, 0, state.next_batch)

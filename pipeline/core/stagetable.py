@@ -22,11 +22,13 @@ rows into numpy arrays over the whole index, compared column against column.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from seglab.pipeline.core.unitindex import DIGEST, digests_to_numpy
 
@@ -95,3 +97,15 @@ def last_occurrence(uid: np.ndarray) -> np.ndarray:
     """Row positions of each uid's last row in ``uid`` (int64 [m]), any order."""
     reversed_first = np.unique(uid[::-1], return_index=True)[1]
     return len(uid) - 1 - reversed_first
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as one Parquet file's bytes (an object is written whole)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def parquet_table(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet file's bytes -> its table (only ``columns``, when given)."""
+    return pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
