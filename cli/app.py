@@ -112,14 +112,17 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="
     state["verbose"] = verbose
 
 
-def _manifest(path: str, store: Path | None = None):
+def _manifest(path: str, store: str | None = None):
     from seglab.pipeline.manifest import open_manifest
 
     return open_manifest(path, store=store)
 
 
 ManifestArg = Annotated[str, typer.Argument(help="Manifest YAML file, or 'demo' for the embedded demo.")]
-StoreOption = Annotated[Path | None, typer.Option(metavar="PATH", help="Store folder (overrides the manifest).")]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(metavar="PATH|URL", help="Store folder or s3://, gs:// URL (overrides the manifest)."),
+]
 
 
 @app.command(
@@ -206,7 +209,7 @@ def validate(manifest: ManifestArg) -> None:
 )
 @handled
 def export(
-    store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
+    store: Annotated[str, typer.Argument(help="Store written by `seglab run`: a folder or an s3://, gs:// URL.")],
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder (created atomically).")],
     format_: Annotated[str, typer.Option("--format", metavar="FORMAT", help=format_help())] = "png",
     round_: Annotated[
@@ -283,7 +286,7 @@ def evaluate(
 )
 @handled
 def report(
-    store: Annotated[Path, typer.Argument(help="Store folder written by `seglab run`.")],
+    store: Annotated[str, typer.Argument(help="Store written by `seglab run`: a folder or an s3://, gs:// URL.")],
     out: Annotated[Path, typer.Option(metavar="FILE", help="HTML file to write (self-contained).")],
     manifest: Annotated[
         str | None,
@@ -566,14 +569,25 @@ def bench_scale(
     folder: Annotated[Path, typer.Option(metavar="DIR", help="Where the synthetic images and the stores go.")] = Path(
         "runs/bench/scale"
     ),
+    s3: Annotated[
+        bool, typer.Option("--s3", help="Put the stores in a bucket of an S3 server started on 127.0.0.1 (moto).")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Synthetic images through the whole DAG: wall time, images/s per stage, peak memory of
-    driver and workers, at each size and worker count."""
+    """Synthetic images through the whole DAG: wall time, images/s and the framework's own
+    cost per stage, objects per image, peak memory of driver and workers, at each size and
+    worker count."""
     from seglab.cli import render
+    from seglab.pipeline.bench.s3server import s3_bucket_for
     from seglab.pipeline.bench.scale import bench_scale as measure
 
-    render.scale_table(measure(folder, images=tuple(images or (200, 2000)), workers=tuple(workers or (1, 2))), json_)
+    sizes, counts = tuple(images or (200, 2000)), tuple(workers or (1, 2))
+    if s3:
+        with s3_bucket_for("bench-scale") as bucket:
+            result = measure(folder, images=sizes, workers=counts, stores=f"{bucket}/scale")
+    else:
+        result = measure(folder, images=sizes, workers=counts)
+    render.scale_table(result, json_)
 
 
 @bench.command(
@@ -586,13 +600,25 @@ def bench_rerun(
     folder: Annotated[Path, typer.Option(metavar="DIR", help="Where the synthetic images and the store go.")] = Path(
         "runs/bench/rerun"
     ),
+    s3: Annotated[
+        bool, typer.Option("--s3", help="Put the store in a bucket of an S3 server started on 127.0.0.1 (moto).")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A run from nothing, then the same run again: wall times, their ratio, encoder calls in the rerun."""
     from seglab.cli import render
+    from seglab.pipeline.bench.s3server import s3_bucket_for
     from seglab.pipeline.bench.scale import bench_rerun as measure
 
-    render.figures(measure(folder, images=images, manifest=Path(manifest) if manifest else None), json_)
+    given = Path(manifest) if manifest else None
+    if s3 and given is not None:
+        raise typer.BadParameter("--s3 is for the synthetic images; point your manifest's store.path at a bucket")
+    if s3:
+        with s3_bucket_for("bench-rerun") as bucket:
+            result = measure(folder, images=images, stores=f"{bucket}/rerun")
+    else:
+        result = measure(folder, images=images, manifest=given)
+    render.figures(result, json_)
 
 
 @bench.command(

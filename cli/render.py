@@ -7,7 +7,6 @@ import math
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -70,8 +69,6 @@ class RichProgress:
 
     def finish(self, stage: str, report: StageReport) -> None:
         note = "nothing to do" if not report.todo else f"{report.done_now} done in {report.seconds:.1f}s"
-        if report.adopted:
-            note += f", {report.adopted} recovered from an interrupted run"
         if report.failures:
             note += f", [red]{len(report.failures)} failed[/red]"
         if report.blocked:
@@ -85,7 +82,7 @@ class Rerun:
     the ``--store`` given, if any; the commands suggested next repeat them."""
 
     manifest: str
-    store: Path | None = None
+    store: str | None = None
     selection: tuple[str, ...] = ()
     """The run's own flags as typed (``run_flags``): what a dry run's suggested command repeats."""
 
@@ -182,11 +179,6 @@ def status_table(rows: Sequence[StageStatus], as_json: bool) -> None:
     for r in rows:
         for change in r.changes:
             console.print(f"[red]{r.stage}[/red] changed: {change}")
-        if r.missing:
-            errors.print(
-                f"[yellow]{r.stage}: {r.missing} finished unit(s) have arrays missing from the store; "
-                f"`seglab run` computes them again[/yellow]"
-            )
         for warning in r.warnings:
             errors.print(f"[yellow]{r.stage}: {warning}[/yellow]")
         if r.fit_summary:
@@ -449,11 +441,12 @@ def plan_table(result: dict, as_json: bool) -> None:
 
 
 def scale_table(result: dict, as_json: bool) -> None:
-    """``bench scale``: one row per run, then the ratios."""
+    """``bench scale``: one row per run, the ratios, then per stage of the largest run its
+    rate and the framework's own cost."""
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("images", "workers", "wall s", "map s", "img/s", "driver peak MiB", "worker peak MiB")
+    table = Table("images", "workers", "wall s", "map s", "img/s", "objects/img", "driver peak MiB", "worker peak MiB")
     for r in result["runs"]:
         table.add_row(
             str(r["images"]),
@@ -461,6 +454,7 @@ def scale_table(result: dict, as_json: bool) -> None:
             f"{r['seconds']:.1f}",
             f"{r['map_seconds']:.1f}",
             f"{r['images_per_second']:.2f}",
+            f"{r['objects_per_image']:.3f}",
             f"{r['driver_peak_rss'] / 2**20:.0f}",
             f"{(r['worker_peak_rss'] or 0) / 2**20:.0f}",
         )
@@ -468,3 +462,14 @@ def scale_table(result: dict, as_json: bool) -> None:
     for key in ("driver_memory_ratio", "worker_memory_ratio", "worker_speedup"):
         if key in result:
             console.print(f"{key.replace('_', ' ')}: {result[key]}")
+    largest = max(result["runs"], key=lambda r: (r["images"], r["workers"]))
+    stages = Table(
+        "stage",
+        "img/s",
+        "overhead_ms_per_unit",
+        title=f"{largest['images']} images, {largest['workers']} workers",
+    )
+    for name, figures in largest["stages"].items():
+        rate, overhead = figures["images_per_second"], figures["overhead_ms_per_unit"]
+        stages.add_row(name, "-" if rate is None else f"{rate:.1f}", "-" if overhead is None else f"{overhead:.2f}")
+    console.print(stages)

@@ -71,7 +71,7 @@ class _Upstream:
     def __init__(self, planner: Planner, store: Store | None, name: str):
         self.names = planner.dag.deps[name]
         self.entries: dict[str, dict[str, LedgerEntry]] = {
-            dep: store.ledger(dep).load() if store else {} for dep in self.names
+            dep: store.entries(dep) if store else {} for dep in self.names
         }
 
     def finished(self, unit: Unit) -> bool:
@@ -150,7 +150,9 @@ class Training:
         fitted = _stored_attrs(store, self.name, key)
         if fitted is None or store is None:
             return None
-        checkpoint = store.path / fitted["checkpoint"]
+        if store.local is None:
+            return None
+        checkpoint = store.local / fitted["checkpoint"]
         if not checkpoint.is_file() or file_sha256(checkpoint) != fitted["sha256"]:
             return None
         return fitted
@@ -159,16 +161,22 @@ class Training:
         from seglab.workers.trainer import TrainingJob, train  # noqa: PLC0415 (torch loads only when a stage trains)
 
         manifest = self.planner.manifest
+        checkpoints = store.checkpoint_dir(self.name)
+        if store.local is None or checkpoints is None:
+            raise SeglabError(
+                f"{self.name}: training rounds keep their checkpoints beside the store, which needs a local "
+                f"store.path for now (this one is {store.path}); run rounds into a local store"
+            )
         host.release_pools()
         host.connect()
         config = manifest.stage_config(self.name)
         job = TrainingJob(
-            store_path=str(store.path),
+            store_path=store.path,
             units=tuple(u.id for u in samples),
             class_ids=self.planner.context.classes.ids,
             labels=self.kind.labels,
             uncertainty=self.kind.uncertainty,
-            checkpoint_dir=str(store.checkpoint_dir(self.name) / key[:16]),
+            checkpoint_dir=str(checkpoints / key[:16]),
             settings=config.model_dump(mode="json"),
             seed=manifest.run.seed,
         )
@@ -186,7 +194,7 @@ class Training:
         store.remove_other_checkpoints(self.name, keep=key[:16])
         return {
             "architecture": config.architecture,
-            "checkpoint": str(path.relative_to(store.path)),
+            "checkpoint": str(path.relative_to(store.local)),
             "sha256": file_sha256(path),
             "epochs": len(state["history"]),
             "units": len(samples),

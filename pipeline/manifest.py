@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.core.objects import Location, LocationError
 from seglab.pipeline.core.paths import check_data_root, check_glob_walk, is_url, resolve_index
 from seglab.pipeline.core.paths import resolve as _resolve
 from seglab.pipeline.core.registry import STAGES
@@ -236,12 +237,31 @@ class RunSection(_Frozen):
 
 
 class StoreConfig(_Frozen):
-    path: str | None = Field(None, description="Zarr store folder; default runs/<run.name>.zarr beside the manifest.")
+    path: str | None = Field(
+        None,
+        description="Where the store is: a folder, or an s3://bucket/prefix, gs://bucket/prefix or "
+        "file:///folder URL; default runs/<run.name>.zarr beside the manifest.",
+    )
+    shard_size: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="Units per shard of a new store: a worker's batch is at most one shard, "
+        "written as one object per output. Kept by a store once made.",
+    )
 
     @field_validator("path")
     @classmethod
     def _resolve_store(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else _resolve(v, info, under_root=False)
+        if v is None:
+            return None
+        if is_url(v):
+            try:
+                location = Location.parse(v)
+            except LocationError as exc:
+                raise ValueError(str(exc)) from None
+            return str(location.local) if location.local is not None else v
+        return _resolve(v, info, under_root=False)
 
 
 class RayConfig(_Frozen):
@@ -308,10 +328,11 @@ class Manifest(StageSections):
     )
 
     @property
-    def store_path(self) -> Path:
+    def store_location(self) -> str:
+        """The store's location: an absolute local path or an object-storage URL."""
         if self.store.path:
-            return Path(self.store.path)
-        return Path(self.path).resolve().parent / "runs" / f"{self.run.name}.zarr"
+            return self.store.path
+        return str(Path(self.path).resolve().parent / "runs" / f"{self.run.name}.zarr")
 
     def stage_config(self, stage: str):
         """The manifest section of ``stage``; every round's instance ('refine.2') shares its stage's."""
@@ -496,7 +517,7 @@ def manifest_schema() -> dict:
 EMBEDDED = {"demo": "demo.yaml"}
 
 
-def open_manifest(arg: str | Path, *, store: Path | None = None) -> Manifest:
+def open_manifest(arg: str | Path, *, store: Path | str | None = None) -> Manifest:
     """Load a manifest file, or an embedded one by name ('demo') when no such file exists.
 
     An embedded manifest lives inside the installed package, so its store defaults to
@@ -506,9 +527,10 @@ def open_manifest(arg: str | Path, *, store: Path | None = None) -> Manifest:
     if not path.exists() and str(arg) in EMBEDDED:
         path = Path(str(files("seglab.manifests") / EMBEDDED[str(arg)]))
         manifest = load_manifest(path)
-        store = store or Path.cwd() / "runs" / f"{manifest.run.name}.zarr"
+        store = store or str(Path.cwd() / "runs" / f"{manifest.run.name}.zarr")
     else:
         manifest = load_manifest(path)
     if store is not None:
-        manifest = manifest.model_copy(update={"store": StoreConfig(path=str(Path(store).resolve()))})
+        where = str(store) if is_url(str(store)) else str(Path(store).resolve())
+        manifest = manifest.model_copy(update={"store": manifest.store.model_copy(update={"path": where})})
     return manifest

@@ -1,45 +1,86 @@
 """Planning a run without running it: the stages a manifest runs, their context and
 signatures, and per stage what is left to do over a set of units.
 
-A unit is done for a stage when its ledger line says done with the stage's current
-signature digest and the digest of its inputs (its parents' output hashes, or its own
-files' for the first stage). ``Planner`` reads the store and never writes it: the runner,
-``seglab status`` and ``seglab evaluate`` all plan through it.
+A unit is done for a stage when its last row says done with the stage's current
+signature and fit digests and the digests of its inputs (its parents' outputs, or its own
+files' for the first stage) as they are now (pipeline/shardplan.py). ``Planner`` reads the
+store and never writes it: the runner, ``seglab status`` and ``seglab evaluate`` all plan
+through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeGuard
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seglab.pipeline.base.errors import SignatureMismatch
 from seglab.pipeline.base.fingerprint import diff_signatures, digest, stage_signature
-from seglab.pipeline.core.ledger import LedgerEntry, Receipt, Task
+from seglab.pipeline.core.ledger import BatchTask, UnitInputs
 from seglab.pipeline.core.registry import STAGES, round_stages
+from seglab.pipeline.core.stagetable import SOURCE, DenseStage
 from seglab.pipeline.core.store import Store
+from seglab.pipeline.core.unitindex import UnitIndex, digests_to_numpy
 from seglab.pipeline.dag import Dag
 from seglab.pipeline.manifest import Manifest
+from seglab.pipeline.shardplan import plan_stage
 from seglab.pipeline.units import unit_input_digest
 from seglab.stages.base import ClassTable, Context, FitByTraining, FitOnGoldSet, MapStage, Unit
 from seglab.workers.backend import backend_signature, feature_names
 
 
+@dataclass(frozen=True)
+class PlacedUnits:
+    """Today's units in the store's unit index: ``units`` in enumeration order, ``uids``
+    int64 [len(units)] their rows in ``index``; ``current`` bool [n]: the index rows
+    enumerated today; ``position`` int64 [n]: each row's place in ``units`` (-1: not
+    enumerated today); ``changed``: the index differs from the stored one."""
+
+    units: list[Unit]
+    index: UnitIndex
+    uids: np.ndarray
+    current: np.ndarray
+    position: np.ndarray
+    changed: bool
+
+
+def place_units(store: Store | None, units: Sequence[Unit], shard_size: int) -> PlacedUnits:
+    """Today's units placed in the store's index (``store`` None: a new one of
+    ``shard_size``); new units go to new shards, nothing is written."""
+    stored = store.index(shard_size) if store is not None else UnitIndex.empty(shard_size)
+    sources = np.array([np.frombuffer(bytes.fromhex(unit_input_digest(u)), np.uint8) for u in units], np.uint8)
+    ids = pa.array([u.id for u in units], pa.string())
+    index, update = stored.update(ids, pa.array([u.image for u in units], pa.string()), sources.reshape(-1, 32))
+    uids = pc.index_in(ids, value_set=index.table.column("unit")).to_numpy().astype(np.int64)
+    position = np.full(len(index), -1, np.int64)
+    position[uids] = np.arange(len(units))
+    changed = bool(len(update.added) or len(update.changed))
+    return PlacedUnits(list(units), index, uids, update.current, position, changed)
+
+
 @dataclass
 class Plan:
-    """A stage's remaining work: ``todo`` units with their worker ``tasks`` (input digest,
-    signature digest, expected input hashes), ledger entries of ``adopted`` units, the
-    count of units ``blocked`` on an upstream stage, and why: ``reasons`` counts the todo
-    units by cause ('new', 'failed before', ...), ``waiting`` the blocked ones by the
-    upstream stage they wait on; ``missing``: done units whose arrays are gone."""
+    """A stage's remaining work: ``todo`` units in ``batches`` (one per shard), the count of
+    units ``blocked`` on an upstream stage, and why: ``reasons`` counts the todo units by
+    cause ('new', 'failed before', ...), ``waiting`` the blocked ones by the upstream stage
+    they wait on. ``task`` makes a batch's worker task from what the plan was made of."""
 
     todo: list[Unit] = field(default_factory=list)
-    tasks: dict[str, Task] = field(default_factory=dict)
-    adopted: list[Receipt] = field(default_factory=list)
+    batches: list[list[Unit]] = field(default_factory=list)
     blocked: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
+    signature: bytes = bytes(32)
+    fitted: bytes = bytes(32)
+    uid_of: dict[str, int] = field(default_factory=dict)
+    made_from: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per input name: uint8 [n, 32], each index row's digest of that input."""
+    located: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Per parent stage: (batch int64 [n], row int32 [n]) of each index row's outputs."""
 
     def why(self) -> list[str]:
         """The reasons as short phrases, e.g. ['3 new', '2 waiting on embed']."""
@@ -47,37 +88,26 @@ class Plan:
             f"{n} waiting on {stage}" for stage, n in self.waiting.items()
         ]
 
-
-def _count(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _todo_reason(entry: LedgerEntry | None, task: Task) -> str:
-    """Why a unit with ledger line ``entry`` is not done as ``task`` asks."""
-    if entry is None:
-        return "new"
-    if not isinstance(entry, Receipt):
-        return "failed before"
-    if entry.signature != task.signature:
-        return "made with other settings"
-    return "with changed inputs"
-
-
-def _adoptable(store: Store | None, name: str, unit: str, task: Task, cleared: frozenset[str]) -> Receipt | None:
-    """The receipt of a unit a killed run committed but did not ledger, when its commit
-    record is whole, made as ``task`` asks, and its arrays are all there; else None."""
-    if store is None or name in cleared:
-        return None
-    record = store.committed(name, unit)
-    if not done_as(record, task) or store.missing_outputs(name, unit, record.outputs):
-        return None
-    return replace(record, adopted=True, time=None)
+    def task(self, units: Sequence[Unit], batch: str) -> BatchTask:
+        """The worker task of ``units`` (of this plan's todo) as batch ``batch``."""
+        uids = [self.uid_of[u.id] for u in units]
+        return BatchTask(
+            batch=batch,
+            units=tuple(units),
+            uids=tuple(uids),
+            signature=self.signature,
+            fitted=self.fitted,
+            made_from={name: tuple(made[uid].tobytes() for uid in uids) for name, made in self.made_from.items()},
+            reads={
+                stage: UnitInputs(tuple(int(batches[uid]) for uid in uids), tuple(int(rows[uid]) for uid in uids))
+                for stage, (batches, rows) in self.located.items()
+            },
+        )
 
 
-def done_as(entry: LedgerEntry | None, task: Task) -> TypeGuard[Receipt]:
-    """Whether a ledger line or commit record says the unit was done from the task's
-    ``inputs`` digest with its stage ``signature`` digest (else it must be computed)."""
-    return isinstance(entry, Receipt) and entry.made_as(task)
+def stage_inputs(dag: Dag, name: str) -> list[str]:
+    """The input names a stage's rows record digests of: its parents, or the index's source."""
+    return list(dag.deps[name]) or [SOURCE]
 
 
 def build_context(manifest: Manifest) -> Context:
@@ -164,54 +194,47 @@ class Planner:
         self,
         store: Store | None,
         name: str,
-        units: Sequence[Unit],
+        placed: PlacedUnits,
         fitted: str | None = None,
         cleared: frozenset[str] = frozenset(),
     ) -> Plan:
-        """What is left of stage ``name`` over ``units`` (``store`` None: no store yet).
+        """What is left of stage ``name`` over today's ``placed`` units (``store`` None: no
+        store yet), column against column (shardplan.plan_stage).
 
-        ``fitted``: digest of the parameters the stage was fitted with; part of every
-        unit's input digest, so a refit that changes them recomputes the units. A unit
-        without a ledger line but with a commit record made from the same inputs and
-        signature (its driver was killed before appending the line) is adopted, not redone.
-        A done unit whose arrays are gone from the store is redone. ``cleared``: stages to
-        plan as if their records were removed (what ``--force`` does before a run)."""
+        ``fitted``: digest of the parameters the stage was fitted with; a refit that changes
+        them recomputes the units. ``cleared``: stages to plan as if their records were
+        removed (what ``--force`` does before a run)."""
+        n = len(placed.index)
 
-        def ledger(stage: str) -> dict[str, LedgerEntry]:
-            return {} if store is None or stage in cleared else store.ledger(stage).load()
+        def dense(stage: str) -> DenseStage:
+            inputs = stage_inputs(self.dag, stage)
+            if store is None or stage in cleared:
+                return DenseStage.from_parts([], n, inputs)
+            return store.state(stage, inputs, n).dense
 
-        entries = ledger(name)
-        parents = {dep: ledger(dep) for dep in self.dag.deps[name]}
-        sig = digest(self.signatures[name])
-        plan = Plan()
-        for unit in units:
-            expected: dict[str, str] = {}
-            if parents:
-                upstream = {d: parents[d].get(unit.id) for d in parents}
-                done = {d: e for d, e in upstream.items() if isinstance(e, Receipt)}
-                waiting = next((d for d in upstream if d not in done), None)
-                if waiting is not None:
-                    plan.blocked += 1
-                    _count(plan.waiting, waiting)
-                    continue
-                inputs = digest(
-                    [{k: v.sha256 for k, v in e.outputs.items()} for e in done.values()] + ([fitted] if fitted else [])
-                )
-                expected = {f"{d}/{k}": v.sha256 for d, e in done.items() for k, v in e.outputs.items()}
-            else:
-                inputs = unit_input_digest(unit)
-            task = Task(inputs, sig, expected)
-            entry = entries.get(unit.id)
-            if done_as(entry, task):
-                if store is None or not store.missing_outputs(name, unit.id, entry.outputs):
-                    continue
-                plan.missing.append(unit.id)
-                _count(plan.reasons, "with missing arrays")
-            elif (record := _adoptable(store, name, unit.id, task, cleared)) is not None:
-                plan.adopted.append(record)
-                continue
-            else:
-                _count(plan.reasons, "forced" if name in cleared else _todo_reason(entry, task))
-            plan.todo.append(unit)
-            plan.tasks[unit.id] = task
+        parents = {dep: dense(dep) for dep in self.dag.deps[name]}
+        sources = digests_to_numpy(placed.index.table.column("source"))
+        inputs: dict[str, DenseStage | np.ndarray] = dict(parents) if parents else {SOURCE: sources}
+        signature = bytes.fromhex(digest(self.signatures[name]))
+        fit = bytes.fromhex(fitted) if fitted else bytes(32)
+        shards = placed.index.shards
+        planned = plan_stage(
+            dense(name), inputs, current=placed.current, shards=shards, signature=signature, fitted=fit
+        )
+        plan = Plan(
+            blocked=planned.blocked,
+            waiting=planned.waiting,
+            reasons={"forced": len(planned.todo)} if name in cleared and len(planned.todo) else planned.reasons,
+            signature=signature,
+            fitted=fit,
+            made_from={dep: state.outputs for dep, state in parents.items()} if parents else {SOURCE: sources},
+            located={dep: (state.batch, state.row) for dep, state in parents.items()},  # type: ignore[misc]
+        )
+        todo = planned.todo
+        plan.todo = [placed.units[at] for at in placed.position[todo]]
+        plan.uid_of = {unit.id: int(uid) for unit, uid in zip(plan.todo, todo)}
+        cuts = np.flatnonzero(np.diff(shards[todo])) + 1
+        plan.batches = [
+            [placed.units[at] for at in placed.position[part]] for part in np.split(todo, cuts) if len(part)
+        ]
         return plan

@@ -43,8 +43,6 @@ class StageReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    adopted: int = 0
-    """Units a killed run had computed and committed but not ledgered: taken, not recomputed."""
     resubmitted: int = 0
     """Units run again because the worker running them was lost."""
     recovered: int = 0
@@ -60,8 +58,7 @@ class StageReport:
     def absorb(self, earlier: StageReport) -> None:
         """Fold an earlier pass over the same stage into this one (this run's totals)."""
         self.done_now += earlier.done_now
-        self.adopted += earlier.adopted
-        self.already_done -= earlier.done_now + earlier.adopted
+        self.already_done -= earlier.done_now
         self.todo = earlier.todo
         self.seconds += earlier.seconds
         self.resubmitted += earlier.resubmitted
@@ -78,7 +75,7 @@ class RunReport:
 
     @property
     def work_done(self) -> int:
-        return sum(s.done_now + s.adopted + len(s.failures) for s in self.stages)
+        return sum(s.done_now + len(s.failures) for s in self.stages)
 
     @property
     def ok(self) -> bool:

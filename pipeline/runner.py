@@ -16,14 +16,17 @@ from typing import Any
 
 from seglab.pipeline.base.errors import StorageError, UsageError, os_error_cause
 from seglab.pipeline.base.fingerprint import diff_signatures, digest
-from seglab.pipeline.core.ledger import Failure, LedgerEntry, Receipt
-from seglab.pipeline.core.store import Store, check_store_path
+from seglab.pipeline.core.batcharrays import batch_id, read_commit
+from seglab.pipeline.core.ledger import BatchTask, Failure, LedgerEntry, Receipt
+from seglab.pipeline.core.stagerecords import failure_records
+from seglab.pipeline.core.store import Store, store_exists
+from seglab.pipeline.core.unitrecords import commit_receipts
 from seglab.pipeline.dag import Dag
 from seglab.pipeline.fitting import Fitted, current_fit, fitter_for
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.planning import Plan, Planner, done_as
+from seglab.pipeline.planning import PlacedUnits, Plan, Planner, place_units, stage_inputs
 from seglab.pipeline.records import NoProgress, Progress, RunOptions, RunReport, StageReport
-from seglab.pipeline.storelock import StoreLock
+from seglab.pipeline.storelock import LeaseLock, StoreBusy, StoreLock, run_lock
 from seglab.pipeline.units import enumerate_units, held_out
 from seglab.stages.base import Unit
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
@@ -65,11 +68,12 @@ class Runner:
         self.planner = Planner(manifest)
         self.dag, self.stages, self.context = self.planner.dag, self.planner.stages, self.planner.context
         check_stage_names(self.options, self.dag)
+        self._lock: StoreLock | LeaseLock | None = None
 
     # -- planning ---------------------------------------------------------------------
     def open_store(self) -> Store:
         return Store(
-            self.manifest.store_path,
+            self.manifest.store_location,
             create=True,
             attrs={"seglab_version": seglab_version(), "created": datetime.now(UTC).isoformat()},
         )
@@ -79,12 +83,13 @@ class Runner:
         """The stages ``--force`` clears: each named one and everything downstream of it."""
         return frozenset(c for name in self.options.force for c in (name, *self.dag.downstream(name)))
 
-    def preview(self, store: Store | None, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
+    def preview(self, store: Store | None, selected: Sequence[str], placed: PlacedUnits) -> list[StageReport]:
         """What a run would do, stage by stage, from the store as it is (``store`` None: no
         store yet), reading only: ``--force`` is planned as if its stages were cleared, a
         fitted stage with the fit it has stored for today's inputs. Each report's ``why``
         says what is left and why; a stage whose settings changed says so too."""
         cleared = self.forced()
+        units = placed.units
         reports = []
         for name in selected:
             why: list[str] = []
@@ -96,20 +101,11 @@ class Runner:
                 )
             fitted, refit = current_fit(self.planner, store, name, units, cleared)
             why += [refit] if refit else []
-            plan = self.planner.plan(store, name, units, fitted=digest(fitted) if fitted else None, cleared=cleared)
+            plan = self.planner.plan(store, name, placed, fitted=digest(fitted) if fitted else None, cleared=cleared)
             report = StageReport(
-                name,
-                len(units),
-                len(units) - plan.blocked - len(plan.todo) - len(plan.adopted),
-                len(plan.todo),
-                blocked=plan.blocked,
-                adopted=len(plan.adopted),
+                name, len(units), len(units) - plan.blocked - len(plan.todo), len(plan.todo), blocked=plan.blocked
             )
-            report.why = (
-                why
-                + plan.why()
-                + ([f"{len(plan.adopted)} committed by an interrupted run, to adopt"] if plan.adopted else [])
-            )
+            report.why = why + plan.why()
             reports.append(report)
         return reports
 
@@ -131,29 +127,32 @@ class Runner:
         (so a read-only store is fine); any other run holds the store's lock throughout."""
         units = enumerate_units(self.manifest)
         selected = self.dag.select(start=self.options.start, only=self.options.only)
-        path = self.manifest.store_path
-        existing = Store(path) if check_store_path(path) else None
-        preview = self.preview(existing, selected, units)
+        location = self.manifest.store_location
+        existing = Store(location) if store_exists(location) else None
+        placed = place_units(existing, units, self.manifest.store.shard_size)
+        preview = self.preview(existing, selected, placed)
         if existing is not None:
             for report in preview:
                 report.warnings += existing.problems_of(report.stage)
         if self.options.dry_run:
-            return RunReport(str(path), preview, dry_run=True)
+            return RunReport(location, preview, dry_run=True)
         if existing is not None:
             self.planner.check_signatures(existing, [s for s in selected if s not in self.forced()])
             recorded = existing.attrs
-            if not any(r.todo or r.adopted or r.blocked or r.why for r in preview) and all(
-                recorded.get(k) == v for k, v in self._recorded_attrs(units).items()
+            if (
+                not placed.changed
+                and not any(r.todo or r.blocked or r.why for r in preview)
+                and all(recorded.get(k) == v for k, v in self._recorded_attrs(units).items())
             ):
                 for report in preview:
                     self.progress.start(report.stage, report.total, report.already_done)
                     self.progress.finish(report.stage, report)
-                return RunReport(str(path), preview)
+                return RunReport(location, preview)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            with StoreLock(path) as lock:
+            with run_lock(location) as lock:
+                self._lock = lock
                 store = self.open_store()
-                reports = self._run_locked(store, selected, units)
+                reports = self._run_locked(store, selected, placed)
                 if lock.taken_over and reports:
                     holder = lock.taken_over
                     reports[0].warnings.append(
@@ -164,19 +163,24 @@ class Runner:
         except Exception as exc:
             if (cause := os_error_cause(exc)) is None:
                 raise
-            raise StorageError.from_os_error(cause, path) from None
-        return RunReport(str(store.path), reports)
+            raise StorageError.from_os_error(cause, location) from None
+        return RunReport(store.path, reports)
 
-    def _run_locked(self, store: Store, selected: Sequence[str], units: Sequence[Unit]) -> list[StageReport]:
-        """The run proper, under the store's lock: clear what ``--force`` names, then pass
-        over the stages until no pass finds damaged inputs (at most MAX_PASSES)."""
-        kept = {cleared: store.clear_stage(cleared) for cleared in self.forced()}
+    def _run_locked(self, store: Store, selected: Sequence[str], placed: PlacedUnits) -> list[StageReport]:
+        """The run proper, under the store's lock: record today's units in the index, clear
+        what ``--force`` names, then pass over the stages until no pass finds damaged inputs
+        (at most MAX_PASSES)."""
+        if placed.changed:
+            store.save_index(placed.index)
+        kept = {
+            cleared: store.clear_stage(cleared, self.stages[cleared].outputs(self.context)) for cleared in self.forced()
+        }
         self.planner.check_signatures(store, selected)
         reports: dict[str, StageReport] = {}
         pools: Pools = {}
         try:
             for _ in range(MAX_PASSES):
-                passed = self._run_pass(store, selected, units, pools)
+                passed = self._run_pass(store, selected, placed, pools)
                 damaged = any(r.invalidated for r in passed.values())
                 for name, report in passed.items():
                     if name in reports:
@@ -184,7 +188,7 @@ class Runner:
                 reports = passed
                 if not damaged:
                     break
-            recorded = self._recorded_attrs(units)
+            recorded = self._recorded_attrs(placed.units)
             if any(store.attrs.get(k) != v for k, v in recorded.items()):
                 store.set_root_attrs(**recorded)
         finally:
@@ -197,13 +201,16 @@ class Runner:
         return list(reports.values())
 
     def _run_pass(
-        self, store: Store, selected: Sequence[str], units: Sequence[Unit], pools: Pools
+        self, store: Store, selected: Sequence[str], placed: PlacedUnits, pools: Pools
     ) -> dict[str, StageReport]:
         """Plan and run every selected stage once, in DAG order."""
         reports: dict[str, StageReport] = {}
+        units = placed.units
         for name in selected:
+            self._check_lease(store)
             fitted = self._fit(store, name, units, pools)
-            plan = self.planner.plan(store, name, units, fitted=digest(fitted) if fitted else None)
+            planned_at = time.perf_counter()
+            plan = self.planner.plan(store, name, placed, fitted=digest(fitted) if fitted else None)
             report = StageReport(
                 name,
                 len(units),
@@ -214,30 +221,25 @@ class Runner:
             )
             if fitted and (warning := self.stages[name].fit_warning(fitted)):
                 report.warnings.append(warning)
-            if plan.missing:
-                report.warnings.append(
-                    f"{len(plan.missing)} finished unit(s) had arrays missing from the store "
-                    f"(first: {plan.missing[0]}); they are computed again"
-                )
             reports[name] = report
-            if plan.adopted:
-                store.ledger(name).append(plan.adopted)
-                report.adopted, report.already_done = len(plan.adopted), report.already_done - len(plan.adopted)
             if not plan.todo:
-                self.progress.start(name, len(units), report.already_done + report.adopted)
+                self.progress.start(name, len(units), report.already_done)
                 self.progress.finish(name, report)
                 continue
             pool = self._pool_for(name, pools)
-            store.prepare_stage(name, self.stages[name].outputs(self.context))
             store.set_stage_attrs(
-                name, signature=self.planner.signatures[name], signature_digest=digest(self.planner.signatures[name])
+                name,
+                signature=self.planner.signatures[name],
+                signature_digest=digest(self.planner.signatures[name]),
+                inputs=stage_inputs(self.dag, name),
+                outputs=list(self.stages[name].outputs(self.context)),
             )
-            self._run_stage(store, name, plan, report, pool)
+            self._run_stage(store, name, plan, report, pool, planned_at)
             store.set_stage_attrs(
                 name,
                 summary={
                     "total": report.total,
-                    "done": report.already_done + report.adopted + report.done_now,
+                    "done": report.already_done + report.done_now,
                     "failed": len(report.failures),
                     "seconds": round(report.seconds, 3),
                     "computed": report.done_now,
@@ -272,7 +274,7 @@ class Runner:
         if key not in pools:
             _release(pools)
             spec = WorkerSpec(
-                store_path=str(self.manifest.store_path),
+                store_path=self.manifest.store_location,
                 context=self.context,
                 stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
                 backend_config=self.manifest.backend,
@@ -286,62 +288,120 @@ class Runner:
             )
         return pools[key]
 
-    def _run_stage(self, store: Store, name: str, plan: Plan, report: StageReport, pool: WorkerPool) -> None:
-        """Run the plan's units on ``pool``; every final receipt is appended to the ledger.
-        A unit whose input turned out damaged invalidates that input's unit in its producing
-        stage (a failed ledger line, its commit record dropped) for the next pass to redo."""
-        ledger = store.ledger(name)
-        images = {u.id: u.image for u in plan.todo}  # a failed line names its image, as a done ingest line does
-        self.progress.start(name, report.total, report.already_done + report.adopted)
-        started = time.perf_counter()
+    def _run_stage(
+        self, store: Store, name: str, plan: Plan, report: StageReport, pool: WorkerPool, started: float
+    ) -> None:
+        """Run the plan's batches on ``pool``: workers commit what they finish; final failures
+        are committed as failure batches by the driver. A unit whose input turned out damaged
+        invalidates that input's unit in its producing stage (a failure row) for the next
+        pass to redo. Then the stage's records are folded and what nothing refers to any
+        more (batches of killed writers, superseded batches) is removed. ``report.seconds``:
+        from ``started`` (before the stage was planned) to the end of that."""
+        outputs = list(self.stages[name].outputs(self.context))
+        names = BatchNames(store, name, outputs)
+        images = {u.id: u.image for u in plan.todo}
+        self.progress.start(name, report.total, report.already_done)
 
         def record(outcomes: list[LedgerEntry]) -> None:
+            self._check_lease(store)
             storage = next((o.storage for o in outcomes if isinstance(o, Failure) and o.storage), None)
-            final = [
-                o if isinstance(o, Receipt) else o.for_task(plan.tasks[o.unit], images[o.unit])
-                for o in outcomes
-                if isinstance(o, Receipt) or o.storage is None
-            ]
-            ledger.append(final)
             if storage:  # a full disk or an unwritable store is no unit's fault: stop, record nothing against it
                 raise StorageError(storage.path, storage.problem)
-            for outcome in final:
+            failed = [o.with_source(images[o.unit]) for o in outcomes if isinstance(o, Failure)]
+            plain = [f for f in failed if not f.corrupt]
+            if plain:
+                commit_failures(
+                    store,
+                    name,
+                    plan.task([u for u in plan.todo if u.id in {f.unit for f in plain}], names.next()),
+                    plain,
+                )
+            for outcome in outcomes:
                 if isinstance(outcome, Receipt):
                     report.done_now += 1
                 elif outcome.corrupt:
-                    self._invalidate(store, outcome.unit, outcome.corrupt, outcome.message)
+                    self._invalidate(store, plan.uid_of[outcome.unit], outcome.corrupt, outcome.message)
                     report.invalidated += [(outcome.unit, path) for path in outcome.corrupt]
                 else:
                     report.failures.append((outcome.unit, outcome.message))
-            self.progress.advance(name, len(final))
+            self.progress.advance(name, len(outcomes))
 
-        def recover(units: Sequence[Unit]) -> list[Receipt]:
-            """Receipts of the units a lost worker had committed before it died."""
-            records = {u.id: store.committed(name, u.id) for u in units}
-            return [r for u, r in records.items() if done_as(r, plan.tasks[u])]
+        def recover(task: BatchTask) -> list[Receipt]:
+            """Receipts of a lost worker's batch, when it committed it before it died."""
+            table = read_commit(store.objects, name, task.batch)
+            return [] if table is None else commit_receipts(table, int(task.batch[1:]), [u.id for u in task.units])
 
         stats = run_batches(
             pool=pool,
             stage_name=name,
-            units=plan.todo,
+            batches=plan.batches,
+            make_task=lambda units: plan.task(units, names.next()),
             read_paths=self.planner.read_paths(name),
-            batch_size=self.manifest.stage_config(name).batch_size,
             max_retries=self.manifest.ray.max_retries,
             on_receipts=record,
-            tasks=plan.tasks,
             recover=recover,
             stall_timeout=self.manifest.ray.stall_timeout,
         )
+        names.tidy()
+        store.refresh()
         report.resubmitted += stats.resubmitted
         report.recovered += stats.recovered
         report.seconds = time.perf_counter() - started
         report.worker_peak_rss = pool.peak_rss()
         self.progress.finish(name, report)
 
-    def _invalidate(self, store: Store, unit: str, paths: Sequence[str], message: str) -> None:
+    def _check_lease(self, store: Store) -> None:
+        """Stop when this run's lease on an object-storage store lapsed: another run may hold
+        the store now, and only one may write its records."""
+        if getattr(self._lock, "lost", False):
+            raise StoreBusy(
+                f"{store.path}: this run's lease on the store lapsed (it could not be renewed in time) and "
+                "another run may have taken it; stopped here: committed work is kept, run again to go on"
+            )
+
+    def _invalidate(self, store: Store, uid: int, paths: Sequence[str], message: str) -> None:
+        """Record a failure row for ``uid`` in each stage whose output in ``paths`` is damaged."""
         for stage in dict.fromkeys(path.split("/", 1)[0] for path in paths):
-            store.forget_commit(stage, unit)
-            store.ledger(stage).append([Failure(unit, type="CorruptOutput", message=message)])
+            names = BatchNames(store, stage, list(self.stages[stage].outputs(self.context)), collect=False)
+            store.shards.commit_failures(
+                stage,
+                names.next(),
+                failure_records(
+                    [uid], [f"CorruptOutput: {message}"], bytes(32), bytes(32), stage_inputs(self.dag, stage)
+                ),
+            )
+        store.refresh()
+
+
+def commit_failures(store: Store, stage: str, task: BatchTask, failures: Sequence[Failure]) -> None:
+    """Commit the final failures of ``task``'s units (in task order) as the task's batch."""
+    message = {f.unit: f.message for f in failures}
+    table = failure_records(
+        list(task.uids), [message[u.id] for u in task.units], task.signature, task.fitted, task.made_from
+    )
+    store.shards.commit_failures(stage, task.batch, table)
+
+
+class BatchNames:
+    """Hands out a stage's batch names (b<seq>), after removing what no record refers to
+    (so the names of batches a killed writer left uncommitted are free again); ``tidy``
+    folds the stage's records and collects garbage again once its batches are in."""
+
+    def __init__(self, store: Store, stage: str, outputs: Sequence[str], *, collect: bool = True):
+        self.store, self.stage, self.outputs = store, stage, outputs
+        state = store.state(stage)
+        if collect:
+            store.shards.collect_garbage(stage, outputs, state)
+        self.seq = state.next_batch
+
+    def next(self) -> str:
+        self.seq += 1
+        return batch_id(self.seq - 1)
+
+    def tidy(self) -> None:
+        inputs = self.store.stage_inputs(self.stage)
+        state = self.store.shards.fold(self.stage, inputs, len(self.store.index()))
+        self.store.shards.collect_garbage(self.stage, self.outputs, state)
 
 
 class _Host:

@@ -33,7 +33,7 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from seglab.pipeline.base.errors import SeglabError
-from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.objects import Location, Objects
 from seglab.pipeline.core.store import LOCK_FILE
 
 if TYPE_CHECKING:
@@ -112,6 +112,20 @@ def _holder() -> dict:
     }
 
 
+def _gone(holder: dict) -> bool:
+    """Whether the holder of a lease is a process of this machine that no longer runs (its
+    lease need not be waited out: a killed run on this host is known to be over)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
 def _holder_record(lease_id: str, seconds: float) -> dict:
     return {**_holder(), "lease": lease_id, "expires": time.time() + seconds}
 
@@ -122,7 +136,8 @@ class LeaseLock:
     the store from (None when the last run released it).
 
     seconds: the lease's length; the holder renews it every ``seconds / 3``. A holder that
-    finds its lease taken (it could not renew in time) stops renewing; ``lost`` says so."""
+    finds its lease taken (it could not renew in time) stops renewing; ``lost`` says so. The
+    lease of a holder on this machine whose process is gone is taken over at once."""
 
     def __init__(self, objects: Objects, *, seconds: float = LEASE_SECONDS):
         self.objects, self.seconds = objects, seconds
@@ -162,7 +177,7 @@ class LeaseLock:
         if etag is None:
             current = self._read()
             holder, tag = current if current is not None else ({}, None)
-            if holder.get("lease") and float(holder.get("expires", 0)) > time.time():
+            if holder.get("lease") and float(holder.get("expires", 0)) > time.time() and not _gone(holder):
                 raise StoreBusy(
                     f"{self.objects}: another seglab run is using this store ({_holder_text(holder)}, its lease "
                     f"ends in {float(holder['expires']) - time.time():.0f}s unless renewed); wait for it to "
@@ -192,3 +207,13 @@ class LeaseLock:
         if self._etag is not None and not self.lost:
             self._write({}, replacing=self._etag)  # an empty record: released cleanly
         self._etag = None
+
+
+def run_lock(location: str) -> StoreLock | LeaseLock:
+    """The run lock for the store at ``location``: a file lock on a local folder (made if
+    need be), a lease held by conditional writes on object storage."""
+    parsed = Location.parse(location)
+    if parsed.local is not None:
+        parsed.local.mkdir(parents=True, exist_ok=True)
+        return StoreLock(parsed.local)
+    return LeaseLock(Objects(parsed))

@@ -23,7 +23,8 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_size: int = 4
-    """Units handed to one worker call. Large enough to amortise a Ray task (~0.1 ms)."""
+    """Units passed to one ``process_batch`` call. A worker's task is the units of one shard
+    (``store.shard_size``) still to do; it processes them in batches of this size."""
 
 
 @dataclass(frozen=True)

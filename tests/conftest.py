@@ -38,6 +38,7 @@ data:
     - {{id: 2, name: rectangle}}
 store:
   path: {store}
+  shard_size: {batch}
 ray:
   workers: 2
 ingest: {{batch_size: {batch}}}
@@ -45,6 +46,62 @@ embed: {{batch_size: {batch}}}
 prompts: {{batch_size: {batch}}}
 select: {{batch_size: {batch}}}
 """
+
+
+def committed_units(location, stage: str) -> dict[str, int]:
+    """Units done in ``stage`` by the commit objects the store at ``location`` holds now ->
+    the batch holding each (the last one, when a unit was done twice); read afresh."""
+    from seglab.pipeline.core.stagetable import DONE
+    from seglab.pipeline.core.store import Store, store_exists
+
+    if not store_exists(location):
+        return {}
+    store = Store(location)
+    names = store.index().table.column("unit").to_pylist()
+    done: dict[str, int] = {}
+    for key in sorted(store.objects.list(f"_records/{stage}")):
+        seq = int(key.rsplit("/b", 1)[1].split(".")[0])
+        table = store.commit(stage, seq)
+        if table is None:
+            continue
+        for uid, state in zip(table.column("uid").to_pylist(), table.column("state").to_pylist()):
+            if state == DONE and uid < len(names):
+                done[names[uid]] = seq
+    return done
+
+
+def batch_folder(location, stage: str, output: str, unit: str) -> Path:
+    """The local folder of the batch array holding ``unit``'s ``stage/output``."""
+    from seglab.pipeline.core.batcharrays import batch_id
+    from seglab.pipeline.core.store import Store
+
+    record = Store(location).entries(stage)[unit].outputs[output]
+    return Path(location) / stage / output / batch_id(record.batch)
+
+
+def alter_row(location, stage: str, output: str, unit: str) -> None:
+    """Give ``unit``'s ``stage/output`` other values of the same shape, in valid chunks
+    (class maps: each label + 1 mod 3): damage only its hash can tell."""
+    import zarr
+
+    from seglab.pipeline.core.store import Store
+
+    record = Store(location).entries(stage)[unit].outputs[output]
+    array = zarr.open_array(batch_folder(location, stage, output, unit), mode="r+")
+    region = (record.row, *(slice(0, n) for n in record.shape))
+    array[region] = (np.asarray(array[region]) + 1) % 3
+
+
+def record_failures(store, stage: str, units: list[str], message: str = "it broke") -> None:
+    """Commit failure rows for ``units`` (already in the index) of ``stage``, as a run does."""
+    from seglab.pipeline.core.batcharrays import batch_id
+    from seglab.pipeline.core.stagerecords import failure_records
+
+    uid = {u: i for i, u in enumerate(store.index().table.column("unit").to_pylist())}
+    inputs = store.stage_inputs(stage)
+    table = failure_records([uid[u] for u in units], [message] * len(units), bytes(32), bytes(32), inputs)
+    store.shards.commit_failures(stage, batch_id(store.state(stage).next_batch), table)
+    store.refresh()
 
 
 def write_manifest(folder: Path, *, store: str = "run.zarr", batch: int = 2, extra: str = "") -> Path:
@@ -102,40 +159,20 @@ def calibrated_manifest(
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """An S3 API server (moto's, the one s3fs and zarr test against) on 127.0.0.1 for the
-    test session; -> its endpoint URL. Stopped at the end of the session."""
-    import logging
+    """An S3 API server on 127.0.0.1 for the test session (pipeline/bench/s3server.py); ->
+    its endpoint URL. Stopped at the end of the session."""
+    from seglab.pipeline.bench.s3server import s3_server
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
     """A new, empty bucket on the test S3 server, with the environment pointing every S3
-    client (obstore, boto3) at it; -> 's3://<bucket>'. Credentials are fixed test values."""
-    import re
-    import uuid
+    client at it; -> 's3://<bucket>'."""
+    from seglab.pipeline.bench.s3server import new_bucket, s3_environment
 
-    import boto3
-
-    env = {
-        "AWS_ACCESS_KEY_ID": "seglab-test",
-        "AWS_SECRET_ACCESS_KEY": "seglab-test",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ALLOW_HTTP": "true",
-    }
-    for key, value in env.items():
+    for key, value in s3_environment(s3_endpoint).items():
         monkeypatch.setenv(key, value)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
+    return new_bucket(s3_endpoint, request.node.name)

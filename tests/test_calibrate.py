@@ -30,7 +30,7 @@ def test_thresholds_are_fitted_stored_and_applied(tmp_path):
     store = Store(tmp_path / "run.zarr")
     fitted = store.stage_attrs("calibrate")["fitted"]
     assert fitted["method"] == "risk-control" and fitted["alpha"] == 0.3 and fitted["n"] == 4
-    for unit in store.ledger("calibrate").load():
+    for unit in store.entries("calibrate"):
         arrays = store.read_unit(["select/probabilities", "calibrate/labels", "calibrate/set_size"], unit)
         sets = prediction_sets(arrays["select/probabilities"], fitted["thresholds"])
         assert np.array_equal(arrays["calibrate/set_size"], sets.sum(0))

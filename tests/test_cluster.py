@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import write_dataset, write_manifest
+from conftest import committed_units, write_dataset, write_manifest
 
+from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
@@ -76,13 +77,6 @@ def lose(cluster, node) -> None:
             pass
 
 
-def ledger_lines(store: Path, stage: str) -> list[dict]:
-    import json
-
-    path = store / "_ledger" / f"{stage}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.parametrize(
     "stage,after",
     [
@@ -112,7 +106,7 @@ def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, sta
 
     def remove_when_busy() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and len(ledger_lines(store_path, stage)) < after:
+        while time.time() < deadline and len(committed_units(store_path, stage)) < after:
             time.sleep(0.02)
         lose(cluster, nodes[1])
         removed.set()
@@ -124,18 +118,20 @@ def test_a_worker_node_lost_mid_stage_costs_only_its_work_in_flight(cluster, sta
     try:
         assert removed.is_set() and report.ok, [(s.stage, s.failures, s.blocked) for s in report.stages]
         # the lost worker's batches (those in flight, or the next one sent to it) are redone or
-        # recovered from their commit records, in whichever stage noticed the loss. Before Ray
+        # recovered from their commit objects, in whichever stage noticed the loss. Before Ray
         # marks the node dead, its replacement may be placed on that node too and lost with it:
         # at most the in-flight batches of two workers on the lost node are redone.
         redone = sum(s.resubmitted for s in report.stages)
         assert 1 <= redone + sum(s.recovered for s in report.stages) and redone <= 2 * IN_FLIGHT
         clean, store = Store(cluster.folder / "clean.zarr"), Store(store_path)
         for s in STAGES:
-            done = [e["unit"] for e in ledger_lines(store_path, s) if e["status"] == "done"]
-            assert sorted(done) == sorted(set(done)) and len(done) == len(SIZES), f"{s}: lost or done twice"
-            for unit, entry in clean.ledger(s).load().items():
+            entries = store.entries(s)
+            assert len(entries) == len(SIZES) and all(isinstance(e, Receipt) for e in entries.values()), s
+            for unit, entry in clean.entries(s).items():
                 paths = [f"{s}/{out}" for out in entry.outputs]
                 for path, value in clean.read_unit(paths, unit).items():
-                    np.testing.assert_array_equal(store.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
+                    np.testing.assert_array_equal(
+                        store.read_unit([path], unit)[path], value, err_msg=f"{path} of {unit}"
+                    )
     finally:
         cluster.remove_node(nodes[0])

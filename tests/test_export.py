@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zarr
-from conftest import calibrated_manifest
+from conftest import alter_row, batch_folder, calibrated_manifest, record_failures
 from PIL import Image
 from pycocotools.coco import COCO
 from skimage.measure import label as connected_components
@@ -27,7 +26,9 @@ from typer.testing import CliRunner
 
 from seglab.cli.app import app
 from seglab.pipeline.base.errors import SeglabError
-from seglab.pipeline.core.ledger import Failure, Receipt
+from seglab.pipeline.core.batcharrays import batch_id, records_key
+from seglab.pipeline.core.ledger import Receipt
+from seglab.pipeline.core.stagetable import parquet_bytes, parquet_table
 from seglab.pipeline.core.store import CorruptOutput, Store
 from seglab.pipeline.exports import coco
 from seglab.pipeline.exports.export import export
@@ -52,7 +53,7 @@ def store(tmp_path_factory, ray_local) -> Path:
 def stored(store: Path, stage: str = "refine") -> dict[str, tuple[np.ndarray, np.ndarray | None, str]]:
     """unit -> (labels, uncertainty or None, source image) as the store holds them."""
     s = Store(store)
-    sources = {u: e.source for u, e in s.ledger("ingest").load().items()}
+    sources = {u: e.source for u, e in s.entries("ingest").items()}
     out = {}
     for unit in done_units(s, stage):
         labels = s.read_unit([f"{stage}/labels"], unit)[f"{stage}/labels"]
@@ -226,13 +227,25 @@ def test_a_failed_export_leaves_nothing_and_a_killed_one_is_cleaned_up(store, tm
 def test_images_the_stage_has_not_finished_are_named_not_silently_missing(store, tmp_path):
     copy = tmp_path / "run.zarr"
     shutil.copytree(store, copy)
-    unit = sorted(Store(copy).ledger("refine").load())[0]
-    Store(copy).ledger("refine").append([Failure(unit, type="RuntimeError", message="lost")])
+    unit = sorted(Store(copy).entries("refine"))[0]
+    record_failures(Store(copy), "refine", [unit], "lost")
     result = CliRunner().invoke(app, ["export", str(copy), "--format", "coco", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "1 images of the run have no finished refine labels" in result.output
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
     assert meta["unfinished"] == [unit] and meta["written"]["images"] == 5
     assert meta["failed"] == [{"unit": unit, "image": stored(store)[unit][2], "stage": "refine", "error": "lost"}]
+
+
+def rewrite_info(store: Store, stage: str, entry: Receipt, info: dict) -> None:
+    """Replace the facts the commit object of ``entry``'s batch records of its unit."""
+    record = next(iter(entry.outputs.values()))
+    key = records_key(stage, batch_id(record.batch))
+    table = parquet_table(store.objects.get(key))
+    infos = table.column("info").to_pylist()
+    infos[record.row] = json.dumps(info)
+    store.objects.put(
+        key, parquet_bytes(table.set_column(table.schema.get_field_index("info"), "info", pa.array(infos)))
+    )
 
 
 def copied(store: Path, tmp_path: Path) -> Path:
@@ -288,11 +301,10 @@ def test_overwrite_replaces_only_an_unchanged_seglab_export(store, tmp_path):
 
 def test_checksums_of_names_with_a_newline_or_backslash_pass_sha256sum_check(store, tmp_path):
     copy = copied(store, tmp_path)
-    ingest = Store(copy).ledger("ingest")
-    unit, entry = sorted(ingest.load().items())[0]
+    unit, entry = sorted(Store(copy).entries("ingest").items())[0]
     assert isinstance(entry, Receipt) and entry.source is not None
     odd = str(Path(entry.source).with_name("we\\ird\nname.png"))  # a stem holding both
-    ingest.append([replace(entry, info={**entry.info, "source": odd}, time=None)])
+    rewrite_info(Store(copy), "ingest", entry, {**entry.info, "source": odd})
     out = tmp_path / "out"
     export(copy, out, ExportOptions(format="png"))
     assert (out / "labels" / "we\\ird\nname.png").exists()
@@ -325,10 +337,12 @@ def test_images_that_failed_ingest_are_listed_with_stage_and_error_and_warned_ab
 
 def test_an_array_that_differs_from_its_record_or_is_gone_is_never_exported(store, tmp_path):
     copy = copied(store, tmp_path)
-    b, c = sorted(done_units(Store(copy), "refine"))[1:3]
-    labels = zarr.open_array(copy / "refine" / "labels" / b, mode="r+")
-    labels[...] = (np.asarray(labels[...]) + 1) % 3  # a valid chunk of the same shape, other labels
-    shutil.rmtree(copy / "refine" / "uncertainty" / c)
+    entries = Store(copy).entries("refine")
+    b = sorted(done_units(Store(copy), "refine"))[1]
+    where = entries[b].outputs["labels"]
+    b, c = sorted(u for u, e in entries.items() if e.outputs["labels"].batch == where.batch)  # one batch's two
+    alter_row(copy, "refine", "labels", b)  # a valid chunk of the same shape, other labels
+    shutil.rmtree(batch_folder(copy, "refine", "uncertainty", c))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["export", str(copy), "--out", str(out)])
     one_line_refusal(
@@ -348,9 +362,10 @@ def test_an_array_that_differs_from_its_record_or_is_gone_is_never_exported(stor
 def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_allocated(store, tmp_path):
     copy = copied(store, tmp_path)
     unit = done_units(Store(copy), "refine")[0]
-    array = copy / "refine" / "labels" / unit
+    array = copy / "refine" / "labels" / batch_id(Store(copy).entries("refine")[unit].outputs["labels"].batch)
     meta = json.loads((array / "zarr.json").read_text())
-    meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = [50000, 50000]
+    rows = meta["shape"][0]
+    meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = [rows, 50000, 50000]
     (array / "zarr.json").write_text(json.dumps(meta))
     shutil.rmtree(array / "c")  # no chunk: zarr would fill 2.5 GB with the fill value
     script = (
@@ -375,4 +390,4 @@ def test_a_zarr_json_declaring_a_huge_array_is_refused_before_anything_is_alloca
     assert "not exported" in done.stdout and unit in done.stdout and "--skip-damaged" in done.stdout
     assert not (tmp_path / "out").exists()
     with pytest.raises(CorruptOutput):
-        Store(copy).read_recorded("refine/labels", unit, Store(copy).ledger("refine").load()[unit].outputs["labels"])
+        Store(copy).read_recorded("refine/labels", unit, Store(copy).entries("refine")[unit].outputs["labels"])

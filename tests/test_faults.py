@@ -1,9 +1,9 @@
-"""Faults inside one machine: committed work survives a killed driver, damaged chunks are
+"""Faults inside one machine: committed batches survive a killed driver, damaged chunks are
 found and redone, torn writes are never accepted, and each error class is handled as such."""
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import signal
 import subprocess
@@ -17,8 +17,9 @@ from conftest import write_dataset, write_manifest
 from ray import cloudpickle
 
 from seglab.pipeline.base.errors import InputError, TransientError
-from seglab.pipeline.core.ledger import Failure, Receipt, Task
-from seglab.pipeline.core.store import COMMIT_DIR, CorruptOutput, Store
+from seglab.pipeline.core.batcharrays import batch_id
+from seglab.pipeline.core.ledger import BatchTask, Failure, Receipt
+from seglab.pipeline.core.store import CorruptOutput, Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.stages.base import Resources, Unit
@@ -32,10 +33,10 @@ STAGES = ("ingest", "embed", "prompts", "select", "refine")
 
 def stored_equal(a: Store, b: Store, stages=STAGES) -> None:
     for stage in stages:
-        for unit, entry in a.ledger(stage).load().items():
+        for unit, entry in a.entries(stage).items():
             paths = [f"{stage}/{name}" for name in entry.outputs]
             for path, value in a.read_unit(paths, unit).items():
-                np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
+                np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path} of {unit}")
 
 
 @pytest.fixture
@@ -49,21 +50,26 @@ def clean(tmp_path):
     return other, Store(tmp_path / "clean.zarr")
 
 
-def test_units_committed_before_the_driver_died_are_adopted_not_recomputed(clean):
+def test_batches_committed_before_the_driver_folded_them_are_done_not_recomputed(clean):
     path, reference = clean
     assert Runner(load_manifest(path), RunOptions(only="ingest")).run().ok
     assert Runner(load_manifest(path), RunOptions(only="embed")).run().ok
-    store = Store(load_manifest(path).store_path)
-    ledger = store.path / "_ledger" / "embed.jsonl"
-    lines = ledger.read_text().splitlines()
-    ledger.write_text("\n".join(lines[:2]) + "\n")  # the driver died before appending the other lines
-    lost = {json.loads(line)["unit"] for line in lines[2:]}
+    store = Store(load_manifest(path).store_location)
+    parts = store.objects.list("_tables/embed")
+    assert parts
+    store.objects.delete(parts)  # the driver died after the workers committed, before it folded
     report = Runner(load_manifest(path)).run()
     embed = next(s for s in report.stages if s.stage == "embed")
-    assert report.ok and embed.adopted == len(lost) == 4 and embed.done_now == 0  # no image encoded again
-    entries = store.ledger("embed").load()
-    assert {u for u, e in entries.items() if isinstance(e, Receipt) and e.adopted} == lost
+    assert report.ok and embed.done_now == 0 and embed.already_done == len(SIZES)  # no image encoded again
     stored_equal(reference, store)
+
+
+def chunk_of(store: Store, stage: str, output: str, unit: str) -> Path:
+    """The local file holding the unit's chunk of ``stage/output`` (the store is local)."""
+    record = store.entries(stage)[unit].outputs[output]
+    assert store.local is not None
+    folder = store.local / stage / output / batch_id(record.batch)
+    return next(p for p in folder.rglob("*") if p.is_file() and "c" in p.relative_to(folder).parts)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -71,58 +77,60 @@ def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(cle
     path, reference = clean
     manifest = load_manifest(path)
     assert Runner(manifest).run().ok
-    store = Store(manifest.store_path)
-    unit = sorted(store.ledger("embed").load())[1]
-    chunk = next(p for p in (store.path / "embed" / "lab" / unit).rglob("*") if p.is_file() and "c" in p.parts)
+    store = Store(manifest.store_location)
+    unit = sorted(store.entries("embed"))[1]
+    record = store.entries("embed")[unit].outputs["lab"]
+    chunk = chunk_of(store, "embed", "lab", unit)
     data = bytearray(chunk.read_bytes())
     if damage == "truncate":
         chunk.write_bytes(data[: len(data) // 2])
     else:
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
-    with pytest.raises(CorruptOutput, match=f"embed/lab/{unit}"):
-        store.verify_reads(["embed/lab"], unit, {"embed/lab": store.ledger("embed").load()[unit].outputs["lab"].sha256})
+    with pytest.raises(CorruptOutput, match=f"embed/lab of {unit}"):
+        store.read_recorded("embed/lab", unit, record)
 
     report = Runner(manifest, RunOptions(force=("select",))).run()  # select reads embed again
     by_stage = {s.stage: s for s in report.stages}
     assert report.ok, [(s.stage, s.failures, s.blocked) for s in report.stages]
     assert by_stage["select"].invalidated == [(unit, "embed/lab")]
     assert by_stage["embed"].done_now == 1 and by_stage["select"].done_now == len(SIZES)
-    stored_equal(reference, store)
+    stored_equal(reference, Store(manifest.store_location))
     assert Runner(manifest).run().work_done == 0
 
 
 WRITER = """
-import sys, time, numpy as np
-from seglab.pipeline.core.ledger import Receipt
+import sys, numpy as np
 from seglab.pipeline.core.store import Store
 store = Store(sys.argv[1])
+store.shards.collect_garbage("embed", ["lab", "edges"], store.state("embed"))  # what the driver does first
 start = int(sys.argv[2])
 rng = np.random.default_rng(start)
-for k in range(start, start + 1000):
-    unit = f"u{k:05d}"
-    outputs = store.write_unit("embed", unit, {"lab": rng.random((3, 256, 256)).astype(np.float32),
-                                               "edges": rng.random((256, 256)).astype(np.float16)})
-    store.commit_unit("embed", Receipt(unit=unit, outputs=outputs, inputs="-", signature="-"))
+for k in range(start, start + 1000, 2):
+    units = [f"u{k:05d}", f"u{k + 1:05d}"]
+    store.put_units("embed", units, [{"lab": rng.random((3, 256, 256)).astype(np.float32),
+                                      "edges": rng.random((256, 256)).astype(np.float16)} for _ in units])
 """
 
 
-def test_writers_killed_mid_write_leave_no_torn_unit_a_resume_would_accept(tmp_path):
+def test_writers_killed_mid_write_leave_no_torn_batch_a_resume_would_accept(tmp_path):
     store = Store(tmp_path / "run.zarr", create=True)
-    store.prepare_stage("embed", ["lab", "edges"])
     rng = np.random.default_rng(0)
+    uncommitted = 0
     for kill in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), str(kill * 1000)])
-        time.sleep(1.5 + rng.random())  # start-up, then a few units, then a kill at a random point of a write
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, store.path, str(kill * 1000)])
+        time.sleep(1.5 + rng.random())  # start-up, then a few batches, then a kill at a random point of a write
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    committed = sorted(p.stem for p in (store.path / COMMIT_DIR / "embed").glob("*.json"))
-    written = {p.name for p in (store.path / "embed" / "lab").iterdir() if p.is_dir()}
-    assert len(committed) >= 8 and len(written - set(committed)) >= 1  # some kills hit before a commit
-    for unit in committed:  # every committed unit reads back whole and equal to what its writer hashed
-        record = store.committed("embed", unit)
-        expected = {f"embed/{k}": v.sha256 for k, v in record.outputs.items()}
-        store.verify_reads(expected, unit, expected)
+        state = Store(tmp_path / "run.zarr").state("embed")
+        written = {p.name for p in (tmp_path / "run.zarr" / "embed" / "lab").iterdir() if p.is_dir()}
+        uncommitted += len(written - {batch_id(seq) for seq in range(state.next_batch)})
+    store = Store(tmp_path / "run.zarr")
+    entries = store.entries("embed")
+    assert len(entries) >= 16 and uncommitted >= 1  # some kills hit before a commit
+    for unit, receipt in entries.items():  # every committed unit reads back whole and equal to what its writer hashed
+        for name, record in receipt.outputs.items():
+            store.read_recorded(f"embed/{name}", unit, record)
 
 
 class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot import this test module
@@ -135,9 +143,9 @@ class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot i
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, stage_name, units, read_paths, tasks):
+    def run(self, stage_name, task, read_paths):
         receipts = []
-        for unit in units:
+        for unit in task.units:
             with open(self.log, "a") as f:
                 f.write(unit.id + "\n")
             if unit.id.startswith("die"):
@@ -147,7 +155,7 @@ class FlakyWorker:  # shipped to Ray workers by value (see below): they cannot i
             elif unit.id.startswith("bad"):
                 receipts.append(failure_of(unit, InputError(unit.image, "cannot identify image file")))
             else:
-                receipts.append(Receipt(unit=unit.id, outputs={}, inputs="-", signature="-"))
+                receipts.append(Receipt(unit=unit.id, outputs={}, signature="-"))
         return receipts
 
 
@@ -161,17 +169,21 @@ def run_flaky(tmp_path, ids, *, size=2, resources=ONE_CPU, **options):
     log = tmp_path / "calls.log"
     pool = WorkerPool(str(log), resources, size=size, worker=FlakyWorker)
     units = [Unit(id=i, image=f"/data/{i}.png") for i in ids]
+    names = (batch_id(seq) for seq in itertools.count())
+
+    def task(batch):
+        return BatchTask(next(names), tuple(batch), tuple(range(len(batch))), bytes(32), bytes(32), {})
+
     receipts = []
     try:
         run_batches(
             pool=pool,
             stage_name="ingest",
-            units=units,
+            batches=[[u] for u in units],
+            make_task=task,
             read_paths=[],
-            batch_size=1,
             max_retries=2,
             on_receipts=receipts.extend,
-            tasks={u.id: Task("-", "-") for u in units},
             **options,
         )
     finally:

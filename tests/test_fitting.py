@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import calibrated_manifest
+from conftest import calibrated_manifest, record_failures
 
 from seglab.pipeline.base.errors import SeglabError
 from seglab.pipeline.base.fingerprint import file_sha256
-from seglab.pipeline.core.ledger import ArrayRecord, Failure, Receipt
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.fitting import GoldSetFit, Training, current_fit, fitter_for
 from seglab.pipeline.manifest import load_manifest
@@ -20,15 +20,16 @@ from seglab.pipeline.planning import Planner
 from seglab.pipeline.units import enumerate_units, training_units
 
 
-def done(unit: str, sha: str = "0" * 64) -> Receipt:
-    return Receipt(unit=unit, outputs={"probabilities": ArrayRecord(sha, (3, 4, 4), "<f2")}, inputs="i", signature="s")
+def done(store: Store, stage: str, units: list[str], value: float = 0.0) -> None:
+    """Record ``units`` done in ``stage`` with probabilities all ``value``."""
+    store.put_units(stage, units, [{"probabilities": np.full((3, 4, 4), value, np.float16)} for _ in units])
 
 
 @pytest.fixture
 def calibrated(tmp_path):
     manifest = load_manifest(calibrated_manifest(tmp_path))
     planner = Planner(manifest)
-    store = Store(manifest.store_path, create=True)
+    store = Store(manifest.store_location, create=True)
     return manifest, planner, store, enumerate_units(manifest)
 
 
@@ -42,17 +43,18 @@ def test_a_gold_set_fit_waits_for_every_calibration_image_and_is_keyed_by_its_in
     manifest, planner, store, units = calibrated
     fitter = fitter_for(planner, "calibrate")
     ids = [u.id for u in units]
-    store.ledger("select").append([done(u) for u in ids[:3]] + [Failure(ids[3], type="E", message="x")])
+    done(store, "select", ids[:4])
+    record_failures(store, "select", [ids[3]])
     with pytest.raises(SeglabError, match=rf"cannot fit, 1 calibration image\(s\) .* \(first: {ids[3]}\)"):
         fitter.key(store, units)
     assert current_fit(planner, store, "calibrate", units) == (None, "fitted once its inputs are done")
 
-    store.ledger("select").append([done(ids[3])])
+    done(store, "select", [ids[3]])
     key, samples = fitter.key(store, units)
     assert [u.id for u in samples] == ids[:4]
-    store.ledger("select").append([done(ids[5], "1" * 64)])  # an evaluation image: not a sample
+    done(store, "select", [ids[5]], 1.0)  # an evaluation image: not a sample
     assert fitter.key(store, units)[0] == key
-    store.ledger("select").append([done(ids[2], "2" * 64)])  # a sample's probabilities changed
+    done(store, "select", [ids[2]], 2.0)  # a sample's probabilities changed
     changed, _ = fitter.key(store, units)
     assert changed != key
     mask = Path(manifest.path).parent / "data" / "gold" / "img00.png"
@@ -62,7 +64,7 @@ def test_a_gold_set_fit_waits_for_every_calibration_image_and_is_keyed_by_its_in
 
 def test_a_stored_fit_counts_only_for_the_key_it_was_made_from(calibrated):
     _, planner, store, units = calibrated
-    store.ledger("select").append([done(u.id) for u in units])
+    done(store, "select", [u.id for u in units])
     fitter = fitter_for(planner, "calibrate")
     key, _ = fitter.key(store, units)
     assert current_fit(planner, store, "calibrate", units) == (None, "to be fitted anew")
@@ -78,7 +80,7 @@ def test_a_trained_fit_needs_its_checkpoint_unchanged(tmp_path):
     path.write_text(path.read_text() + "rounds: 1\n")
     manifest = load_manifest(path)
     planner = Planner(manifest)
-    store = Store(manifest.store_path, create=True)
+    store = Store(manifest.store_location, create=True)
     units = enumerate_units(manifest)
     fitter = fitter_for(planner, "retrain")
     assert isinstance(fitter, Training) and fitter.kind.labels == "refine/labels"
@@ -86,13 +88,15 @@ def test_a_trained_fit_needs_its_checkpoint_unchanged(tmp_path):
         fitter.key(store, units)
     training = training_units(manifest, units)
     for stage in planner.dag.deps["retrain"]:
-        store.ledger(stage).append([done(u.id) for u in training[1:]])
+        done(store, stage, [u.id for u in training[1:]])
     key, samples = fitter.key(store, units)
     assert samples == training[1:] and len(training) == 3  # what is done of the images outside the gold sets
-    checkpoint = store.checkpoint_dir("retrain") / key[:16] / "epoch-0001.pt"
+    folder = store.checkpoint_dir("retrain")
+    assert folder is not None and store.local is not None
+    checkpoint = folder / key[:16] / "epoch-0001.pt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"weights")
-    fitted = {"checkpoint": str(checkpoint.relative_to(store.path)), "sha256": file_sha256(checkpoint)}
+    fitted = {"checkpoint": str(checkpoint.relative_to(store.local)), "sha256": file_sha256(checkpoint)}
     store.set_stage_attrs("retrain", fitted=fitted, fitted_from=key)
     assert fitter.stored(store, key) == fitted
     checkpoint.write_bytes(b"other weights")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +54,19 @@ def test_an_ended_lease_of_a_killed_run_is_taken_over_and_named(objects):
         holder = json.loads(objects.get(LOCK_FILE) or b"{}")
         assert holder["lease"] == lock.lease_id and holder["pid"] == os.getpid()
     assert json.loads(objects.get(LOCK_FILE) or b"null") == {}, "released: an empty record"
+
+
+def test_a_live_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(objects):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # a process of this machine that has ended
+    holder = {"host": socket.gethostname(), "pid": pid, "lease": "x" * 32, "expires": time.time() + 60}
+    objects.put(LOCK_FILE, json.dumps(holder).encode())
+    with LeaseLock(objects) as lock:
+        assert lock.taken_over is not None and lock.taken_over["pid"] == pid
+    elsewhere = {**holder, "host": "another-node"}  # its process cannot be seen from here: wait it out
+    objects.put(LOCK_FILE, json.dumps(elsewhere).encode())
+    with pytest.raises(StoreBusy, match="its lease ends in"):
+        LeaseLock(objects).__enter__()
 
 
 def test_of_runs_racing_for_a_free_store_exactly_one_gets_it(objects):

@@ -28,7 +28,7 @@ def test_good_manifest_resolves_paths(tiny):
     root = tiny.parent / "data"
     assert m.data.root == str(root.resolve())
     assert m.data.weak.path == str((tiny.parent / "data" / "scribbles").resolve())  # against the manifest's folder
-    assert m.store_path == (tiny.parent / "run.zarr").resolve()
+    assert m.store_location == str((tiny.parent / "run.zarr").resolve())
     assert [c.name for c in m.data.classes] == ["background", "disc", "rectangle"]
     assert m.select.tau == (0.3, 0.7) and m.select.field.beta == 25.0 and m.ray.workers == 2
 
@@ -196,7 +196,7 @@ def test_embedded_demo_manifest_loads_with_store_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     m = open_manifest("demo")
     assert m.data.images.sample and m.data.weak.kind == "points"
-    assert m.store_path == tmp_path / "runs" / "demo.zarr"
+    assert m.store_location == str(tmp_path / "runs" / "demo.zarr")
 
 
 def test_schema_file_is_current():
@@ -389,3 +389,14 @@ def test_what_the_type_checker_sees_of_the_stage_sections_is_the_registry():
     )
     fields = [(f.target.id, ast.unparse(f.annotation)) for f in typed.body if isinstance(f, ast.AnnAssign)]
     assert fields == [(name, stage.Config.__name__) for name, stage in STAGES.items()]
+
+
+def test_the_store_may_be_an_object_storage_url_or_a_file_url(tiny):
+    text = tiny.read_text()
+    tiny.write_text(text.replace("path: run.zarr", "path: s3://bucket/runs/tiny.zarr"))
+    assert load_manifest(tiny).store_location == "s3://bucket/runs/tiny.zarr"
+    tiny.write_text(text.replace("path: run.zarr", f"path: file://{tiny.parent}/other.zarr"))
+    assert load_manifest(tiny).store_location == str(tiny.parent / "other.zarr")
+    tiny.write_text(text.replace("path: run.zarr", "path: s3:///no-bucket"))
+    with pytest.raises(ManifestError, match="no bucket named"):
+        load_manifest(tiny)

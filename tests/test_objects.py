@@ -20,7 +20,11 @@ def test_locations_parse_paths_and_urls(tmp_path):
     assert Location.parse(f"file://{tmp_path}/a/").local == tmp_path / "a"
     assert Location.parse("s3://bucket/runs/x/").url == "s3://bucket/runs/x"
     assert Location.parse("gs://bucket").url == "gs://bucket"
-    for bad, says in [("ftp://host/x", "unsupported"), ("s3:///x", "no bucket"), ("file://relative/x", "absolute")]:
+    for bad, says in [
+        ("ftp://host/x", "where no store can be"),
+        ("s3:///x", "no bucket"),
+        ("file://relative/x", "absolute"),
+    ]:
         with pytest.raises(LocationError, match=says):
             Location.parse(bad)
 

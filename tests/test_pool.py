@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 
@@ -10,9 +11,11 @@ import pytest
 import ray
 from conftest import write_dataset, write_manifest
 
-from seglab.pipeline.core.ledger import Receipt, Task
+from seglab.pipeline.core.batcharrays import batch_id
+from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.planning import place_units
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.units import enumerate_units
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
@@ -25,10 +28,11 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     manifest = load_manifest(write_manifest(tmp_path, batch=1))
     runner = Runner(manifest, RunOptions(only="ingest"))
     runner.run()  # ingest everything, then run embed by hand with a kill in the middle
-    store = Store(manifest.store_path)
-    store.prepare_stage("embed", runner.stages["embed"].outputs(runner.context))
+    store = Store(manifest.store_location)
+    outputs = list(runner.stages["embed"].outputs(runner.context))
+    store.set_stage_attrs("embed", inputs=["ingest"], outputs=outputs)
     spec = WorkerSpec(
-        str(manifest.store_path),
+        manifest.store_location,
         runner.context,
         {n: manifest.stage_config(n) for n in runner.dag.order},
         manifest.backend,
@@ -44,21 +48,22 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
         receipts.extend(batch)
 
     units = enumerate_units(manifest)
-    tasks = {u.id: Task("-", "-") for u in units}
+    plan = runner.planner.plan(store, "embed", place_units(store, units, manifest.store.shard_size))
+    names = (batch_id(seq) for seq in itertools.count())
     stats = run_batches(
         pool=pool,
         stage_name="embed",
-        units=units,
+        batches=plan.batches,
+        make_task=lambda batch: plan.task(batch, next(names)),
         read_paths=["ingest/image"],
-        batch_size=1,
         max_retries=2,
         on_receipts=record,
-        tasks=tasks,
     )
     pool.shutdown()
     assert pool.replaced == stats.replaced == 1 and 1 <= stats.resubmitted <= 2  # its in-flight batches, no more
     assert sorted(r.unit for r in receipts) == sorted(u.id for u in units)  # each exactly once
     assert all(isinstance(r, Receipt) for r in receipts)
+    store.refresh()
     for unit in units:
         lab = store.read_unit(["embed/lab"], unit.id)["embed/lab"]
         assert lab.shape == (3, 256, 256) and np.isfinite(lab.astype(np.float32)).all()

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import calibrated_manifest, shapes_image, write_dataset, write_manifest
+from conftest import alter_row, batch_folder, calibrated_manifest, shapes_image, write_dataset, write_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -157,9 +157,9 @@ def test_stage_table_counts_are_the_ledgers(full):
     store = full.store
     rows = {row[0][0]: row for row in full.tables.body("stages-table")}
     assert list(rows) == ["ingest", "embed", "prompts", "select", "calibrate", "refine", "retrain", "refine.1"]
-    total = len(store.ledger("ingest").load())
+    total = len(store.entries("ingest"))
     for stage, row in rows.items():
-        entries = store.ledger(stage).load()
+        entries = store.entries(stage)
         failed = sum(e.status == "failed" for e in entries.values())
         assert [int(row[i][1]) for i in (1, 2, 3)] == [len(done_units(store, stage)), failed, total] == [6, 0, 6]
         summary = store.stage_attrs(stage)["summary"]
@@ -174,7 +174,7 @@ def test_stage_table_counts_are_the_ledgers(full):
 
 def test_review_queue_is_ranked_by_the_stored_uncertainty_and_written_as_csv(full):
     store = full.store
-    images = {u: e.source for u, e in store.ledger("ingest").load().items()}
+    images = {u: e.source for u, e in store.entries("ingest").items()}
     measured = []
     for unit in done_units(store, "refine.1"):
         u = store.read_unit(["refine.1/uncertainty"], unit)["refine.1/uncertainty"].astype(np.float32)
@@ -307,14 +307,11 @@ def test_without_uncertainty_the_queue_ranks_by_select_confidence_and_says_so(ti
 def test_a_damaged_unit_is_left_out_and_named_on_the_page_not_a_crash(full, tmp_path):
     import shutil
 
-    import zarr
-
     copy = tmp_path / "run.zarr"
     shutil.copytree(full.store.path, copy)
     altered, gone = "images__img02.png", "images__img03.png"  # training images: no gold section reads them
-    labels = zarr.open_array(copy / "refine.1" / "labels" / altered, mode="r+")
-    labels[...] = (np.asarray(labels[...]) + 1) % 3  # same shape, valid chunk, other labels
-    shutil.rmtree(copy / "ingest" / "image" / gone)
+    alter_row(copy, "refine.1", "labels", altered)  # same shape, valid chunk, other labels
+    shutil.rmtree(batch_folder(copy, "ingest", "image", gone))  # the batch of img02 and img03
     out = tmp_path / "report.html"
     result = cli.invoke(app, ["report", str(copy), "--out", str(out), "--sample", "6", "--queue", "6"])
     assert result.exit_code == 0, result.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_dataset, write_manifest
+from conftest import committed_units, write_dataset, write_manifest
 
+from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
@@ -30,19 +30,12 @@ def seglab(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def ledger_units(store_path: Path, stage: str) -> list[tuple[str, str]]:
-    path = store_path / "_ledger" / f"{stage}.jsonl"
-    if not path.exists():
-        return []
-    return [(e["unit"], e["status"]) for e in map(json.loads, path.read_text().splitlines())]
-
-
 def kill_when(proc: subprocess.Popen, store: Path, stage: str, done: int, timeout: float = 240) -> None:
     """SIGKILL the whole process group (driver and the Ray it started) once ``stage``
-    has ``done`` finished units in its ledger."""
+    has ``done`` units in its committed batches."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(ledger_units(store, stage)) >= done or proc.poll() is not None:
+        if len(committed_units(store, stage)) >= done or proc.poll() is not None:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -78,32 +71,22 @@ def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage,
     manifest = clean_manifest.parent / f"resumed-{stage}.yaml"
     manifest.write_text(clean_manifest.read_text().replace("clean.zarr", resumed.name))
     kill_when(seglab("run", str(manifest)), resumed, stage, done=done)
-    before = {s: ledger_units(resumed, s) for s in STAGES}
+    before = {s: committed_units(resumed, s) for s in STAGES}
     assert done <= len(before[stage]) < len(SIZES), before
-    committed = {p.stem for p in (resumed / "_commits" / "embed").glob("*.json")}  # features already stored
 
     proc = seglab("run", str(manifest))
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
-    after = {s: ledger_units(resumed, s) for s in STAGES}
+    resumed_store = Store(resumed)
     for name in STAGES:
-        units = [u for u, status in after[name] if status == "done"]
-        assert sorted(units) == sorted(set(units)), f"{name}: a unit was done twice"
-        assert len(units) == len(SIZES)
-        assert after[name][: len(before[name])] == before[name]  # finished work kept, not redone
-    new_embed = [
-        json.loads(line)
-        for line in (resumed / "_ledger" / "embed.jsonl").read_text().splitlines()[len(before["embed"]) :]
-    ]
-    encoded = {e["unit"] for e in new_embed if not e.get("adopted")}
-    adopted = {e["unit"] for e in new_embed if e.get("adopted")}
-    assert not encoded & committed  # no image whose features were stored was encoded again
-    # what was committed but not ledgered is adopted (workers orphaned by the kill may commit a few more)
-    assert committed - {u for u, _ in before["embed"]} <= adopted
-
+        entries = resumed_store.entries(name)
+        assert len(entries) == len(SIZES) and all(isinstance(e, Receipt) for e in entries.values())
+        where = {u: next(iter(e.outputs.values())).batch for u, e in entries.items()}
+        # finished work kept, not redone: every unit committed before the kill is still in its batch
+        assert {u: where[u] for u in before[name]} == before[name], name
     a, b = Store(clean_store), Store(resumed)
     for name in STAGES:
-        for unit in a.ledger(name).load():
-            paths = [f"{name}/{out}" for out in a.ledger(name).load()[unit].outputs]
+        for unit in a.entries(name):
+            paths = [f"{name}/{out}" for out in a.entries(name)[unit].outputs]
             for path, value in a.read_unit(paths, unit).items():
-                np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path}/{unit}")
+                np.testing.assert_array_equal(b.read_unit([path], unit)[path], value, err_msg=f"{path} of {unit}")

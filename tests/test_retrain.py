@@ -105,11 +105,11 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
         fitted = store.stage_attrs(name)["fitted"]
         assert fitted["epochs"] == 2 and fitted["units"] == 3 and len(fitted["history"]) == 2  # img03 held out
         assert fitted["checkpoint"].startswith(f"_checkpoints/{name}/")
-        checkpoint = store.path / fitted["checkpoint"]
+        checkpoint = store.local / fitted["checkpoint"]
         assert checkpoint.is_file() and all(np.isfinite(h["loss"]) for h in fitted["history"])
         assert store.stage_attrs(name)["signature"]["upstream"].keys() >= {trained_on, "ingest"}
     assert store.stage_attrs("retrain")["fitted"]["sha256"] != store.stage_attrs("retrain.1")["fitted"]["sha256"]
-    for unit in store.ledger("retrain").load():
+    for unit in store.entries("retrain"):
         arrays = store.read_unit(
             ["retrain/labels", "retrain/probabilities", "ingest/image", "refine/signals", "refine.2/signals"], unit
         )
@@ -149,7 +149,7 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
         else:
             assert row["segmenter_miou"] == pytest.approx(sources[segmenter]["miou"])
             assert row["ratio"] == pytest.approx(sources[segmenter]["miou"] / truth)
-    assert list((store.path / "_checkpoints" / "bench-retrain-gold").glob("*/epoch-0001.pt"))
+    assert list((store.local / "_checkpoints" / "bench-retrain-gold").glob("*/epoch-0001.pt"))
 
 
 @pytest.mark.slow  # two `seglab run` processes with Ray Train (about 2 min); checkpoints themselves are tested above

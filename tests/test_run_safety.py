@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import record_failures
 
 from seglab.pipeline.base.errors import StorageError
+from seglab.pipeline.core.batcharrays import batch_id
+from seglab.pipeline.core.ledger import done_units
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
@@ -33,44 +35,36 @@ def status_of(manifest: Path) -> dict:
     return {s.stage: s for s in store_status(load_manifest(manifest))}
 
 
-def test_a_done_unit_whose_array_is_gone_is_reported_then_redone(tiny):
+def test_a_batch_whose_arrays_are_gone_is_redone_by_the_stage_that_reads_it(tiny):
     assert run(tiny, only="ingest").ok
-    shutil.rmtree(tiny.parent / "run.zarr" / "ingest" / "image" / UNITS[1])
-    ingest = status_of(tiny)["ingest"]
-    assert (ingest.done, ingest.missing, ingest.complete) == (3, 1, False)
-    report = run(tiny, only="ingest").stages[0]
-    assert report.done_now == 1 and "1 finished unit(s) had arrays missing" in report.warnings[0]
-    assert status_of(tiny)["ingest"].complete
+    store = Store(tiny.parent / "run.zarr")
+    gone = store.entries("ingest")[UNITS[1]].outputs["image"]
+    shutil.rmtree(tiny.parent / "run.zarr" / "ingest" / "image" / batch_id(gone.batch))
+    report = {s.stage: s for s in run(tiny, only="embed").stages}
+    assert not report["embed"].failures and {u for u, _ in report["embed"].invalidated} >= {UNITS[1]}
+    again = {s.stage: s for s in run(tiny).stages}
+    assert again["ingest"].done_now == 2 and again["embed"].done_now == 2  # the batch's two units
+    assert status_of(tiny)["embed"].complete
 
 
 def test_status_counts_a_unit_done_only_when_its_upstream_unit_is(tiny):
     assert run(tiny, only="ingest").ok and run(tiny, only="embed").ok
-    ledger = Store(tiny.parent / "run.zarr").ledger("ingest").path
-    lines = ledger.read_text().splitlines()
-    ledger.write_text("\n".join(line for line in lines if UNITS[0] in line) + "\n")  # 3 of 4 lines lost
-    for unit in UNITS[1:]:  # and their commit records, so ingest cannot adopt them
-        (tiny.parent / "run.zarr" / "_commits" / "ingest" / f"{unit}.json").unlink()
+    record_failures(Store(tiny.parent / "run.zarr"), "ingest", UNITS[1:])  # ingest lost 3 of 4 units
     rows = status_of(tiny)
     assert (rows["ingest"].done, rows["embed"].done, rows["embed"].blocked) == (1, 1, 3)
     assert not rows["embed"].complete
 
 
-def test_damaged_ledger_lines_cost_their_units_only_and_are_reported(tiny):
+def test_a_damaged_commit_object_costs_its_batch_only_and_is_reported(tiny):
     assert run(tiny, only="ingest").ok
-    ledger = Store(tiny.parent / "run.zarr").ledger("ingest").path
-    lines = ledger.read_bytes().splitlines()
-    damaged = [
-        lines[0],
-        lines[1].replace(b'"status"', b'"st\xffatus"'),
-        json.dumps({**json.loads(lines[2]), "outputs": "x"}).encode(),
-        lines[3],
-    ]
-    ledger.write_bytes(b"\n".join(damaged) + b"\n")
+    root = tiny.parent / "run.zarr"
+    (root / "_records" / "ingest" / "b000000000000.parquet").write_bytes(b"PAR1 damaged")
+    for part in (root / "_tables" / "ingest").iterdir():  # as if the driver had died before it folded
+        part.unlink()
     report = run(tiny, only="ingest").stages[0]
-    assert report.already_done == 2 and report.adopted == 2  # the commit records of the two units vouch for them
+    assert report.already_done == 2 and report.done_now == 2
+    assert any("_records/ingest/b000000000000.parquet does not decode" in w for w in report.warnings)
     assert status_of(tiny)["ingest"].complete
-    assert any("ingest.jsonl: line 2: not UTF-8" in w for w in report.warnings)
-    assert any("ingest.jsonl: line 3: 'outputs' is not a mapping" in w for w in report.warnings)
 
 
 def test_a_run_with_nothing_to_do_writes_nothing(tiny):
@@ -116,11 +110,11 @@ def test_a_full_disk_stops_the_run_with_one_line_and_blames_no_unit(tiny, small_
         f.write(b"\0" * (free - 8192))
     with pytest.raises(StorageError, match="no space left on the device; free some space"):
         run(tiny, only="embed")
-    embed = Store(small_disk / "run.zarr").ledger("embed").load()
+    embed = Store(small_disk / "run.zarr").entries("embed")
     assert all(e.status == "done" for e in embed.values())  # ENOSPC is never a unit's failure
     (small_disk / "filler").unlink()
     report = run(tiny, only="embed")
-    assert report.ok and report.stages[0].done_now + report.stages[0].already_done + report.stages[0].adopted == 4
+    assert report.ok and report.stages[0].done_now + report.stages[0].already_done == 4
 
 
 def test_a_read_only_store_runs_when_nothing_is_to_do_and_else_says_why_in_one_line(tiny, small_disk):
@@ -131,9 +125,8 @@ def test_a_read_only_store_runs_when_nothing_is_to_do_and_else_says_why_in_one_l
     assert status_of(tiny)["ingest"].complete
     with pytest.raises(StorageError, match="cannot write here .*Read-only file system"):
         run(tiny, only="ingest", force=("ingest",))
-    assert Store(small_disk / "run.zarr").ledger("ingest").done(
-        Store(small_disk / "run.zarr").stage_attrs("ingest")["signature_digest"]
-    ) == set(UNITS)
+    store = Store(small_disk / "run.zarr")
+    assert done_units(store.entries("ingest"), store.stage_attrs("ingest")["signature_digest"]) == set(UNITS)
 
 
 def test_force_names_each_file_it_kept_even_when_a_stage_is_cleared_through_two_names(tiny):

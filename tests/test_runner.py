@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import shapes_image
@@ -9,6 +11,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 from seglab.pipeline.base.errors import SignatureMismatch
+from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner, RunOptions
@@ -21,9 +24,16 @@ def run(path, **options):
     return Runner(load_manifest(path), RunOptions(**options)).run()
 
 
-def ledger_lines(store: Store, stage: str) -> list[str]:
-    path = store.ledger(stage).path
-    return path.read_text().splitlines() if path.exists() else []
+def readme_reader(root: Path, stage: str, unit: str) -> np.ndarray:
+    """Run the README's snippet that reads one image's labels with plain zarr and pyarrow."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python\nfrom pathlib import Path\nimport pyarrow.compute")
+    code = text[start + len("```python\n") : text.index("```", start + 10)]
+    given = 'root, stage, unit = Path("runs/demo.zarr"), "refine", "images__0001TP_006690.png"'
+    assert given in code
+    namespace: dict = {}
+    exec(code.replace(given, f"root, stage, unit = Path({str(root)!r}), {stage!r}, {unit!r}"), namespace)
+    return namespace["labels"]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,23 +44,27 @@ def test_end_to_end_then_rerun_does_nothing(tiny):
     report = run(tiny)
     assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4, 4]
     store = Store(tiny.parent / "run.zarr")
-    for i, unit in enumerate(sorted(store.ledger("select").load())):
+    for i, unit in enumerate(sorted(store.entries("select"))):
         labels = store.read_unit(["select/labels"], unit)["select/labels"]
         image = store.read_unit(["ingest/image"], unit)["ingest/image"]
         _, truth = shapes_image(*image.shape[:2], seed=i)
         assert labels.shape == image.shape[:2]  # every image keeps its own size
         for cls in (1, 2):
             assert iou(labels == cls, truth == cls) > 0.7, (unit, cls)
-    lines = {s: len(ledger_lines(store, s)) for s in STAGES}
+    for unit in store.entries("refine"):  # the README's plain-zarr reader reads what seglab wrote
+        np.testing.assert_array_equal(
+            readme_reader(tiny.parent / "run.zarr", "refine", unit), store.read_array("refine/labels", unit)
+        )
+    keys = store.objects.list("")
     again = run(tiny)
     assert again.ok and again.work_done == 0
-    assert {s: len(ledger_lines(store, s)) for s in STAGES} == lines
+    assert store.objects.list("") == keys  # a rerun with nothing to do writes nothing
 
 
 def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream(tiny):
     run(tiny)
     store = Store(tiny.parent / "run.zarr")
-    before = {s: len(ledger_lines(store, s)) for s in STAGES}
+    before = {s: store.committed_rows(s) for s in STAGES}
     tiny.write_text(
         tiny.read_text().replace("prompts: {batch_size: 2}", "prompts: {batch_size: 2, points_per_component: 3}")
     )
@@ -67,7 +81,7 @@ def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream
         "select": 4,
         "refine": 4,
     }
-    after = {s: len(ledger_lines(store, s)) for s in STAGES}
+    after = {s: store.committed_rows(s) for s in STAGES}
     assert after["ingest"] == before["ingest"] and after["embed"] == before["embed"]
     assert after["prompts"] == after["select"] == after["refine"] == 4  # cleared, then written once
 
@@ -82,13 +96,22 @@ def test_a_bad_image_fails_alone_and_a_fixed_one_is_all_that_reruns(tiny):
     assert ingest.done_now == 3 and [u for u, _ in ingest.failures] == ["images__img01.png"]
     assert "img01.png" in ingest.failures[0][1]
     assert all(s.blocked == 1 and s.done_now == 3 for s in report.stages[1:])
-    store = Store(tiny.parent / "run.zarr")
-    before = {s: len(ledger_lines(store, s)) for s in STAGES}
+
+    def where(stage: str) -> dict[str, int]:
+        return {
+            u: e.outputs[next(iter(e.outputs))].batch
+            for u, e in Store(tiny.parent / "run.zarr").entries(stage).items()
+            if isinstance(e, Receipt)
+        }
+
+    before = {s: where(s) for s in STAGES}
     bad.write_bytes(good_bytes)
     report = run(tiny)
     assert report.ok and all(s.done_now == 1 for s in report.stages)
-    after = {s: len(ledger_lines(store, s)) for s in STAGES}
-    assert all(after[s] == before[s] + 1 for s in STAGES)
+    for stage in STAGES:  # the finished units stay where they were; only the fixed one is new
+        after = where(stage)
+        assert set(after) == {*before[stage], "images__img01.png"}
+        assert {u: after[u] for u in before[stage]} == before[stage]
 
 
 def test_added_images_are_processed_without_touching_finished_ones(tiny):
@@ -107,7 +130,7 @@ def test_dry_run_and_only(tiny):
     report = run(tiny, dry_run=True)
     assert [s.todo for s in report.stages] == [4, 0, 0, 0, 0]
     assert [s.blocked for s in report.stages] == [0, 4, 4, 4, 4]
-    assert not (tiny.parent / "run.zarr" / "_ledger" / "ingest.jsonl").exists()
+    assert not (tiny.parent / "run.zarr").exists()
     report = run(tiny, only="ingest")
     assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4
 
@@ -133,7 +156,7 @@ def test_boxes_become_box_prompts_and_labels_end_to_end(tiny):
     )
     assert run(tiny).ok
     store = Store(store_path)
-    for i, unit in enumerate(sorted(store.ledger("select").load())):
+    for i, unit in enumerate(sorted(store.entries("select"))):
         prompts = store.read_unit(["prompts/boxes", "prompts/classes", "ingest/boxes"], unit)
         assert sorted(prompts["prompts/classes"].tolist()) == [1, 2] and not np.isnan(prompts["prompts/boxes"]).any()
         assert prompts["ingest/boxes"].shape == (2, 5)
@@ -158,7 +181,7 @@ def test_coarse_masks_add_grown_component_boxes(tiny):
     )
     assert run(tiny).ok
     store = Store(tiny.parent / "run.zarr")
-    for i, unit in enumerate(sorted(store.ledger("select").load())):
+    for i, unit in enumerate(sorted(store.entries("select"))):
         arrays = store.read_unit(["prompts/boxes", "prompts/classes", "select/labels"], unit)
         truth = _truth_of(store, unit, i)
         for box, cls in zip(arrays["prompts/boxes"], arrays["prompts/classes"]):

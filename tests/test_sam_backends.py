@@ -225,7 +225,7 @@ def test_sam_manifest_runs_end_to_end_and_a_rerun_encodes_nothing(tiny, sam_chec
     store = Store(tiny.parent / "run.zarr")
     signature = store.stage_attrs("embed")["signature"]["model"]
     assert signature["checkpoint"] == SamBackend(tiny_sam_config(sam_checkpoint)).signature()["checkpoint"]
-    for unit, entry in store.ledger("embed").load().items():
+    for unit, entry in store.entries("embed").items():
         assert entry.outputs["image_embed"].shape == (256, 64, 64)
         labels = store.read_unit(["select/labels", "refine/uncertainty", "ingest/image"], unit)
         assert labels["select/labels"].shape == labels["refine/uncertainty"].shape == labels["ingest/image"].shape[:2]
@@ -252,7 +252,7 @@ def test_sam2_manifest_runs_end_to_end(tiny, sam2_checkpoint):
     report = Runner(load_manifest(tiny)).run()
     assert report.ok and [s.done_now for s in report.stages] == [4, 4, 4, 4, 4]
     store = Store(tiny.parent / "run.zarr")
-    entry = next(iter(store.ledger("embed").load().values()))
+    entry = next(iter(store.entries("embed").values()))
     assert entry.outputs["high_res_feats_0"].shape == (32, 256, 256)
     assert entry.outputs["image_embed"].dtype == "<f2"  # fp16 cache by default
     assert Runner(load_manifest(tiny)).run().work_done == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -16,8 +17,8 @@ def test_rerun_of_a_finished_run_encodes_nothing_and_is_timed(tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert figures["encoder_calls_in_rerun"] == 0
-    assert set(figures["ledger_lines_added_by_rerun"]) == {"ingest", "embed", "prompts", "select", "refine"}
-    assert not any(figures["ledger_lines_added_by_rerun"].values())
+    assert set(figures["records_added_by_rerun"]) == {"ingest", "embed", "prompts", "select", "refine"}
+    assert not any(figures["records_added_by_rerun"].values())
     assert 0 < figures["rerun_seconds"] < figures["first_seconds"]
     assert figures["rerun_share"] == round(figures["rerun_seconds"] / figures["first_seconds"], 4)
     again = CliRunner().invoke(app, ["bench", "rerun", "--images", "4", "--folder", str(tmp_path)])
@@ -28,9 +29,15 @@ def test_scale_reports_every_run_with_stage_rates_and_peak_memory(tmp_path):
     result = bench_scale(tmp_path, images=(3, 5), workers=(2,), size=(48, 64))
     assert [(r["images"], r["workers"]) for r in result["runs"]] == [(3, 2), (5, 2)]
     for run in result["runs"]:
-        stages = Store(tmp_path / f"scale-{run['images']}-w2.zarr").ledger("refine").load()
+        stages = Store(tmp_path / f"scale-{run['images']}-w2.zarr").entries("refine")
         assert len(stages) == run["images"]
         assert run["driver_peak_rss"] > 50 * 2**20 and run["worker_peak_rss"] > 50 * 2**20
+        assert run["objects"] == len(Store(run["store"]).objects.list("")) > 0
+        assert run["objects_per_image"] == round(run["objects"] / run["images"], 3)
+        for figures in run["stages"].values():  # wall time minus time inside process, per unit
+            assert 0 <= figures["process_seconds"] < figures["seconds"] * 2
+            expected = 1000 * (figures["seconds"] - figures["process_seconds"] / 2) / figures["computed"]
+            assert figures["overhead_ms_per_unit"] == pytest.approx(expected, abs=1.0)  # inputs rounded
         embed = run["stages"]["embed"]
         assert embed["computed"] == run["images"] and embed["images_per_second"] == round(
             embed["computed"] / embed["seconds"], 3

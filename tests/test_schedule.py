@@ -11,7 +11,12 @@ UNITS = [Unit(f"u{i}", f"/data/u{i}.png") for i in range(7)]
 
 
 def done(batch):
-    return [Receipt(unit=u.id, outputs={}, inputs="i", signature="s") for u in batch]
+    return [Receipt(unit=u.id, outputs={}, signature="s") for u in batch]
+
+
+def cut(units, size):
+    """Batches of ``size`` units in order (what the runner makes of a plan's shards)."""
+    return [units[i : i + size] for i in range(0, len(units), size)]
 
 
 def ids(batch):
@@ -19,7 +24,7 @@ def ids(batch):
 
 
 def test_batches_go_to_the_least_loaded_live_worker_up_to_in_flight_each():
-    schedule = BatchSchedule(UNITS, batch_size=2, workers=3, in_flight=2, max_retries=1)
+    schedule = BatchSchedule(cut(UNITS, 2), workers=3, in_flight=2, max_retries=1)
     sent = []
     while (step := schedule.dispatch([0, 2])) is not None:  # worker 1 is not live
         worker, batch = step
@@ -32,8 +37,8 @@ def test_batches_go_to_the_least_loaded_live_worker_up_to_in_flight_each():
     assert schedule.active and sorted(schedule.waiting()) == ["u0", "u1", "u4", "u5", "u6"]
 
 
-def test_a_transient_failure_is_retried_alone_until_its_attempts_run_out():
-    schedule = BatchSchedule(UNITS[:2], batch_size=2, workers=1, in_flight=1, max_retries=2)
+def test_a_transient_failure_is_retried_until_its_attempts_run_out():
+    schedule = BatchSchedule(cut(UNITS[:2], 2), workers=1, in_flight=1, max_retries=2)
     flaky = failure_of(UNITS[0], TransientError("storage hiccup"))
     worker, batch = schedule.dispatch([0])
     schedule.sent("a", worker, batch)
@@ -50,7 +55,7 @@ def test_a_transient_failure_is_retried_alone_until_its_attempts_run_out():
 
 
 def test_an_input_error_is_final_at_once():
-    schedule = BatchSchedule(UNITS[:1], batch_size=1, workers=1, in_flight=1, max_retries=5)
+    schedule = BatchSchedule(cut(UNITS[:1], 1), workers=1, in_flight=1, max_retries=5)
     bad = failure_of(UNITS[0], InputError("/data/u0.png", "cannot identify image file"))
     assert not bad.transient
     worker, batch = schedule.dispatch([0])
@@ -60,7 +65,7 @@ def test_an_input_error_is_final_at_once():
 
 
 def test_a_lost_worker_gives_back_its_other_batches_and_they_are_resubmitted():
-    schedule = BatchSchedule(UNITS[:6], batch_size=2, workers=2, in_flight=2, max_retries=1)
+    schedule = BatchSchedule(cut(UNITS[:6], 2), workers=2, in_flight=2, max_retries=1)
     for token in range(3):
         worker, batch = schedule.dispatch([0, 1])
         schedule.sent(token, worker, batch)
@@ -71,9 +76,21 @@ def test_a_lost_worker_gives_back_its_other_batches_and_they_are_resubmitted():
     }
     worker, batch = schedule.returned(0)
     others = schedule.lose_worker(worker)
-    assert [ids(b) for b in others] == [["u4", "u5"]] and list(schedule.pending) == [1] and schedule.load == [0, 1]
-    assert schedule.resubmit_or_fail(batch + others[0], TransientError("worker lost")) == []
-    assert [ids(b) for b in schedule.queue] == [["u0"], ["u1"], ["u4"], ["u5"]] and schedule.stats.resubmitted == 4
+    assert [(t, ids(b)) for t, b in others] == [(2, ["u4", "u5"])] and list(schedule.pending) == [1]
+    assert schedule.load == [0, 1]
+    assert schedule.resubmit_or_fail(batch + others[0][1], TransientError("worker lost")) == []
+    # resubmitted together: one new batch, not a batch per unit
+    assert [ids(b) for b in schedule.queue] == [["u0", "u1", "u4", "u5"]] and schedule.stats.resubmitted == 4
     final = schedule.resubmit_or_fail(UNITS[:1], TransientError("worker lost"))  # u0's second loss
     assert [r.unit for r in final] == ["u0"] and "after 2 attempts" in final[0].message
     assert final[0].transient
+
+
+def test_the_transient_failures_of_one_batch_are_retried_together():
+    schedule = BatchSchedule(cut(UNITS[:3], 3), workers=1, in_flight=1, max_retries=1)
+    worker, batch = schedule.dispatch([0])
+    schedule.sent("a", worker, batch)
+    schedule.returned("a")
+    flaky = [failure_of(u, TransientError("storage hiccup")) for u in batch[:2]]
+    assert schedule.settle(batch, [*flaky, *done(batch[2:])]) == done(batch[2:])
+    assert [ids(b) for b in schedule.queue] == [["u0", "u1"]]  # one batch of both, not one each

@@ -9,7 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from seglab.pipeline.core.batcharrays import BatchDamaged, batch_id, write_batch_arrays
+from seglab.pipeline.core.batcharrays import (
+    BatchDamaged,
+    batch_id,
+    output_rows,
+    read_commit,
+    read_rows,
+    write_batch_arrays,
+)
 from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.shardstore import ShardStore, ShardStoreError, store_layout
 from seglab.pipeline.core.stagerecords import failure_records
@@ -99,7 +106,7 @@ def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
         store.write_batch("refine", batch_id(2), first, _columns([0, 1]))
     state = store.fold("refine", [SOURCE], 2)
     assert state.dense.state.tolist() == [DONE, FAILED]
-    assert [a.tolist() for a in store.read("refine", "labels", 0, [0])] == [np.zeros((3, 4)).tolist()]
+    assert [a.tolist() for a in read(store, "refine", "labels", 0, [0])] == [np.zeros((3, 4)).tolist()]
     assert store.collect_garbage("refine", outputs, state) == 1, "only the uncommitted batch goes"
     assert not store.objects.list("refine/labels/b000000000002")
     store.write_batch("refine", batch_id(2), [{"labels": np.full((3, 4), 9, np.uint8)}] * 2, _columns([0, 1]))
@@ -107,7 +114,7 @@ def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
     assert store.collect_garbage("refine", outputs, state) == 2, "batch 0 and the failure batch 1 are superseded"
     assert store.objects.list("_records/refine") == ["_records/refine/b000000000002.parquet"]
     assert not store.objects.list("refine/labels/b000000000000")
-    assert store.read("refine", "labels", 2, [1])[0].max() == 9
+    assert read(store, "refine", "labels", 2, [1])[0].max() == 9
 
 
 def test_a_damaged_batch_is_named_when_read(location):
@@ -118,4 +125,13 @@ def test_a_damaged_batch_is_named_when_read(location):
     data[4] ^= 0x55
     store.objects.put(chunk, bytes(data))
     with pytest.raises(BatchDamaged, match=r"select/labels/b000000000000: rows \[0\]"):
-        store.read("select", "labels", 0, [0])
+        read(store, "select", "labels", 0, [0])
+
+
+def read(store: ShardStore, stage: str, output: str, batch: int, rows: list[int]) -> list[np.ndarray]:
+    """The units at ``rows`` of a committed batch's output, checked against its commit object."""
+    name = batch_id(batch)
+    table = read_commit(store.objects, stage, name)
+    if table is None:
+        raise ShardStoreError(f"batch {stage}/{name} has no commit object")
+    return read_rows(store.objects, stage, output, name, rows, output_rows(table, output))

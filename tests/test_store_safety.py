@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-from test_ledger import done_line
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -50,7 +49,9 @@ def test_a_folder_that_is_not_a_store_is_refused_and_left_as_it_was(tmp_path):
     (folder / "_ledger" / "select.jsonl").write_text("my notes\n")
     (folder / "select").mkdir()
     (folder / "select" / "keep.txt").write_text("keep")
-    with pytest.raises(StoreError, match=r"mine: exists and is not a seglab store \(it holds _ledger, select\)"):
+    with pytest.raises(
+        StoreError, match=r"mine: exists and is not a seglab store \(it holds _ledger/select.jsonl, select/keep.txt\)"
+    ):
         Store(folder, create=True)
     assert (folder / "_ledger" / "select.jsonl").read_text() == "my notes\n"
     assert sorted(p.name for p in folder.iterdir()) == ["_ledger", "select"]
@@ -58,7 +59,7 @@ def test_a_folder_that_is_not_a_store_is_refused_and_left_as_it_was(tmp_path):
         Store(folder)
     (tmp_path / "empty").mkdir()
     Store(tmp_path / "empty", create=True)  # an empty folder is fine
-    assert Store(tmp_path / "empty").attrs["seglab_store"] == 1
+    assert Store(tmp_path / "empty").attrs["seglab_store"] == 2
 
 
 def test_run_into_a_user_folder_is_refused_naming_it(tiny, tmp_path):
@@ -72,22 +73,29 @@ def test_run_into_a_user_folder_is_refused_naming_it(tiny, tmp_path):
 
 def test_clearing_a_stage_removes_only_what_seglab_wrote(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
-    store.prepare_stage("select", ["labels"])
-    receipt = store.write_unit("select", "a", {"labels": np.ones((4, 4), np.uint8)})
-    store.commit_unit("select", done_line("a", receipt))
-    store.ledger("select").append([done_line("a", receipt)])
-    (store.path / "select" / "keep.txt").write_text("mine")
-    (store.path / "select" / "labels" / "notes").mkdir()
-    (store.path / "_commits" / "select" / "README").write_text("mine too")
-    (store.path / "_commits" / "select" / "budget.json").write_text('{"unit": "a"}')  # JSON, but no record of 'budget'
-    left = store.clear_stage("select")
-    assert sorted(p.name for p in left) == ["README", "budget.json", "keep.txt", "notes"]
-    assert (store.path / "select" / "keep.txt").read_text() == "mine"
-    assert not (store.path / "select" / "labels" / "a").exists() and not (store.path / "select" / "zarr.json").exists()
-    assert store.committed("select", "a") is None and store.ledger("select").load() == {}
-    for name in ("", "..", "/etc", "_ledger", "select/labels"):
+    store.put_units("select", ["a"], [{"labels": np.ones((4, 4), np.uint8)}])
+    root = tmp_path / "s.zarr"
+    (root / "select" / "keep.txt").write_text("mine")
+    (root / "select" / "labels" / "notes").mkdir()
+    (root / "select" / "labels" / "notes" / "n.txt").write_text("mine")
+    (root / "select" / "labels" / "b000000000000" / "extra").write_text("mine")  # in a batch, not zarr's
+    (root / "_records" / "select" / "README").write_text("mine too")
+    (root / "_records" / "select" / "b1.parquet").write_text("not a batch's name")
+    left = store.clear_stage("select", ["labels"])
+    assert sorted(left) == [
+        "_records/select/README",
+        "_records/select/b1.parquet",
+        "select/keep.txt",
+        "select/labels/b000000000000/extra",
+        "select/labels/notes/n.txt",
+    ]
+    assert (root / "select" / "keep.txt").read_text() == "mine"
+    assert not (root / "select" / "zarr.json").exists() and not (root / "select" / "labels" / "zarr.json").exists()
+    assert not list((root / "select" / "labels" / "b000000000000").rglob("c"))
+    assert store.entries("select") == {} and store.stages() == []
+    for name in ("", "..", "/etc", "_records", "select/labels"):
         with pytest.raises(StoreError, match="is not a stage name"):
-            store.clear_stage(name)
+            store.clear_stage(name, ["labels"])
 
 
 HOLDER = """
@@ -106,7 +114,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StoreBusy, match=rf"another seglab run is using this store \(pid {holder.pid} on "):
             Runner(load_manifest(tiny)).run()  # work is left, so it needs the lock: refused before Ray starts
-        assert not (store.path / "_ledger" / "ingest.jsonl").exists()
+        assert store.objects.list("") == ["_run.lock", "zarr.json"]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -116,23 +124,22 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
         assert lock.taken_over is None  # released cleanly last time
 
 
-def test_status_reports_a_damaged_ledger_instead_of_crashing(tiny):
+def test_status_reports_a_damaged_commit_object_instead_of_crashing(tiny):
     path = tiny.parent / "run.zarr"
     store = Store(path, create=True)
-    store.ledger("ingest").append([done_line("images__img00.png")])
-    with open(store.ledger("ingest").path, "ab") as f:
-        f.write(b'{"unit": ["x"], "status": "done"}\n\xfe\xfe\n')
+    store.put_units("ingest", ["images__img00.png"], [{"image": np.ones((2, 2, 3), np.uint8)}])
+    (path / "_records" / "ingest" / "b000000000001.parquet").write_bytes(b"PAR1 torn")
     result = cli.invoke(app, ["status", str(tiny)])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
-    assert "ingest.jsonl: line 2" in result.output and "line 3" in result.output
+    assert "_records/ingest/b000000000001.parquet does not decode" in result.output
 
 
 def test_the_lock_file_is_no_stage_and_is_emptied_on_release(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
     with StoreLock(store.path):
-        assert json.loads((store.path / "_run.lock").read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / "s.zarr" / "_run.lock").read_text())["pid"] == os.getpid()
         assert Store(store.path).stages() == []
-    assert (store.path / "_run.lock").read_text() == ""
+    assert (tmp_path / "s.zarr" / "_run.lock").read_text() == ""
 
 
 def _raised(make):

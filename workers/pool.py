@@ -23,9 +23,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.base.errors import SeglabError, TransientError
 from seglab.pipeline.core.gold import read_gold
-from seglab.pipeline.core.ledger import LedgerEntry, Receipt, Task
+from seglab.pipeline.core.ledger import BatchTask, LedgerEntry, Receipt
 from seglab.pipeline.core.registry import stage_class
-from seglab.pipeline.core.store import Store
+from seglab.pipeline.core.store import CorruptOutput, Store
+from seglab.pipeline.core.unitrecords import Where, commit_receipts, done_columns
 from seglab.stages.base import Context, FitByTraining, GoldSample, Resources, StageConfig, Unit
 from seglab.workers.backend import build_backend
 from seglab.workers.raysession import capacity
@@ -75,8 +76,9 @@ class StageWorker:
         if fitted is None:
             raise RuntimeError(f"stage '{stage.name}' runs only after it was trained")
         if self.segmenter_sha256 != fitted["sha256"]:
+            assert self.store.local is not None  # trained stages run on local stores (fitting.Training)
             self.context.segmenter = TeacherPredictor(
-                str(self.store.path / fitted["checkpoint"]),
+                str(self.store.local / fitted["checkpoint"]),
                 fitted["architecture"],
                 len(self.context.classes.ids),
                 tuple(fitted["input_size"]),
@@ -94,53 +96,88 @@ class StageWorker:
     def fit(self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], gold: Any) -> dict[str, Any]:
         """Fit a stage on its gold units: their inputs and gold masks -> the fitted parameters."""
         samples = []
-        for unit in units:
-            inputs = self.store.read_unit(read_paths, unit.id)
+        for unit, inputs in zip(units, self.store.read_units(read_paths, [u.id for u in units])):
             hw = next(iter(inputs.values())).shape[-2:]
             index, valid = read_gold(gold, Path(unit.image), self.context.classes.ids, hw)
             samples.append(GoldSample(unit.id, inputs, index, valid))
         return self._stage(stage_name).fit(samples, self.context)
 
-    def run(
-        self, stage_name: str, units: Sequence[Unit], read_paths: Sequence[str], tasks: Mapping[str, Task]
-    ) -> list[LedgerEntry]:
-        """Run a batch; -> one receipt or failure per unit. ``tasks[unit id]``: the input and
-        signature digests its commit record carries, the sha256 each read must have."""
+    def run(self, stage_name: str, task: BatchTask, read_paths: Sequence[str]) -> list[LedgerEntry]:
+        """Run one batch and write it (its arrays, then its commit object); -> one receipt or
+        failure per unit. A unit whose inputs are damaged fails naming them (``corrupt``)."""
         stage = self._stage(stage_name)
         if stage.fits:
             stage.fitted = self.store.stage_attrs(stage_name).get("fitted")
         if isinstance(stage.fitting, FitByTraining):
             self._load_segmenter(stage)
-        receipts: list[LedgerEntry] = []
-        ready_units, inputs = [], []
-        for unit in units:
-            try:
-                inputs.append(self.store.verify_reads(read_paths, unit.id, tasks[unit.id].expected))
-                ready_units.append(unit)
-            except Exception as exc:
-                receipts.append(failure_of(unit, exc))
+        failures: dict[str, LedgerEntry] = {}
+        inputs = read_inputs(self.store, task, read_paths, failures)
+        ready = [at for at, unit in enumerate(task.units) if unit.id not in failures]
+        results: list[dict[str, Any] | BaseException] = []
         started = time.perf_counter()
-        results = stage.process_batch(ready_units, inputs, self.context) if ready_units else []
-        seconds = (time.perf_counter() - started) / max(1, len(ready_units))
-        for unit, result in zip(ready_units, results):
+        step = max(1, stage.config.batch_size)
+        for first in range(0, len(ready), step):
+            part = ready[first : first + step]
+            results += stage.process_batch([task.units[at] for at in part], [inputs[at] for at in part], self.context)
+        seconds = (time.perf_counter() - started) / max(1, len(ready))
+        done: list[tuple[int, dict[str, Any]]] = []
+        for at, result in zip(ready, results):
             if isinstance(result, BaseException):
-                receipts.append(failure_of(unit, result))
-                continue
+                failures[task.units[at].id] = failure_of(task.units[at], result)
+            else:
+                done.append((at, result))
+        receipts: list[LedgerEntry] = []
+        if done:
             try:
-                receipt = Receipt(
-                    unit=unit.id,
-                    outputs=self.store.write_unit(stage_name, unit.id, result),
-                    inputs=tasks[unit.id].inputs,
-                    signature=tasks[unit.id].signature,
-                    info=stage.receipt_info(unit, result),
-                    seconds=round(seconds, 4),
-                )
-                self.store.commit_unit(stage_name, receipt)
+                receipts = write_batch(self.store, stage_name, stage, task, done, seconds)
             except Exception as exc:
-                receipts.append(failure_of(unit, exc))
-                continue
-            receipts.append(receipt)
-        return receipts
+                receipts = [failure_of(task.units[at], exc) for at, _ in done]
+        return receipts + list(failures.values())
+
+
+def read_inputs(
+    store: Store, task: BatchTask, read_paths: Sequence[str], failures: dict[str, LedgerEntry]
+) -> list[dict[str, Any]]:
+    """The task's units' inputs ('stage/output' -> array, per unit in task order), one read
+    per parent batch; a unit whose input is missing or damaged gets a failure in
+    ``failures`` naming the arrays (``corrupt``), the others are read one by one then."""
+    inputs: list[dict[str, Any]] = [{} for _ in task.units]
+    for path in read_paths:
+        parent = path.split("/", 1)[0]
+        where = task.reads[parent]
+        wanted = [at for at, unit in enumerate(task.units) if unit.id not in failures]
+        located = [Where(task.units[at].id, where.batches[at], where.rows[at]) for at in wanted]
+        values: list[Any]
+        try:
+            values = list(store.read_many(path, located))
+        except CorruptOutput:
+            values = []
+            for at, one in zip(wanted, located):
+                try:
+                    values.append(store.read_many(path, [one])[0])
+                except CorruptOutput as exc:
+                    failures[one.unit] = failure_of(task.units[at], exc)
+                    values.append(None)
+        for at, value in zip(wanted, values):
+            if value is not None:
+                inputs[at][path] = value
+    return inputs
+
+
+def write_batch(
+    store: Store,
+    stage_name: str,
+    stage: Any,
+    task: BatchTask,
+    done: Sequence[tuple[int, dict[str, Any]]],
+    seconds: float,
+) -> list[LedgerEntry]:
+    """Write the done units (task position, outputs) as the task's batch; -> their receipts."""
+    infos = [stage.receipt_info(task.units[at], result) for at, result in done]
+    columns = done_columns(task, [at for at, _ in done], [result for _, result in done], infos, seconds)
+    table = store.shards.write_batch(stage_name, task.batch, [result for _, result in done], columns)
+    seq = int(task.batch[1:])
+    return list(commit_receipts(table, seq, [task.units[at].id for at, _ in done]))
 
 
 class WorkerPool:
@@ -244,34 +281,33 @@ def run_batches(
     *,
     pool: WorkerPool,
     stage_name: str,
-    units: Sequence[Unit],
+    batches: Sequence[Sequence[Unit]],
+    make_task: Callable[[Sequence[Unit]], BatchTask],
     read_paths: Sequence[str],
-    batch_size: int,
     max_retries: int,
     on_receipts: Callable[[list[LedgerEntry]], None],
-    tasks: Mapping[str, Task],
-    recover: Callable[[Sequence[Unit]], list[Receipt]] | None = None,
+    recover: Callable[[BatchTask], list[Receipt]] | None = None,
     stall_timeout: float = 1800.0,
     in_flight: int = 2,
     replace_limit: int | None = None,
 ) -> BatchStats:
-    """Run ``stage_name`` over ``units``; every unit ends in exactly one final receipt or
-    failure, passed to ``on_receipts``.
+    """Run ``stage_name`` over ``batches`` of units; every unit ends in exactly one final
+    receipt or failure, passed to ``on_receipts``.
 
-    tasks: per unit id what ``StageWorker.run`` needs besides the unit. A worker lost with
-    batches in flight: ``recover`` turns the units it had already committed into done
-    receipts, the others are resubmitted (a transient failure, counted against
-    ``max_retries``). StageFailed, naming the stage and a unit, when the pool is exhausted
-    (more than ``replace_limit`` replacements, or no slot left) or when no batch finishes
-    for ``stall_timeout`` seconds (hung or unschedulable workers)."""
-    schedule = BatchSchedule(
-        units, batch_size=batch_size, workers=pool.size, in_flight=in_flight, max_retries=max_retries
-    )
+    make_task: the ``BatchTask`` of units about to go out (each under a new batch name). A
+    worker lost with batches in flight: ``recover`` gives the receipts of a batch it had
+    committed before it died, its other units are resubmitted (a transient failure,
+    counted against ``max_retries``). StageFailed, naming the stage and a unit, when the
+    pool is exhausted (more than ``replace_limit`` replacements, or no slot left) or when
+    no batch finishes for ``stall_timeout`` seconds (hung or unschedulable workers)."""
+    schedule = BatchSchedule(batches, workers=pool.size, in_flight=in_flight, max_retries=max_retries)
     limit = replace_limit if replace_limit is not None else 3 * pool.size + max_retries
     stats = schedule.stats
+    tasks: dict[Any, BatchTask] = {}
 
-    def lost(batch: list[Unit], error: BaseException) -> None:
-        recovered: list[LedgerEntry] = list(recover(batch)) if recover else []
+    def lost(ref: Any, batch: list[Unit], error: BaseException) -> None:
+        task = tasks.pop(ref)
+        recovered: list[LedgerEntry] = list(recover(task)) if recover else []
         stats.recovered += len(recovered)
         finished = {r.unit for r in recovered}
         on_receipts(recovered + schedule.resubmit_or_fail([u for u in batch if u.id not in finished], error))
@@ -280,9 +316,9 @@ def run_batches(
     while schedule.active:
         while (next_batch := schedule.dispatch(pool.live)) is not None:
             worker, batch = next_batch
-            ref = pool.actors[worker].run.remote(
-                stage_name, batch, list(read_paths), {u.id: tasks[u.id] for u in batch}
-            )
+            task = make_task(batch)
+            ref = pool.actors[worker].run.remote(stage_name, task, list(read_paths))
+            tasks[ref] = task
             schedule.sent(ref, worker, batch)
         if not schedule.pending and not pool.starting:
             raise StageFailed(
@@ -312,15 +348,16 @@ def run_batches(
                         f"stage '{stage_name}': worker pool exhausted after {pool.replaced} replacements; "
                         f"last lost batch started at unit '{batch[0].id}': {exc}"
                     ) from None
-                for other in schedule.lose_worker(worker):  # its other batches died with it
-                    lost(other, exc)
+                for token, other in schedule.lose_worker(worker):  # its other batches died with it
+                    lost(token, other, exc)
                 if pool.replace(worker):
                     stats.replaced += 1
                 else:
                     stats.retired += 1
-                lost(batch, TransientError(f"worker lost: {type(exc).__name__}"))
+                lost(ref, batch, TransientError(f"worker lost: {type(exc).__name__}"))
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
                 receipts = [failure_of(unit, exc) for unit in batch]
+            tasks.pop(ref, None)
             on_receipts(schedule.settle(batch, receipts))
     return stats

@@ -55,16 +55,16 @@ class BatchStats:
 
 
 class BatchSchedule:
-    """units cut into batches of ``batch_size`` in order; at most ``in_flight`` batches per
-    worker (workers are slots 0..workers-1); a transiently failed unit is queued again, alone,
-    until it has failed ``max_retries`` + 1 times."""
+    """``batches`` of units, in order; at most ``in_flight`` batches per worker (workers are
+    slots 0..workers-1); transiently failed units are queued again, together, until each
+    has failed ``max_retries`` + 1 times."""
 
-    def __init__(self, units: Sequence[Unit], *, batch_size: int, workers: int, in_flight: int, max_retries: int):
-        self.queue: deque[Batch] = deque(list(units[i : i + batch_size]) for i in range(0, len(units), batch_size))
+    def __init__(self, batches: Sequence[Sequence[Unit]], *, workers: int, in_flight: int, max_retries: int):
+        self.queue: deque[Batch] = deque(list(batch) for batch in batches if batch)
         self.pending: dict[Hashable, tuple[int, Batch]] = {}
         """In flight: a token the caller chose (a Ray object ref) -> (worker, batch)."""
         self.load = [0] * workers
-        self.attempts = {u.id: 0 for u in units}
+        self.attempts = {u.id: 0 for batch in self.queue for u in batch}
         self.in_flight, self.max_retries = in_flight, max_retries
         self.stats = BatchStats()
 
@@ -94,10 +94,10 @@ class BatchSchedule:
         self.load[worker] -= 1
         return worker, batch
 
-    def lose_worker(self, worker: int) -> list[Batch]:
-        """The other batches in flight on a worker that died: taken out of flight."""
+    def lose_worker(self, worker: int) -> list[tuple[Hashable, Batch]]:
+        """The other batches in flight on a worker that died, with their tokens: taken out of flight."""
         lost = [token for token, (owner, _) in self.pending.items() if owner == worker]
-        return [self.returned(token)[1] for token in lost]
+        return [(token, self.returned(token)[1]) for token in lost]
 
     def _retry(self, unit_id: str) -> bool:
         """Count a failed attempt of the unit; True when it may run again."""
@@ -108,23 +108,29 @@ class BatchSchedule:
         """A batch's receipts and failures -> the final ones; a transient failure with
         attempts left is queued again instead."""
         final: list[LedgerEntry] = []
+        again: set[str] = set()
         for outcome in outcomes:
             if isinstance(outcome, Failure) and outcome.transient and self._retry(outcome.unit):
-                self.queue.append([u for u in batch if u.id == outcome.unit])
+                again.add(outcome.unit)
                 continue
             final.append(outcome)
+        if again:
+            self.queue.append([u for u in batch if u.id in again])
         return final
 
     def resubmit_or_fail(self, units: Sequence[Unit], error: BaseException) -> list[LedgerEntry]:
         """Units whose worker died before they were committed: each is queued again while it
         has attempts left (counted as resubmitted), else gets a final transient failure."""
         final: list[LedgerEntry] = []
+        again: Batch = []
         for unit in units:
             if self._retry(unit.id):
-                self.queue.append([unit])
+                again.append(unit)
                 self.stats.resubmitted += 1
             else:
                 final.append(failure_of(unit, TransientError(f"{error} (after {self.attempts[unit.id]} attempts)")))
+        if again:
+            self.queue.append(again)
         return final
 
     def waiting(self) -> list[str]:

@@ -139,11 +139,8 @@ def load_examples(
     store = Store(job.store_path)
     size = tuple(job.settings["input_size"])
     images, targets, uncertainties = [], [], []
-    for i, unit in enumerate(units):
-        paths = (
-            ["ingest/image"] + ([] if label_files else [job.labels]) + ([job.uncertainty] if job.uncertainty else [])
-        )
-        arrays = store.read_unit(paths, unit)
+    paths = ["ingest/image"] + ([] if label_files else [job.labels]) + ([job.uncertainty] if job.uncertainty else [])
+    for i, arrays in enumerate(store.read_units(paths, list(units))):
         images.append(_resize(arrays["ingest/image"], size, nearest=False).round().clamp(0, 255).to(torch.uint8))
         if label_files:
             index, valid = read_gold_file(

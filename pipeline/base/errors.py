@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 from pathlib import Path
 
 
@@ -69,8 +71,22 @@ def os_error_cause(exc: BaseException | None) -> OSError | None:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in NO_SPACE | NOT_WRITABLE:
             return exc
+        if (code := _rust_os_error(exc)) is not None:
+            return OSError(code, os.strerror(code))
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
+
+
+RUST_OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
+"""How obstore (Rust) reports the operating system's error in its message."""
+
+
+def _rust_os_error(exc: BaseException) -> int | None:
+    """The errno an object-store library's error message carries ('... (os error 28)'),
+    when it is a full disk or an unwritable file; else None."""
+    match = RUST_OS_ERROR.search(str(exc))
+    code = int(match.group(1)) if match else None
+    return code if code in NO_SPACE | NOT_WRITABLE else None
 
 
 class StorageError(SeglabError):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.core.ledger import done_units
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.evaluation.calibration import fit_thresholds, gold_images, image_figures, summarize
 from seglab.pipeline.evaluation.evaluate import class_map_stages
@@ -36,9 +37,9 @@ def bench_conformal(
 ) -> dict[str, Any]:
     """-> per alpha: every split's test figures and their mean and standard deviation."""
     started = time.perf_counter()
-    store = Store(manifest.store_path)
+    store = Store(manifest.store_location)
     _, _, current = class_map_stages(manifest)
-    done = store.ledger("select").done(current["select"])
+    done = done_units(store.entries("select"), current["select"])
     images = [image for _, image in gold_images(manifest, store, done)]
     if len(images) <= calibration:
         raise SeglabError(

@@ -93,7 +93,7 @@ def first_images(manifest: Manifest, limit: int) -> Manifest:
     the table are written to ``<store folder>/<run name>.first<limit>/``."""
     data, root = manifest.data, Path(manifest.data.root)
     chosen = list_images(data.images, root, manifest.path)[:limit]
-    folder = manifest.store_path.parent / f"{manifest.run.name}.first{limit}"
+    folder = Path(manifest.store_location).parent / f"{manifest.run.name}.first{limit}"
     folder.mkdir(parents=True, exist_ok=True)
 
     def listed(name: str, paths: Sequence[Path]) -> ImageSource:
@@ -152,9 +152,9 @@ def score_baselines(manifest: Manifest, progress: Any = None) -> dict[str, Basel
     names = baselines_for(weak.kind)
     items = gold_set_images(manifest, "evaluation")
     assert gold is not None  # gold_set_images raised otherwise
-    store = Store(manifest.store_path)
+    store = Store(manifest.store_location)
     _, _, current = class_map_stages(manifest)
-    entries = store.ledger("ingest").load()
+    entries = store.entries("ingest")
     done = done_units(entries, current["ingest"])
     units = [(image, unit) for image, unit in items if unit in done]
     class_ids = tuple(c.id for c in manifest.data.classes)
@@ -204,12 +204,12 @@ def stage_seconds(manifest: Manifest) -> dict[str, float]:
     """select's and refine's mean seconds per evaluation image, from the ledger lines of the units
     done with the current signature (``TIMED_STAGES``: a unit counts when every stage summed is
     done and timed); NaN when no evaluation image has them."""
-    store = Store(manifest.store_path)
+    store = Store(manifest.store_location)
     _, _, current = class_map_stages(manifest)
     units = {unit for _, unit in gold_set_images(manifest, "evaluation") if unit}
     timed: dict[str, dict[str, float]] = {}
     for stage in {s for stages in TIMED_STAGES.values() for s in stages}:
-        entries = store.ledger(stage).load() if stage in current else {}
+        entries = store.entries(stage) if stage in current else {}
         done = done_units(entries, current[stage]) if stage in current else set()
         receipts = [entries[u] for u in done & units]
         timed[stage] = {r.unit: r.seconds for r in receipts if isinstance(r, Receipt) and r.seconds is not None}

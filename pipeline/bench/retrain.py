@@ -46,7 +46,10 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
         raise SeglabError(f"{manifest.path}: the run has failed units; `seglab status` lists them")
     evaluation = evaluate(manifest)
     found = {r.source: r for r in evaluation.sources}
-    store = Store(manifest.store_path)
+    store = Store(manifest.store_location)
+    checkpoints = store.checkpoint_dir(GOLD_RUN)
+    if checkpoints is None:
+        raise SeglabError(f"{store.path}: bench retrain needs a local store.path")
     fitted = {r: store.stage_attrs(round_name("retrain", r))["fitted"] for r in range(manifest.rounds)}
     by_id = {u.id: u for u in enumerate_units(manifest)}
     units = tuple(fitted[0]["trained_on"])  # the same in every round
@@ -57,12 +60,12 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     key = digest([settings, units, [file_stat(f) for f in label_files], list(gold_ignore), manifest.run.seed])
     classes = build_context(manifest).classes
     job = TrainingJob(
-        store_path=str(store.path),
+        store_path=store.path,
         units=units,
         class_ids=classes.ids,
         labels="",
         uncertainty=None,
-        checkpoint_dir=str(store.checkpoint_dir(GOLD_RUN) / key[:16]),
+        checkpoint_dir=str(checkpoints / key[:16]),
         settings=settings,
         seed=manifest.run.seed,
         label_files=label_files,

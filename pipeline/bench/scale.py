@@ -15,7 +15,6 @@ runs with fewer images use a prefix of the same images.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ from typing import Any
 
 from seglab.pipeline.base.errors import SeglabError
 from seglab.pipeline.bench.synthetic import write_dataset
-from seglab.pipeline.core.store import Store, is_store
+from seglab.pipeline.core.ledger import Receipt
+from seglab.pipeline.core.store import Store, store_exists
 from seglab.pipeline.manifest import open_manifest
 
 MANIFEST = """\
@@ -52,16 +52,24 @@ def dataset(folder: Path, images: int, size: tuple[int, int]) -> Path:
     return root
 
 
-def write_run_manifest(folder: Path, name: str, images: int, workers: int, size: tuple[int, int]) -> Path:
-    """A manifest over the first ``images`` scenes with ``workers`` workers per stage and its own store."""
+def write_run_manifest(
+    folder: Path, name: str, images: int, workers: int, size: tuple[int, int], stores: str | None = None
+) -> Path:
+    """A manifest over the first ``images`` scenes with ``workers`` workers per stage and its
+    own store, in ``folder`` or under the location ``stores`` (an s3:// prefix, say)."""
     root = dataset(folder, images, size)
     listing = root / f"{name}.txt"  # image listings must live under the data root
     listing.write_text("".join(f"images/img{i:02d}.png\n" for i in range(images)))
     path = folder / f"{name}.yaml"
     path.write_text(
-        MANIFEST.format(name=name, root=root, listing=listing, store=folder / f"{name}.zarr", workers=workers)
+        MANIFEST.format(name=name, root=root, listing=listing, store=store_of(folder, name, stores), workers=workers)
     )
     return path
+
+
+def store_of(folder: Path, name: str, stores: str | None) -> str:
+    """Where the run ``name`` keeps its store: ``<name>.zarr`` in ``folder`` or under ``stores``."""
+    return f"{stores.rstrip('/')}/{name}.zarr" if stores else str(folder / f"{name}.zarr")
 
 
 def timed_run(manifest: Path) -> dict[str, Any]:
@@ -96,42 +104,54 @@ def _high_water_mark(pid: int) -> int:
     return 0
 
 
-def stage_figures(store_path: Path) -> dict[str, dict[str, Any]]:
-    """Per stage of a store: units computed, map seconds, images/s and worker peak RSS."""
-    store = Store(store_path)
+def stage_figures(location: str, workers: int) -> dict[str, dict[str, Any]]:
+    """Per stage of a store: units computed, stage seconds, images/s, worker peak RSS, and
+    the framework's own cost: the stage's wall time minus the time its workers spent inside
+    ``process`` (summed over the units its records hold, shared by ``workers``), per unit."""
+    store = Store(location)
     figures = {}
     for stage in store.stages():
         summary = store.stage_attrs(stage).get("summary") or {}
         computed, seconds = summary.get("computed"), summary.get("seconds")
+        inside = sum(e.seconds or 0.0 for e in store.entries(stage).values() if isinstance(e, Receipt))
         figures[stage] = {
             "computed": computed,
             "seconds": seconds,
             "images_per_second": round(computed / seconds, 3) if computed and seconds else None,
+            "process_seconds": round(inside, 3),
+            "overhead_ms_per_unit": round(1000 * (seconds - inside / workers) / computed, 3)
+            if computed and seconds
+            else None,
             "worker_peak_rss": summary.get("worker_peak_rss"),
         }
     return figures
 
 
-def measure(folder: Path, images: int, workers: int, size: tuple[int, int]) -> dict[str, Any]:
-    """One fresh run over ``images`` scenes with ``workers`` workers."""
+def measure(
+    folder: Path, images: int, workers: int, size: tuple[int, int], stores: str | None = None
+) -> dict[str, Any]:
+    """One fresh run over ``images`` scenes with ``workers`` workers (its store in ``folder``,
+    or under ``stores``)."""
     name = f"scale-{images}-w{workers}"
-    manifest = write_run_manifest(folder, name, images, workers, size)
-    store = folder / f"{name}.zarr"
-    if store.exists():  # a fresh run each time, over a store an earlier bench made
-        if not is_store(store):
-            raise SeglabError(f"{store}: exists and is not a seglab store; choose another --folder")
-        shutil.rmtree(store)
+    manifest = write_run_manifest(folder, name, images, workers, size, stores)
+    store = store_of(folder, name, stores)
+    if store_exists(store):  # a fresh run each time, over a store an earlier bench made
+        Store(store).remove()
     run = timed_run(manifest)
-    stages = stage_figures(store)
+    stages = stage_figures(store, workers)
     map_seconds = sum(s["seconds"] or 0.0 for s in stages.values())
     peaks = [s["worker_peak_rss"] for s in stages.values() if s["worker_peak_rss"]]
+    objects = len(Store(store).objects.list(""))
     return {
         "images": images,
         "workers": workers,
+        "store": store,
         **run,
         "map_seconds": round(map_seconds, 2),
         "images_per_second": round(images / map_seconds, 3) if map_seconds else None,
         "worker_peak_rss": max(peaks, default=None),
+        "objects": objects,
+        "objects_per_image": round(objects / images, 3),
         "stages": stages,
     }
 
@@ -142,14 +162,16 @@ def bench_scale(
     images: Sequence[int] = (200, 2000),
     workers: Sequence[int] = (1, 2),
     size: tuple[int, int] = (96, 128),
+    stores: str | None = None,
 ) -> dict[str, Any]:
     """Every ``images`` count with the most workers, and the smallest count with each of
-    ``workers``; -> the runs and the two ratios the targets are stated in."""
+    ``workers``; -> the runs and the two ratios the targets are stated in. ``stores``: where
+    the stores go instead of ``folder`` (a location: an s3:// prefix, say)."""
     folder = folder.resolve()  # the manifests written there name absolute paths
     folder.mkdir(parents=True, exist_ok=True)
     small, large, most = min(images), max(images), max(workers)
-    runs = [measure(folder, n, most, size) for n in sorted(images)]
-    runs += [measure(folder, small, w, size) for w in sorted(workers) if w != most]
+    runs = [measure(folder, n, most, size, stores) for n in sorted(images)]
+    runs += [measure(folder, small, w, size, stores) for w in sorted(workers) if w != most]
     by = {(r["images"], r["workers"]): r for r in runs}
     result: dict[str, Any] = {"size": list(size), "cpus": os.cpu_count(), "runs": runs}
     if small != large:
@@ -168,32 +190,39 @@ def bench_scale(
 
 
 def bench_rerun(
-    folder: Path, *, images: int = 200, size: tuple[int, int] = (96, 128), manifest: Path | None = None
+    folder: Path,
+    *,
+    images: int = 200,
+    size: tuple[int, int] = (96, 128),
+    manifest: Path | None = None,
+    stores: str | None = None,
 ) -> dict[str, Any]:
     """A run from nothing, then the same command again: wall times, their ratio, and the
-    units each stage computed in the rerun (embed's = encoder calls)."""
+    units each stage computed in the rerun (embed's = encoder calls). ``stores``: as for
+    ``bench_scale`` (synthetic images only)."""
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     if manifest is None:
-        manifest = write_run_manifest(folder, f"rerun-{images}", images, 2, size)
+        manifest = write_run_manifest(folder, f"rerun-{images}", images, 2, size, stores)
 
-    store = open_manifest(str(manifest)).store_path
-    if (store / "zarr.json").exists():
+    store = open_manifest(str(manifest)).store_location
+    if store_exists(store):
         raise SeglabError(f"{store} exists: bench rerun times a first run from nothing; remove it or use another store")
     first = timed_run(manifest)
-    lines = _ledger_lines(store)
+    rows = _committed_rows(store)
     again = timed_run(manifest)
-    computed = {stage: n - lines.get(stage, 0) for stage, n in _ledger_lines(store).items()}
+    computed = {stage: n - rows.get(stage, 0) for stage, n in _committed_rows(store).items()}
     return {
         "manifest": str(manifest),
         "first_seconds": first["seconds"],
         "rerun_seconds": again["seconds"],
         "rerun_share": round(again["seconds"] / first["seconds"], 4),
         "encoder_calls_in_rerun": computed.get("embed", 0),
-        "ledger_lines_added_by_rerun": computed,
+        "records_added_by_rerun": computed,
     }
 
 
-def _ledger_lines(store: Path) -> dict[str, int]:
-    """Ledger lines per stage (a recomputed or adopted unit adds one)."""
-    return {p.stem: len(p.read_text().splitlines()) for p in (store / "_ledger").glob("*.jsonl")}
+def _committed_rows(location: str) -> dict[str, int]:
+    """Unit records per stage over its commit objects (a recomputed or failed unit adds one)."""
+    store = Store(location)
+    return {stage: store.committed_rows(stage) for stage in store.stages()}

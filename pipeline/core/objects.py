@@ -52,7 +52,10 @@ class Location:
             return cls(text, local=Path(text).expanduser().resolve())
         scheme, rest = match["scheme"].lower(), match["rest"].rstrip("/")
         if scheme not in SCHEMES:
-            raise LocationError(f"{text}: unsupported store location scheme '{scheme}://' (use {', '.join(SCHEMES)})")
+            raise LocationError(
+                f"{text}: a URL of scheme '{scheme}://', where no store can be (use a path or a "
+                f"{', '.join(f'{s}://' for s in SCHEMES)} URL)"
+            )
         if scheme == "file":
             if not rest.startswith("/"):
                 raise LocationError(f"{text}: a file:// URL needs an absolute path (file:///folder)")
@@ -75,20 +78,34 @@ class Objects:
 
     def __init__(self, location: Location | str):
         self.location = location if isinstance(location, Location) else Location.parse(location)
-        if self.location.local is not None:
-            self.store: ObjectStore = LocalStore(self.location.local, mkdir=True)
-        else:
+        self._store: ObjectStore | None = None
+        if self.location.local is None:
             assert self.location.url is not None
             try:
-                self.store = from_url(self.location.url)
+                self._store = from_url(self.location.url)
             except (BaseError, ValueError) as exc:
                 raise LocationError(f"{self.location}: cannot open ({_first_line(exc)})") from None
+
+    @property
+    def store(self) -> ObjectStore:
+        """obstore's store; a local folder is made on first use (reading a location that
+        does not exist makes nothing: see ``_absent``)."""
+        if self._store is None:
+            assert self.location.local is not None
+            self._store = LocalStore(self.location.local, mkdir=True)
+        return self._store
+
+    def _absent(self) -> bool:
+        """Whether the location is a local folder that does not exist (yet)."""
+        return self._store is None and self.location.local is not None and not self.location.local.is_dir()
 
     def __str__(self) -> str:
         return str(self.location)
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes; None when there is no object at ``key``."""
+        if self._absent():
+            return None
         try:
             return bytes(obstore.get(self.store, key).bytes())
         except FileNotFoundError:
@@ -107,6 +124,8 @@ class Objects:
         return True
 
     def exists(self, key: str) -> bool:
+        if self._absent():
+            return False
         try:
             obstore.head(self.store, key)
         except FileNotFoundError:
@@ -116,6 +135,8 @@ class Objects:
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (a folder: keys start with ``prefix/``; '': every key), sorted."""
         folder = prefix.strip("/")
+        if self._absent():
+            return []
         keys = [meta["path"] for batch in obstore.list(self.store, f"{folder}/" if folder else None) for meta in batch]
         return sorted(keys)
 

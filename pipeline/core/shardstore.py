@@ -33,9 +33,6 @@ from seglab.pipeline.core.batcharrays import (
     batch_id,
     batch_keys,
     commit_batch,
-    output_rows,
-    read_commit,
-    read_rows,
     records_key,
     records_table,
     write_batch_arrays,
@@ -185,15 +182,6 @@ class ShardStore:
 
     def fold(self, stage: str, inputs: Sequence[str], n: int) -> StageState:
         return fold_stage(self.objects, stage, inputs, n)
-
-    def read(self, stage: str, output: str, batch: int, rows: Sequence[int]) -> list[np.ndarray]:
-        """The units at ``rows`` of one committed batch's ``output``, checked against its
-        commit object (batcharrays.BatchDamaged when they differ)."""
-        name = batch_id(batch)
-        table = read_commit(self.objects, stage, name)
-        if table is None:
-            raise ShardStoreError(f"{self.objects}: batch {stage}/{name} has no commit object")
-        return read_rows(self.objects, stage, output, name, rows, output_rows(table, output))
 
     def collect_garbage(self, stage: str, outputs: Sequence[str], state: StageState) -> int:
         """Remove the stage's batches no unit's record refers to any more: folded commit

@@ -18,7 +18,7 @@ hashes and shapes readers check arrays against.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +51,17 @@ def numbered_keys(objects: Objects, folder: str, pattern: re.Pattern[str]) -> li
     return sorted(found)
 
 
-def _read(objects: Objects, key: str, columns: Sequence[str]) -> pa.Table | None:
+def _read(objects: Objects, key: str, columns: Sequence[str], damaged: list[str]) -> pa.Table | None:
+    """The object's table (only ``columns``); None when it is gone, or does not decode as
+    such a table (its key is added to ``damaged``)."""
     data = objects.get(key)
-    return None if data is None else parquet_table(data, columns)
+    if data is None:
+        return None
+    try:
+        return parquet_table(data, columns)
+    except (pa.ArrowException, ValueError):
+        damaged.append(key)
+        return None
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,15 @@ class StageState:
     """A stage's records: ``dense`` over the index's units; ``table``: the last row per
     unit that has one (``stage_schema`` columns plus batch and row); ``folded``: sequence
     number of the newest table part (-1: none), ``unfolded``: commit objects after it;
-    ``next_batch``: the first sequence number not yet used."""
+    ``next_batch``: the first sequence number not yet used; ``damaged``: keys of records
+    that do not decode (ignored: their units count as not done)."""
 
     dense: DenseStage
     table: pa.Table
     folded: int
     unfolded: int
     next_batch: int
+    damaged: tuple[str, ...] = ()
 
 
 def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:
@@ -78,17 +88,20 @@ def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
     parts = numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME)
     records = numbered_keys(objects, f"{RECORDS}/{stage}", RECORD_NAME)
     folded = parts[-1][0] if parts else -1
-    tables = []
-    if parts and (table := _read(objects, parts[-1][1], columns)) is not None:
+    tables: list[pa.Table] = []
+    damaged: list[str] = []
+    if parts and (table := _read(objects, parts[-1][1], columns, damaged)) is not None:
         tables.append(table)
+    elif parts:  # a damaged part: rebuild from every commit object
+        folded = -1
     for seq, key in records:
-        if seq > folded and (table := _read(objects, key, [*schema.names, "row"])) is not None:
+        if seq > folded and (table := _read(objects, key, [*schema.names, "row"], damaged)) is not None:
             tables.append(table.append_column("batch", pa.array(np.full(table.num_rows, seq, np.int64))))
     unfolded = sum(seq > folded for seq, _ in records)
     table = last_rows(tables, schema)
     dense = DenseStage.from_parts([table], n, inputs)
-    used = max([folded, *(seq for seq, _ in records)])
-    return StageState(dense, table, folded, unfolded, used + 1)
+    used = max([parts[-1][0] if parts else -1, *(seq for seq, _ in records)])
+    return StageState(dense, table, folded, unfolded, used + 1, tuple(damaged))
 
 
 def last_rows(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
@@ -112,23 +125,30 @@ def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
     objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", parquet_bytes(state.table))
     older = [key for seq, key in numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
     objects.delete(older)
-    return StageState(state.dense, state.table, through, 0, state.next_batch)
+    return StageState(state.dense, state.table, through, 0, state.next_batch, state.damaged)
 
 
 def failure_records(
-    uids: Sequence[int], errors: Sequence[str], signature: bytes, fitted: bytes, inputs: Sequence[str]
+    uids: Sequence[int],
+    errors: Sequence[str],
+    signature: bytes,
+    fitted: bytes,
+    inputs: Sequence[str] | Mapping[str, Sequence[bytes]],
 ) -> pa.Table:
-    """A batch of failures (no arrays): FAILED rows of ``stage_schema`` plus ``row`` -1."""
+    """A batch of failures (no arrays): FAILED rows of ``stage_schema`` plus ``row`` -1.
+    inputs: the stage's input names (made-from digests recorded as zeros), or per input
+    name each unit's made-from digest."""
     m = len(uids)
-    zeros = pa.array([bytes(32)] * m, pa.binary(32))
+    zeros = [bytes(32)] * m
+    made = dict(inputs) if isinstance(inputs, Mapping) else {name: zeros for name in inputs}
     return pa.table(
         {
             "uid": pa.array(uids, pa.int64()),
             "state": pa.array([FAILED] * m, pa.int8()),
             "signature": pa.array([signature] * m, pa.binary(32)),
             "fitted": pa.array([fitted] * m, pa.binary(32)),
-            "outputs": zeros,
-            **{f"from_{name}": zeros for name in inputs},
+            "outputs": pa.array(zeros, pa.binary(32)),
+            **{f"from_{name}": pa.array(list(digests), pa.binary(32)) for name, digests in made.items()},
             "seconds": pa.array([0.0] * m, pa.float32()),
             "error": pa.array(list(errors), pa.string()),
             "row": pa.array([-1] * m, pa.int32()),

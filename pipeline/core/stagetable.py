@@ -109,3 +109,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def parquet_table(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
     """A Parquet file's bytes -> its table (only ``columns``, when given)."""
     return pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
+
+
+def parquet_rows(data: bytes) -> int:
+    """The number of rows of a Parquet file's bytes, from its footer."""
+    return pq.read_metadata(pa.BufferReader(data)).num_rows

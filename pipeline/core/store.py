@@ -1,51 +1,60 @@
-"""The run store: a Zarr v3 folder laid out by stage, plus the driver's ledger.
+"""The run store as the rest of seglab sees it: stages, their attributes, their units'
+records and arrays, over the sharded layout of pipeline/core/shardstore.py.
 
-Layout::
+Layout (keys under the store's location: a local folder, ``file://``, ``s3://`` or ``gs://``)::
 
-    run.zarr/
-      zarr.json                 attrs: seglab version, manifest hash, created
-      <stage>/                  group; attrs: signature, signature digest, summary
-        <output>/<unit id>      one array per unit (images differ in size), one chunk
-      _ledger/<stage>.jsonl     append-only: one line per finished or failed unit
-      _commits/<stage>/<unit>.json  the worker's record that a unit's outputs are complete
-      _checkpoints/<stage>/     a trained stage's checkpoint files (written atomically)
-                                (_ledger, _commits and _checkpoints are zarr groups holding plain files)
+    zarr.json                        root group; attrs: seglab_store = 2, the run's records
+    _index/i<seq>.parquet            the unit index: every unit's uid and shard
+    <stage>/zarr.json                the stage's group; attrs: signature, inputs, outputs, summary
+    <stage>/<output>/b<seq>/         one batch's output: one Zarr array, rows = its units
+    _records/<stage>/b<seq>.parquet  the batch's commit object: a row per unit
+    _tables/<stage>/t<seq>.parquet   the stage's rows folded (last row per unit)
+    _checkpoints/<stage>/            a trained stage's checkpoint files (local stores)
+    _run.lock                        the run lock (pipeline/storelock.py)
 
-Only this module imports zarr. Data arrays are written by workers (one unit = one writer);
-group attributes and the ledger only by the driver. A unit is done when its ledger line
-says so, never because a chunk exists (zarr skips chunks equal to the fill value).
-
-A worker writes a unit's commit record (atomically, after every array of the unit is
-written) with the output hashes, the input digest and the stage signature it computed
-with. A driver killed before it appended the unit's ledger line finds the record on the
-next run and adopts the unit instead of recomputing it (``Runner.plan``); a unit killed
-mid-write has no record, so its torn chunks are never accepted. A reader checks every
-input it reads against the hash its producer recorded (``verify_reads``).
+Only this module and the core modules it builds on import zarr. Data arrays are written
+by workers (one batch = one writer); the stage and root attributes, the index, failure
+records and folded tables only by the driver holding the lock. A unit is done when a
+committed batch holds it, never because an array exists.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seglab.pipeline.base.errors import SeglabError
-from seglab.pipeline.base.fingerprint import array_sha256
-from seglab.pipeline.core.ledger import ArrayRecord, Ledger, Receipt, parse_entry
+from seglab.pipeline.core.batcharrays import (
+    ARRAY_KEY,
+    BATCH_ID,
+    RECORDS,
+    BatchDamaged,
+    batch_id,
+    output_rows,
+    read_commit,
+    read_rows,
+)
+from seglab.pipeline.core.ledger import ArrayRecord, BatchTask, LedgerEntry, Receipt
+from seglab.pipeline.core.objects import Location, Objects
+from seglab.pipeline.core.shardstore import INDEX, INDEX_NAME, LAYOUT, LOCK, ShardStore, ShardStoreError, store_layout
+from seglab.pipeline.core.stagerecords import TABLES, StageState
+from seglab.pipeline.core.stagetable import SOURCE, parquet_rows
+from seglab.pipeline.core.unitindex import UnitIndex
+from seglab.pipeline.core.unitrecords import Where, commit_receipts, done_columns, unit_entries
+from seglab.stages.base import Unit
 
-LEDGER_DIR = "_ledger"
-COMMIT_DIR = "_commits"
 CHECKPOINT_DIR = "_checkpoints"
-PLAIN_FOLDERS = (LEDGER_DIR, COMMIT_DIR, CHECKPOINT_DIR)
-LOCK_FILE = "_run.lock"
-"""The run lock (pipeline/storelock.py), a plain file at the store's root."""
+LOCK_FILE = LOCK
+DEFAULT_SHARD_SIZE = 128
+"""Units per shard of a new store's index (``store.shard_size`` in a manifest)."""
 
 
 class StoreError(SeglabError):
@@ -53,13 +62,14 @@ class StoreError(SeglabError):
 
 
 class CorruptOutput(StoreError):
-    """Stored arrays of a unit that do not decode or do not match their producer's hash;
-    ``paths``: the 'stage/output' paths at fault. The producing stage must redo the unit."""
+    """Stored arrays of a unit that are missing, do not decode or do not match their
+    producer's hash; ``paths``: the 'stage/output' paths at fault. The producing stage must
+    redo the unit."""
 
     def __init__(self, store: Path | str, unit: str, paths: Sequence[str]):
         self.store, self.unit, self.paths = str(store), unit, list(paths)
         super().__init__(
-            f"{store}: stored {', '.join(f'{p}/{unit}' for p in paths)} is damaged "
+            f"{store}: stored {', '.join(f'{p} of {unit}' for p in paths)} is damaged or missing "
             "(does not decode or differs from the hash recorded when it was written)"
         )
 
@@ -67,281 +77,339 @@ class CorruptOutput(StoreError):
         return (type(self), (self.store, self.unit, self.paths))
 
 
-MARK = "seglab_store"
-"""Root attribute every store seglab creates carries (stores of earlier versions: ``seglab_version``)."""
-
-
-def is_store(path: Path | str) -> bool:
-    """Whether ``path`` holds a store seglab made: a Zarr v3 group whose ``zarr.json``
-    carries seglab's mark. Reads that one file; never zarr's directory listing."""
-    try:
-        meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(meta, dict):
-        return False
-    attrs = meta.get("attributes")
-    return meta.get("node_type") == "group" and isinstance(attrs, dict) and (MARK in attrs or "seglab_version" in attrs)
-
-
-def check_store_path(path: Path | str) -> bool:
-    """Whether a store may be made or used at ``path``: True when a seglab store is there,
-    False when nothing (or an empty folder, or one holding only a run lock) is; StoreError
-    naming the path when something else is, which seglab must not write into."""
-    path = Path(path)
-    if is_store(path):
-        return True
-    if not path.exists() and not path.is_symlink():
-        return False
-    if not path.is_dir():
-        raise StoreError(f"{path}: exists and is not a folder; choose another store path")
-    entries = [p.name for p in path.iterdir()]
-    if set(entries) <= {LOCK_FILE}:
-        return False
-    raise StoreError(
-        f"{path}: exists and is not a seglab store (it holds {', '.join(sorted(entries)[:3])}"
-        f"{' ...' if len(entries) > 3 else ''}); seglab creates a store only in a new or empty folder"
-    )
-
-
-class Store:
-    """A run store at ``path`` (a local or shared-filesystem folder).
-
-    ``create``: make the store when nothing is at ``path`` (or an empty folder is); a
-    folder holding anything else is refused (``check_store_path``), so seglab never
-    appends to or clears files that are not its own. Without ``create`` the store must exist.
-    """
-
-    def __init__(self, path: Path | str, *, create: bool = False, attrs: Mapping[str, Any] | None = None):
-        self.path = Path(path)
-        self.problems: dict[str, str] = {}
-        """Problems found while reading the store (malformed ledger lines), each once, in
-        order: message -> the stage it concerns."""
-        exists = check_store_path(self.path) if create else is_store(self.path)
-        if not create and not exists:
-            if (self.path / "zarr.json").exists():
-                raise StoreError(f"{self.path}: not a seglab store (its zarr.json carries no seglab mark)")
-            raise StoreError(f"{self.path}: no seglab store here (run `seglab run` first)")
-        try:
-            if exists:
-                self._root = zarr.open_group(self.path, mode="r+", zarr_format=3)
-            else:  # one write of zarr.json with the mark: a store is never half-marked
-                self._root = zarr.create_group(
-                    self.path, zarr_format=3, attributes={MARK: 1, **(attrs or {})}, overwrite=False
-                )
-        except Exception as exc:  # zarr raises several types for a damaged folder
-            raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        for folder in PLAIN_FOLDERS:
-            if create and folder not in self._root:
-                self._root.require_group(folder)  # a group, so zarr recognises the folder
-        if create and attrs and exists:
-            missing = {k: v for k, v in attrs.items() if k not in self._root.attrs}
-            if missing:
-                self._root.attrs.update(missing)
-
-    # -- metadata (driver) --------------------------------------------------------------
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self._root.attrs)
-
-    def set_root_attrs(self, **attrs: Any) -> None:
-        self._root.attrs.update(attrs)
-
-    def stages(self) -> list[str]:
-        """Names of the stage groups the store holds, sorted. Listed from the folder (zarr's
-        own listing warns about every plain file, such as the run lock, at the root)."""
-        return sorted(
-            p.name
-            for p in self.path.iterdir()
-            if STAGE_NAME.fullmatch(p.name) and p.name not in PLAIN_FOLDERS and (p / "zarr.json").is_file()
-        )
-
-    def stage_attrs(self, stage: str) -> dict[str, Any]:
-        return dict(self._root[stage].attrs) if stage in self._root else {}
-
-    def set_stage_attrs(self, stage: str, **attrs: Any) -> None:
-        group = self._root.require_group(stage)
-        group.attrs.update(attrs)
-
-    def prepare_stage(self, stage: str, outputs: Iterable[str]) -> None:
-        """Create the stage's output groups (driver, before workers write into them:
-        concurrent creation of one group by several workers races)."""
-        group = self._root.require_group(stage)
-        for name in outputs:
-            group.require_group(name)
-
-    def clear_stage(self, stage: str) -> list[Path]:
-        """Remove what seglab wrote for a stage: its Zarr arrays and groups, attributes,
-        ledger, commit records and checkpoints. Anything else found among them (a file a
-        user put into the stage's folder) stays; -> those paths."""
-        if not STAGE_NAME.fullmatch(stage) or stage in PLAIN_FOLDERS:
-            raise StoreError(f"{self.path}: '{stage}' is not a stage name")
-        (self.path / LEDGER_DIR / f"{stage}.jsonl").unlink(missing_ok=True)
-        left = remove_zarr_tree(self.path / stage)
-        left += _remove_matching(self.path / COMMIT_DIR / stage, _is_commit_file)
-        checkpoints = self.checkpoint_dir(stage)
-        if checkpoints.is_dir():
-            for entry in checkpoints.iterdir():
-                if entry.name == RAY_TRAIN_DIR and entry.is_dir():
-                    shutil.rmtree(entry)  # Ray Train's own files, in the folder seglab gave it
-                elif CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                    left += _remove_matching(entry, lambda path: bool(CHECKPOINT_FILE.fullmatch(path.name)))
-                else:
-                    left.append(entry)
-            _rmdir_if_empty(checkpoints)
-        return left
-
-    def checkpoint_dir(self, stage: str) -> Path:
-        """Where a trained stage keeps its checkpoint files (outside the Zarr hierarchy)."""
-        return self.path / CHECKPOINT_DIR / stage
-
-    def ledger(self, stage: str) -> Ledger:
-        return Ledger(self.path / LEDGER_DIR / f"{stage}.jsonl", self.problems)
-
-    def problems_of(self, stage: str) -> list[str]:
-        """The problems found so far in what the store holds for ``stage``."""
-        return [message for message, where in self.problems.items() if where == stage]
-
-    def remove_other_checkpoints(self, stage: str, keep: str) -> None:
-        """Remove a trained stage's checkpoint folders of other training inputs than ``keep``
-        (a 16-hex-digit key), only the files the trainer writes into them."""
-        folder = self.checkpoint_dir(stage)
-        for entry in folder.iterdir() if folder.is_dir() else ():
-            if entry.name != keep and CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                _remove_matching(entry, lambda path: bool(CHECKPOINT_FILE.fullmatch(path.name)))
-
-    # -- data (workers) ----------------------------------------------------------------
-    def write_unit(self, stage: str, unit: str, arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord]:
-        """Write one unit's outputs; returns per output its record (sha256, shape, dtype).
-
-        Idempotent: a retry overwrites the same arrays with the same content. The output
-        groups must exist (``prepare_stage``).
-        """
-        receipt: dict[str, ArrayRecord] = {}
-        for name, value in arrays.items():
-            array = np.ascontiguousarray(value)
-            group = self._root[f"{stage}/{name}"]
-            assert isinstance(group, zarr.Group)  # made by ``prepare_stage``
-            target = group.create_array(
-                unit,
-                shape=array.shape,
-                dtype=array.dtype,
-                chunks=tuple(max(1, s) for s in array.shape) or "auto",
-                fill_value=0,
-                overwrite=True,
-                config={"write_empty_chunks": True},
-            )
-            if array.size:
-                target[...] = array
-            receipt[name] = ArrayRecord(array_sha256(array), tuple(array.shape), array.dtype.str)
-        return receipt
-
-    def commit_unit(self, stage: str, receipt: Receipt) -> None:
-        """Record (worker side, after ``write_unit``) that the unit's outputs are complete:
-        its receipt, with the input digest and stage signature it was made with. Written
-        to a temporary file and renamed, so a record is whole or absent."""
-        path = self.path / COMMIT_DIR / stage / f"{receipt.unit}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(receipt.to_json(), separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
-
-    def committed(self, stage: str, unit: str) -> Receipt | None:
-        """The unit's commit record, or None when there is none (or it is not a whole,
-        valid record of that unit done)."""
-        try:
-            record = parse_entry((self.path / COMMIT_DIR / stage / f"{unit}.json").read_bytes())
-        except OSError:
-            return None
-        return record if isinstance(record, Receipt) and record.unit == unit else None
-
-    def forget_commit(self, stage: str, unit: str) -> None:
-        """Drop a unit's commit record (its outputs were found damaged: it must be redone)."""
-        (self.path / COMMIT_DIR / stage / f"{unit}.json").unlink(missing_ok=True)
-
-    def read_unit(self, paths: Iterable[str], unit: str) -> dict[str, np.ndarray]:
-        """Read 'stage/output' arrays of one unit -> {'stage/output': array}; StoreError when
-        one is missing, CorruptOutput when one does not decode."""
-        return self.verify_reads(paths, unit, {})
-
-    def read_array(self, path: str, unit: str) -> np.ndarray:
-        """One 'stage/output' array of one unit (``read_unit`` of a single path)."""
-        return self.read_unit([path], unit)[path]
-
-    def verify_reads(self, paths: Iterable[str], unit: str, expected: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """``read_unit``, checking each array against the sha256 its producer recorded
-        (``expected``: 'stage/output' -> sha256; paths without one are not checked).
-        CorruptOutput names every array that cannot be decoded or differs from its record."""
-        out: dict[str, np.ndarray | None] = {}
-        for path in paths:
-            try:
-                out[path] = self._checked(path, unit, expected.get(path))
-            except KeyError:
-                raise StoreError(
-                    f"{self.path}: '{path}/{unit}' is missing (upstream stage not done for this unit?)"
-                ) from None
-        corrupt = [path for path, value in out.items() if value is None]
-        if corrupt:
-            raise CorruptOutput(self.path, unit, corrupt)
-        return {path: value for path, value in out.items() if value is not None}
-
-    def read_recorded(self, path: str, unit: str, record: ArrayRecord) -> np.ndarray:
-        """One 'stage/output' array of one unit, checked against the ``record`` its writer
-        made (as ``write_unit`` returns it): the declared
-        shape and dtype before anything is read (a damaged ``zarr.json`` declaring a huge
-        array allocates nothing), the content's sha256 after. StoreError when the array is
-        missing, CorruptOutput when it differs from its record or does not decode."""
-        try:
-            value = self._checked(path, unit, record.sha256, record.shape, record.dtype)
-        except KeyError:
-            raise StoreError(f"{self.path}: '{path}/{unit}' is missing (its unit is recorded as done)") from None
-        if value is None:
-            raise CorruptOutput(self.path, unit, [path])
-        return value
-
-    def _checked(
-        self, path: str, unit: str, sha256: str | None, shape: tuple[int, ...] | None = None, dtype: str | None = None
-    ) -> np.ndarray | None:
-        """The unit's array at 'stage/output' ``path``, or None when it does not decode or
-        differs from the ``shape`` and ``dtype`` given (checked from its metadata, before
-        anything is read) or from ``sha256`` (None: not checked). KeyError when it is absent."""
-        try:
-            array = self._root[f"{path}/{unit}"]
-        except KeyError:
-            raise
-        except Exception:  # an unreadable zarr.json
-            return None
-        if (
-            not isinstance(array, zarr.Array)
-            or (shape is not None and tuple(array.shape) != shape)
-            or (dtype and np.dtype(array.dtype).str != dtype)
-        ):
-            return None
-        try:
-            value = np.asarray(array[...])
-        except Exception:  # a torn or truncated chunk fails to decode
-            return None
-        return None if sha256 is not None and array_sha256(value) != sha256 else value
-
-    def missing_outputs(self, stage: str, unit: str, outputs: Iterable[str]) -> list[str]:
-        """Of a unit's ``outputs`` (names) in ``stage``, those whose array is gone from the
-        store (its ``zarr.json`` absent): one stat each, nothing read."""
-        return [name for name in outputs if not (self.path / stage / name / unit / "zarr.json").is_file()]
-
-    def has_unit(self, path: str, unit: str) -> bool:
-        return f"{path}/{unit}" in self._root
-
-
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[0-9]+)?")
 """What a stage's name (= its store group) looks like: 'select', 'refine.2'."""
-COMMIT_TMP = re.compile(r"\..+\.json\.[0-9]+\.tmp")
-"""Temporary names ``commit_unit`` writes a record under before renaming it."""
 CHECKPOINT_KEY = re.compile(r"[0-9a-f]{16}")
 """Folders of one training input's checkpoints, named by the key's first 16 hex digits."""
 CHECKPOINT_FILE = re.compile(r"epoch-[0-9]{4,}\.pt|\.epoch-[0-9]{4,}\.pt\.[0-9]+\.tmp")
 """Files workers/trainer.py writes into a checkpoint folder."""
 RAY_TRAIN_DIR = "_ray"
 """Ray Train's storage folder beside a stage's checkpoint folders (workers/trainer.py)."""
+GROUP = "zarr.json"
+
+
+def store_exists(location: str | Path) -> bool:
+    """Whether a store may be used or made at ``location``: True when a seglab store is there
+    (StoreError for one of an earlier layout), False when nothing is; StoreError naming the
+    location when something else is, which seglab must not write into."""
+    try:
+        probe = ShardStore(str(location), create=False)
+    except ShardStoreError as exc:
+        if "no seglab store here" not in str(exc):
+            raise StoreError(str(exc)) from None
+        others = [key for key in probe_keys(str(location)) if key != LOCK]
+        if others and layout_of(str(location)) == LAYOUT:  # made between the two looks
+            return True
+        if others:
+            raise StoreError(
+                f"{location}: exists and is not a seglab store (it holds {', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}); seglab creates a store only where nothing is"
+            ) from None
+        return False
+    del probe
+    return True
+
+
+def probe_keys(location: str) -> list[str]:
+    """The first keys at ``location`` (a local path that is a file: StoreError)."""
+    parsed = Location.parse(location)
+    if parsed.local is not None:
+        if parsed.local.exists() and not parsed.local.is_dir():
+            raise StoreError(f"{location}: exists and is not a folder; choose another store path")
+        if not parsed.local.exists():
+            return []
+    return Objects(parsed).list("")[:4]
+
+
+class Store:
+    """A run store at ``location`` (a path or a URL).
+
+    ``create``: make the store when nothing is there (an empty folder, or one holding only a
+    run lock, counts as nothing); anything else is refused, and so is a store of an earlier
+    layout, each in one line. Without ``create`` the store must exist."""
+
+    def __init__(self, location: Path | str, *, create: bool = False, attrs: Mapping[str, Any] | None = None):
+        text = str(location)
+        if create:
+            store_exists(text)
+        try:
+            self.shards = ShardStore(text, create=create, attrs=attrs)
+        except ShardStoreError as exc:
+            raise StoreError(str(exc)) from None
+        self.objects = self.shards.objects
+        self.location = self.objects.location
+        self.path = str(self.location)
+        """The location as text, for messages."""
+        self.problems: dict[str, str] = {}
+        """Problems found while reading the store (damaged records), each once, in order:
+        message -> the stage it concerns."""
+        self._commits: dict[tuple[str, int], pa.Table | None] = {}
+        self._entries: dict[str, dict[str, LedgerEntry]] = {}
+        self._index: UnitIndex | None = None
+
+    @property
+    def local(self) -> Path | None:
+        """The store's folder when it is on the local file system (else None)."""
+        return self.location.local
+
+    # -- metadata (driver) --------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.shards.attrs
+
+    def set_root_attrs(self, **attrs: Any) -> None:
+        self.shards.set_attrs(**attrs)
+
+    def stages(self) -> list[str]:
+        """Names of the stages the store holds, sorted."""
+        return sorted(name for name in self.attrs.get("stages") or () if isinstance(name, str))
+
+    def stage_attrs(self, stage: str) -> dict[str, Any]:
+        data = self.objects.get(f"{stage}/{GROUP}") if STAGE_NAME.fullmatch(stage) else None
+        try:
+            meta = json.loads(data) if data else {}
+        except ValueError:
+            self.problems.setdefault(f"{self.path}: {stage}/{GROUP} does not decode; ignored", stage)
+            meta = {}
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        return dict(attrs) if isinstance(attrs, dict) else {}
+
+    def set_stage_attrs(self, stage: str, **attrs: Any) -> None:
+        if not STAGE_NAME.fullmatch(stage):
+            raise StoreError(f"{self.path}: '{stage}' is not a stage name")
+        meta = {"zarr_format": 3, "node_type": "group", "attributes": {**self.stage_attrs(stage), **attrs}}
+        self.objects.put(f"{stage}/{GROUP}", json.dumps(meta).encode())
+        if stage not in self.stages():
+            self.set_root_attrs(stages=sorted({*self.stages(), stage}))
+
+    # -- the unit index (driver) --------------------------------------------------------
+    def index(self, shard_size: int = DEFAULT_SHARD_SIZE) -> UnitIndex:
+        """The stored unit index (an empty one of ``shard_size`` when none is stored)."""
+        if self._index is None:
+            self._index = self.shards.index(shard_size)
+        return self._index
+
+    def save_index(self, index: UnitIndex) -> None:
+        self.shards.save_index(index)
+        self._index = index
+
+    # -- stage records ------------------------------------------------------------------
+    def stage_inputs(self, stage: str) -> list[str]:
+        """The input names the stage's rows record digests of (its parents, or 'source')."""
+        return [str(name) for name in self.stage_attrs(stage).get("inputs") or ()]
+
+    def state(self, stage: str, inputs: Sequence[str] | None = None, n: int | None = None) -> StageState:
+        """The stage's records over the index's units (``n``: over that many instead);
+        ``inputs``: its input names (default: as its attributes record them)."""
+        names = self.stage_inputs(stage) if inputs is None else list(inputs)
+        state = self.shards.state(stage, names, len(self.index()) if n is None else n)
+        for key in state.damaged:
+            self.problems.setdefault(f"{self.path}: {key} does not decode; its units are redone", stage)
+        return state
+
+    def commit(self, stage: str, seq: int) -> pa.Table | None:
+        """A batch's commit object (cached: commit objects never change)."""
+        key = (stage, seq)
+        if key not in self._commits:
+            try:
+                self._commits[key] = read_commit(self.objects, stage, batch_id(seq))
+            except (pa.ArrowInvalid, ValueError):
+                self.problems.setdefault(f"{self.path}: {RECORDS}/{stage}/{batch_id(seq)} does not decode", stage)
+                self._commits[key] = None
+        return self._commits[key]
+
+    def entries(self, stage: str) -> dict[str, LedgerEntry]:
+        """The stage's records as one entry per unit id (its last row wins): a ``Receipt``
+        locating its outputs, or a ``Failure`` with its message. Kept until ``refresh``."""
+        if stage not in self._entries:
+            self._entries[stage] = self._load_entries(stage)
+        return self._entries[stage]
+
+    def _load_entries(self, stage: str) -> dict[str, LedgerEntry]:
+        """``entries`` read anew: the stage's last rows, done ones located in their commit objects."""
+        index = self.index()
+        if not len(index) or not self.objects.exists(f"{stage}/{GROUP}"):
+            return {}
+        return unit_entries(self.state(stage).table, index, lambda seq: self.commit(stage, seq))
+
+    def committed_rows(self, stage: str) -> int:
+        """Unit records over every commit object of ``stage`` (failures included)."""
+        return sum(
+            parquet_rows(data)
+            for key in self.objects.list(f"{RECORDS}/{stage}")
+            if (data := self.objects.get(key)) is not None
+        )
+
+    def refresh(self) -> None:
+        """Forget what was read of the stages' records (after batches were committed)."""
+        self._entries.clear()
+
+    def problems_of(self, stage: str) -> list[str]:
+        """The problems found so far in what the store holds for ``stage``."""
+        return [message for message, where in self.problems.items() if where == stage]
+
+    def put_units(self, stage: str, units: Sequence[str], outputs: Sequence[Mapping[str, np.ndarray]]) -> list[Receipt]:
+        """Write units' outputs as one committed batch of ``stage`` outside a run (benchmarks,
+        tests), indexing units not yet in the index; -> their receipts."""
+        ids = pa.array(list(units), pa.string())
+        index, update = self.index().update(ids, ids, np.zeros((len(units), 32), np.uint8))
+        if len(update.added):
+            self.save_index(index)
+        uids = pc.index_in(ids, value_set=index.table.column("unit")).to_numpy()
+        self.set_stage_attrs(stage, inputs=[SOURCE], outputs=sorted(outputs[0]) if outputs else [])
+        seq = self.state(stage).next_batch
+        zeros = [bytes(32)] * len(units)
+        task = BatchTask(
+            batch=batch_id(seq),
+            units=tuple(Unit(u, "") for u in units),
+            uids=tuple(int(u) for u in uids),
+            signature=bytes(32),
+            fitted=bytes(32),
+            made_from={SOURCE: tuple(zeros)},
+        )
+        columns = done_columns(task, range(len(units)), outputs, [{}] * len(units), 0.0)
+        table = self.shards.write_batch(stage, task.batch, outputs, columns)
+        self.refresh()
+        return commit_receipts(table, seq, list(units))
+
+    # -- reading arrays ------------------------------------------------------------------
+    def read_recorded(self, path: str, unit: str, record: ArrayRecord) -> np.ndarray:
+        """One 'stage/output' array of one unit, as ``record`` (from ``ledger``) locates it,
+        checked against the hash its writer recorded. CorruptOutput when it is missing,
+        does not decode or differs."""
+        return self.read_many(path, [Where(unit, record.batch, record.row, record.sha256)])[0]
+
+    def read_many(self, path: str, located: Sequence[Where]) -> list[np.ndarray]:
+        """'stage/output' arrays of several units, one read per batch they are in, each
+        checked against its batch's commit object (and the hash ``Where`` gives, if any);
+        CorruptOutput naming the first unit at fault."""
+        stage, output = path.split("/", 1)
+        values: list[np.ndarray | None] = [None] * len(located)
+        by_batch: dict[int, list[int]] = {}
+        for at, where in enumerate(located):
+            by_batch.setdefault(where.batch, []).append(at)
+        for seq, positions in by_batch.items():
+            rows = [located[at].row for at in positions]
+            table = self.commit(stage, seq) if seq >= 0 else None
+            try:
+                if table is None:
+                    raise FileNotFoundError(f"{stage}/{batch_id(seq)}")
+                committed = output_rows(table, output)
+                bad = {
+                    located[at].row
+                    for at in positions
+                    if located[at].sha256 is not None
+                    and committed.sha256[located[at].row].tobytes().hex() != located[at].sha256
+                }
+                if bad:
+                    raise BatchDamaged(path, sorted(bad), "differs from the record it was read by")
+                found = read_rows(self.objects, stage, output, batch_id(seq), rows, committed)
+            except (BatchDamaged, FileNotFoundError, KeyError, IndexError) as exc:
+                bad = set(exc.rows) if isinstance(exc, BatchDamaged) else set(rows)
+                first = next((located[at].unit for at in positions if located[at].row in bad), located[0].unit)
+                raise CorruptOutput(self.path, first, [path]) from None
+            for at, value in zip(positions, found):
+                values[at] = value
+        return [v for v in values if v is not None]
+
+    def read_units(self, paths: Iterable[str], units: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """'stage/output' arrays of done units -> per unit {'stage/output': array}; each
+        stage's records are loaded once. StoreError when a unit is not done in a stage read,
+        CorruptOutput when an array is damaged."""
+        paths = list(paths)
+        out: list[dict[str, np.ndarray]] = [{} for _ in units]
+        entries = {stage: self.entries(stage) for stage in dict.fromkeys(p.split("/", 1)[0] for p in paths)}
+        for path in paths:
+            stage, output = path.split("/", 1)
+            located = []
+            for unit in units:
+                entry = entries[stage].get(unit)
+                if not isinstance(entry, Receipt) or output not in entry.outputs:
+                    raise StoreError(f"{self.path}: '{path}' of {unit} is missing (upstream stage not done for it?)")
+                located.append((unit, entry.outputs[output]))
+            for at, value in enumerate(self.read_many(path, [Where(u, r.batch, r.row, r.sha256) for u, r in located])):
+                out[at][path] = value
+        return out
+
+    def read_unit(self, paths: Iterable[str], unit: str) -> dict[str, np.ndarray]:
+        """'stage/output' arrays of one done unit -> {'stage/output': array} (``read_units``)."""
+        return self.read_units(paths, [unit])[0]
+
+    def read_array(self, path: str, unit: str) -> np.ndarray:
+        """One 'stage/output' array of one done unit."""
+        return self.read_unit([path], unit)[path]
+
+    # -- removing (driver) ----------------------------------------------------------------
+    def clear_stage(self, stage: str, outputs: Sequence[str] | None = None) -> list[str]:
+        """Remove what seglab wrote for a stage: its batches' arrays (of ``outputs``; default:
+        the outputs its attributes record), commit objects, folded tables, attributes and
+        checkpoints. Any other key found among them (a file a user put there) stays; -> those keys."""
+        if not STAGE_NAME.fullmatch(stage):
+            raise StoreError(f"{self.path}: '{stage}' is not a stage name")
+        if outputs is None:
+            outputs = [str(o) for o in self.stage_attrs(stage).get("outputs") or ()]
+        doomed: list[str] = []
+        left: list[str] = []
+        for key in self.objects.list(stage):
+            rest = key[len(stage) + 1 :]
+            parts = rest.split("/", 2)
+            ours = (
+                rest == GROUP
+                or (len(parts) == 2 and parts[0] in outputs and parts[1] == GROUP)  # zarr's group of the output
+                or (
+                    len(parts) == 3
+                    and parts[0] in outputs
+                    and BATCH_ID.fullmatch(parts[1]) is not None
+                    and ARRAY_KEY.fullmatch(parts[2]) is not None
+                )
+            )
+            (doomed if ours else left).append(key)
+        for folder, pattern in ((RECORDS, r"b[0-9]{12}\.parquet"), (TABLES, r"t[0-9]{12}\.parquet")):
+            for key in self.objects.list(f"{folder}/{stage}"):
+                (doomed if re.fullmatch(pattern, key.rsplit("/", 1)[-1]) else left).append(key)
+        self.objects.delete(doomed)
+        self._commits = {k: v for k, v in self._commits.items() if k[0] != stage}
+        self.refresh()
+        if stage in self.stages():
+            self.set_root_attrs(stages=[s for s in self.stages() if s != stage])
+        return left + [str(p) for p in self._clear_checkpoints(stage)]
+
+    def remove(self) -> list[str]:
+        """Remove the whole store, key by key of what seglab wrote (stages, index, root, lock);
+        -> the keys left (files a user put there)."""
+        left: list[str] = []
+        for stage in self.stages():
+            left += self.clear_stage(stage)
+        self.objects.delete(key for key in self.objects.list(INDEX) if INDEX_NAME.fullmatch(key.rsplit("/", 1)[-1]))
+        self.objects.delete([GROUP, LOCK])
+        return left
+
+    def _clear_checkpoints(self, stage: str) -> list[Path]:
+        checkpoints = self.checkpoint_dir(stage)
+        left: list[Path] = []
+        if checkpoints is None or not checkpoints.is_dir():
+            return left
+        for entry in checkpoints.iterdir():
+            if entry.name == RAY_TRAIN_DIR and entry.is_dir():
+                shutil.rmtree(entry)  # Ray Train's own files, in the folder seglab gave it
+            elif CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
+                left += _remove_matching(entry)
+            else:
+                left.append(entry)
+        _rmdir_if_empty(checkpoints)
+        return left
+
+    def checkpoint_dir(self, stage: str) -> Path | None:
+        """Where a trained stage keeps its checkpoint files (local stores; None otherwise)."""
+        return None if self.local is None else self.local / CHECKPOINT_DIR / stage
+
+    def remove_other_checkpoints(self, stage: str, keep: str) -> None:
+        """Remove a trained stage's checkpoint folders of other training inputs than ``keep``
+        (a 16-hex-digit key), only the files the trainer writes into them."""
+        folder = self.checkpoint_dir(stage)
+        for entry in folder.iterdir() if folder is not None and folder.is_dir() else ():
+            if entry.name != keep and CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
+                _remove_matching(entry)
 
 
 def _rmdir_if_empty(folder: Path) -> None:
@@ -351,28 +419,12 @@ def _rmdir_if_empty(folder: Path) -> None:
         pass
 
 
-def _is_commit_file(path: Path) -> bool:
-    """Whether ``path`` is a file ``commit_unit`` wrote: a temporary name of its, or a
-    record '<unit>.json' whose JSON names that unit (a user's JSON file there is not one)."""
-    if COMMIT_TMP.fullmatch(path.name):
-        return True
-    if path.suffix != ".json":
-        return False
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("unit") == path.stem
-
-
-def _remove_matching(folder: Path, seglabs: Callable[[Path], bool]) -> list[Path]:
-    """Remove the files directly in ``folder`` that ``seglabs`` proves seglab wrote, then
-    the folder if that emptied it; -> the entries left."""
-    if not folder.is_dir():
-        return []
+def _remove_matching(folder: Path) -> list[Path]:
+    """Remove the checkpoint files the trainer wrote directly in ``folder``, then the folder
+    if that emptied it; -> the entries left."""
     left = []
     for entry in folder.iterdir():
-        if entry.is_file() and not entry.is_symlink() and seglabs(entry):
+        if entry.is_file() and not entry.is_symlink() and CHECKPOINT_FILE.fullmatch(entry.name):
             entry.unlink()
         else:
             left.append(entry)
@@ -380,27 +432,6 @@ def _remove_matching(folder: Path, seglabs: Callable[[Path], bool]) -> list[Path
     return left
 
 
-def remove_zarr_tree(folder: Path) -> list[Path]:
-    """Remove the Zarr v3 hierarchy rooted at ``folder`` (groups with their child nodes,
-    arrays with their chunks under ``c/``), leaving every other file; -> the paths left.
-    A folder without a ``zarr.json`` is not a Zarr node and is left whole."""
-    meta = folder / "zarr.json"
-    if folder.is_symlink() or not meta.is_file():
-        return [folder] if folder.exists() or folder.is_symlink() else []
-    try:
-        node_type = json.loads(meta.read_text(encoding="utf-8")).get("node_type")
-    except (OSError, ValueError, AttributeError):
-        return [folder]
-    left: list[Path] = []
-    for entry in folder.iterdir():
-        if entry.name == "zarr.json":
-            continue
-        if node_type == "array" and entry.name == "c" and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)  # chunk keys: zarr's own files
-        elif node_type == "group" and entry.is_dir():
-            left += remove_zarr_tree(entry)
-        else:
-            left.append(entry)
-    meta.unlink()
-    _rmdir_if_empty(folder)
-    return left
+def layout_of(location: str) -> int | None:
+    """The layout of the store at ``location`` (None: none there)."""
+    return store_layout(Objects(location))

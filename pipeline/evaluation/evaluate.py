@@ -21,6 +21,7 @@ import numpy as np
 from seglab.pipeline.base.errors import InputError, SeglabError
 from seglab.pipeline.base.fingerprint import digest
 from seglab.pipeline.core.gold import gold_indices, gold_mask_path, read_mask
+from seglab.pipeline.core.ledger import done_units
 from seglab.pipeline.core.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import Manifest
@@ -109,7 +110,7 @@ def class_map_stages(manifest: Manifest) -> tuple[Planner, list[str], dict[str, 
 
 def _done(store: Store, stage: str, current: str) -> tuple[set[str], bool]:
     """-> (units done with the ``current`` signature digest, whether the stored stage is stale)."""
-    done = store.ledger(stage).done(current)
+    done = done_units(store.entries(stage), current)
     stored = store.stage_attrs(stage).get("signature")
     return done, stored is not None and digest(stored) != current
 
@@ -145,7 +146,7 @@ def evaluate(manifest: Manifest) -> Evaluation:
     items = gold_set_images(manifest, "evaluation")
     gold = manifest.data.evaluation
     assert gold is not None  # gold_set_images raised otherwise
-    store = Store(manifest.store_path)
+    store = Store(manifest.store_location)
     planner, stages, current = class_map_stages(manifest)
     stages = [s for s in stages if s in store.stages()]
     for stage in stages:

@@ -37,7 +37,7 @@ def stage_round(stage: str) -> int:
 def _ledger_outcomes(store: Store, stage: str) -> tuple[dict[str, Receipt], dict[str, str]]:
     """From one read of ``stage``'s ledger: ({unit done with the signature its stored arrays
     carry: its receipt}, {unit whose last line failed: its error message})."""
-    entries = store.ledger(stage).load()
+    entries = store.entries(stage)
     digest = store.stage_attrs(stage).get("signature_digest")
     done = done_receipts(entries, digest) if digest else {}
     failed = {u: e.message for u, e in entries.items() if isinstance(e, Failure)}
@@ -198,7 +198,7 @@ class LabelSource:
     def unfinished(self) -> list[Unfinished]:
         """The units of the run (``run_units``) this stage has not finished, sorted, each with
         the stage that failed it or never finished it and that stage's error message."""
-        ingest = self.store.ledger("ingest").load()
+        ingest = self.store.entries("ingest")
         chain = [
             (name, *_ledger_outcomes(self.store, name)) for name in (*dependencies(self.store, self.stage), self.stage)
         ]
@@ -263,7 +263,7 @@ def open_source(store: Store, *, stage: str | None = None, round: int | None = N
     units = sorted(outputs.records)
     if not units:
         raise SeglabError(f"{store.path}: stage '{stage}' has no finished units")
-    images = {u: e.source for u, e in store.ledger("ingest").load().items()}
+    images = {u: e.source for u, e in store.entries("ingest").items()}
     classes, ignore_id = stored_classes(store)
     return LabelSource(
         store=store,

@@ -79,7 +79,7 @@ def stage_rows(store: Store) -> StagesSection:
     stages = run_order(store.stages())
     if not stages:
         return StagesSection([], [], 0, reason="The store holds no stage yet (nothing has run).")
-    total = len(store.ledger("ingest").load())
+    total = len(store.entries("ingest"))
     rows, failures = [], []
     for stage in stages:
         done_list, failed_messages = stage_outcomes(store, stage)
@@ -297,7 +297,7 @@ def build_report(
     loaded, why_not = resolve_manifest(store, manifest)
     stage = default_stage(store)
     header = {
-        "store": str(store.path.resolve()),
+        "store": store.path,
         "manifest": loaded.path if loaded else attrs.get("manifest_path"),
         "recorded_manifest": attrs.get("manifest_path"),
         "seglab_version": attrs.get("seglab_version"),

@@ -158,7 +158,6 @@ def bench_decode(
         ctx.backend, ctx.feature_names = backend, backend.feature_names()
         embed = Embed(EmbedConfig())
         store = Store(Path(tmp) / "bench.zarr", create=True)
-        store.prepare_stage("embed", embed.outputs(ctx))
         cached = [f"embed/{name}" for name in embed.outputs(ctx)]
         units = image_units(images)
 

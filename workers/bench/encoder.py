@@ -49,7 +49,6 @@ def bench_encoder(*, model: str, images: int, batch_size: int, precision: str, s
         )
         stage = Embed(EmbedConfig(batch_size=batch_size))
         store = Store(Path(tmp) / "bench.zarr", create=True)
-        store.prepare_stage("embed", stage.outputs(ctx))
         sam.encode(pictures[:1])  # load the model and warm up, outside both timings
         stage_seconds = embed_into_store(stage, ctx, store, pictures)
         stored_bytes = sum(f.stat().st_size for f in (Path(tmp) / "bench.zarr" / "embed").rglob("*") if f.is_file())

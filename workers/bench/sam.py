@@ -36,14 +36,14 @@ def image_units(count: int) -> list[Unit]:
 
 def embed_into_store(stage: Embed, ctx: Context, store: Store, pictures: list[np.ndarray]) -> float:
     """Encodes ``pictures`` (H×W×3 uint8 each) through ``stage`` in its batches and writes
-    every unit to ``store`` (whose 'embed' group is prepared) -> seconds taken."""
+    each batch to ``store`` -> seconds taken."""
     units, size = image_units(len(pictures)), stage.config.batch_size
     start = time.perf_counter()
     for i in range(0, len(units), size):
         batch = units[i : i + size]
         results = stage.process_batch(batch, [{"ingest/image": pictures[int(u.id[3:])]} for u in batch], ctx)
-        for unit, result in zip(batch, results):
-            if isinstance(result, BaseException):
-                raise result
-            store.write_unit("embed", unit.id, result)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        store.put_units("embed", [u.id for u in batch], [r for r in results if not isinstance(r, BaseException)])
     return time.perf_counter() - start

@@ -1,0 +1,133 @@
+"""Runs whose store is a bucket on an S3 API server (moto's, on 127.0.0.1): a full run and
+a rerun that writes nothing, status, exports and the report read from the bucket, a killed
+driver and its resume, and a second run refused by the store's lease."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+from conftest import committed_units
+from typer.testing import CliRunner
+
+from seglab.cli.app import app
+from seglab.pipeline.bench.s3server import new_bucket, s3_environment
+from seglab.pipeline.core.ledger import Receipt
+from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.store import Store
+from seglab.pipeline.manifest import load_manifest
+from seglab.pipeline.runner import Runner
+from seglab.pipeline.storelock import LeaseLock, StoreBusy
+
+STAGES = ("ingest", "embed", "prompts", "select", "refine")
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint):
+    """The S3 environment set for this process, then a local Ray started in it (its workers
+    inherit the environment, as a cluster's workers have their machines' credentials)."""
+    saved = {key: os.environ.get(key) for key in s3_environment(s3_endpoint)}
+    os.environ.update(s3_environment(s3_endpoint))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield s3_endpoint
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def into(manifest, location: str):
+    """The tiny manifest with its store at ``location``."""
+    manifest.write_text(manifest.read_text().replace("path: run.zarr", f"path: {location}"))
+    return manifest
+
+
+def test_a_run_into_a_bucket_matches_a_local_run_and_every_reader_reads_the_bucket(tiny, tmp_path, s3, request):
+    local = tmp_path / "local.yaml"
+    local.write_text(tiny.read_text().replace("path: run.zarr", f"path: {tmp_path / 'local.zarr'}"))
+    location = new_bucket(s3, request.node.name) + "/runs/tiny.zarr"
+    manifest = load_manifest(into(tiny, location))
+    assert Runner(load_manifest(local)).run().ok
+    report = Runner(manifest).run()
+    assert report.ok and [s.done_now for s in report.stages] == [4] * len(STAGES)
+    store, reference = Store(location), Store(tmp_path / "local.zarr")
+    for stage in STAGES:
+        for unit, entry in reference.entries(stage).items():
+            got = store.entries(stage)[unit]
+            assert isinstance(got, Receipt) and got.outputs.keys() == entry.outputs.keys()
+            for name, record in entry.outputs.items():
+                assert got.outputs[name].sha256 == record.sha256  # the same arrays, byte for byte
+    keys = store.objects.list("")
+    assert Runner(load_manifest(tiny)).run().work_done == 0
+    assert Store(location).objects.list("") == keys  # the rerun wrote nothing
+
+    status = cli.invoke(app, ["status", str(tiny), "--json"])
+    assert status.exit_code == 0 and '"complete": true' in status.output, status.output
+    exported = cli.invoke(app, ["export", location, "--out", str(tmp_path / "png")])
+    assert exported.exit_code == 0, exported.output
+    assert len(list((tmp_path / "png").rglob("*.png"))) >= 4
+    html = cli.invoke(app, ["report", location, "--out", str(tmp_path / "report.html")])
+    assert html.exit_code == 0 and (tmp_path / "report.html").stat().st_size > 10_000, html.output
+
+
+def test_a_second_run_is_refused_while_another_holds_the_lease(tiny, s3, request):
+    location = new_bucket(s3, request.node.name) + "/run.zarr"
+    manifest = load_manifest(into(tiny, location))
+    with LeaseLock(Objects(location)):
+        with pytest.raises(StoreBusy, match="another seglab run is using this store"):
+            Runner(manifest).run()
+    assert not Objects(location).exists("zarr.json")  # refused before anything was written
+    report = Runner(manifest).run()
+    assert report.ok and report.stages[0].done_now == 4
+
+
+def test_a_killed_driver_resumes_from_the_bucket_without_redoing_committed_batches(tiny, s3, request):
+    location = new_bucket(s3, request.node.name) + "/run.zarr"
+    into(tiny, location)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(committed_units(location, "prompts")) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {stage: committed_units(location, stage) for stage in STAGES}
+    assert len(before["prompts"]) >= 2 and len(before["refine"]) < 4, before  # killed with work left
+    resumed = subprocess.run(
+        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    store = Store(location)
+    for stage in STAGES:
+        entries = store.entries(stage)
+        assert len(entries) == 4 and all(isinstance(e, Receipt) for e in entries.values()), stage
+        where = {u: next(iter(e.outputs.values())).batch for u, e in entries.items()}
+        assert {u: where[u] for u in before[stage]} == before[stage], stage  # committed work kept
+    labels = store.read_unit(["refine/labels"], sorted(store.entries("refine"))[0])["refine/labels"]
+    assert labels.ndim == 2 and np.isin(labels, [0, 1, 2, 255]).all()
+
+
+def test_a_run_whose_lease_lapsed_stops_before_it_records_more(tiny, s3, request):
+    location = new_bucket(s3, request.node.name) + "/run.zarr"
+    runner = Runner(load_manifest(into(tiny, location)))
+    objects = Objects(location)
+    with LeaseLock(objects, seconds=0.6) as lease:
+        objects.put("_run.lock", b'{"lease": "another run", "expires": 1e12}')  # taken over meanwhile
+        time.sleep(0.5)  # the holder's next renewal finds the lock object changed
+        assert lease.lost
+        runner._lock = lease
+        with pytest.raises(StoreBusy, match="lease on the store lapsed"):
+            runner._check_lease(Store(location, create=True))
