@@ -81,7 +81,7 @@ def lose(cluster, node) -> None:
     "stage,after",
     [
         ("embed", 2),
-        ("select", 3),
+        pytest.param("select", 3, marks=pytest.mark.slow),
         # the long variants: python -m pytest -m slow tests/test_cluster.py. No point in refine:
         # on these images it finishes its 8 units within 0.3 s of the removal, before the node's
         # workers die, and no later stage is left to notice the loss

@@ -72,7 +72,7 @@ def chunk_of(store: Store, stage: str, output: str, unit: str) -> Path:
     return next(p for p in folder.rglob("*") if p.is_file() and "c" in p.relative_to(folder).parts)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.slow)])
 def test_a_damaged_chunk_is_found_by_its_reader_and_redone_with_what_read_it(clean, damage):
     path, reference = clean
     manifest = load_manifest(path)

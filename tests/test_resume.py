@@ -57,7 +57,7 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     "stage,done",
     [
         ("select", 2),
-        ("refine", 4),
+        pytest.param("refine", 4, marks=pytest.mark.slow),
         # the long variants: python -m pytest -m slow tests/test_resume.py (a kill in embed is
         # also in the default suite as a lost node, tests/test_cluster.py)
         pytest.param("embed", 3, marks=pytest.mark.slow),

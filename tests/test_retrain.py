@@ -92,6 +92,7 @@ def test_resume_skips_unsafe_and_foreign_checkpoints(tmp_path):
     assert not (tmp_path / "canary").exists()
 
 
+@pytest.mark.slow  # about 75 s; rounds run end to end in the default suite too (tests/test_report.py's run)
 @pytest.mark.usefixtures("ray_local")
 def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_are_reused(tiny):
     add_gold(tiny, evaluation="images/img03.png")
