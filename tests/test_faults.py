@@ -106,8 +106,8 @@ store = Store(sys.argv[1])
 store.shards.collect_garbage("embed", ["lab", "edges"], store.state("embed"))  # what the driver does first
 start = int(sys.argv[2])
 rng = np.random.default_rng(start)
-for k in range(start, start + 1000, 2):
-    units = [f"u{k:05d}", f"u{k + 1:05d}"]
+for k in range(start, start + 1000, 8):  # batches of 8: most of a batch's time is its arrays' writes
+    units = [f"u{k + i:05d}" for i in range(8)]
     store.put_units("embed", units, [{"lab": rng.random((3, 256, 256)).astype(np.float32),
                                       "edges": rng.random((256, 256)).astype(np.float16)} for _ in units])
 """
