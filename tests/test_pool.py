@@ -12,13 +12,14 @@ import ray
 from conftest import write_dataset, write_manifest
 
 from seglab.pipeline.core.batcharrays import batch_id
-from seglab.pipeline.core.ledger import Receipt
+from seglab.pipeline.core.ledger import BatchTask, Receipt, UnitInputs
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.planning import place_units
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.units import enumerate_units
-from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
+from seglab.stages.base import Unit
+from seglab.workers.pool import WorkerPool, WorkerSpec, read_inputs, run_batches
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -67,3 +68,16 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     for unit in units:
         lab = store.read_unit(["embed/lab"], unit.id)["embed/lab"]
         assert lab.shape == (3, 256, 256) and np.isfinite(lab.astype(np.float32)).all()
+
+
+def test_a_store_that_cannot_be_read_fails_the_units_it_was_read_for_transiently():
+    class Unreachable:
+        def read_many(self, path, located):
+            raise ConnectionError("the endpoint is gone")
+
+    units = (Unit("a", "/data/a.png"), Unit("b", "/data/b.png"))
+    task = BatchTask(batch_id(0), units, (0, 1), bytes(32), bytes(32), {}, {"ingest": UnitInputs((0, 0), (0, 1))})
+    failures: dict = {}
+    inputs = read_inputs(Unreachable(), task, ["ingest/image"], failures)
+    assert inputs == [{}, {}] and set(failures) == {"a", "b"}
+    assert all(f.transient and "the endpoint is gone" in f.message for f in failures.values())

@@ -140,7 +140,9 @@ def read_inputs(
 ) -> list[dict[str, Any]]:
     """The task's units' inputs ('stage/output' -> array, per unit in task order), one read
     per parent batch; a unit whose input is missing or damaged gets a failure in
-    ``failures`` naming the arrays (``corrupt``), the others are read one by one then."""
+    ``failures`` naming the arrays (``corrupt``), the others are read one by one then. Any
+    other error reading the store fails the units it was reading for (``failure_of`` tells
+    a transient one or a full disk from the rest)."""
     inputs: list[dict[str, Any]] = [{} for _ in task.units]
     for path in read_paths:
         parent = path.split("/", 1)[0]
@@ -158,6 +160,10 @@ def read_inputs(
                 except CorruptOutput as exc:
                     failures[one.unit] = failure_of(task.units[at], exc)
                     values.append(None)
+        except Exception as exc:  # the store could not be read (unreachable, full): each unit's failure says why
+            for at in wanted:
+                failures[task.units[at].id] = failure_of(task.units[at], exc)
+            continue
         for at, value in zip(wanted, values):
             if value is not None:
                 inputs[at][path] = value
