@@ -79,16 +79,6 @@ class Receipt:
         source = self.info.get("source")
         return source if isinstance(source, str) else None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "unit": self.unit,
-            "status": self.status,
-            "outputs": {name: record.to_json() for name, record in self.outputs.items()},
-            "info": dict(self.info),
-            "seconds": self.seconds,
-            "signature": self.signature,
-        }
-
 
 @dataclass(frozen=True)
 class StorageProblem:
@@ -117,15 +107,6 @@ class Failure:
 
     def with_source(self, source: str) -> Failure:
         return replace(self, source=source)
-
-    def to_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"type": self.type, "message": self.message, "transient": self.transient}
-        if self.corrupt:
-            error["corrupt"] = list(self.corrupt)
-        entry: dict[str, Any] = {"unit": self.unit, "status": self.status, "error": error}
-        if self.source is not None:
-            entry["info"] = {"source": self.source}
-        return entry
 
 
 LedgerEntry = Receipt | Failure
