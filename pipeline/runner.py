@@ -299,7 +299,7 @@ class Runner:
         from ``started`` (before the stage was planned) to the end of that."""
         outputs = list(self.stages[name].outputs(self.context))
         names = BatchNames(store, name, outputs)
-        images = {u.id: u.image for u in plan.todo}
+        todo = {u.id: u for u in plan.todo}
         self.progress.start(name, report.total, report.already_done)
 
         def record(outcomes: list[LedgerEntry]) -> None:
@@ -307,15 +307,9 @@ class Runner:
             storage = next((o.storage for o in outcomes if isinstance(o, Failure) and o.storage), None)
             if storage:  # a full disk or an unwritable store is no unit's fault: stop, record nothing against it
                 raise StorageError(storage.path, storage.problem)
-            failed = [o.with_source(images[o.unit]) for o in outcomes if isinstance(o, Failure)]
-            plain = [f for f in failed if not f.corrupt]
+            plain = [o for o in outcomes if isinstance(o, Failure) and not o.corrupt]
             if plain:
-                commit_failures(
-                    store,
-                    name,
-                    plan.task([u for u in plan.todo if u.id in {f.unit for f in plain}], names.next()),
-                    plain,
-                )
+                commit_failures(store, name, plan.task([todo[f.unit] for f in plain], names.next()), plain)
             for outcome in outcomes:
                 if isinstance(outcome, Receipt):
                     report.done_now += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -46,6 +48,15 @@ embed: {{batch_size: {batch}}}
 prompts: {{batch_size: {batch}}}
 select: {{batch_size: {batch}}}
 """
+
+
+def seglab_process(*args: str, **options) -> subprocess.Popen:
+    """``seglab <args>`` in a new process and process group (a test can SIGKILL the driver
+    with the Ray it starts); output piped unless ``options`` say otherwise."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "seglab.cli.app", *args],
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "start_new_session": True, **options},
+    )
 
 
 def committed_units(location, stage: str) -> dict[str, int]:

@@ -5,29 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import committed_units, write_dataset, write_manifest
+from conftest import committed_units, seglab_process, write_dataset, write_manifest
 
 from seglab.pipeline.core.ledger import Receipt
 from seglab.pipeline.core.store import Store
 
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
 SIZES = [(60 + 4 * i, 90 - 3 * i) for i in range(10)]
-
-
-def seglab(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "seglab.cli.app", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kwargs,
-    )
 
 
 def kill_when(proc: subprocess.Popen, store: Path, stage: str, done: int, timeout: float = 240) -> None:
@@ -48,7 +37,7 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("clean")
     write_dataset(folder / "data", SIZES)
     manifest = write_manifest(folder, store="clean.zarr", batch=1)
-    out = seglab("run", str(manifest)).communicate(timeout=600)[0].decode()
+    out = seglab_process("run", str(manifest)).communicate(timeout=600)[0].decode()
     assert "Labels in " in out and "Next: seglab status" in out, out
     return manifest, folder / "clean.zarr"
 
@@ -70,11 +59,11 @@ def test_killed_run_resumes_to_the_same_store_without_redoing_work(clean, stage,
     resumed = clean_manifest.parent / f"resumed-{stage}.zarr"
     manifest = clean_manifest.parent / f"resumed-{stage}.yaml"
     manifest.write_text(clean_manifest.read_text().replace("clean.zarr", resumed.name))
-    kill_when(seglab("run", str(manifest)), resumed, stage, done=done)
+    kill_when(seglab_process("run", str(manifest)), resumed, stage, done=done)
     before = {s: committed_units(resumed, s) for s in STAGES}
     assert done <= len(before[stage]) < len(SIZES), before
 
-    proc = seglab("run", str(manifest))
+    proc = seglab_process("run", str(manifest))
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
     resumed_store = Store(resumed)

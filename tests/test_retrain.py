@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import add_gold
+from conftest import add_gold, seglab_process
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -157,12 +157,7 @@ def test_rounds_train_on_images_outside_the_gold_sets_feed_the_next_refine_and_a
 def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     tiny.write_text(tiny.read_text() + RETRAIN.format(rounds=1, epochs=8))
     store_path = tiny.parent / "run.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = seglab_process("run", str(tiny), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     saved = []
     while time.time() < deadline and proc.poll() is None:

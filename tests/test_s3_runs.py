@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from conftest import committed_units
+from conftest import committed_units, seglab_process
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -93,12 +93,7 @@ def test_a_second_run_is_refused_while_another_holds_the_lease(tiny, s3, request
 def test_a_killed_driver_resumes_from_the_bucket_without_redoing_committed_batches(tiny, s3, request):
     location = new_bucket(s3, request.node.name) + "/run.zarr"
     into(tiny, location)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "seglab.cli.app", "run", str(tiny)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = seglab_process("run", str(tiny))
     deadline = time.time() + 240
     while time.time() < deadline and len(committed_units(location, "prompts")) < 2 and proc.poll() is None:
         time.sleep(0.1)

@@ -11,7 +11,7 @@ records for the features that read a store (exports, report, evaluate, status).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from seglab.stages.base import Unit
@@ -93,7 +93,7 @@ class Failure:
     """A unit not done: the exception's type name and message (``detail``: the end of its
     traceback), whether it is worth retrying (``transient``), the 'stage/output' inputs
     found damaged (``corrupt``: their producer must redo the unit), a ``storage`` problem
-    the driver stops on, and once recorded the unit's image file."""
+    the driver stops on, and, read back from a store, the unit's image file."""
 
     status: ClassVar[str] = "failed"
     unit: str
@@ -104,9 +104,6 @@ class Failure:
     corrupt: tuple[str, ...] = ()
     storage: StorageProblem | None = None
     source: str | None = None
-
-    def with_source(self, source: str) -> Failure:
-        return replace(self, source=source)
 
 
 LedgerEntry = Receipt | Failure

@@ -92,33 +92,26 @@ def store_exists(location: str | Path) -> bool:
     """Whether a store may be used or made at ``location``: True when a seglab store is there
     (StoreError for one of an earlier layout), False when nothing is; StoreError naming the
     location when something else is, which seglab must not write into."""
-    try:
-        probe = ShardStore(str(location), create=False)
-    except ShardStoreError as exc:
-        if "no seglab store here" not in str(exc):
+    parsed = Location.parse(str(location))
+    if parsed.local is not None and parsed.local.exists() and not parsed.local.is_dir():
+        raise StoreError(f"{location}: exists and is not a folder; choose another store path")
+    objects = Objects(parsed)
+    layout = store_layout(objects)
+    if layout is not None:
+        try:
+            ShardStore(parsed)  # refuses another layout in one line
+        except ShardStoreError as exc:
             raise StoreError(str(exc)) from None
-        others = [key for key in probe_keys(str(location)) if key != LOCK]
-        if others and layout_of(str(location)) == LAYOUT:  # made between the two looks
-            return True
-        if others:
-            raise StoreError(
-                f"{location}: exists and is not a seglab store (it holds {', '.join(others[:3])}"
-                f"{' ...' if len(others) > 3 else ''}); seglab creates a store only where nothing is"
-            ) from None
-        return False
-    del probe
-    return True
-
-
-def probe_keys(location: str) -> list[str]:
-    """The first keys at ``location`` (a local path that is a file: StoreError)."""
-    parsed = Location.parse(location)
-    if parsed.local is not None:
-        if parsed.local.exists() and not parsed.local.is_dir():
-            raise StoreError(f"{location}: exists and is not a folder; choose another store path")
-        if not parsed.local.exists():
-            return []
-    return Objects(parsed).list("")[:4]
+        return True
+    others = [key for key in objects.list("")[:4] if key != LOCK]
+    if others and store_layout(objects) == LAYOUT:  # made between the two looks
+        return True
+    if others:
+        raise StoreError(
+            f"{location}: exists and is not a seglab store (it holds {', '.join(others[:3])}"
+            f"{' ...' if len(others) > 3 else ''}); seglab creates a store only where nothing is"
+        )
+    return False
 
 
 class Store:
@@ -430,8 +423,3 @@ def _remove_matching(folder: Path) -> list[Path]:
             left.append(entry)
     _rmdir_if_empty(folder)
     return left
-
-
-def layout_of(location: str) -> int | None:
-    """The layout of the store at ``location`` (None: none there)."""
-    return store_layout(Objects(location))
