@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,13 @@ def stage_names() -> str:
     from seglab.pipeline.core.registry import STAGES, round_stages
 
     return ", ".join(dict.fromkeys([*STAGES, *round_stages(2)])) + " …"
+
+
+class Engine(StrEnum):
+    """What runs a bench's map stages: the manifest setting ``ray.engine``."""
+
+    pool = "pool"
+    data = "data"
 
 
 class _NamedArgument(TyperArgument):
@@ -572,6 +580,7 @@ def bench_scale(
     s3: Annotated[
         bool, typer.Option("--s3", help="Put the stores in a bucket of an S3 server started on 127.0.0.1 (moto).")
     ] = False,
+    engine: Annotated[Engine, typer.Option(help="What runs the map stages (ray.engine).")] = Engine.pool,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Synthetic images through the whole DAG: wall time, images/s and the framework's own
@@ -584,9 +593,9 @@ def bench_scale(
     sizes, counts = tuple(images or (200, 2000)), tuple(workers or (1, 2))
     if s3:
         with s3_bucket_for("bench-scale") as bucket:
-            result = measure(folder, images=sizes, workers=counts, stores=f"{bucket}/scale")
+            result = measure(folder, images=sizes, workers=counts, stores=f"{bucket}/scale", engine=engine.value)
     else:
-        result = measure(folder, images=sizes, workers=counts)
+        result = measure(folder, images=sizes, workers=counts, engine=engine.value)
     render.scale_table(result, json_)
 
 
@@ -603,6 +612,7 @@ def bench_rerun(
     s3: Annotated[
         bool, typer.Option("--s3", help="Put the store in a bucket of an S3 server started on 127.0.0.1 (moto).")
     ] = False,
+    engine: Annotated[Engine, typer.Option(help="What runs the map stages (ray.engine).")] = Engine.pool,
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A run from nothing, then the same run again: wall times, their ratio, encoder calls in the rerun."""
@@ -615,9 +625,9 @@ def bench_rerun(
         raise typer.BadParameter("--s3 is for the synthetic images; point your manifest's store.path at a bucket")
     if s3:
         with s3_bucket_for("bench-rerun") as bucket:
-            result = measure(folder, images=images, stores=f"{bucket}/rerun")
+            result = measure(folder, images=images, stores=f"{bucket}/rerun", engine=engine.value)
     else:
-        result = measure(folder, images=images, manifest=given)
+        result = measure(folder, images=images, manifest=given, engine=engine.value)
     render.figures(result, json_)
 
 

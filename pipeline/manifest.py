@@ -32,7 +32,7 @@ from pydantic import (
 
 from seglab.pipeline.base.errors import ManifestError
 from seglab.pipeline.core.objects import Location, LocationError
-from seglab.pipeline.core.paths import check_data_root, check_glob_walk, is_url, resolve_index
+from seglab.pipeline.core.paths import check_data_root, check_glob_walk, is_url, object_key, resolve_index, url_root
 from seglab.pipeline.core.paths import resolve as _resolve
 from seglab.pipeline.core.registry import STAGES
 from seglab.stages.base import ROUND_SEPARATOR
@@ -81,7 +81,7 @@ class ImageSource(_Frozen):
             raise ValueError(f"glob '{v}' is a URL; only local paths relative to data.root are accepted")
         if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts):
             raise ValueError(f"glob '{v}' must be relative to data.root and must not contain '..'")
-        if v is not None and info.context:
+        if v is not None and info.context and url_root(info) is None:
             check_glob_walk(v, Path(info.context["root"]))
         return v
 
@@ -103,13 +103,14 @@ class ImageSource(_Frozen):
     @model_validator(mode="after")
     def _index_readable(self, info: ValidationInfo) -> ImageSource:
         if info.context and (self.list is not None or self.parquet is not None):
-            _check_index(self)  # a manifest being loaded: its image index must be readable now
+            _check_index(self, url_root(info))  # a manifest being loaded: its image index must be readable now
         return self
 
 
-def _check_index(source: ImageSource) -> None:
+def _check_index(source: ImageSource, root_url: str | None) -> None:
     """An image list or Parquet index must be a readable file of local paths: ValueError
-    naming the file otherwise (entries escaping data.root are refused when listed)."""
+    naming the file otherwise. Under a URL data root (``root_url``) its entries are keys
+    and one escaping the root is refused here; under a folder, when listed."""
     name = source.list if source.list is not None else source.parquet
     assert name is not None  # checked only for a list or a Parquet index
     index = Path(name)  # a file: resolve_index saw to it
@@ -128,8 +129,21 @@ def _check_index(source: ImageSource) -> None:
     if urls:
         raise ValueError(
             f"{what} {index} names URLs ({', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}); "
-            f"only local paths relative to data.root are accepted"
+            f"only {'keys' if root_url else 'local paths'} relative to data.root are accepted"
         )
+    if root_url is not None:
+        _check_keys(entries, root_url, f"{what} {index}")
+
+
+def _check_keys(entries: Sequence[str], root_url: str, index: str) -> None:
+    """ValueError naming ``index`` for the first entry (blank and '#' lines aside) that would
+    leave the URL data root ``root_url``."""
+    for entry in entries:
+        if entry and not entry.startswith("#"):
+            try:
+                object_key(entry, root_url)
+            except ValueError as exc:
+                raise ValueError(f"{index}: {exc}") from None
 
 
 class WeakLabels(_Frozen):
@@ -137,7 +151,8 @@ class WeakLabels(_Frozen):
     path: str = Field(
         description="points/boxes: one table (JSON, CSV or Parquet) for all images; "
         "scribbles/coarse: a folder of PNG label maps named like the images (<stem>.png). "
-        "Relative to the manifest's folder (like the store), not to data.root, and not confined to it."
+        "Relative to the manifest's folder (like the store), not to data.root, and not confined to it; "
+        "under an s3:// or gs:// data.root it may be a URL too (a table object, or a prefix of label maps)."
     )
     unlabelled: int = Field(255, ge=0, le=65535, description="Label-map value meaning 'no label'.")
     background: int | None = Field(
@@ -152,6 +167,10 @@ class WeakLabels(_Frozen):
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, v: str, info: ValidationInfo) -> str:
+        if is_url(v) and (not info.context or url_root(info) is not None):
+            return _url_location(v, "weak label")
+        if is_url(v):
+            raise ValueError(f"'{v}' is a URL; weak labels may be one only when data.root is an s3:// or gs:// URL")
         return _resolve(v, info, under_root=False)
 
     @field_validator("background")
@@ -176,7 +195,10 @@ class GoldSet(_Frozen):
     holding a class id, or a value listed in ``ignore``, per pixel."""
 
     images: ImageSource
-    masks: str = Field(description="Folder of gold masks named <image stem>.png|.bmp|.tif|.tiff, under data.root.")
+    masks: str = Field(
+        description="Folder of gold masks named <image stem>.png|.bmp|.tif|.tiff, under data.root "
+        "(a key prefix under an s3:// or gs:// data.root)."
+    )
     ignore: tuple[int, ...] = Field(
         (), description="Gold mask values excluded from every metric (e.g. CamVid 11, GrabCut's border band 128)."
     )
@@ -191,7 +213,9 @@ class DataConfig(_Frozen):
     root: str = Field(
         ".",
         description="Existing folder the images, the entries of image lists and gold masks are "
-        "relative to and must stay inside (weak labels are relative to the manifest).",
+        "relative to and must stay inside (weak labels are relative to the manifest); or an "
+        "s3://bucket/prefix or gs://bucket/prefix URL, whose objects they are then keys under "
+        "(listed when the run starts), or a file:///folder URL.",
     )
     images: ImageSource
     weak: WeakLabels
@@ -203,8 +227,8 @@ class DataConfig(_Frozen):
     @field_validator("root")
     @classmethod
     def _resolve_root(cls, v: str, info: ValidationInfo) -> str:
-        root = _resolve(v, info, under_root=False)
-        if info.context:
+        root = _url_location(v, "dataset") if is_url(v) else _resolve(v, info, under_root=False)
+        if info.context and not is_url(root):  # a bucket is not asked after before the run lists it
             check_data_root(Path(root))
         return root
 
@@ -229,6 +253,16 @@ class DataConfig(_Frozen):
             if clashes:
                 raise ValueError(f"{section}.ignore {clashes} are also class ids")
         return self
+
+
+def _url_location(text: str, what: str) -> str:
+    """A URL -> the absolute path of a file:// URL, or the s3:// / gs:// URL normalised (no
+    trailing '/'); ValueError for another scheme or a URL without a bucket."""
+    try:
+        location = Location.parse(text, what=what)
+    except LocationError as exc:
+        raise ValueError(str(exc)) from None
+    return str(location)
 
 
 class RunSection(_Frozen):
@@ -269,6 +303,12 @@ class RayConfig(_Frozen):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     workers: int | None = Field(None, ge=1, description="Worker actors per map stage (default: what the CPUs allow).")
     max_retries: int = Field(2, ge=0, le=20, description="Retries of a unit after a transient failure.")
+    engine: Literal["pool", "data"] = Field(
+        "pool",
+        description="What runs the map stages: 'pool', seglab's actor pool (kept across stages "
+        "of the same resources), or 'data', Ray Data's map_batches over an actor pool per stage "
+        "(the README's Scaling out section compares the two).",
+    )
     stall_timeout: float = Field(
         1800.0,
         gt=0,
@@ -455,17 +495,24 @@ def parse_manifest(raw: object, path: Path) -> Manifest:
     data = data if isinstance(data, dict) else {}
     root_value = data.get("root", ".") if isinstance(data.get("root", "."), str) else "."
     try:
-        root = (manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value)
-    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte: the data.root validator names the problem
-        root = manifest_dir
-    try:
         return Manifest.model_validate(
             {**raw, "path": str(path.resolve())},
-            context={"manifest_dir": str(manifest_dir), "root": str(root)},
+            context={"manifest_dir": str(manifest_dir), "root": _context_root(root_value, manifest_dir)},
         )
     except ValidationError as exc:
         problems = [(_location(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors()]
         raise ManifestError(path, problems) from None
+
+
+def _context_root(root_value: str, manifest_dir: Path) -> str:
+    """data.root as the validators of data paths see it: an absolute path, or an s3:// /
+    gs:// URL; the manifest's folder when it is unusable (the data.root validator names why)."""
+    try:
+        if is_url(root_value):
+            return str(Location.parse(root_value))
+        return str((manifest_dir / root_value).resolve() if not Path(root_value).is_absolute() else Path(root_value))
+    except (LocationError, OSError, ValueError, RuntimeError):  # e.g. a NUL byte
+        return str(manifest_dir)
 
 
 def _read_text(path: Path) -> str:

@@ -24,11 +24,12 @@ from seglab.pipeline.core.unitrecords import commit_receipts
 from seglab.pipeline.dag import Dag
 from seglab.pipeline.fitting import Fitted, current_fit, fitter_for
 from seglab.pipeline.manifest import Manifest
-from seglab.pipeline.planning import PlacedUnits, Plan, Planner, place_units, stage_inputs
+from seglab.pipeline.planning import PlacedUnits, Plan, Planner, place_units, spread, stage_inputs
 from seglab.pipeline.records import NoProgress, Progress, RunOptions, RunReport, StageReport
 from seglab.pipeline.storelock import LeaseLock, StoreBusy, StoreLock, run_lock
 from seglab.pipeline.units import enumerate_units, held_out
 from seglab.stages.base import Unit
+from seglab.workers.datastream import stream_batches
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
 from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 
@@ -226,7 +227,6 @@ class Runner:
                 self.progress.start(name, len(units), report.already_done)
                 self.progress.finish(name, report)
                 continue
-            pool = self._pool_for(name, pools)
             store.set_stage_attrs(
                 name,
                 signature=self.planner.signatures[name],
@@ -234,7 +234,7 @@ class Runner:
                 inputs=stage_inputs(self.dag, name),
                 outputs=list(self.stages[name].outputs(self.context)),
             )
-            self._run_stage(store, name, plan, report, pool, planned_at)
+            self._run_stage(store, name, plan, report, pools, planned_at)
             store.set_stage_attrs(
                 name,
                 summary={
@@ -273,25 +273,28 @@ class Runner:
         key = (resources.cpus, resources.gpus)
         if key not in pools:
             _release(pools)
-            spec = WorkerSpec(
-                store_path=self.manifest.store_location,
-                context=self.context,
-                stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
-                backend_config=self.manifest.backend,
-                tiling=self.manifest.embed.tiling,
-            )
             pools[key] = WorkerPool(
-                spec,
+                self._worker_spec(),
                 resources,
                 pool_size(resources, self.manifest.ray.workers),
                 start_timeout=self.manifest.ray.worker_start_timeout,
             )
         return pools[key]
 
+    def _worker_spec(self) -> WorkerSpec:
+        return WorkerSpec(
+            store_path=self.manifest.store_location,
+            context=self.context,
+            stage_configs={n: self.manifest.stage_config(n) for n in self.dag.order},
+            backend_config=self.manifest.backend,
+            tiling=self.manifest.embed.tiling,
+        )
+
     def _run_stage(
-        self, store: Store, name: str, plan: Plan, report: StageReport, pool: WorkerPool, started: float
+        self, store: Store, name: str, plan: Plan, report: StageReport, pools: Pools, started: float
     ) -> None:
-        """Run the plan's batches on ``pool``: workers commit what they finish; final failures
+        """Run the plan's batches on a pool of ``pools`` (or Ray Data's actors, with
+        ``ray.engine: data``): workers commit what they finish; final failures
         are committed as failure batches by the driver. A unit whose input turned out damaged
         invalidates that input's unit in its producing stage (a failure row) for the next
         pass to redo. Then the stage's records are folded and what nothing refers to any
@@ -325,23 +328,46 @@ class Runner:
             table = read_commit(store.objects, name, task.batch)
             return [] if table is None else commit_receipts(table, int(task.batch[1:]), [u.id for u in task.units])
 
-        stats = run_batches(
-            pool=pool,
-            stage_name=name,
-            batches=plan.batches,
-            make_task=lambda units: plan.task(units, names.next()),
-            read_paths=self.planner.read_paths(name),
-            max_retries=self.manifest.ray.max_retries,
-            on_receipts=record,
-            recover=recover,
-            stall_timeout=self.manifest.ray.stall_timeout,
-        )
+        def make_task(units: Sequence[Unit]) -> BatchTask:
+            return plan.task(units, names.next())
+
+        read_paths, retries = self.planner.read_paths(name), self.manifest.ray.max_retries
+        if self.manifest.ray.engine == "data":
+            _release(pools)  # Ray Data starts its own actors: free the CPUs/GPUs a pool holds
+            self._connect()
+            resources = worker_resources(self.stages[name].resources, self.manifest.backend)
+            workers = pool_size(resources, self.manifest.ray.workers)
+            stats, report.worker_peak_rss = stream_batches(
+                spec=self._worker_spec(),
+                resources=resources,
+                workers=workers,
+                stage_name=name,
+                batches=spread(plan.batches, workers),
+                make_task=make_task,
+                read_paths=read_paths,
+                max_retries=retries,
+                on_receipts=record,
+                recover=recover,
+            )
+        else:
+            pool = self._pool_for(name, pools)
+            stats = run_batches(
+                pool=pool,
+                stage_name=name,
+                batches=spread(plan.batches, pool.size),
+                make_task=make_task,
+                read_paths=read_paths,
+                max_retries=retries,
+                on_receipts=record,
+                recover=recover,
+                stall_timeout=self.manifest.ray.stall_timeout,
+            )
+            report.worker_peak_rss = pool.peak_rss()
         names.tidy()
         store.refresh()
         report.resubmitted += stats.resubmitted
         report.recovered += stats.recovered
         report.seconds = time.perf_counter() - started
-        report.worker_peak_rss = pool.peak_rss()
         self.progress.finish(name, report)
 
     def _check_lease(self, store: Store) -> None:

@@ -41,8 +41,8 @@ class Unit:
     """One image and its weak label, as enumerated from the manifest by the driver.
 
     id: stable key (the image path relative to the data root, '/' replaced by '__').
-    image: absolute path of the image file.
-    weak_map: absolute path of a scribble/coarse label map, if the weak kind has one.
+    image: absolute path of the image file, or the URL of its object (s3://, gs://).
+    weak_map: absolute path (or object URL) of a scribble/coarse label map, if the weak kind has one.
     weak_rows: this image's rows of a table-kind weak label: (x, y, class) for points,
         (x0, y0, x1, y1, class) for boxes.
     """

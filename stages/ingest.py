@@ -8,21 +8,20 @@ Outputs per unit:
   boxes: float32 [B, 5] rows (x0, y0, x1, y1, class) of box weak labels; [0, 5] for
          the other kinds. A box of the background class (``data.weak.background``,
          ``ctx.background``) fails its image: the background has no boxes.
-The receipt records the source path, its sha256 and the image size.
+The receipt records the source path (or object URL), its sha256 and the image size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from seglab.pipeline.base.errors import InputError
-from seglab.pipeline.base.fingerprint import file_sha256
+from seglab.pipeline.base.objecturl import sha256
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.parts.imageio import decode_image
+from seglab.stages.parts.imageio import decode_image, file_exists
 from seglab.stages.parts.weak import rasterize_points, read_label_map, validate_boxes, validate_points
 
 
@@ -48,13 +47,13 @@ class Ingest(MapStage):
         return ("image", "weak", "boxes")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
-        image = decode_image(Path(unit.image), max_pixels=self.config.max_pixels)
+        image = decode_image(unit.image, max_pixels=self.config.max_pixels)
         hw = image.shape[:2]
         classes = ctx.classes
         dtype = classes.label_dtype
         boxes = np.zeros((0, 5), np.float32)
         weak = np.full(hw, classes.ignore_id, dtype)
-        path_for_errors = Path(unit.weak_source or unit.image)
+        path_for_errors = unit.weak_source or unit.image
         class_ids = frozenset(classes.ids)
         if ctx.weak_kind == "points":
             points = validate_points(
@@ -71,11 +70,11 @@ class Ingest(MapStage):
                 background=ctx.background,
             )
         elif ctx.weak_kind in ("scribbles", "coarse"):
-            if unit.weak_map is None or not Path(unit.weak_map).exists():
+            if unit.weak_map is None or not file_exists(unit.weak_map):
                 raise InputError(unit.weak_map or unit.image, "no weak label map for this image")
             assert ctx.unlabelled is not None  # set from data.weak.unlabelled for every label-map kind
             raw = read_label_map(
-                Path(unit.weak_map),
+                unit.weak_map,
                 expected_hw=hw,
                 class_ids=class_ids,
                 unlabelled=ctx.unlabelled,
@@ -87,4 +86,4 @@ class Ingest(MapStage):
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
         h, w = outputs["image"].shape[:2]
-        return {"source": unit.image, "sha256": file_sha256(unit.image), "height": int(h), "width": int(w)}
+        return {"source": unit.image, "sha256": sha256(unit.image), "height": int(h), "width": int(w)}

@@ -1053,11 +1053,14 @@ URL_KEYS = [
 
 STORE_SCHEMES = ("s3://", "file://")
 """What store.path accepts besides paths (pipeline/core/objects.py)."""
+ACCEPTED = {"store.path": STORE_SCHEMES, "data.root": ("s3://",)}
+"""URLs that are no refusal where they are: data.root may be a bucket (tests/test_data_urls.py;
+the file:// URL here names no absolute path, which is refused)."""
 
 
 @pytest.mark.parametrize(
     "key, scheme",
-    [(k, s) for k in URL_KEYS for s in URL_SCHEMES if not (k == "store.path" and s in STORE_SCHEMES)],
+    [(k, s) for k in URL_KEYS for s in URL_SCHEMES if s not in ACCEPTED.get(k, ())],
 )
 def test_urls_are_refused_wherever_a_path_is_expected(tiny, key, scheme):
     url = f"{scheme}example.com/bucket/images/a.png"

@@ -8,6 +8,8 @@ import pyarrow.parquet as pq
 
 from seglab.pipeline.bench.plan import FATES, plan_all, write_synthetic
 from seglab.pipeline.core.stagetable import SOURCE
+from seglab.pipeline.planning import spread
+from seglab.stages.base import Unit
 
 
 def test_every_stage_plans_exactly_the_units_its_records_leave_to_do(tmp_path):
@@ -68,3 +70,16 @@ def test_bench_plan_writes_only_into_a_folder_of_its_own(tmp_path):
     assert len(list((ours / "embed").glob("part-*.parquet"))) == 3
     timings, _ = plan_all(ours)
     assert all(t.todo <= 100 for t in timings)
+
+
+def test_spread_cuts_only_batches_longer_than_a_workers_share_and_keeps_the_order():
+    def shard(first: int, n: int) -> list[Unit]:
+        return [Unit(f"u{i}", f"/d/{i}.png") for i in range(first, first + n)]
+
+    small = spread([shard(0, 128), shard(128, 72)], 2)  # 200 units, 2 workers: shares of 100
+    assert [len(b) for b in small] == [100, 28, 72]
+    assert [u.id for b in small for u in b] == [f"u{i}" for i in range(200)]
+    large = [shard(128 * s, 128) for s in range(16)]
+    assert spread(large, 2) == large  # shards far below a share stay whole
+    assert [len(b) for b in spread([shard(0, 5)], 4)] == [2, 2, 1]
+    assert spread([], 2) == []

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.base.errors import SeglabError, TransientError
+from seglab.pipeline.core.batcharrays import read_commit
 from seglab.pipeline.core.gold import read_gold
 from seglab.pipeline.core.ledger import BatchTask, LedgerEntry, Receipt
 from seglab.pipeline.core.registry import stage_class
@@ -101,6 +102,16 @@ class StageWorker:
             index, valid = read_gold(gold, Path(unit.image), self.context.classes.ids, hw)
             samples.append(GoldSample(unit.id, inputs, index, valid))
         return self._stage(stage_name).fit(samples, self.context)
+
+    def run_again(self, stage_name: str, task: BatchTask, read_paths: Sequence[str]) -> list[LedgerEntry]:
+        """``run`` for a task that a worker now dead may have started: -> the receipts of its
+        commit object when it got that far, else ``run`` after removing what it left."""
+        table = read_commit(self.store.objects, stage_name, task.batch)
+        if table is not None:
+            return list(commit_receipts(table, int(task.batch[1:]), [u.id for u in task.units]))
+        outputs = list(self._stage(stage_name).outputs(self.context))
+        self.store.shards.discard_uncommitted(stage_name, task.batch, outputs)
+        return self.run(stage_name, task, read_paths)
 
     def run(self, stage_name: str, task: BatchTask, read_paths: Sequence[str]) -> list[LedgerEntry]:
         """Run one batch and write it (its arrays, then its commit object); -> one receipt or

@@ -19,7 +19,7 @@ driver's cached config that Ray does with it, and the driver would then fail to 
 
 
 @contextmanager
-def _quiet(name: str) -> Iterator[None]:
+def quiet_logger(name: str) -> Iterator[None]:
     """Only errors from logger ``name`` while the block runs."""
     logger = logging.getLogger(name)
     level = logger.level
@@ -43,7 +43,7 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         if address:
             init(address=address)
         else:
-            with _quiet(TOKEN_SETUP_LOGGER):
+            with quiet_logger(TOKEN_SETUP_LOGGER):
                 init(address="local", num_cpus=num_cpus)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None

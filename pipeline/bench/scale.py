@@ -39,7 +39,7 @@ data:
     - {{id: 1, name: disc}}
     - {{id: 2, name: rectangle}}
 store: {{path: {store}}}
-ray: {{workers: {workers}}}
+ray: {{workers: {workers}, engine: {engine}}}
 """
 
 
@@ -53,16 +53,30 @@ def dataset(folder: Path, images: int, size: tuple[int, int]) -> Path:
 
 
 def write_run_manifest(
-    folder: Path, name: str, images: int, workers: int, size: tuple[int, int], stores: str | None = None
+    folder: Path,
+    name: str,
+    images: int,
+    workers: int,
+    size: tuple[int, int],
+    stores: str | None = None,
+    engine: str = "pool",
 ) -> Path:
-    """A manifest over the first ``images`` scenes with ``workers`` workers per stage and its
-    own store, in ``folder`` or under the location ``stores`` (an s3:// prefix, say)."""
+    """A manifest over the first ``images`` scenes with ``workers`` workers per stage, the map
+    stages run by ``engine`` (``ray.engine``), and its own store, in ``folder`` or under the
+    location ``stores`` (an s3:// prefix, say)."""
     root = dataset(folder, images, size)
     listing = root / f"{name}.txt"  # image listings must live under the data root
     listing.write_text("".join(f"images/img{i:02d}.png\n" for i in range(images)))
     path = folder / f"{name}.yaml"
     path.write_text(
-        MANIFEST.format(name=name, root=root, listing=listing, store=store_of(folder, name, stores), workers=workers)
+        MANIFEST.format(
+            name=name,
+            root=root,
+            listing=listing,
+            store=store_of(folder, name, stores),
+            workers=workers,
+            engine=engine,
+        )
     )
     return path
 
@@ -128,12 +142,12 @@ def stage_figures(location: str, workers: int) -> dict[str, dict[str, Any]]:
 
 
 def measure(
-    folder: Path, images: int, workers: int, size: tuple[int, int], stores: str | None = None
+    folder: Path, images: int, workers: int, size: tuple[int, int], stores: str | None = None, engine: str = "pool"
 ) -> dict[str, Any]:
-    """One fresh run over ``images`` scenes with ``workers`` workers (its store in ``folder``,
-    or under ``stores``)."""
-    name = f"scale-{images}-w{workers}"
-    manifest = write_run_manifest(folder, name, images, workers, size, stores)
+    """One fresh run over ``images`` scenes with ``workers`` workers of ``engine`` (its store
+    in ``folder``, or under ``stores``)."""
+    name = f"scale-{images}-w{workers}" + ("" if engine == "pool" else f"-{engine}")
+    manifest = write_run_manifest(folder, name, images, workers, size, stores, engine)
     store = store_of(folder, name, stores)
     if store_exists(store):  # a fresh run each time, over a store an earlier bench made
         Store(store).remove()
@@ -145,6 +159,7 @@ def measure(
     return {
         "images": images,
         "workers": workers,
+        "engine": engine,
         "store": store,
         **run,
         "map_seconds": round(map_seconds, 2),
@@ -163,17 +178,19 @@ def bench_scale(
     workers: Sequence[int] = (1, 2),
     size: tuple[int, int] = (96, 128),
     stores: str | None = None,
+    engine: str = "pool",
 ) -> dict[str, Any]:
     """Every ``images`` count with the most workers, and the smallest count with each of
     ``workers``; -> the runs and the two ratios the targets are stated in. ``stores``: where
-    the stores go instead of ``folder`` (a location: an s3:// prefix, say)."""
+    the stores go instead of ``folder`` (a location: an s3:// prefix, say); ``engine``: what
+    runs the map stages (``ray.engine``)."""
     folder = folder.resolve()  # the manifests written there name absolute paths
     folder.mkdir(parents=True, exist_ok=True)
     small, large, most = min(images), max(images), max(workers)
-    runs = [measure(folder, n, most, size, stores) for n in sorted(images)]
-    runs += [measure(folder, small, w, size, stores) for w in sorted(workers) if w != most]
+    runs = [measure(folder, n, most, size, stores, engine) for n in sorted(images)]
+    runs += [measure(folder, small, w, size, stores, engine) for w in sorted(workers) if w != most]
     by = {(r["images"], r["workers"]): r for r in runs}
-    result: dict[str, Any] = {"size": list(size), "cpus": os.cpu_count(), "runs": runs}
+    result: dict[str, Any] = {"size": list(size), "cpus": os.cpu_count(), "engine": engine, "runs": runs}
     if small != large:
         result["driver_memory_ratio"] = round(
             by[large, most]["driver_peak_rss"] / by[small, most]["driver_peak_rss"], 3
@@ -196,14 +213,16 @@ def bench_rerun(
     size: tuple[int, int] = (96, 128),
     manifest: Path | None = None,
     stores: str | None = None,
+    engine: str = "pool",
 ) -> dict[str, Any]:
     """A run from nothing, then the same command again: wall times, their ratio, and the
-    units each stage computed in the rerun (embed's = encoder calls). ``stores``: as for
-    ``bench_scale`` (synthetic images only)."""
+    units each stage computed in the rerun (embed's = encoder calls). ``stores``, ``engine``:
+    as for ``bench_scale`` (synthetic images only)."""
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     if manifest is None:
-        manifest = write_run_manifest(folder, f"rerun-{images}", images, 2, size, stores)
+        name = f"rerun-{images}" + ("" if engine == "pool" else f"-{engine}")
+        manifest = write_run_manifest(folder, name, images, 2, size, stores, engine)
 
     store = open_manifest(str(manifest)).store_location
     if store_exists(store):

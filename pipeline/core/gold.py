@@ -1,18 +1,20 @@
 """Gold masks of a manifest's gold sets (calibration, evaluation): finding and reading them.
 
 A gold mask is ``<masks>/<image stem>.<ext>`` for the first existing ext of .png, .bmp,
-.tif, .tiff, holding per pixel a class id or a value of the gold set's ``ignore``.
+.tif, .tiff, holding per pixel a class id or a value of the gold set's ``ignore``. Under a
+URL data root ``masks`` is the URL of a prefix, and a mask the URL of an object under it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import numpy as np
 
 from seglab.pipeline.base.errors import InputError
+from seglab.pipeline.base.objecturl import head_object, is_object_url, join_key
 from seglab.pipeline.core.metrics import class_index
 from seglab.stages.parts.imageio import open_checked
 
@@ -37,9 +39,12 @@ def read_mask(path: Path | str) -> np.ndarray:
     return np.asarray(image).astype(np.int64)
 
 
-def gold_mask_path(gold: GoldSet, image: Path) -> Path:
-    """The gold mask of ``image``; InputError naming the candidates when there is none."""
-    return mask_in_folder(Path(gold.masks), image)
+def gold_mask_path(gold: GoldSet, image: Path | str) -> Path | str:
+    """The gold mask of ``image`` (a path, or the URL of a mask object when ``gold.masks`` is
+    a URL); InputError naming the candidates when there is none."""
+    if is_object_url(gold.masks):
+        return mask_under_prefix(str(gold.masks), PurePosixPath(str(image)).name)
+    return mask_in_folder(Path(gold.masks), Path(image))
 
 
 def mask_in_folder(folder: Path, image: Path) -> Path:
@@ -51,8 +56,23 @@ def mask_in_folder(folder: Path, image: Path) -> Path:
     raise InputError(folder, f"no gold mask for {image} (looked for {image.stem}{{{','.join(GOLD_SUFFIXES)}}})")
 
 
+def mask_under_prefix(prefix: str, image_name: str) -> str:
+    """The URL ``prefix``/<stem of image_name><first existing suffix>; InputError naming the
+    prefix when there is none, or when the object store cannot be asked."""
+    stem = PurePosixPath(image_name).stem
+    for suffix in GOLD_SUFFIXES:
+        url = join_key(prefix, f"{stem}{suffix}")
+        try:
+            found = head_object(url) is not None
+        except OSError as exc:
+            raise InputError(url, f"cannot look for a gold mask: {exc.strerror}") from None
+        if found:
+            return url
+    raise InputError(prefix, f"no gold mask for {image_name} (looked for {stem}{{{','.join(GOLD_SUFFIXES)}}})")
+
+
 def read_gold(
-    gold: GoldSet, image: Path, class_ids: tuple[int, ...], expected_hw: tuple[int, int]
+    gold: GoldSet, image: Path | str, class_ids: tuple[int, ...], expected_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (HxW int64 position of the gold class in ``class_ids``, HxW bool valid).
 
@@ -70,11 +90,11 @@ def read_gold_file(
         raise InputError(
             path, f"gold mask is {mask.shape[1]}x{mask.shape[0]}, the image {expected_hw[1]}x{expected_hw[0]}"
         )
-    return gold_indices(mask, Path(path), ignore, class_ids)
+    return gold_indices(mask, path, ignore, class_ids)
 
 
 def gold_indices(
-    mask: np.ndarray, path: Path, ignore: Sequence[int], class_ids: tuple[int, ...]
+    mask: np.ndarray, path: Path | str, ignore: Sequence[int], class_ids: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """A read gold mask (HxW values) -> (HxW int64 position of the class in ``class_ids``,
     HxW bool valid); a value neither a class id nor in ``ignore`` is an InputError naming ``path``."""

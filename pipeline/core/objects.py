@@ -5,7 +5,8 @@ Every one is opened through obstore (``LocalStore`` for local folders), so the s
 writes a store on a laptop's disk and in a bucket; Zarr arrays go through zarr's
 ``ObjectStore`` over the same obstore store. Credentials, endpoints and regions come from
 the environment as each cloud's tools read them (``AWS_ACCESS_KEY_ID``,
-``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...).
+``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...), through
+``open_store`` (pipeline/base/objecturl.py), which the data readers share.
 
 Object stores have no appends and no renames: an object is written whole or not at all,
 and ``create`` writes one only when its key is free (S3 ``If-None-Match: *``; a local
@@ -14,21 +15,17 @@ file made with ``O_EXCL``), which is how a writer claims a name nobody else may 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError
-from obstore.store import LocalStore, ObjectStore, from_url
+from obstore.store import LocalStore, ObjectStore
 from zarr.storage import ObjectStore as ZarrObjectStore
 
 from seglab.pipeline.base.errors import SeglabError
-
-URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
-SCHEMES = ("file", "s3", "gs")
-"""URL schemes a store location may have (plain paths are local too)."""
+from seglab.pipeline.base.objecturl import SCHEMES, URL, open_store
 
 
 class LocationError(SeglabError):
@@ -45,15 +42,16 @@ class Location:
     url: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> Location:
-        """LocationError naming ``text`` when it is not a path or a supported URL."""
+    def parse(cls, text: str, *, what: str = "store") -> Location:
+        """LocationError naming ``text`` when it is not a path or a supported URL (``what``:
+        the kind of location, for the message)."""
         match = URL.match(text)
         if match is None:
             return cls(text, local=Path(text).expanduser().resolve())
         scheme, rest = match["scheme"].lower(), match["rest"].rstrip("/")
         if scheme not in SCHEMES:
             raise LocationError(
-                f"{text}: a URL of scheme '{scheme}://', where no store can be (use a path or a "
+                f"{text}: a URL of scheme '{scheme}://', where no {what} can be (use a path or a "
                 f"{', '.join(f'{s}://' for s in SCHEMES)} URL)"
             )
         if scheme == "file":
@@ -82,7 +80,7 @@ class Objects:
         if self.location.local is None:
             assert self.location.url is not None
             try:
-                self._store = from_url(self.location.url)
+                self._store = open_store(self.location.url)
             except (BaseError, ValueError) as exc:
                 raise LocationError(f"{self.location}: cannot open ({_first_line(exc)})") from None
 

@@ -2,24 +2,52 @@
 
 Relative paths resolve against the data root (data paths) or the manifest's folder
 (store, checkpoints, weak labels); image lists and Parquet indexes are looked for beside
-the manifest, then under the data root. URLs are refused; data paths must stay inside the
-data root. The folders come from the validation context that ``parse_manifest`` passes to
+the manifest, then under the data root. Data paths must stay inside the data root. URLs
+are refused, except under a data root that is an object-storage URL (``s3://``,
+``gs://``): its data paths are then keys relative to it, and ``resolve`` makes them URLs
+under it. The folders come from the validation context that ``parse_manifest`` passes to
 pydantic; without one (a manifest built in code) nothing is checked on disk.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 from pydantic import AfterValidator, ValidationInfo
+
+from seglab.pipeline.base.objecturl import is_object_url, join_key
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(value: str) -> bool:
     return bool(_URL.match(value))
+
+
+def url_root(info: ValidationInfo) -> str | None:
+    """The data root of the manifest being loaded when it is an object-storage URL, else None."""
+    root = str((info.context or {}).get("root", ""))
+    return root if is_object_url(root) else None
+
+
+def object_key(entry: str, root: str) -> str:
+    """A data path under the URL data root ``root`` -> its key relative to it ('/'-separated,
+    '.' and repeated '/' dropped; '' for the root itself). ValueError naming ``entry`` when it
+    is absolute or has a '..' part (a key cannot leave its root), or is a URL elsewhere."""
+    if is_url(entry):
+        url = entry.rstrip("/")
+        if url != root and not url.startswith(f"{root}/"):
+            raise ValueError(f"'{entry}' is outside the data root {root}")
+        entry = url[len(root) + 1 :]
+    key = PurePosixPath(entry.strip())
+    if key.is_absolute() or ".." in key.parts:
+        raise ValueError(
+            f"'{entry}' would be outside the data root {root}: under a URL data root a data path is "
+            f"a key relative to it, with no '..' and not absolute"
+        )
+    return "/".join(key.parts)
 
 
 def _absolute(value: str, base: Path) -> Path:
@@ -35,8 +63,12 @@ def _absolute(value: str, base: Path) -> Path:
 
 
 def resolve(value: str, info: ValidationInfo, *, under_root: bool = True) -> str:
-    """-> absolute path; ValueError for a URL or a data path outside the data root."""
+    """-> absolute path (a URL for a data path under a URL data root); ValueError for a URL
+    or a data path outside the data root."""
     ctx = info.context or {}
+    root_url = url_root(info)
+    if under_root and root_url is not None:
+        return join_key(root_url, object_key(value, root_url))
     resolved = _absolute(value, Path(ctx.get("root" if under_root else "manifest_dir", ".")))
     if under_root and "root" in ctx and not resolved.is_relative_to(Path(ctx["root"]).resolve()):
         raise ValueError(f"'{value}' resolves to {resolved}, outside the data root {ctx['root']}")
@@ -48,12 +80,18 @@ def resolve_index(value: str, info: ValidationInfo) -> str:
     a read-only dataset), only its entries must stay inside the data root.
 
     A relative path is looked for beside the manifest, then under data.root (where it had to
-    be before), and the first that is a file is taken. ValueError for a URL and, while a
-    manifest is loaded, when no candidate is a file (naming each place looked at)."""
+    be before), and the first that is a file is taken; under a URL data.root it is a local
+    file, beside the manifest. ValueError for a URL and, while a manifest is loaded, when no
+    candidate is a file (naming each place looked at)."""
     beside = resolve(value, info, under_root=False)
     ctx = info.context
     if not ctx or Path(beside).is_file():
         return beside
+    if url_root(info) is not None:
+        raise ValueError(
+            f"'{value}' ({beside}) is not a file; under the URL data.root {ctx['root']} an image "
+            f"list or Parquet index is a local file, looked for beside the manifest"
+        )
     under_root = str(_absolute(value, Path(ctx["root"])))
     if Path(under_root).is_file():
         return under_root

@@ -172,6 +172,16 @@ class ShardStore:
             raise ShardStoreError(f"{self.objects}: batch {stage}/{batch} was committed already")
         return table
 
+    def discard_uncommitted(self, stage: str, batch: str, outputs: Sequence[str]) -> int:
+        """Remove the arrays an earlier writer of ``batch`` left without committing it. Only
+        for a retry of the same batch whose first writer is known dead (Ray retries an
+        actor's task once the actor was restarted). -> objects removed (none when committed)."""
+        if self.objects.exists(records_key(stage, batch)):
+            return 0
+        keys = list(batch_keys(self.objects, stage, outputs, batch))
+        self.objects.delete(keys)
+        return len(keys)
+
     def commit_failures(self, stage: str, batch: str, table: pa.Table) -> None:
         """Record a batch of failures (no arrays; ``stagerecords.failure_records``)."""
         if not commit_batch(self.objects, stage, batch, table):

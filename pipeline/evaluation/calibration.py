@@ -7,7 +7,6 @@ share and kept accuracy on others. Shared by ``seglab report`` (its calibration 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -31,7 +30,7 @@ def gold_images(
     for image, unit in gold_set_images(manifest, gold_set):
         if unit is not None and unit in done:
             probabilities = store.read_array("select/probabilities", unit)
-            index, valid = read_gold(gold, Path(image), class_ids, probabilities.shape[1:])
+            index, valid = read_gold(gold, image, class_ids, probabilities.shape[1:])
             yield unit, (probabilities, index, valid)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from seglab.pipeline.core.metrics import Scores, confusion, json_number, scores
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.planning import Planner
-from seglab.pipeline.units import enumerate_units, list_images
+from seglab.pipeline.units import enumerate_units, list_sources, source_identity
 from seglab.stages.parts.nearest_label import nearest_label
 
 WEAK, NEAREST = "weak", "nearest-label"
@@ -87,17 +86,18 @@ class Evaluation:
         }
 
 
-def gold_set_images(manifest: Manifest, gold_set: str) -> list[tuple[Path, str | None]]:
-    """-> (image of data.<gold_set> ('calibration' or 'evaluation'), its unit id or None when
-    it is not among data.images), in listing order; SeglabError when the manifest names no such set."""
+def gold_set_images(manifest: Manifest, gold_set: str) -> list[tuple[str, str | None]]:
+    """-> (image of data.<gold_set> ('calibration' or 'evaluation'): a path or an object URL,
+    its unit id or None when it is not among data.images), in listing order; SeglabError
+    when the manifest names no such set."""
     gold = getattr(manifest.data, gold_set)
     if gold is None:
         raise SeglabError(f"{manifest.path}: the manifest names no {gold_set} gold set (data.{gold_set})")
-    unit_of = {Path(u.image).resolve(): u.id for u in enumerate_units(manifest)}
-    images = list_images(gold.images, Path(manifest.data.root), manifest.path)
+    unit_of = {source_identity(u.image): u.id for u in enumerate_units(manifest)}
+    images = list_sources(gold.images, manifest.data.root, manifest.path)
     # matched by resolved path, but returned as listed: the gold mask is named after the listed
     # file (a symlink's own name), as the runner finds it when it fits calibrate
-    return [(p, unit_of.get(p.resolve())) for p in images]
+    return [(p, unit_of.get(source_identity(p))) for p in images]
 
 
 def class_map_stages(manifest: Manifest) -> tuple[Planner, list[str], dict[str, str]]:

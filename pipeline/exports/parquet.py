@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seglab.pipeline.base.objecturl import read_bytes
 from seglab.pipeline.exports.formats import ExportOptions
 from seglab.pipeline.exports.items import ExportItem, label_image, png_bytes, uncertainty_image
 
@@ -79,7 +80,7 @@ def _row(item: ExportItem, meta: dict[str, Any], names: dict[int, str], embed_im
     image_bytes = None
     if embed_images:
         assert item.image is not None  # ingest's receipt of a finished unit records its source
-        image_bytes = Path(item.image).read_bytes()
+        image_bytes = read_bytes(item.image)  # a file, or an object under a URL data.root
     return {
         "unit": item.unit,
         "image": {"bytes": image_bytes, "path": item.image},

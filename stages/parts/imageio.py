@@ -3,6 +3,9 @@
 ``decode_image`` returns the pixels seglab works on: a C-contiguous, writeable
 ``uint8`` array of shape ``(H, W, 3)``, axis order (row, column, channel), channels R, G, B.
 
+Files are named by a local path or by the URL of an object (``s3://bucket/key``,
+``gs://...``, read through obstore); every message names the one or the other.
+
 Rules (shared with the weak-label readers through ``open_checked``):
 
 * The file's *content* decides the format; its extension is ignored. PostScript (EPS)
@@ -33,11 +36,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from seglab.pipeline.base.errors import InputError, TransientError
+from seglab.pipeline.base.objecturl import exists, is_object_url, read_bytes
 
 #: formats whose mode "I" images hold 16-bit samples (Pillow widens them to int32)
 _SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
@@ -47,18 +52,41 @@ _EXTERNAL_DECODER_FORMATS = frozenset({"EPS"})
 
 
 def read_file_bytes(path: Path | str) -> bytes:
-    """Whole file contents. Missing/unreadable files -> InputError; other I/O failures
-    (which may go away on a retry) -> TransientError."""
+    """Whole file (or object) contents. Missing/unreadable files -> InputError; other I/O
+    failures (which may go away on a retry: an unreachable endpoint) -> TransientError."""
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a file") from None
-    except PermissionError:
-        raise InputError(path, "permission denied: the file is not readable by this user") from None
+        return read_bytes(path)
     except OSError as exc:
-        raise TransientError(f"{path}: could not read the file ({exc})") from exc
+        _raise_read_failure(path, exc)
+
+
+def file_exists(path: Path | str) -> bool:
+    """Whether a file (or object) is at ``path``; TransientError when an object store cannot say."""
+    try:
+        return exists(path)
+    except OSError as exc:
+        _raise_read_failure(path, exc)
+
+
+def _raise_read_failure(path: Path | str, exc: OSError) -> NoReturn:
+    failure = _read_failure(path, exc)
+    raise failure from (exc if isinstance(failure, TransientError) else None)
+
+
+def _read_failure(path: Path | str, exc: OSError) -> InputError | TransientError:
+    """What reading ``path`` failing with ``exc`` is: one line naming ``path``."""
+    remote = is_object_url(path)
+    if isinstance(exc, FileNotFoundError):
+        return InputError(path, exc.strerror if remote and exc.strerror else "file not found")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(path, "is a directory, not a file")
+    if isinstance(exc, PermissionError):
+        if remote:
+            return InputError(path, f"permission denied: these credentials may not read the object ({exc.strerror})")
+        return InputError(path, "permission denied: the file is not readable by this user")
+    if remote:
+        return TransientError(f"{path}: could not read the object ({exc.strerror})")
+    return TransientError(f"{path}: could not read the file ({exc})")
 
 
 def _describe_decode_failure(exc: Exception) -> str:
@@ -142,7 +170,7 @@ def scale_16bit_to_8bit(values: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def stretch_to_8bit(path: Path, values: np.ndarray) -> np.ndarray:
+def stretch_to_8bit(path: Path | str, values: np.ndarray) -> np.ndarray:
     """Any-shape numbers -> uint8 with the finite min..max mapped onto 0..255.
 
     A constant image maps to 0; NaN and infinities map to 0.
@@ -158,7 +186,7 @@ def stretch_to_8bit(path: Path, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_rgb8(path: Path, image: Image.Image, fmt: str) -> np.ndarray:
+def _to_rgb8(path: Path | str, image: Image.Image, fmt: str) -> np.ndarray:
     mode = image.mode
     if mode == "RGB":
         pixels = np.array(image, dtype=np.uint8)
@@ -181,12 +209,13 @@ def _to_rgb8(path: Path, image: Image.Image, fmt: str) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def decode_image(path: Path, *, max_pixels: int) -> np.ndarray:
-    """Decode one image file -> uint8 [H, W, 3] RGB, C-contiguous and writeable.
+def decode_image(path: Path | str, *, max_pixels: int) -> np.ndarray:
+    """Decode one image file (a path or an object's URL) -> uint8 [H, W, 3] RGB,
+    C-contiguous and writeable.
 
     H and W are the displayed size (after EXIF orientation). Raises InputError for a
     missing, empty, truncated, corrupt, oversized (``W * H > max_pixels``) or
     unconvertible file; the message says what is wrong.
     """
     image, fmt = open_checked(path, max_pixels=max_pixels)
-    return _to_rgb8(Path(path), image, fmt)
+    return _to_rgb8(path, image, fmt)

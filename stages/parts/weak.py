@@ -58,7 +58,7 @@ class SourceRow(tuple):
 class _Problems(list):
     """Problem messages for one file; ``raise_if_any`` raises one InputError listing the first few."""
 
-    def raise_if_any(self, path: Path, prefix: str = "") -> None:
+    def raise_if_any(self, path: Path | str, prefix: str = "") -> None:
         if self:
             more = f"; and {len(self) - _MAX_LISTED} more" if len(self) > _MAX_LISTED else ""
             raise InputError(path, prefix + "; ".join(self[:_MAX_LISTED]) + more)
@@ -84,7 +84,7 @@ def _value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_label_map(
-    path: Path, *, expected_hw: tuple[int, int], class_ids: frozenset[int], unlabelled: int
+    path: Path | str, *, expected_hw: tuple[int, int], class_ids: frozenset[int], unlabelled: int
 ) -> np.ndarray:
     """Scribble or coarse-mask file -> [H, W] class ids, ``unlabelled`` where there is no label.
 
@@ -156,8 +156,8 @@ def _image_key(value) -> str:
     return str(key)
 
 
-def _records(path: Path, columns: Sequence[str], list_key: str) -> list[dict]:
-    """Raw rows of a JSON, CSV or Parquet table as dicts (column -> value as stored)."""
+def _records(path: Path | str, columns: Sequence[str], list_key: str) -> list[dict]:
+    """Raw rows of a JSON, CSV or Parquet table (a file or an object's URL) as dicts (column -> value as stored)."""
     suffix = Path(path).suffix.lower()
     if suffix not in (".json", ".csv", ".parquet", ".pq"):
         raise InputError(path, f"unsupported table type '{suffix}'; use .json, .csv or .parquet")
@@ -202,7 +202,7 @@ def _records(path: Path, columns: Sequence[str], list_key: str) -> list[dict]:
     return document
 
 
-def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, list[SourceRow]]:
+def _read_table(path: Path | str, columns: Sequence[str], list_key: str) -> dict[str, list[SourceRow]]:
     """image key -> rows of the numeric columns (class last, as int), in file order."""
     records = _records(path, columns, list_key)
     if not records:
@@ -234,18 +234,18 @@ def _read_table(path: Path, columns: Sequence[str], list_key: str) -> dict[str, 
     return table
 
 
-def read_point_table(path: Path) -> dict[str, list[SourceRow]]:
+def read_point_table(path: Path | str) -> dict[str, list[SourceRow]]:
     """Points file -> image key -> [(x, y, class)] (``SourceRow``s, carrying ``.row``)."""
     return _read_table(path, POINT_COLUMNS, "points")
 
 
-def read_box_table(path: Path) -> dict[str, list[SourceRow]]:
+def read_box_table(path: Path | str) -> dict[str, list[SourceRow]]:
     """Boxes file -> image key -> [(x0, y0, x1, y1, class)] (``SourceRow``s); each row has x0 < x1, y0 < y1."""
     return _read_table(path, BOX_COLUMNS, "boxes")
 
 
 def assign_to_images(
-    table: dict[str, list], image_paths: Iterable[str], *, path_for_errors: Path, allow_unmatched: bool = False
+    table: dict[str, list], image_paths: Iterable[str], *, path_for_errors: Path | str, allow_unmatched: bool = False
 ) -> dict[str, list]:
     """Resolve table keys to the dataset's images -> image path (as given) -> rows.
 
@@ -301,7 +301,7 @@ def _validated(
     kind: str,
     misfit: Callable[[np.ndarray], str | None],
     *,
-    path: Path,
+    path: Path | str,
     image: str,
     class_ids: frozenset[int],
 ) -> tuple[np.ndarray, list[str]]:
@@ -364,7 +364,12 @@ def _stored_points(values: np.ndarray) -> np.ndarray:
 
 
 def validate_points(
-    points: Sequence, *, path_for_errors: Path, image_hw: tuple[int, int], class_ids: frozenset[int], image: str = ""
+    points: Sequence,
+    *,
+    path_for_errors: Path | str,
+    image_hw: tuple[int, int],
+    class_ids: frozenset[int],
+    image: str = "",
 ) -> np.ndarray:
     """Rows (x, y, class) of one image -> float32 [K, 3] (x, y, class), K >= 1.
 
@@ -402,7 +407,7 @@ def validate_points(
 def validate_boxes(
     boxes: Sequence,
     *,
-    path_for_errors: Path,
+    path_for_errors: Path | str,
     image_hw: tuple[int, int],
     class_ids: frozenset[int],
     image: str = "",
