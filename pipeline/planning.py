@@ -62,13 +62,14 @@ def place_units(store: Store | None, units: Sequence[Unit], shard_size: int) -> 
     return PlacedUnits(list(units), index, uids, update.current, position, changed)
 
 
-def spread(batches: Sequence[Sequence[Unit]], workers: int) -> list[list[Unit]]:
-    """``batches`` with every batch longer than ceil(units / workers) cut into parts of at most
-    that length, in order: a run with fewer shards than workers (or shards of unequal
-    sizes) still keeps every worker busy. A large run's shards are much shorter than that
-    share and stay whole, one batch (one set of objects) each."""
-    share = -(-sum(len(b) for b in batches) // max(1, workers))
-    return [list(batch[at : at + share]) for batch in batches for at in range(0, len(batch), max(1, share))]
+def spread(batches: Sequence[Sequence[Unit]], workers: int, in_flight: int = 2) -> list[list[Unit]]:
+    """``batches`` with every batch longer than a share, ceil(units / (workers * in_flight)),
+    cut into parts of at most that length, in order: a run with fewer shards than workers
+    (or shards of unequal sizes) still keeps every worker busy, although each worker is
+    handed ``in_flight`` batches ahead. A large run's shards are much shorter than a share
+    and stay whole, one batch (one set of objects) each."""
+    share = max(1, -(-sum(len(b) for b in batches) // max(1, workers * in_flight)))
+    return [list(batch[at : at + share]) for batch in batches for at in range(0, len(batch), share)]
 
 
 @dataclass

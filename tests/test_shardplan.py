@@ -76,10 +76,10 @@ def test_spread_cuts_only_batches_longer_than_a_workers_share_and_keeps_the_orde
     def shard(first: int, n: int) -> list[Unit]:
         return [Unit(f"u{i}", f"/d/{i}.png") for i in range(first, first + n)]
 
-    small = spread([shard(0, 128), shard(128, 72)], 2)  # 200 units, 2 workers: shares of 100
-    assert [len(b) for b in small] == [100, 28, 72]
+    small = spread([shard(0, 128), shard(128, 72)], 2)  # 200 units, 2 workers, 2 batches ahead each: 50
+    assert [len(b) for b in small] == [50, 50, 28, 50, 22]
     assert [u.id for b in small for u in b] == [f"u{i}" for i in range(200)]
     large = [shard(128 * s, 128) for s in range(16)]
     assert spread(large, 2) == large  # shards far below a share stay whole
-    assert [len(b) for b in spread([shard(0, 5)], 4)] == [2, 2, 1]
+    assert [len(b) for b in spread([shard(0, 5)], 2, in_flight=1)] == [3, 2]
     assert spread([], 2) == []
