@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,18 @@ import pytest
 from PIL import Image
 
 from seglab.pipeline.bench.synthetic import scribbles_from_truth, shapes_image, write_dataset  # noqa: F401 (shared)
+
+
+def pytest_unconfigure(config):
+    """Close obstore's cached stores (their Rust runtimes and connection pools) while the
+    interpreter is whole, and keep a faulthandler on through its shutdown: a session once
+    ended in a segmentation fault after every test had passed, and this names where."""
+    from seglab.pipeline.base.objecturl import forget_stores
+
+    forget_stores()
+    gc.collect()
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

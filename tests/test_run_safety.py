@@ -38,12 +38,15 @@ def status_of(manifest: Path) -> dict:
 def test_a_batch_whose_arrays_are_gone_is_redone_by_the_stage_that_reads_it(tiny):
     assert run(tiny, only="ingest").ok
     store = Store(tiny.parent / "run.zarr")
-    gone = store.entries("ingest")[UNITS[1]].outputs["image"]
+    entries = store.entries("ingest")
+    gone = entries[UNITS[1]].outputs["image"]
+    in_batch = sum(e.outputs["image"].batch == gone.batch for e in entries.values())
     shutil.rmtree(tiny.parent / "run.zarr" / "ingest" / "image" / batch_id(gone.batch))
     report = {s.stage: s for s in run(tiny, only="embed").stages}
     assert not report["embed"].failures and {u for u, _ in report["embed"].invalidated} >= {UNITS[1]}
     again = {s.stage: s for s in run(tiny).stages}
-    assert again["ingest"].done_now == 2 and again["embed"].done_now == 2  # the batch's two units
+    assert 1 <= in_batch < len(UNITS)
+    assert again["ingest"].done_now == in_batch and again["embed"].done_now == in_batch  # that batch's units
     assert status_of(tiny)["embed"].complete
 
 
@@ -58,11 +61,12 @@ def test_status_counts_a_unit_done_only_when_its_upstream_unit_is(tiny):
 def test_a_damaged_commit_object_costs_its_batch_only_and_is_reported(tiny):
     assert run(tiny, only="ingest").ok
     root = tiny.parent / "run.zarr"
+    first = sum(e.outputs["image"].batch == 0 for e in Store(root).entries("ingest").values())
     (root / "_records" / "ingest" / "b000000000000.parquet").write_bytes(b"PAR1 damaged")
     for part in (root / "_tables" / "ingest").iterdir():  # as if the driver had died before it folded
         part.unlink()
     report = run(tiny, only="ingest").stages[0]
-    assert report.already_done == 2 and report.done_now == 2
+    assert 1 <= first < len(UNITS) and report.already_done == len(UNITS) - first and report.done_now == first
     assert any("_records/ingest/b000000000000.parquet does not decode" in w for w in report.warnings)
     assert status_of(tiny)["ingest"].complete
 

@@ -61,6 +61,11 @@ def _store(url: str, environment: tuple[tuple[str, str], ...]) -> ObjectStore:
     return from_url(url)
 
 
+def forget_stores() -> None:
+    """Drop the cached stores (and with them their connection pools)."""
+    _store.cache_clear()
+
+
 @dataclass(frozen=True)
 class ObjectHead:
     """What identifies an object's content without reading it: ``size`` in bytes and
