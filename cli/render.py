@@ -446,12 +446,23 @@ def scale_table(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table("images", "workers", "wall s", "map s", "img/s", "objects/img", "driver peak MiB", "worker peak MiB")
+    table = Table(
+        "images",
+        "workers",
+        "wall s",
+        "Ray start s",
+        "map s",
+        "img/s",
+        "objects/img",
+        "driver peak MiB",
+        "worker peak MiB",
+    )
     for r in result["runs"]:
         table.add_row(
             str(r["images"]),
             str(r["workers"]),
             f"{r['seconds']:.1f}",
+            f"{r['ray_start_seconds']:.1f}",
             f"{r['map_seconds']:.1f}",
             f"{r['images_per_second']:.2f}",
             f"{r['objects_per_image']:.3f}",

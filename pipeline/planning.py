@@ -62,14 +62,25 @@ def place_units(store: Store | None, units: Sequence[Unit], shard_size: int) -> 
     return PlacedUnits(list(units), index, uids, update.current, position, changed)
 
 
-def spread(batches: Sequence[Sequence[Unit]], workers: int, in_flight: int = 2) -> list[list[Unit]]:
-    """``batches`` with every batch longer than a share, ceil(units / (workers * in_flight)),
-    cut into parts of at most that length, in order: a run with fewer shards than workers
-    (or shards of unequal sizes) still keeps every worker busy, although each worker is
-    handed ``in_flight`` batches ahead. A large run's shards are much shorter than a share
-    and stay whole, one batch (one set of objects) each."""
-    share = max(1, -(-sum(len(b) for b in batches) // max(1, workers * in_flight)))
-    return [list(batch[at : at + share]) for batch in batches for at in range(0, len(batch), share)]
+def spread(batches: Sequence[Sequence[Unit]], workers: int, in_flight: int = 2, smallest: int = 8) -> list[list[Unit]]:
+    """``batches`` (shards) cut by guided self-scheduling (Polychronopoulos and Kuck, 1987),
+    in order: each batch is at most ceil(R / (workers * in_flight)) units, R the units not
+    yet handed out, and at least ``smallest`` (or that first share, when it is smaller);
+    no batch spans two shards. A large run's shards stay whole until the last few, which
+    are cut finer and finer so that the workers run out of work together (each is handed
+    ``in_flight`` batches ahead); a run with fewer shards than workers keeps them all busy."""
+    slots = max(1, workers * in_flight)
+    remaining = sum(len(b) for b in batches)
+    floor = min(smallest, -(-remaining // slots))
+    cut: list[list[Unit]] = []
+    for batch in batches:
+        at = 0
+        while at < len(batch):
+            part = list(batch[at : at + max(floor, -(-remaining // slots))])
+            cut.append(part)
+            at += len(part)
+            remaining -= len(part)
+    return cut
 
 
 @dataclass

@@ -42,6 +42,9 @@ class StageReport:
     blocked: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    """From planning the stage to its folded records, Ray's start (``ray_start_seconds``) left out."""
+    ray_start_seconds: float = 0.0
+    """Starting (or joining) Ray, when this stage was the run's first to need it."""
     warnings: list[str] = field(default_factory=list)
     resubmitted: int = 0
     """Units run again because the worker running them was lost."""
@@ -61,6 +64,7 @@ class StageReport:
         self.already_done -= earlier.done_now
         self.todo = earlier.todo
         self.seconds += earlier.seconds
+        self.ray_start_seconds += earlier.ray_start_seconds
         self.resubmitted += earlier.resubmitted
         self.recovered += earlier.recovered
         self.invalidated = earlier.invalidated + self.invalidated

@@ -242,6 +242,7 @@ class Runner:
                     "done": report.already_done + report.done_now,
                     "failed": len(report.failures),
                     "seconds": round(report.seconds, 3),
+                    "ray_start_seconds": round(report.ray_start_seconds, 3),
                     "computed": report.done_now,
                     "worker_peak_rss": report.worker_peak_rss,
                 },
@@ -262,8 +263,9 @@ class Runner:
             store.set_stage_attrs(name, fitted=fitted, fitted_from=key)
         return fitted
 
-    def _connect(self) -> None:
-        ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
+    def _connect(self) -> float:
+        """Start or join Ray unless this process has; -> the seconds that took (0.0: it had)."""
+        return ensure_ray(self.options.address or self.manifest.ray.address, num_cpus=self.manifest.ray.num_cpus)
 
     def _pool_for(self, name: str, pools: Pools) -> WorkerPool:
         """The pool for a stage's resource shape; consecutive stages with the same shape share
@@ -299,7 +301,9 @@ class Runner:
         invalidates that input's unit in its producing stage (a failure row) for the next
         pass to redo. Then the stage's records are folded and what nothing refers to any
         more (batches of killed writers, superseded batches) is removed. ``report.seconds``:
-        from ``started`` (before the stage was planned) to the end of that."""
+        from ``started`` (before the stage was planned) to the end of that, less the time Ray
+        took to start when this stage was the first to need it (``ray_start_seconds``)."""
+        report.ray_start_seconds = self._connect()
         outputs = list(self.stages[name].outputs(self.context))
         names = BatchNames(store, name, outputs)
         todo = {u.id: u for u in plan.todo}
@@ -367,7 +371,7 @@ class Runner:
         store.refresh()
         report.resubmitted += stats.resubmitted
         report.recovered += stats.recovered
-        report.seconds = time.perf_counter() - started
+        report.seconds = time.perf_counter() - started - report.ray_start_seconds
         self.progress.finish(name, report)
 
     def _check_lease(self, store: Store) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a module-scoped local Ray, and a tiny synthetic dataset with scribbles."""
+"""Shared fixtures: a local Ray shared by the modules that use it, and a tiny synthetic dataset with scribbles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,51 @@ def pytest_unconfigure(config):
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray per test module (starting Ray takes seconds)."""
+RAY_OPTIONS = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+
+
+def own_ray(**options) -> None:
+    """Start a local Ray for one module alone (after stopping the shared one, if it runs)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", **{**RAY_OPTIONS, **options})
+
+
+@pytest.fixture(scope="session")
+def _ray_for_the_session():
+    import ray
+
     yield
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_for_the_session):
+    """A local Ray shared by the modules that ask for it (starting Ray takes seconds), started
+    anew when none runs (a module with a Ray of its own stopped it), and stopped after a
+    module whose actors still hold CPUs, so that no module waits on another's leftovers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", **RAY_OPTIONS)
+    yield
+    if ray.is_initialized() and not _cpus_all_free(ray):
+        ray.shutdown()
+
+
+def _cpus_all_free(ray, wait: float = 5.0) -> bool:
+    """Whether every CPU of the local Ray is free within ``wait`` seconds (actors of a
+    pool shut down release theirs a moment later)."""
+    deadline = time.monotonic() + wait
+    while True:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 MANIFEST = """\

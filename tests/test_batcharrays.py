@@ -3,6 +3,8 @@ read, one object per array, commit objects that make a batch visible, and damage
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -17,6 +19,7 @@ from seglab.pipeline.core.batcharrays import (
     output_rows,
     read_commit,
     read_rows,
+    records_key,
     records_table,
     stack_padded,
     units_per_chunk,
@@ -68,7 +71,30 @@ def test_a_batch_reads_back_exactly_with_its_padding_cut_away(objects):
     assert array.shape == (3, 72, 90), "padded to the largest unit of the batch"
     keys = batch_keys(objects, "select", ["labels", "probabilities", "coords"], batch)
     chunk_objects = [k for k in keys if "/c/" in k]
-    assert len(chunk_objects) == 3, f"one object per output array: {chunk_objects}"
+    assert len(chunk_objects) == 2, f"one object per output array: {chunk_objects}"
+    assert not any("/coords/" in k for k in keys) and "coords.bytes" in committed.column_names  # small: inline
+
+
+def test_a_small_output_lives_in_the_commit_object_and_a_changed_byte_is_found(objects):
+    units = [{"coords": np.arange(6, dtype=np.float32).reshape(3, 2) + k} for k in range(3)] + [
+        {"coords": np.zeros((0, 2), np.float32)}
+    ]
+    batch = batch_id(4)
+    assert _commit(objects, "prompts", batch, write_batch_arrays(objects, "prompts", batch, units), [0, 1, 2, 3])
+    assert batch_keys(objects, "prompts", ["coords"], batch) == [records_key("prompts", batch)]
+    rows = output_rows(read_commit(objects, "prompts", batch), "coords")
+    got = read_rows(objects, "prompts", "coords", batch, [3, 1], rows)
+    assert got[0].shape == (0, 2) and got[1].dtype == np.float32
+    np.testing.assert_array_equal(got[1], units[1]["coords"])
+    flipped = bytearray(rows.inline[1])
+    flipped[0] ^= 0x01
+    damaged = replace(rows, inline=(rows.inline[0], bytes(flipped), *rows.inline[2:]))
+    with pytest.raises(BatchDamaged) as raised:
+        read_rows(objects, "prompts", "coords", batch, [0, 1, 2], damaged)
+    assert raised.value.rows == [1]
+    cut = replace(rows, inline=(rows.inline[0][:-1], *rows.inline[1:]))
+    with pytest.raises(BatchDamaged, match="differs from the hash"):
+        read_rows(objects, "prompts", "coords", batch, [0], cut)
 
 
 def test_a_second_commit_of_a_batch_is_refused_and_changes_nothing(objects):

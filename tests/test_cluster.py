@@ -30,6 +30,8 @@ def cluster(tmp_path_factory):
     a run over SIZES with both nodes up."""
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the local Ray other modules share
+        ray.shutdown()
     c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     c.folder = tmp_path_factory.mktemp("cluster")
     write_dataset(c.folder / "data", SIZES)

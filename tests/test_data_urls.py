@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import add_gold, write_dataset, write_manifest
+from conftest import add_gold, own_ray, write_dataset, write_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -42,7 +42,7 @@ def s3_ray(s3_endpoint):
     read the bucket with the driver's settings (as in test_s3_runs)."""
     saved = {key: os.environ.get(key) for key in s3_environment(s3_endpoint)}
     os.environ.update(s3_environment(s3_endpoint))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    own_ray()
     yield s3_endpoint
     ray.shutdown()
     for key, value in saved.items():

@@ -45,10 +45,11 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     "stage,done",
     [
-        ("select", 2),
+        # all slow: python -m pytest -m slow tests/test_resume.py. The default suite kills a
+        # driver writing to a bucket (tests/test_s3_runs.py, the same check against a clean
+        # run) and loses a node in embed (tests/test_cluster.py)
+        pytest.param("select", 2, marks=pytest.mark.slow),
         pytest.param("refine", 4, marks=pytest.mark.slow),
-        # the long variants: python -m pytest -m slow tests/test_resume.py (a kill in embed is
-        # also in the default suite as a lost node, tests/test_cluster.py)
         pytest.param("embed", 3, marks=pytest.mark.slow),
         pytest.param("prompts", 5, marks=pytest.mark.slow),
         pytest.param("embed", 8, marks=pytest.mark.slow),

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from conftest import committed_units, seglab_process
+from conftest import committed_units, own_ray, seglab_process
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
@@ -35,7 +35,7 @@ def s3(s3_endpoint):
     inherit the environment, as a cluster's workers have their machines' credentials)."""
     saved = {key: os.environ.get(key) for key in s3_environment(s3_endpoint)}
     os.environ.update(s3_environment(s3_endpoint))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    own_ray()
     yield s3_endpoint
     ray.shutdown()
     for key, value in saved.items():
@@ -90,7 +90,12 @@ def test_a_second_run_is_refused_while_another_holds_the_lease(tiny, s3, request
     assert report.ok and report.stages[0].done_now == 4
 
 
-def test_a_killed_driver_resumes_from_the_bucket_without_redoing_committed_batches(tiny, s3, request):
+def test_a_killed_driver_resumes_from_the_bucket_to_a_clean_runs_arrays_without_redoing_committed_batches(
+    tiny, tmp_path, s3, request
+):
+    local = tmp_path / "clean.yaml"
+    local.write_text(tiny.read_text().replace("path: run.zarr", f"path: {tmp_path / 'clean.zarr'}"))
+    assert Runner(load_manifest(local)).run().ok
     location = new_bucket(s3, request.node.name) + "/run.zarr"
     into(tiny, location)
     proc = seglab_process("run", str(tiny))
@@ -111,6 +116,11 @@ def test_a_killed_driver_resumes_from_the_bucket_without_redoing_committed_batch
         assert len(entries) == 4 and all(isinstance(e, Receipt) for e in entries.values()), stage
         where = {u: next(iter(e.outputs.values())).batch for u, e in entries.items()}
         assert {u: where[u] for u in before[stage]} == before[stage], stage  # committed work kept
+        clean = Store(tmp_path / "clean.zarr").entries(stage)
+        for unit, entry in entries.items():  # the same arrays as a run never killed, byte for byte
+            assert {n: r.sha256 for n, r in entry.outputs.items()} == {
+                n: r.sha256 for n, r in clean[unit].outputs.items()
+            }, f"{stage} {unit}"
     labels = store.read_unit(["refine/labels"], sorted(store.entries("refine"))[0])["refine/labels"]
     assert labels.ndim == 2 and np.isin(labels, [0, 1, 2, 255]).all()
 

@@ -38,6 +38,10 @@ def test_scale_reports_every_run_with_stage_rates_and_peak_memory(tmp_path):
             assert 0 <= figures["process_seconds"] < figures["seconds"] * 2
             expected = 1000 * (figures["seconds"] - figures["process_seconds"] / 2) / figures["computed"]
             assert figures["overhead_ms_per_unit"] == pytest.approx(expected, abs=1.0)  # inputs rounded
+        started = {name: f["ray_start_seconds"] for name, f in run["stages"].items()}
+        assert started["ingest"] > 0.5 and not any(v for name, v in started.items() if name != "ingest")
+        assert run["ray_start_seconds"] == round(started["ingest"], 2)  # the run's first stage starts Ray, once
+        assert run["seconds"] > run["map_seconds"] + run["ray_start_seconds"]  # kept apart, not counted twice
         embed = run["stages"]["embed"]
         assert embed["computed"] == run["images"] and embed["images_per_second"] == round(
             embed["computed"] / embed["seconds"], 3

@@ -72,14 +72,18 @@ def test_bench_plan_writes_only_into_a_folder_of_its_own(tmp_path):
     assert all(t.todo <= 100 for t in timings)
 
 
-def test_spread_cuts_only_batches_longer_than_a_workers_share_and_keeps_the_order():
+def test_spread_cuts_shards_finer_towards_the_end_and_keeps_the_order():
     def shard(first: int, n: int) -> list[Unit]:
         return [Unit(f"u{i}", f"/d/{i}.png") for i in range(first, first + n)]
 
-    small = spread([shard(0, 128), shard(128, 72)], 2)  # 200 units, 2 workers, 2 batches ahead each: 50
-    assert [len(b) for b in small] == [50, 50, 28, 50, 22]
+    small = spread([shard(0, 128), shard(128, 72)], 2)  # 200 units, 2 workers, 2 batches ahead each
+    assert [len(b) for b in small] == [50, 38, 28, 12, 18, 14, 10, 8, 8, 8, 6]
     assert [u.id for b in small for u in b] == [f"u{i}" for i in range(200)]
-    large = [shard(128 * s, 128) for s in range(16)]
-    assert spread(large, 2) == large  # shards far below a share stay whole
+    large = [shard(128 * s, 128) for s in range(15)] + [shard(1920, 80)]  # 2,000 units
+    cut = spread(large, 2)
+    assert cut[:12] == large[:12]  # whole shards while a share, R / 4, is above 128 units
+    assert [len(b) for b in cut[12:]] == [116, 12, 84, 44, 52, 39, 30, 7, 20, 15, 12, 9, 8, 8, 8]
+    assert all(any(set(map(id, b)) <= set(map(id, s)) for s in large) for b in cut)  # none spans two shards
+    assert [len(b) for b in spread([shard(0, 4)], 2)] == [1, 1, 1, 1]  # fewer units than slots: one each
     assert [len(b) for b in spread([shard(0, 5)], 2, in_flight=1)] == [3, 2]
     assert spread([], 2) == []

@@ -96,7 +96,7 @@ def test_the_unit_index_is_kept_with_its_shard_size(location):
 def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
     store = ShardStore(location, create=True)
     outputs = ["labels"]
-    first = [{"labels": np.full((3, 4), u, np.uint8)} for u in (0, 1)]
+    first = [{"labels": np.full((30, 40), u, np.uint8)} for u in (0, 1)]
     store.write_batch("refine", batch_id(0), first, _columns([0, 1]))
     with pytest.raises(ShardStoreError, match="committed already"):
         store.write_batch("refine", batch_id(0), first, _columns([0, 1]))
@@ -106,10 +106,10 @@ def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
         store.write_batch("refine", batch_id(2), first, _columns([0, 1]))
     state = store.fold("refine", [SOURCE], 2)
     assert state.dense.state.tolist() == [DONE, FAILED]
-    assert [a.tolist() for a in read(store, "refine", "labels", 0, [0])] == [np.zeros((3, 4)).tolist()]
+    assert [a.tolist() for a in read(store, "refine", "labels", 0, [0])] == [np.zeros((30, 40)).tolist()]
     assert store.collect_garbage("refine", outputs, state) == 1, "only the uncommitted batch goes"
     assert not store.objects.list("refine/labels/b000000000002")
-    store.write_batch("refine", batch_id(2), [{"labels": np.full((3, 4), 9, np.uint8)}] * 2, _columns([0, 1]))
+    store.write_batch("refine", batch_id(2), [{"labels": np.full((30, 40), 9, np.uint8)}] * 2, _columns([0, 1]))
     state = store.fold("refine", [SOURCE], 2)
     assert store.collect_garbage("refine", outputs, state) == 2, "batch 0 and the failure batch 1 are superseded"
     assert store.objects.list("_records/refine") == ["_records/refine/b000000000002.parquet"]
@@ -119,7 +119,9 @@ def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
 
 def test_a_damaged_batch_is_named_when_read(location):
     store = ShardStore(location, create=True)
-    store.write_batch("select", batch_id(0), [{"labels": np.arange(12, dtype=np.int32).reshape(3, 4)}], _columns([0]))
+    store.write_batch(
+        "select", batch_id(0), [{"labels": np.arange(1200, dtype=np.int32).reshape(30, 40)}], _columns([0])
+    )
     chunk = next(k for k in store.objects.list("select/labels/b000000000000") if "/c/" in k)
     data = bytearray(store.objects.get(chunk) or b"")
     data[4] ^= 0x55

@@ -32,7 +32,7 @@ def test_units_of_different_shapes_round_trip(tmp_path):
 
 def test_units_not_done_are_named_and_damaged_arrays_are_corrupt(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
-    (receipt,) = store.put_units("select", ["u1"], [{"labels": np.zeros((4, 4), np.uint8)}])
+    (receipt,) = store.put_units("select", ["u1"], [{"labels": np.zeros((40, 40), np.uint8)}])
     with pytest.raises(StoreError, match="'select/labels' of u2 is missing"):
         store.read_unit(["select/labels"], "u2")
     record = receipt.outputs["labels"]
@@ -74,7 +74,7 @@ def test_a_store_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
 
 def test_clear_stage_removes_what_seglab_wrote_and_keeps_the_rest(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
-    store.put_units("embed", ["a"], [{"f": np.ones(3)}])
+    store.put_units("embed", ["a"], [{"f": np.ones((40, 40))}])
     store.put_units("ingest", ["a"], [{"image": np.ones((2, 2, 3), np.uint8)}])
     store.set_stage_attrs("embed", signature={"v": 1})
     mine = tmp_path / "s.zarr" / "embed" / "f" / "notes.txt"

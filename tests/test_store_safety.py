@@ -73,7 +73,7 @@ def test_run_into_a_user_folder_is_refused_naming_it(tiny, tmp_path):
 
 def test_clearing_a_stage_removes_only_what_seglab_wrote(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
-    store.put_units("select", ["a"], [{"labels": np.ones((4, 4), np.uint8)}])
+    store.put_units("select", ["a"], [{"labels": np.ones((40, 40), np.uint8)}])
     root = tmp_path / "s.zarr"
     (root / "select" / "keep.txt").write_text("mine")
     (root / "select" / "labels" / "notes").mkdir()

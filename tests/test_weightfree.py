@@ -141,6 +141,10 @@ def test_mixed_sizes_give_fixed_shapes_and_right_frames(backend):
     for name in backend.feature_names():
         assert len({(f[name].shape, f[name].dtype) for f in feats}) == 1, name
     assert feats[0]["superpixels"].shape[1:] == (S, S) and feats[0]["lab"].shape == (3, S, S)
+    assert feats[0]["superpixels"].dtype == np.int16 and feats[0]["superpixels"].min() == -1  # the padding
+    wide = {**feats[0], "superpixels": feats[0]["superpixels"].astype(np.int32)}  # as an earlier seglab cached them
+    for a, b in zip(backend.decode(feats[0], prompts([[(50, 60, 1)]])), backend.decode(wide, prompts([[(50, 60, 1)]]))):
+        np.testing.assert_array_equal(a, b)
     for (h, w), f in zip(sizes, feats):
         frame = backend.frame(f)
         assert frame == ImageFrame((h, w), 256, 256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -30,12 +31,14 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> float:
     """Join ``address`` when given, else start Ray on this machine (never a guess at
     another cluster), without Ray's notice that the cluster it starts for seglab alone
-    uses token authentication. Reuses a Ray already initialised in this process (tests)."""
+    uses token authentication. Reuses a Ray already initialised in this process (tests).
+    -> the seconds it took (0.0 when Ray was initialised already)."""
     if ray.is_initialized():
-        return
+        return 0.0
+    started = time.perf_counter()
     init = partial(
         ray.init, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True
     )
@@ -47,6 +50,7 @@ def ensure_ray(address: str | None, *, num_cpus: int | None = None) -> None:
                 init(address="local", num_cpus=num_cpus)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SeglabError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
+    return time.perf_counter() - started
 
 
 def wants_gpu(setting: str) -> bool:

@@ -137,7 +137,7 @@ class WeightFreeBackend(PromptableBackend):
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per image (N = ``input_size``; the real pixels sit top-left, the rest is padding):
         ``lab`` float16 [3, N, N] (L, a, b channels, 0 in the padding), ``edges`` float16 [N, N]
-        (Lab Sobel magnitude over its 90th percentile), ``superpixels`` int32 [F + 2, N, N] (SLIC
+        (Lab Sobel magnitude over its 90th percentile), ``superpixels`` int16 [F + 2, N, N] (SLIC
         labels 0..n-1 of the F = len(fine_segments) fine maps, then the medium and the coarse
         map; -1 in the padding), ``frame`` int64 [5] (``ImageFrame.to_array``)."""
         return [self._encode_one(np.asarray(im)) for im in images]
@@ -161,7 +161,7 @@ class WeightFreeBackend(PromptableBackend):
         grad = np.sqrt(sum(ndimage.sobel(lab[..., c], a) ** 2 for c in range(3) for a in (0, 1)))
         grad /= max(float(np.percentile(grad, 90)), 1e-6)
         counts = (*cfg.fine_segments, *cfg.snap_segments)
-        labels = np.full((len(counts), n, n), -1, dtype=np.int32)
+        labels = np.full((len(counts), n, n), -1, dtype=np.int16)  # counts are at most 20000: half the bytes of int32
         for k, count in enumerate(counts):
             segments = slic(
                 small,
@@ -287,7 +287,7 @@ class _RegionGraph:
         self.cfg, self.grid_size = cfg, grid_size
         self.frame = ImageFrame.from_array(features["frame"])
         self.rh, self.rw = self.frame.resized_hw
-        sp = np.asarray(features["superpixels"])[:, : self.rh, : self.rw]
+        sp = np.asarray(features["superpixels"], np.int32)[:, : self.rh, : self.rw]  # int16 stored, int32 indexes
         lab = np.asarray(features["lab"], np.float32)[:, : self.rh, : self.rw]
         edges = np.asarray(features["edges"], np.float32)
         nf = len(cfg.fine_segments)

@@ -8,6 +8,11 @@ Layout (keys under the store's location)::
                                             chunks of whole units, all in one object
     _records/<stage>/<batch>.parquet        the batch's commit object
 
+An output whose array is at most INLINE_BYTES for every unit of the batch (prompt
+coordinates, per-class scores, an image's frame) is no Zarr array: its units' raw bytes
+are a column of the commit object, ``o.bytes`` (binary, C order, the recorded dtype and
+shape), so small outputs cost no objects beyond the commit object.
+
 A batch is written by one worker and never again: a unit redone goes into a new batch,
 so there is one writer per object and nothing is overwritten in place. The commit object
 is written last, create-only; a batch without one is invisible (a kill mid-write leaves
@@ -71,12 +76,19 @@ class BatchDamaged(Exception):
 @dataclass(frozen=True)
 class OutputRows:
     """One output's records over a batch's units, in row order: sha256 uint8 [n, 32],
-    shapes (one tuple per unit), dtype (numpy str, e.g. '<f4')."""
+    shapes (one tuple per unit), dtype (numpy str, e.g. '<f4'); ``inline``: each unit's raw
+    bytes when the output is kept in the commit object (None: in its Zarr array)."""
 
     sha256: np.ndarray
     shapes: tuple[tuple[int, ...], ...]
     dtype: str
+    inline: tuple[bytes, ...] | None = None
 
+
+INLINE_BYTES = 1024
+"""The most raw bytes a unit's array may have for its output to be kept in the commit
+object (at most 128 KiB a shard of 128): a Zarr array costs two objects (zarr.json and
+its shard) and zarr's per-array work, however small its content."""
 
 CHUNK_BYTES = 4 << 20
 """Target size of an inner chunk before compression. zarr spends about 0.3 ms on each
@@ -97,13 +109,18 @@ def _region(shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(0, s) for s in shape)
 
 
+def check_alike(values: Sequence[np.ndarray], output: str) -> None:
+    """ValueError naming ``output`` when the units' arrays differ in ndim or dtype."""
+    if any(v.ndim != values[0].ndim or v.dtype != values[0].dtype for v in values):
+        kinds = sorted({f"{v.ndim}-d {v.dtype}" for v in values})
+        raise ValueError(f"output '{output}' differs between units of one batch ({', '.join(kinds)})")
+
+
 def stack_padded(values: Sequence[np.ndarray], output: str) -> np.ndarray:
     """Arrays of one ndim and dtype -> (len(values), *max dims) with zeros where a unit's
     array is smaller. ValueError naming ``output`` when ndims or dtypes differ."""
+    check_alike(values, output)
     first = values[0]
-    if any(v.ndim != first.ndim or v.dtype != first.dtype for v in values):
-        kinds = sorted({f"{v.ndim}-d {v.dtype}" for v in values})
-        raise ValueError(f"output '{output}' differs between units of one batch ({', '.join(kinds)})")
     dims = tuple(max(v.shape[axis] for v in values) for axis in range(first.ndim))
     stacked = np.zeros((len(values), *dims), first.dtype)
     for row, value in enumerate(values):
@@ -115,7 +132,9 @@ def write_batch_arrays(
     objects: Objects, stage: str, batch: str, outputs: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, OutputRows]:
     """Write the batch's outputs (one mapping name -> array per unit, rows in order); ->
-    per output its records. Each array is one write of one object (plus its zarr.json)."""
+    per output its records. Each array is one write of one object (plus its zarr.json);
+    outputs of at most INLINE_BYTES in every unit are only returned (``OutputRows.inline``)
+    for the commit object to hold."""
     if not BATCH_ID.fullmatch(batch):
         raise ValueError(f"'{batch}' is not a batch name")
     store = objects.zarr_store()
@@ -123,6 +142,12 @@ def write_batch_arrays(
     records: dict[str, OutputRows] = {}
     for name in names:
         values = [np.ascontiguousarray(unit[name]) for unit in outputs]
+        sha = np.array([np.frombuffer(bytes.fromhex(array_sha256(v)), np.uint8) for v in values])
+        shapes = tuple(tuple(v.shape) for v in values)
+        if max((v.nbytes for v in values), default=0) <= INLINE_BYTES:
+            check_alike(values, name)
+            records[name] = OutputRows(sha, shapes, values[0].dtype.str, tuple(v.tobytes() for v in values))
+            continue
         stacked = stack_padded(values, name)
         dims = tuple(max(1, d) for d in stacked.shape[1:])
         per_chunk = units_per_chunk(stacked)
@@ -141,8 +166,7 @@ def write_batch_arrays(
         )
         if stacked.size:
             array[...] = stacked
-        sha = np.array([np.frombuffer(bytes.fromhex(array_sha256(v)), np.uint8) for v in values])
-        records[name] = OutputRows(sha, tuple(tuple(v.shape) for v in values), stacked.dtype.str)
+        records[name] = OutputRows(sha, shapes, stacked.dtype.str)
     return records
 
 
@@ -161,6 +185,8 @@ def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Ta
             ),
         )
         table = table.append_column(f"{name}.shape", pa.array([list(s) for s in rows.shapes], pa.list_(pa.int32())))
+        if rows.inline is not None:
+            table = table.append_column(f"{name}.bytes", pa.array(rows.inline, pa.binary()))
     dtypes = {f"dtype.{name}": rows.dtype for name, rows in outputs.items()}
     return table.replace_schema_metadata(
         {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in dtypes.items()}}
@@ -186,7 +212,9 @@ def output_rows(table: pa.Table, output: str) -> OutputRows:
     if dtype is None:
         raise KeyError(output)
     shapes = tuple(tuple(s) for s in table.column(f"{output}.shape").to_pylist())
-    return OutputRows(digests_to_numpy(table.column(f"{output}.sha256")), shapes, dtype.decode())
+    inline = f"{output}.bytes"
+    data = tuple(table.column(inline).to_pylist()) if inline in table.column_names else None
+    return OutputRows(digests_to_numpy(table.column(f"{output}.sha256")), shapes, dtype.decode(), data)
 
 
 def read_rows(
@@ -196,6 +224,8 @@ def read_rows(
     and checked against its recorded sha256. One read covers rows min..max. BatchDamaged
     naming the rows when the array's metadata, a chunk or a hash is not as recorded."""
     path = array_path(stage, output, batch)
+    if records.inline is not None:
+        return _checked(path, rows, [_from_bytes(records, row) for row in rows], records)
     try:
         array = zarr.open_array(objects.zarr_store(read_only=True), path=path, mode="r")
     except FileNotFoundError:
@@ -217,15 +247,33 @@ def read_rows(
         block = np.asarray(array[(slice(low, high + 1), *region)])
     except Exception as exc:  # a torn or flipped chunk fails its checksum or decompression
         raise BatchDamaged(path, rows, f"a chunk does not decode ({type(exc).__name__})") from None
-    values, bad = [], []
-    for row in rows:
-        value = np.ascontiguousarray(block[row - low][_region(records.shapes[row])])
-        if array_sha256(value) != records.sha256[row].tobytes().hex():
-            bad.append(row)
-        values.append(value)
+    return _checked(
+        path, rows, [np.ascontiguousarray(block[row - low][_region(records.shapes[row])]) for row in rows], records
+    )
+
+
+def _from_bytes(records: OutputRows, row: int) -> np.ndarray | None:
+    """A unit's array from the commit object's bytes (None: they do not fill its shape)."""
+    assert records.inline is not None
+    dtype, shape = np.dtype(records.dtype), records.shapes[row]
+    data = records.inline[row]
+    if data is None or len(data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        return None
+    return np.frombuffer(data, dtype).reshape(shape).copy()
+
+
+def _checked(
+    path: str, rows: Sequence[int], values: Sequence[np.ndarray | None], records: OutputRows
+) -> list[np.ndarray]:
+    """``values`` (one per row) when each matches its recorded sha256; else BatchDamaged naming the rows."""
+    bad = [
+        row
+        for row, value in zip(rows, values)
+        if value is None or array_sha256(value) != records.sha256[row].tobytes().hex()
+    ]
     if bad:
         raise BatchDamaged(path, bad, "differs from the hash recorded when it was written")
-    return values
+    return [value for value in values if value is not None]
 
 
 def batch_keys(objects: Objects, stage: str, outputs: Sequence[str], batch: str) -> list[str]:
