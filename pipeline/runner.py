@@ -29,7 +29,6 @@ from seglab.pipeline.records import NoProgress, Progress, RunOptions, RunReport,
 from seglab.pipeline.storelock import LeaseLock, StoreBusy, StoreLock, run_lock
 from seglab.pipeline.units import enumerate_units, held_out
 from seglab.stages.base import Unit
-from seglab.workers.datastream import stream_batches
 from seglab.workers.pool import WorkerPool, WorkerSpec, run_batches
 from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 
@@ -341,6 +340,8 @@ class Runner:
             self._connect()
             resources = worker_resources(self.stages[name].resources, self.manifest.backend)
             workers = pool_size(resources, self.manifest.ray.workers)
+            from seglab.workers.datastream import stream_batches  # noqa: PLC0415 (ray.data takes about 0.8 s to import)
+
             stats, report.worker_peak_rss = stream_batches(
                 spec=self._worker_spec(),
                 resources=resources,

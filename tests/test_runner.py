@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,22 @@ def test_end_to_end_then_rerun_does_nothing(tiny):
     again = run(tiny)
     assert again.ok and again.work_done == 0
     assert store.objects.list("") == keys  # a rerun with nothing to do writes nothing
+    rerun = subprocess.run(  # and imports nothing that only running a stage needs (seconds of a short rerun)
+        [sys.executable, "-c", RERUN_IMPORTS, str(tiny)], capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0 and rerun.stdout.strip().splitlines()[-1] == "[]", rerun.stdout + rerun.stderr
+
+
+RERUN_IMPORTS = """
+import sys
+from seglab.cli.app import main
+sys.argv = ["seglab", "run", sys.argv[1]]
+try:
+    main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print([m for m in ("ray.data", "scipy.stats", "pyarrow.dataset", "torch") if m in sys.modules])
+"""
 
 
 def test_changed_config_stops_and_names_the_key_then_force_recomputes_downstream(tiny):
