@@ -337,7 +337,6 @@ class Runner:
         read_paths, retries = self.planner.read_paths(name), self.manifest.ray.max_retries
         if self.manifest.ray.engine == "data":
             _release(pools)  # Ray Data starts its own actors: free the CPUs/GPUs a pool holds
-            self._connect()
             resources = worker_resources(self.stages[name].resources, self.manifest.backend)
             workers = pool_size(resources, self.manifest.ray.workers)
             from seglab.workers.datastream import stream_batches  # noqa: PLC0415 (ray.data takes about 0.8 s to import)
