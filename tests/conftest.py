@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,15 +35,6 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RAY_OPTIONS = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, "configure_logging": False}
 
 
-def own_ray(**options) -> None:
-    """Start a local Ray for one module alone (after stopping the shared one, if it runs)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", **{**RAY_OPTIONS, **options})
-
-
 @pytest.fixture(scope="session")
 def _ray_for_the_session():
     import ray
@@ -62,13 +54,15 @@ def ray_local(_ray_for_the_session):
     if not ray.is_initialized():
         ray.init(address="local", **RAY_OPTIONS)
     yield
-    if ray.is_initialized() and not _cpus_all_free(ray):
+    if ray.is_initialized() and not _cpus_all_free():
         ray.shutdown()
 
 
-def _cpus_all_free(ray, wait: float = 5.0) -> bool:
+def _cpus_all_free(wait: float = 5.0) -> bool:
     """Whether every CPU of the local Ray is free within ``wait`` seconds (actors of a
     pool shut down release theirs a moment later)."""
+    import ray
+
     deadline = time.monotonic() + wait
     while True:
         if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
@@ -228,6 +222,29 @@ def s3_endpoint():
 
     with s3_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_endpoint):
+    """The S3 environment set for this process, then a local Ray of the module's own started
+    in it (the shared one stopped first): its workers inherit the environment, as a
+    cluster's workers have their machines' credentials. -> the endpoint URL."""
+    import ray
+
+    from seglab.pipeline.bench.s3server import s3_environment
+
+    saved = {key: os.environ.get(key) for key in s3_environment(s3_endpoint)}
+    os.environ.update(s3_environment(s3_endpoint))
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", **RAY_OPTIONS)
+    yield s3_endpoint
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

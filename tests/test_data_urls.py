@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from conftest import add_gold, own_ray, write_dataset, write_manifest
+from conftest import add_gold, write_dataset, write_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
 from seglab.pipeline.base.errors import InputError, ManifestError
 from seglab.pipeline.base.fingerprint import array_sha256
-from seglab.pipeline.bench.s3server import new_bucket, s3_environment
+from seglab.pipeline.bench.s3server import new_bucket
 from seglab.pipeline.core.keyglob import glob_prefix, match_keys
 from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.store import Store
@@ -34,22 +33,6 @@ from seglab.stages.parts.imageio import file_exists, read_file_bytes
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
 SIZES = [(32, 48), (40, 32), (32, 40), (36, 44)]
 cli = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def s3_ray(s3_endpoint):
-    """The S3 environment set for this process, then a local Ray started in it: its workers
-    read the bucket with the driver's settings (as in test_s3_runs)."""
-    saved = {key: os.environ.get(key) for key in s3_environment(s3_endpoint)}
-    os.environ.update(s3_environment(s3_endpoint))
-    own_ray()
-    yield s3_endpoint
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def upload(folder: Path, url: str) -> None:
