@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
 import ray
+import zarr
 from conftest import write_dataset, write_manifest
+from ray import cloudpickle
 
 from seglab.pipeline.core.batcharrays import batch_id
 from seglab.pipeline.core.ledger import BatchTask, Receipt, UnitInputs
@@ -18,8 +21,8 @@ from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.planning import place_units
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.units import enumerate_units
-from seglab.stages.base import Unit
-from seglab.workers.pool import WorkerPool, WorkerSpec, read_inputs, run_batches
+from seglab.stages.base import Resources, Unit
+from seglab.workers.pool import StageWorker, WorkerPool, WorkerSpec, read_inputs, run_batches
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -81,3 +84,26 @@ def test_a_store_that_cannot_be_read_fails_the_units_it_was_read_for_transiently
     inputs = read_inputs(Unreachable(), task, ["ingest/image"], failures)
     assert inputs == [{}, {}] and set(failures) == {"a", "b"}
     assert all(f.transient and "the endpoint is gone" in f.message for f in failures.values())
+
+
+class CodecThreadsProbe(StageWorker):  # shipped to Ray workers by value: they cannot import this module
+    def codec_threads(self) -> int:
+        return zarr.config.get("threading.max_workers")
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_worker_runs_zarr_codecs_on_as_many_threads_as_it_has_cpus(tmp_path, cpus):
+    """zarr's default (CPU count + 4 threads) oversubscribes a worker Ray gave fewer CPUs."""
+    write_dataset(tmp_path / "data", [(48, 64)])
+    manifest = load_manifest(write_manifest(tmp_path))
+    runner = Runner(manifest, RunOptions(only="ingest"))
+    runner.run()  # a worker opens the store
+    spec = WorkerSpec(manifest.store_location, runner.context, {}, manifest.backend)
+    pool = WorkerPool(spec, Resources(cpus=cpus), size=1, worker=CodecThreadsProbe)
+    try:
+        assert ray.get(pool.actors[0].codec_threads.remote()) == cpus
+    finally:
+        pool.shutdown()

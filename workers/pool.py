@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.base.errors import SeglabError, TransientError
-from seglab.pipeline.core.batcharrays import read_commit
+from seglab.pipeline.core.batcharrays import limit_codec_threads, read_commit
 from seglab.pipeline.core.gold import read_gold
 from seglab.pipeline.core.ledger import BatchTask, LedgerEntry, Receipt
 from seglab.pipeline.core.registry import stage_class
@@ -30,7 +30,7 @@ from seglab.pipeline.core.store import CorruptOutput, Store
 from seglab.pipeline.core.unitrecords import Where, commit_receipts, done_columns
 from seglab.stages.base import Context, FitByTraining, GoldSample, Resources, StageConfig, Unit
 from seglab.workers.backend import build_backend
-from seglab.workers.raysession import capacity
+from seglab.workers.raysession import assigned_cpus, capacity
 from seglab.workers.schedule import BatchSchedule, BatchStats, failure_of
 
 
@@ -53,6 +53,7 @@ class StageWorker:
     """Actor body (made remote by ``WorkerPool``)."""
 
     def __init__(self, spec: WorkerSpec):
+        limit_codec_threads(assigned_cpus())
         self.spec = spec
         self.store = Store(spec.store_path)
         self.stage_class = stage_class

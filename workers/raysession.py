@@ -71,6 +71,13 @@ def capacity(resources: Resources) -> int:
     return min(fits) if fits else 1
 
 
+def assigned_cpus() -> int:
+    """The CPUs Ray gave the calling actor or task (at least 1; 1 outside a Ray worker)."""
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return 1
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 def pool_size(resources: Resources, requested: int | None) -> int:
     """Actors for a pool: ``requested``, or as many as the cluster's CPUs/GPUs allow."""
     room = capacity(resources)

@@ -46,7 +46,18 @@ BATCH_ID = re.compile(r"b[0-9]{12}")
 """A batch's name: 'b' and a 12-digit sequence number the driver hands out per stage."""
 ARRAY_KEY = re.compile(r"zarr\.json|c(/[0-9]+)+")
 """Keys zarr writes inside one array's folder."""
-COMPRESSORS = (BloscCodec(cname="zstd", clevel=3), Crc32cCodec())
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5), Crc32cCodec())
+"""Blosc LZ4 with byte shuffle (bit shuffle for 1-byte types), then a CRC32C per inner chunk.
+On a batch of 128 weight-free embeddings (128 MiB raw) LZ4 encodes in about a quarter of
+zstd level 3's time and decodes in half, for 1.3x the bytes (43 vs 33 MiB): the worker's
+I/O, not the bytes stored, is what a stage's overhead is made of."""
+
+
+def limit_codec_threads(threads: int) -> None:
+    """Have zarr encode and decode chunks on at most ``threads`` threads in this process
+    (its default, the CPU count + 4, oversubscribes a worker Ray gave one CPU). Takes effect
+    for zarr's next read or write."""
+    zarr.config.set({"threading.max_workers": max(1, threads)})
 
 
 def batch_id(sequence: int) -> str:
