@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from seglab.pipeline.base.errors import SeglabError
-from seglab.pipeline.base.fingerprint import digest, file_sha256
+from seglab.pipeline.base.fingerprint import bytes_sha256, digest
 from seglab.pipeline.core.gold import gold_mask_path
 from seglab.pipeline.core.ledger import LedgerEntry, Receipt
 from seglab.pipeline.core.store import Store
@@ -128,8 +128,9 @@ class GoldSetFit:
 class Training:
     """A segmenter trained on Ray Train on the training units whose upstream outputs are done
     (workers/trainer.py), resuming from the checkpoints of an interrupted run with the same
-    key; keyed by the stage's signature and those units' upstream outputs. A stored fit
-    counts only while its checkpoint is the file it recorded."""
+    key; keyed by the stage's signature and those units' upstream outputs. Checkpoints are
+    objects of the store (a folder's files, a bucket's objects). A stored fit counts only
+    while its checkpoint holds the bytes it recorded (sha256)."""
 
     anew = "to be trained anew"
 
@@ -150,23 +151,13 @@ class Training:
         fitted = _stored_attrs(store, self.name, key)
         if fitted is None or store is None:
             return None
-        if store.local is None:
-            return None
-        checkpoint = store.local / fitted["checkpoint"]
-        if not checkpoint.is_file() or file_sha256(checkpoint) != fitted["sha256"]:
-            return None
-        return fitted
+        data = store.objects.get(fitted["checkpoint"])
+        return fitted if data is not None and bytes_sha256(data) == fitted["sha256"] else None
 
     def fit(self, store: Store, key: str, samples: list[Unit], units: Sequence[Unit], host: FitHost) -> Fitted:
         from seglab.workers.trainer import TrainingJob, train  # noqa: PLC0415 (torch loads only when a stage trains)
 
         manifest = self.planner.manifest
-        checkpoints = store.checkpoint_dir(self.name)
-        if store.local is None or checkpoints is None:
-            raise SeglabError(
-                f"{self.name}: training rounds keep their checkpoints beside the store, which needs a local "
-                f"store.path for now (this one is {store.path}); run rounds into a local store"
-            )
         host.release_pools()
         host.connect()
         config = manifest.stage_config(self.name)
@@ -176,7 +167,7 @@ class Training:
             class_ids=self.planner.context.classes.ids,
             labels=self.kind.labels,
             uncertainty=self.kind.uncertainty,
-            checkpoint_dir=str(checkpoints / key[:16]),
+            checkpoints=store.checkpoint_location(self.name, key[:16]),
             settings=config.model_dump(mode="json"),
             seed=manifest.run.seed,
         )
@@ -186,16 +177,20 @@ class Training:
             f"({config.workers} Ray Train worker(s))",
         )
         started = time.perf_counter()
-        path, state = train(
+        name, state = train(
             job, num_workers=config.workers, use_gpu=wants_gpu(config.use_gpu), max_failures=manifest.ray.max_retries
         )
         seconds = time.perf_counter() - started
         host.progress.note(self.name, f"trained in {seconds:.0f}s, final loss {state['history'][-1]['loss']:.4f}")
         store.remove_other_checkpoints(self.name, keep=key[:16])
+        checkpoint = f"{store.checkpoint_prefix(self.name)}/{key[:16]}/{name}"
+        data = store.objects.get(checkpoint)
+        if data is None:
+            raise SeglabError(f"{store.path}: {checkpoint} is gone right after training wrote it")
         return {
             "architecture": config.architecture,
-            "checkpoint": str(path.relative_to(store.local)),
-            "sha256": file_sha256(path),
+            "checkpoint": checkpoint,
+            "sha256": bytes_sha256(data),
             "epochs": len(state["history"]),
             "units": len(samples),
             "skipped": len(training_units(manifest, list(units))) - len(samples),

@@ -91,12 +91,12 @@ def test_a_trained_fit_needs_its_checkpoint_unchanged(tmp_path):
         done(store, stage, [u.id for u in training[1:]])
     key, samples = fitter.key(store, units)
     assert samples == training[1:] and len(training) == 3  # what is done of the images outside the gold sets
-    folder = store.checkpoint_dir("retrain")
-    assert folder is not None and store.local is not None
-    checkpoint = folder / key[:16] / "epoch-0001.pt"
+    assert store.local is not None
+    key_of_checkpoint = f"{store.checkpoint_prefix('retrain')}/{key[:16]}/epoch-0001.pt"
+    checkpoint = store.local / key_of_checkpoint
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"weights")
-    fitted = {"checkpoint": str(checkpoint.relative_to(store.local)), "sha256": file_sha256(checkpoint)}
+    fitted = {"checkpoint": key_of_checkpoint, "sha256": file_sha256(checkpoint)}
     store.set_stage_attrs("retrain", fitted=fitted, fitted_from=key)
     assert fitter.stored(store, key) == fitted
     checkpoint.write_bytes(b"other weights")

@@ -1199,11 +1199,12 @@ def test_segmenter_checkpoint_loader_refuses_code_and_torn_files(tmp_path):
 
 
 def test_training_resume_skips_malicious_and_torn_checkpoints(tmp_path):
+    from seglab.pipeline.core.objects import Objects
     from seglab.workers.trainer import latest_checkpoint, save_checkpoint
 
     canary = tmp_path / "canary"
     folder = tmp_path / "checkpoints"
-    save_checkpoint(folder, 0, {"epoch": 0, "w": torch.zeros(2)})
+    save_checkpoint(Objects(str(folder)), 0, {"epoch": 0, "w": torch.zeros(2)})
     bad = malicious_checkpoints(tmp_path / "evil", canary)
     bad += torn_checkpoints(tmp_path / "torn", (folder / "epoch-0000.pt").read_bytes())
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # loads as tensors, but is no training state
@@ -1211,8 +1212,8 @@ def test_training_resume_skips_malicious_and_torn_checkpoints(tmp_path):
     bad += [tmp_path / "tensor.pt", tmp_path / "string-epoch.pt"]
     for path in bad:
         (folder / "epoch-0001.pt").write_bytes(path.read_bytes())  # the newest epoch is bad: resume from 0
-        found = latest_checkpoint(folder)
-        assert found is not None and found[0].name == "epoch-0000.pt" and found[1]["epoch"] == 0, path.name
+        found = latest_checkpoint(Objects(str(folder)))
+        assert found is not None and found[0] == "epoch-0000.pt" and found[1]["epoch"] == 0, path.name
     (folder / "epoch-0000.pt").write_bytes(bad[0].read_bytes())
-    assert latest_checkpoint(folder) is None
+    assert latest_checkpoint(Objects(str(folder))) is None
     assert not canary.exists()

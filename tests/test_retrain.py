@@ -16,6 +16,7 @@ from conftest import add_gold, seglab_process
 from typer.testing import CliRunner
 
 from seglab.cli.app import app
+from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.runner import Runner
@@ -58,15 +59,16 @@ def test_dice_uses_only_confident_pixels_and_image_weights_follow_entropy():
     assert loss.item() < 1e-3  # the undecided image has weight 0
 
 
-def test_checkpoints_are_atomic_and_a_torn_newest_falls_back(tmp_path):
+def test_checkpoints_are_whole_objects_and_a_torn_newest_falls_back(tmp_path):
+    folder = Objects(str(tmp_path))
     for epoch in range(3):
-        save_checkpoint(tmp_path, epoch, {"epoch": epoch, "w": torch.full((2,), float(epoch))})
-    assert [p.name for p in checkpoint_files(tmp_path)] == ["epoch-0001.pt", "epoch-0002.pt"]  # the newest two
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    newest = checkpoint_files(tmp_path)[-1]
+        save_checkpoint(folder, epoch, {"epoch": epoch, "w": torch.full((2,), float(epoch))})
+    assert checkpoint_files(folder) == ["epoch-0001.pt", "epoch-0002.pt"]  # the newest two
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]  # no staging file left
+    newest = tmp_path / checkpoint_files(folder)[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # torn
-    path, state = latest_checkpoint(tmp_path)
-    assert path.name == "epoch-0001.pt" and state["epoch"] == 1
+    key, state = latest_checkpoint(folder)
+    assert key == "epoch-0001.pt" and state["epoch"] == 1
 
 
 class _RunsCode:
@@ -78,7 +80,8 @@ class _RunsCode:
 
 
 def test_resume_skips_unsafe_and_foreign_checkpoints(tmp_path):
-    save_checkpoint(tmp_path, 0, {"epoch": 0, "w": torch.zeros(2)})
+    folder = Objects(str(tmp_path))
+    save_checkpoint(folder, 0, {"epoch": 0, "w": torch.zeros(2)})
     newest = tmp_path / "epoch-0001.pt"
     for state in (
         {"epoch": 1, "w": _RunsCode(tmp_path / "canary")},  # unpickling would run code
@@ -87,8 +90,8 @@ def test_resume_skips_unsafe_and_foreign_checkpoints(tmp_path):
         [1, 2],
     ):  # tensors, but no training state: train() crashed
         torch.save(state, newest)
-        path, loaded = latest_checkpoint(tmp_path)
-        assert path.name == "epoch-0000.pt" and loaded["epoch"] == 0
+        key, loaded = latest_checkpoint(folder)
+        assert key == "epoch-0000.pt" and loaded["epoch"] == 0
     assert not (tmp_path / "canary").exists()
 
 
@@ -168,7 +171,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert saved, "training never reached epoch 2 before the deadline"
-    _, before = latest_checkpoint(saved[0].parent)
+    _, before = latest_checkpoint(Objects(str(saved[0].parent)))
     assert 2 <= before["epoch"] < 7  # killed mid-training
 
     rerun = subprocess.run(

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import committed_units, seglab_process
 from typer.testing import CliRunner
 
@@ -122,3 +123,37 @@ def test_a_run_whose_lease_lapsed_stops_before_it_records_more(tiny, s3_ray, req
         runner._lock = lease
         with pytest.raises(StoreBusy, match="lease on the store lapsed"):
             runner._check_lease(Store(location, create=True))
+
+
+def test_training_checkpoints_are_whole_objects_of_the_bucket_and_a_torn_newest_falls_back(s3_ray, request):
+    from seglab.workers.trainer import checkpoint_files, latest_checkpoint, save_checkpoint  # noqa: PLC0415 (torch)
+
+    folder = Objects(new_bucket(s3_ray, request.node.name) + "/run.zarr/_checkpoints/retrain/0123456789abcdef")
+    for epoch in range(3):
+        save_checkpoint(folder, epoch, {"epoch": epoch, "w": torch.full((2,), float(epoch))})
+    assert checkpoint_files(folder) == ["epoch-0001.pt", "epoch-0002.pt"]  # the newest two
+    newest = folder.get("epoch-0002.pt")
+    assert newest is not None
+    folder.put("epoch-0002.pt", newest[:100])  # torn
+    key, state = latest_checkpoint(folder)
+    assert key == "epoch-0001.pt" and state["epoch"] == 1 and state["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.slow  # about 60 s: five stages, Ray Train, refine.1 and a rerun; checkpoints in a bucket are tested above
+def test_a_round_of_retraining_keeps_its_checkpoints_in_the_bucket_and_a_rerun_reuses_them(tiny, s3_ray, request):
+    location = new_bucket(s3_ray, request.node.name) + "/run.zarr"
+    manifest = into(tiny, location)
+    manifest.write_text(
+        manifest.read_text() + "rounds: 1\nretrain: {epochs: 3, input_size: [32, 48], train_batch: 2, batch_size: 2}\n"
+    )
+    assert Runner(load_manifest(manifest)).run().ok
+    store = Store(location)
+    fitted = store.stage_attrs("retrain")["fitted"]
+    checkpoints = store.objects.list(store.checkpoint_prefix("retrain"))
+    assert fitted["checkpoint"] == checkpoints[-1] and len(checkpoints) == 2  # the newest two epochs are kept
+    assert store.objects.get(fitted["checkpoint"]) is not None
+    assert [h["epoch"] for h in fitted["history"]] == [0, 1, 2]
+    assert "refine.1" in store.stages() and output_hashes(store, "refine.1")
+    assert (
+        Runner(load_manifest(manifest)).run().work_done == 0
+    )  # the stored fit's checkpoint is read back from the bucket

@@ -86,6 +86,26 @@ def test_clear_stage_removes_what_seglab_wrote_and_keeps_the_rest(tmp_path):
     assert set(store.entries("ingest")) == {"a"}
 
 
+def test_checkpoint_files_go_with_their_stage_and_nothing_else_in_their_folder_does(tmp_path):
+    store = Store(tmp_path / "s.zarr", create=True)
+    prefix = store.checkpoint_prefix("retrain")
+    old, new = "0123456789abcdef", "fedcba9876543210"
+    written = [f"{old}/epoch-0001.pt", f"{new}/epoch-0002.pt"]
+    foreign = [f"{new}/notes.txt", "not-a-key/epoch-0001.pt", "epoch-0009.pt"]
+    for rest in written + foreign:
+        store.objects.put(f"{prefix}/{rest}", b"x")
+    staged = tmp_path / "s.zarr" / prefix / new / "epoch-0003.pt#4"  # what a writer killed mid-put leaves
+    staged.write_bytes(b"x")
+    assert store.checkpoint_location("retrain", new) == str(tmp_path / "s.zarr" / prefix / new)
+    store.remove_other_checkpoints("retrain", keep=new)
+    assert not (tmp_path / "s.zarr" / prefix / old).exists()  # its folder went with its only file
+    assert store.objects.exists(f"{prefix}/{new}/epoch-0002.pt")
+    left = store.clear_stage("retrain", [])
+    assert sorted(left) == sorted(f"{prefix}/{rest}" for rest in foreign)
+    assert sorted(store.objects.list(prefix)) == sorted(f"{prefix}/{rest}" for rest in foreign)
+    assert not staged.exists()
+
+
 def test_removing_a_store_leaves_only_files_it_did_not_write(tmp_path):
     store = Store(tmp_path / "s.zarr", create=True)
     store.put_units("ingest", ["a", "b"], [{"image": np.ones((2, 2, 3), np.uint8)}] * 2)

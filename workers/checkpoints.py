@@ -7,6 +7,7 @@ architecture's parameters: a missing or unexpected key is an error naming the ke
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from collections.abc import Mapping
@@ -57,14 +58,17 @@ def describe_load_failure(exc: Exception) -> str:
     return f"not a PyTorch tensor checkpoint, or a damaged one ({detail})"
 
 
-def load_state_dict(path: Path | str, *, nested_key: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: Path | str, *, nested_key: str | None = None, data: bytes | None = None
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors on the CPU without executing pickled code.
 
     ``nested_key``: checkpoints that wrap the state dict (SAM2's ``{"model": ...}``).
+    ``data``: the checkpoint's bytes, read from object storage (``path`` then only names it).
     """
     path = Path(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(path, "checkpoint file not found") from None
     except Exception as exc:  # UnpicklingError for unsafe globals, RuntimeError for torn zips, EOFError, ...
@@ -76,9 +80,12 @@ def load_state_dict(path: Path | str, *, nested_key: str | None = None) -> dict[
     return dict(loaded)
 
 
-def load_exact(module: torch.nn.Module, path: Path | str, *, nested_key: str | None = None) -> None:
-    """Load ``path`` into ``module``; every parameter and buffer must match by name and shape."""
-    state = load_state_dict(path, nested_key=nested_key)
+def load_exact(
+    module: torch.nn.Module, path: Path | str, *, nested_key: str | None = None, data: bytes | None = None
+) -> None:
+    """Load ``path`` (or its ``data``) into ``module``; every parameter and buffer must match
+    by name and shape."""
+    state = load_state_dict(path, nested_key=nested_key, data=data)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

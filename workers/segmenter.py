@@ -42,11 +42,19 @@ class TeacherPredictor:
     """The mean teacher of a retrain checkpoint, loaded safely (weights_only, exact keys):
     ``predictor(image)`` with image HxWx3 uint8 RGB -> float32 [C, h, w] softmax at ``input_size``."""
 
-    def __init__(self, checkpoint: str, architecture: str, num_classes: int, input_size: tuple[int, int]):
+    def __init__(
+        self,
+        checkpoint: str,
+        architecture: str,
+        num_classes: int,
+        input_size: tuple[int, int],
+        data: bytes | None = None,
+    ):
+        """``checkpoint``: its file, or only its name when ``data`` holds its bytes."""
         self.device = pick_device("auto")
         self.input_size = tuple(input_size)
         self.model = Segmenter(architecture, num_classes)
-        load_exact(self.model, checkpoint, nested_key="teacher")
+        load_exact(self.model, checkpoint, nested_key="teacher", data=data)
         self.model.to(self.device).eval()
 
     @torch.no_grad()

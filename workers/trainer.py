@@ -3,10 +3,12 @@
 One ``TrainingJob`` says what to train on: the store, the training units, where their labels
 and uncertainty live, and the settings. ``train`` runs ``train_loop`` on ``num_workers`` Ray
 Train workers (data parallel: each takes every world_size-th unit; GPUs when asked). Each
-epoch, rank 0 writes a checkpoint file (student, EMA teacher, optimizer, RNG state and the
-metrics of every epoch so far) to a temporary name and renames it into place, so a file
-that exists is whole. A rerun, or a worker restarted by Ray Train after a failure, resumes
-from the newest checkpoint that loads (a torn or corrupt one is skipped).
+epoch, rank 0 writes a checkpoint (student, EMA teacher, optimizer, RNG state and the
+metrics of every epoch so far) as one object into the job's checkpoint folder, a local
+folder or a bucket prefix (``pipeline/core/objects.py``): written whole or not at all (a
+folder's file is staged and renamed into place). A rerun, or a worker restarted by Ray
+Train after a failure, resumes from the newest checkpoint that loads (a corrupt one is
+skipped).
 
 Images are resized to ``input_size`` (H, W) for training (bilinear; labels and gold masks
 nearest), with random horizontal flips.
@@ -15,11 +17,11 @@ nearest), with random horizontal flips.
 from __future__ import annotations
 
 import copy
-import os
+import io
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from seglab.pipeline.core.gold import read_gold_file
 from seglab.pipeline.core.metrics import class_index
+from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.store import Store
 from seglab.workers.losses import IGNORE_INDEX, batch_loss
 from seglab.workers.segmenter import Segmenter
@@ -56,7 +59,7 @@ class TrainingJob:
     class_ids: tuple[int, ...]
     labels: str
     uncertainty: str | None
-    checkpoint_dir: str
+    checkpoints: str
     settings: dict[str, Any]
     seed: int
     label_files: tuple[str, ...] = ()
@@ -71,7 +74,7 @@ class TrainingJob:
             class_ids=tuple(job["class_ids"]),
             labels=job["labels"],
             uncertainty=job["uncertainty"],
-            checkpoint_dir=job["checkpoint_dir"],
+            checkpoints=job["checkpoints"],
             settings=job["settings"],
             seed=job["seed"],
             label_files=tuple(job.get("label_files", ())),
@@ -80,42 +83,42 @@ class TrainingJob:
 
 
 # -- checkpoints ----------------------------------------------------------------------------
-def checkpoint_files(folder: Path | str) -> list[Path]:
-    """Checkpoint files in ``folder``, oldest epoch first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if CHECKPOINT.match(p.name)), key=lambda p: p.name)
+def checkpoint_files(folder: Objects) -> list[str]:
+    """Keys of the checkpoints in ``folder``, oldest epoch first."""
+    return [key for key in folder.list("") if CHECKPOINT.match(key)]
 
 
-def latest_checkpoint(folder: Path | str) -> tuple[Path, dict[str, Any]] | None:
-    """(path, state) of the newest checkpoint that loads as tensors (weights_only) and holds
-    a state with an integer ``epoch``, or None. A torn, corrupt or unsafe file (one whose
-    unpickling would run code: weights_only refuses it unrun) is skipped."""
-    for path in reversed(checkpoint_files(folder)):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn, corrupt or unsafe file: fall back to the one before
-            continue
-        if isinstance(state, dict) and isinstance(state.get("epoch"), int) and not isinstance(state["epoch"], bool):
-            return path, state
+def load_checkpoint(data: bytes) -> dict[str, Any] | None:
+    """A checkpoint's state, loaded as tensors only (weights_only: unpickling that would run
+    code is refused unrun); None when it does not load or holds no integer ``epoch``."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # a torn, corrupt or unsafe checkpoint
+        return None
+    if isinstance(state, dict) and isinstance(state.get("epoch"), int) and not isinstance(state["epoch"], bool):
+        return state
     return None
 
 
-def save_checkpoint(folder: Path | str, epoch: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` as epoch-NNNN.pt atomically (tmp file, fsync, rename); keep the newest few."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch-{epoch:04d}.pt"
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    for old in checkpoint_files(folder)[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
-    return path
+def latest_checkpoint(folder: Objects) -> tuple[str, dict[str, Any]] | None:
+    """(key, state) of the newest checkpoint in ``folder`` that loads (``load_checkpoint``),
+    or None: a corrupt or unsafe one is skipped for the one before."""
+    for key in reversed(checkpoint_files(folder)):
+        data = folder.get(key)
+        state = None if data is None else load_checkpoint(data)
+        if state is not None:
+            return key, state
+    return None
+
+
+def save_checkpoint(folder: Objects, epoch: int, state: dict[str, Any]) -> str:
+    """Write ``state`` as the object epoch-NNNN.pt, whole; keep the newest few; -> its key."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    key = f"epoch-{epoch:04d}.pt"
+    folder.put(key, buffer.getvalue())
+    folder.delete(checkpoint_files(folder)[:-KEEP_CHECKPOINTS])
+    return key
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ def train_loop(config: dict[str, Any]) -> None:
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=s["learning_rate"], weight_decay=s["weight_decay"])
     start, history = 0, []
-    found = latest_checkpoint(job.checkpoint_dir)
+    checkpoints = Objects(job.checkpoints)
+    found = latest_checkpoint(checkpoints)
     if found is not None:
         _, state = found
         student.load_state_dict(state["student"])
@@ -224,7 +228,7 @@ def train_loop(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             save_checkpoint(
-                job.checkpoint_dir,
+                checkpoints,
                 epoch,
                 {
                     "student": {k: v.cpu() for k, v in student.state_dict().items()},
@@ -240,23 +244,27 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
 
-def train(job: TrainingJob, *, num_workers: int, use_gpu: bool, max_failures: int) -> tuple[Path, dict[str, Any]]:
+def train(job: TrainingJob, *, num_workers: int, use_gpu: bool, max_failures: int) -> tuple[str, dict[str, Any]]:
     """Run ``train_loop`` on Ray Train until every epoch has a checkpoint -> (the last
-    checkpoint file, its state). Resumes from ``job.checkpoint_dir`` when it holds epochs."""
-    found = latest_checkpoint(job.checkpoint_dir)
+    checkpoint's key in ``job.checkpoints``, its state). Resumes from the checkpoints there.
+    Ray Train keeps its own run files in a temporary folder: seglab reports it no
+    checkpoint, so nothing of them outlives the call."""
+    checkpoints = Objects(job.checkpoints)
+    found = latest_checkpoint(checkpoints)
     if found is None or int(found[1]["epoch"]) + 1 < job.settings["epochs"]:
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"job": asdict(job)},
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-            run_config=RunConfig(
-                name="train",
-                storage_path=str(Path(job.checkpoint_dir).resolve().parent / "_ray"),
-                failure_config=FailureConfig(max_failures=max_failures),
-            ),
-        )
-        trainer.fit()
-        found = latest_checkpoint(job.checkpoint_dir)
+        with tempfile.TemporaryDirectory(prefix="seglab-train-") as ray_train_files:
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"job": asdict(job)},
+                scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+                run_config=RunConfig(
+                    name="train",
+                    storage_path=ray_train_files,
+                    failure_config=FailureConfig(max_failures=max_failures),
+                ),
+            )
+            trainer.fit()
+        found = latest_checkpoint(checkpoints)
     if found is None:
-        raise RuntimeError(f"{job.checkpoint_dir}: training finished without a readable checkpoint")
+        raise RuntimeError(f"{job.checkpoints}: training finished without a readable checkpoint")
     return found

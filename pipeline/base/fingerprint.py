@@ -35,6 +35,10 @@ def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def array_sha256(array: np.ndarray) -> str:
     """Hash of dtype, shape and bytes (C order) of an array."""
     a = np.ascontiguousarray(array)

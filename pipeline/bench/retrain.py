@@ -47,9 +47,6 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     evaluation = evaluate(manifest)
     found = {r.source: r for r in evaluation.sources}
     store = Store(manifest.store_location)
-    checkpoints = store.checkpoint_dir(GOLD_RUN)
-    if checkpoints is None:
-        raise SeglabError(f"{store.path}: bench retrain needs a local store.path")
     fitted = {r: store.stage_attrs(round_name("retrain", r))["fitted"] for r in range(manifest.rounds)}
     by_id = {u.id: u for u in enumerate_units(manifest)}
     units = tuple(fitted[0]["trained_on"])  # the same in every round
@@ -65,14 +62,14 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
         class_ids=classes.ids,
         labels="",
         uncertainty=None,
-        checkpoint_dir=str(checkpoints / key[:16]),
+        checkpoints=store.checkpoint_location(GOLD_RUN, key[:16]),
         settings=settings,
         seed=manifest.run.seed,
         label_files=label_files,
         label_ignore=tuple(gold_ignore),
     )
     trained = time.perf_counter()
-    path, state = train(
+    name, state = train(
         job, num_workers=config.workers, use_gpu=wants_gpu(config.use_gpu), max_failures=manifest.ray.max_retries
     )
     gold = manifest.data.evaluation
@@ -82,7 +79,13 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
         if unit
     ]
     matrix = score_checkpoint(
-        str(store.path), str(path), config.architecture, config.input_size, items, classes, gold.ignore
+        str(store.path),
+        f"{store.checkpoint_prefix(GOLD_RUN)}/{key[:16]}/{name}",
+        config.architecture,
+        config.input_size,
+        items,
+        classes,
+        gold.ignore,
     )
     truth = scores(matrix).miou
     rounds = []

@@ -81,10 +81,12 @@ STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[0-9]+)?")
 """What a stage's name (= its store group) looks like: 'select', 'refine.2'."""
 CHECKPOINT_KEY = re.compile(r"[0-9a-f]{16}")
 """Folders of one training input's checkpoints, named by the key's first 16 hex digits."""
-CHECKPOINT_FILE = re.compile(r"epoch-[0-9]{4,}\.pt|\.epoch-[0-9]{4,}\.pt\.[0-9]+\.tmp")
-"""Files workers/trainer.py writes into a checkpoint folder."""
+CHECKPOINT_FILE = re.compile(r"epoch-[0-9]{4,}\.pt(#[0-9]+)?|\.epoch-[0-9]{4,}\.pt\.[0-9]+\.tmp")
+"""Files workers/trainer.py writes into a checkpoint folder: epoch-NNNN.pt, and the staging
+file of one a killed writer left (obstore's in a folder, 'epoch-NNNN.pt#N'; an earlier
+seglab's temporary name)."""
 RAY_TRAIN_DIR = "_ray"
-"""Ray Train's storage folder beside a stage's checkpoint folders (workers/trainer.py)."""
+"""Where an earlier seglab had Ray Train keep its own files, beside a stage's checkpoint folders."""
 GROUP = "zarr.json"
 
 
@@ -377,49 +379,50 @@ class Store:
         self.objects.delete([GROUP, LOCK])
         return left
 
-    def _clear_checkpoints(self, stage: str) -> list[Path]:
-        checkpoints = self.checkpoint_dir(stage)
-        left: list[Path] = []
-        if checkpoints is None or not checkpoints.is_dir():
-            return left
-        for entry in checkpoints.iterdir():
-            if entry.name == RAY_TRAIN_DIR and entry.is_dir():
-                shutil.rmtree(entry)  # Ray Train's own files, in the folder seglab gave it
-            elif CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                left += _remove_matching(entry)
-            else:
-                left.append(entry)
-        _rmdir_if_empty(checkpoints)
+    def _clear_checkpoints(self, stage: str) -> list[str]:
+        """Remove the stage's checkpoint files (keys the trainer writes, in folders of training
+        keys); -> the other keys under its checkpoint folder, left in place."""
+        prefix = self.checkpoint_prefix(stage)
+        doomed: list[str] = []
+        left: list[str] = []
+        for key in self.objects.list(prefix):
+            (doomed if _is_checkpoint_key(key[len(prefix) + 1 :]) else left).append(key)
+        if self.local is not None:
+            for staged in (self.local / prefix).glob("*/epoch-*.pt#*"):  # obstore lists no staging file
+                if _is_checkpoint_key(f"{staged.parent.name}/{staged.name}") and staged.is_file():
+                    staged.unlink()
+            ray_train = self.local / prefix / RAY_TRAIN_DIR
+            if ray_train.is_dir():
+                shutil.rmtree(ray_train)  # Ray Train's own files, where an earlier seglab had it keep them
+                left = [key for key in left if not key.startswith(f"{prefix}/{RAY_TRAIN_DIR}/")]
+        self.objects.delete(doomed)  # last: it removes the folders it empties
         return left
 
-    def checkpoint_dir(self, stage: str) -> Path | None:
-        """Where a trained stage keeps its checkpoint files (local stores; None otherwise)."""
-        return None if self.local is None else self.local / CHECKPOINT_DIR / stage
+    def checkpoint_prefix(self, stage: str) -> str:
+        """The key folder of a trained stage's checkpoints: ``<prefix>/<training key>/epoch-NNNN.pt``."""
+        return f"{CHECKPOINT_DIR}/{stage}"
+
+    def checkpoint_location(self, stage: str, key: str) -> str:
+        """The location (path or URL) of the checkpoint folder of one training key."""
+        folder = f"{self.checkpoint_prefix(stage)}/{key}"
+        return str(self.local / folder) if self.local is not None else f"{self.location.url}/{folder}"
 
     def remove_other_checkpoints(self, stage: str, keep: str) -> None:
-        """Remove a trained stage's checkpoint folders of other training inputs than ``keep``
-        (a 16-hex-digit key), only the files the trainer writes into them."""
-        folder = self.checkpoint_dir(stage)
-        for entry in folder.iterdir() if folder is not None and folder.is_dir() else ():
-            if entry.name != keep and CHECKPOINT_KEY.fullmatch(entry.name) and entry.is_dir():
-                _remove_matching(entry)
+        """Remove a trained stage's checkpoint files of other training inputs than ``keep``
+        (a 16-hex-digit key): only keys the trainer writes."""
+        prefix = self.checkpoint_prefix(stage)
+        self.objects.delete(
+            key
+            for key in self.objects.list(prefix)
+            if _is_checkpoint_key(rest := key[len(prefix) + 1 :]) and not rest.startswith(f"{keep}/")
+        )
 
 
-def _rmdir_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:  # not empty (holds files seglab did not write) or already gone
-        pass
-
-
-def _remove_matching(folder: Path) -> list[Path]:
-    """Remove the checkpoint files the trainer wrote directly in ``folder``, then the folder
-    if that emptied it; -> the entries left."""
-    left = []
-    for entry in folder.iterdir():
-        if entry.is_file() and not entry.is_symlink() and CHECKPOINT_FILE.fullmatch(entry.name):
-            entry.unlink()
-        else:
-            left.append(entry)
-    _rmdir_if_empty(folder)
-    return left
+def _is_checkpoint_key(rest: str) -> bool:
+    """Whether ``rest`` (a key below a stage's checkpoint folder) is a file the trainer writes."""
+    parts = rest.split("/")
+    return (
+        len(parts) == 2
+        and CHECKPOINT_KEY.fullmatch(parts[0]) is not None
+        and CHECKPOINT_FILE.fullmatch(parts[1]) is not None
+    )

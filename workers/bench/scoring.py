@@ -30,7 +30,8 @@ def score_checkpoint(
     batch: int = 8,
 ) -> np.ndarray:
     """items: (unit id, gold mask file) -> the summed confusion matrix int64 [C, C + 1]
-    (pipeline/core/metrics.py) of the teacher's labels over those images."""
+    (pipeline/core/metrics.py) of the teacher's labels over those images; ``checkpoint``:
+    its key in the store."""
     task = ray.remote(num_cpus=1)(_score_batch)
     height, width = input_size
     refs = [
@@ -59,7 +60,10 @@ def _score_batch(
     gold_ignore: tuple[int, ...],
 ) -> np.ndarray:
     store = Store(store_path)
-    predictor = TeacherPredictor(checkpoint, architecture, len(classes.ids), input_size)
+    data = store.objects.get(checkpoint)
+    if data is None:
+        raise FileNotFoundError(f"{store.path}/{checkpoint}")
+    predictor = TeacherPredictor(f"{store.path}/{checkpoint}", architecture, len(classes.ids), input_size, data=data)
     ctx = Context(classes=classes, weak_kind="", seed=0, segmenter=predictor)
     stage = Retrain(RetrainConfig())
     size = len(classes.ids)
