@@ -151,8 +151,7 @@ class Training:
         fitted = _stored_attrs(store, self.name, key)
         if fitted is None or store is None:
             return None
-        data = store.objects.get(fitted["checkpoint"])
-        return fitted if data is not None and bytes_sha256(data) == fitted["sha256"] else None
+        return fitted if store.recorded_checkpoint(fitted["checkpoint"], fitted["sha256"]) is not None else None
 
     def fit(self, store: Store, key: str, samples: list[Unit], units: Sequence[Unit], host: FitHost) -> Fitted:
         from seglab.workers.trainer import TrainingJob, train  # noqa: PLC0415 (torch loads only when a stage trains)
@@ -183,7 +182,7 @@ class Training:
         seconds = time.perf_counter() - started
         host.progress.note(self.name, f"trained in {seconds:.0f}s, final loss {state['history'][-1]['loss']:.4f}")
         store.remove_other_checkpoints(self.name, keep=key[:16])
-        checkpoint = f"{store.checkpoint_prefix(self.name)}/{key[:16]}/{name}"
+        checkpoint = store.checkpoint_key(self.name, key[:16], name)
         data = store.objects.get(checkpoint)
         if data is None:
             raise SeglabError(f"{store.path}: {checkpoint} is gone right after training wrote it")

@@ -154,6 +154,5 @@ def test_a_round_of_retraining_keeps_its_checkpoints_in_the_bucket_and_a_rerun_r
     assert store.objects.get(fitted["checkpoint"]) is not None
     assert [h["epoch"] for h in fitted["history"]] == [0, 1, 2]
     assert "refine.1" in store.stages() and output_hashes(store, "refine.1")
-    assert (
-        Runner(load_manifest(manifest)).run().work_done == 0
-    )  # the stored fit's checkpoint is read back from the bucket
+    # the stored fit's checkpoint is read back from the bucket: nothing to do
+    assert Runner(load_manifest(manifest)).run().work_done == 0

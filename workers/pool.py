@@ -22,7 +22,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from seglab.pipeline.base.errors import SeglabError, TransientError
-from seglab.pipeline.base.fingerprint import bytes_sha256
 from seglab.pipeline.core.batcharrays import limit_codec_threads, read_commit
 from seglab.pipeline.core.gold import read_gold
 from seglab.pipeline.core.ledger import BatchTask, LedgerEntry, Receipt
@@ -79,9 +78,9 @@ class StageWorker:
         if fitted is None:
             raise RuntimeError(f"stage '{stage.name}' runs only after it was trained")
         if self.segmenter_sha256 != fitted["sha256"]:
-            data = self.store.objects.get(fitted["checkpoint"])
+            data = self.store.recorded_checkpoint(fitted["checkpoint"], fitted["sha256"])
             name = f"{self.store.path}/{fitted['checkpoint']}"
-            if data is None or bytes_sha256(data) != fitted["sha256"]:
+            if data is None:
                 raise RuntimeError(f"{name}: missing, or not the checkpoint recorded when it was trained")
             self.context.segmenter = TeacherPredictor(
                 name, fitted["architecture"], len(self.context.classes.ids), tuple(fitted["input_size"]), data=data

@@ -80,7 +80,7 @@ def bench_retrain(manifest: Manifest, *, gold_masks: Path, gold_ignore: Sequence
     ]
     matrix = score_checkpoint(
         str(store.path),
-        f"{store.checkpoint_prefix(GOLD_RUN)}/{key[:16]}/{name}",
+        store.checkpoint_key(GOLD_RUN, key[:16], name),
         config.architecture,
         config.input_size,
         items,

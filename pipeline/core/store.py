@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from seglab.pipeline.base.errors import SeglabError
+from seglab.pipeline.base.fingerprint import bytes_sha256
 from seglab.pipeline.core.batcharrays import (
     ARRAY_KEY,
     BATCH_ID,
@@ -402,10 +403,20 @@ class Store:
         """The key folder of a trained stage's checkpoints: ``<prefix>/<training key>/epoch-NNNN.pt``."""
         return f"{CHECKPOINT_DIR}/{stage}"
 
+    def checkpoint_key(self, stage: str, key: str, name: str = "") -> str:
+        """The key of checkpoint ``name`` of one training key (``name`` empty: their folder)."""
+        return f"{self.checkpoint_prefix(stage)}/{key}" + (f"/{name}" if name else "")
+
     def checkpoint_location(self, stage: str, key: str) -> str:
         """The location (path or URL) of the checkpoint folder of one training key."""
-        folder = f"{self.checkpoint_prefix(stage)}/{key}"
+        folder = self.checkpoint_key(stage, key)
         return str(self.local / folder) if self.local is not None else f"{self.location.url}/{folder}"
+
+    def recorded_checkpoint(self, key: str, sha256: str) -> bytes | None:
+        """The checkpoint object at ``key`` when its bytes hash to the ``sha256`` recorded for
+        it; None when it is missing or differs."""
+        data = self.objects.get(key)
+        return data if data is not None and bytes_sha256(data) == sha256 else None
 
     def remove_other_checkpoints(self, stage: str, keep: str) -> None:
         """Remove a trained stage's checkpoint files of other training inputs than ``keep``
