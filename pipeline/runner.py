@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from typing import Any
 
+import pyarrow as pa
+
 from seglab.pipeline.base.errors import StorageError, UsageError, os_error_cause
 from seglab.pipeline.base.fingerprint import diff_signatures, digest
 from seglab.pipeline.core.batcharrays import batch_id, read_commit
@@ -35,6 +37,16 @@ from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 MAX_PASSES = 3
 """Passes over the stages per run: a pass that finds damaged stored inputs invalidates
 them, and the next pass redoes them with everything that read them."""
+
+
+def use_system_allocator() -> None:
+    """Have Arrow allocate from the C library's malloc in this process instead of its default
+    pool (mimalloc). The driver's Arrow tables are short-lived (a stage's records folded, the
+    unit index, a plan's columns) and mimalloc keeps the pages they freed: a 20,000-image
+    ``--only ingest`` run peaked at 327 MiB with it and 297 MiB without (268 and 279 MiB at
+    2,000)."""
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def seglab_version() -> str:
@@ -125,6 +137,7 @@ class Runner:
     def run(self) -> RunReport:
         """Run the selected stages. A dry run, or a run with nothing to do, writes nothing
         (so a read-only store is fine); any other run holds the store's lock throughout."""
+        use_system_allocator()
         units = enumerate_units(self.manifest)
         selected = self.dag.select(start=self.options.start, only=self.options.only)
         location = self.manifest.store_location

@@ -153,6 +153,20 @@ def test_dry_run_and_only(tiny):
     assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4
 
 
+def test_a_run_allocates_arrow_memory_from_malloc(tiny):
+    """The driver's short-lived Arrow tables go back to the C library's heap, not into
+    mimalloc's retained pages (runner.use_system_allocator)."""
+    import pyarrow as pa
+
+    before = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())
+        run(tiny, dry_run=True)
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(before)
+
+
 def _truth_of(store: Store, unit: str, i: int) -> np.ndarray:
     image = store.read_unit(["ingest/image"], unit)["ingest/image"]
     return shapes_image(*image.shape[:2], seed=i)[1]
