@@ -28,7 +28,7 @@ from seglab.pipeline.core.unitindex import UnitIndex, digests_to_numpy
 from seglab.pipeline.dag import Dag
 from seglab.pipeline.manifest import Manifest
 from seglab.pipeline.shardplan import plan_stage
-from seglab.pipeline.units import unit_input_digest
+from seglab.pipeline.units import input_digests
 from seglab.stages.base import ClassTable, Context, FitByTraining, FitOnGoldSet, MapStage, Unit
 from seglab.workers.backend import backend_signature, feature_names
 
@@ -52,9 +52,9 @@ def place_units(store: Store | None, units: Sequence[Unit], shard_size: int) -> 
     """Today's units placed in the store's index (``store`` None: a new one of
     ``shard_size``); new units go to new shards, nothing is written."""
     stored = store.index(shard_size) if store is not None else UnitIndex.empty(shard_size)
-    sources = np.array([np.frombuffer(bytes.fromhex(unit_input_digest(u)), np.uint8) for u in units], np.uint8)
+    sources = input_digests(units)
     ids = pa.array([u.id for u in units], pa.string())
-    index, update = stored.update(ids, pa.array([u.image for u in units], pa.string()), sources.reshape(-1, 32))
+    index, update = stored.update(ids, pa.array([u.image for u in units], pa.string()), sources)
     uids = pc.index_in(ids, value_set=index.table.column("unit")).to_numpy().astype(np.int64)
     position = np.full(len(index), -1, np.int64)
     position[uids] = np.arange(len(units))

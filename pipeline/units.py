@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pyarrow.parquet as pq
 import skimage.data
 
 from seglab.pipeline.base.errors import InputError, ManifestError
 from seglab.pipeline.base.fingerprint import digest
-from seglab.pipeline.base.objecturl import head_object, is_object_url, join_key, list_keys
+from seglab.pipeline.base.objecturl import ListedHeads, head_object, is_object_url, join_key, list_keys
 from seglab.pipeline.core.keyglob import glob_prefix, match_keys
 from seglab.pipeline.core.paths import object_key
 from seglab.pipeline.manifest import ImageSource, Manifest
@@ -259,32 +260,47 @@ def _names_in(folder: str) -> set[str]:
         raise InputError(folder, f"cannot list the label maps: {exc.strerror}") from None
 
 
-def file_stat(path: str | Path | None) -> list:
+def file_stat(path: str | Path | None, heads: ListedHeads | None = None) -> list:
     """[path, size, mtime in ns] (or [path, None] when it does not exist): what identifies
     a file's content without reading it. For an object's URL: [url, size, e_tag] (its
-    last-modified time where there is no e_tag), from its head."""
+    last-modified time where there is no e_tag), from ``heads`` (listings of its prefix)
+    when given, else from its own head."""
     if path is not None and is_object_url(path):
-        return _object_stat(str(path))
-    if path is None or not Path(path).exists():
-        return [str(path) if path else None, None]
-    st = Path(path).stat()
+        return _object_stat(str(path), heads)
+    if not path:
+        return [None, None]
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return [str(path), None]
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _object_stat(url: str) -> list:
+def _object_stat(url: str, heads: ListedHeads | None) -> list:
     """``file_stat`` of an object: [url, None] when there is none; InputError naming the URL
     when the object store cannot be asked."""
     try:
-        head = head_object(url)
+        head = heads.head(url) if heads is not None else head_object(url)
     except OSError as exc:
         raise InputError(url, f"cannot read the object's size and version: {exc.strerror}") from None
     return [url, None] if head is None else [url, head.size, head.version]
 
 
-def unit_input_digest(unit: Unit) -> str:
-    """What identifies a unit's raw inputs without reading them: paths, sizes, mtimes,
-    and the table rows themselves. A change recomputes the unit (and what depends on it)."""
-    return digest([file_stat(unit.image), file_stat(unit.weak_map), list(unit.weak_rows)])
+def unit_input_digest(unit: Unit, heads: ListedHeads | None = None) -> str:
+    """What identifies a unit's raw inputs without reading them: paths, sizes, mtimes (or
+    an object's size and e_tag, from ``heads`` when given), and the table rows themselves.
+    A change recomputes the unit (and what depends on it)."""
+    return digest([file_stat(unit.image, heads), file_stat(unit.weak_map, heads), list(unit.weak_rows)])
+
+
+def input_digests(units: Sequence[Unit]) -> np.ndarray:
+    """uint8 [len(units), 32]: ``unit_input_digest`` of each unit, objects' heads taken from
+    one listing per prefix they are in instead of a request per object."""
+    heads = ListedHeads()
+    digests = np.empty((len(units), 32), np.uint8)
+    for at, unit in enumerate(units):
+        digests[at] = np.frombuffer(bytes.fromhex(unit_input_digest(unit, heads)), np.uint8)
+    return digests
 
 
 def gold_units(manifest: Manifest, gold_set: str, units: list[Unit]) -> list[Unit]:

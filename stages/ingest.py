@@ -8,20 +8,21 @@ Outputs per unit:
   boxes: float32 [B, 5] rows (x0, y0, x1, y1, class) of box weak labels; [0, 5] for
          the other kinds. A box of the background class (``data.weak.background``,
          ``ctx.background``) fails its image: the background has no boxes.
-The receipt records the source path (or object URL), its sha256 and the image size.
+The receipt records the source path (or object URL), the sha256 of the bytes decoded (the
+file is read once) and the image size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
 from pydantic import Field
 
 from seglab.pipeline.base.errors import InputError
-from seglab.pipeline.base.objecturl import sha256
 from seglab.stages.base import Context, MapStage, Resources, StageConfig, Unit
-from seglab.stages.parts.imageio import decode_image, file_exists
+from seglab.stages.parts.imageio import decode_image, file_exists, read_file_bytes
 from seglab.stages.parts.weak import rasterize_points, read_label_map, validate_boxes, validate_points
 
 
@@ -43,11 +44,17 @@ class Ingest(MapStage):
     reads = ()
     resources = Resources(cpus=1)
 
+    def __init__(self, config: IngestConfig):
+        super().__init__(config)
+        self._decoded_sha256: dict[str, str] = {}
+        """unit id -> sha256 of the image bytes ``process`` decoded, until its receipt takes it."""
+
     def outputs(self, ctx: Context) -> tuple[str, ...]:
         return ("image", "weak", "boxes")
 
     def process(self, unit: Unit, inputs: Mapping[str, np.ndarray], ctx: Context) -> dict[str, np.ndarray]:
-        image = decode_image(unit.image, max_pixels=self.config.max_pixels)
+        data = read_file_bytes(unit.image)
+        image = decode_image(unit.image, max_pixels=self.config.max_pixels, data=data)
         hw = image.shape[:2]
         classes = ctx.classes
         dtype = classes.label_dtype
@@ -82,8 +89,9 @@ class Ingest(MapStage):
             weak = np.where(raw == ctx.unlabelled, classes.ignore_id, raw).astype(dtype)
         else:
             raise InputError(unit.weak_source or unit.image, f"weak label kind '{ctx.weak_kind}' cannot be ingested")
+        self._decoded_sha256[unit.id] = hashlib.sha256(data).hexdigest()
         return {"image": image, "weak": weak, "boxes": boxes}
 
     def receipt_info(self, unit: Unit, outputs: Mapping[str, np.ndarray]) -> dict:
         h, w = outputs["image"].shape[:2]
-        return {"source": unit.image, "sha256": sha256(unit.image), "height": int(h), "width": int(w)}
+        return {"source": unit.image, "sha256": self._decoded_sha256.pop(unit.id), "height": int(h), "width": int(w)}

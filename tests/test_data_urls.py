@@ -27,7 +27,7 @@ from seglab.pipeline.evaluation.evaluate import evaluate
 from seglab.pipeline.manifest import load_manifest
 from seglab.pipeline.records import RunOptions
 from seglab.pipeline.runner import Runner
-from seglab.pipeline.units import enumerate_units, file_stat, list_object_keys, unit_input_digest
+from seglab.pipeline.units import enumerate_units, file_stat, input_digests, list_object_keys, unit_input_digest
 from seglab.stages.parts.imageio import file_exists, read_file_bytes
 
 STAGES = ("ingest", "embed", "prompts", "select", "refine")
@@ -255,6 +255,33 @@ def test_a_changed_object_changes_its_units_input_digest_and_only_its(s3_bucket,
     Objects(root).delete(["images/img00.png"])
     img00 = units["images__img00.png"].image
     assert file_stat(img00) == [img00, None]  # like a missing file
+
+
+def test_planning_a_bucket_lists_each_prefix_once_and_asks_no_object_its_head(s3_bucket, tmp_path, monkeypatch):
+    """A unit's fingerprint comes from the listing of its image's and label map's prefix:
+    one listing per prefix for the whole dataset, no head request per object, and the
+    digests the heads give (so stores planned before keep their units)."""
+    import obstore
+
+    local = local_dataset(tmp_path)
+    root = f"{s3_bucket}/data"
+    upload(tmp_path / "data", root)
+    Objects(root).delete(["scribbles/img01.png"])  # absent from its listing: like a missing file
+    units = enumerate_units(load_manifest(bucket_manifest(local, root)))
+    by_heads = [unit_input_digest(u) for u in units]
+    listed: list[str] = []
+    list_with_delimiter = obstore.list_with_delimiter
+
+    def listing(store, prefix=None, **kwargs):
+        listed.append(prefix)
+        return list_with_delimiter(store, prefix, **kwargs)
+
+    monkeypatch.setattr(obstore, "head", lambda *a, **k: pytest.fail("asked an object for its head"))
+    monkeypatch.setattr(obstore, "list_with_delimiter", listing)
+    assert [bytes(d).hex() for d in input_digests(units)] == by_heads
+    prefixes = {path.rsplit("/", 1)[0] for u in units for path in (u.image, u.weak_map)}
+    assert sorted(listed) == sorted(f"{p[len(s3_bucket) + 1 :]}/" for p in prefixes)
+    assert len(prefixes) == 3  # images/, images/extra/, scribbles/
 
 
 # ---------------------------------------------------------------- failures

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import obstore
 from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import ObjectStore, from_url
 
-from seglab.pipeline.base.fingerprint import file_sha256
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
 
 URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 SCHEMES = ("file", "s3", "gs")
@@ -131,8 +132,39 @@ def head_object(url: str) -> ObjectHead | None:
             meta = obstore.head(open_store(bucket), key)
     except FileNotFoundError:
         return None
+    return _object_head(meta)
+
+
+def _object_head(meta: ObjectMeta) -> ObjectHead:
+    """An ``ObjectHead`` from obstore's metadata of one object (a head's or a listing's)."""
     version = meta.get("e_tag") or meta["last_modified"].isoformat()
     return ObjectHead(size=int(meta["size"]), version=str(version))
+
+
+def heads_under(url: str) -> dict[str, ObjectHead]:
+    """The objects directly under the prefix ``url`` (not those deeper down), by URL, with
+    their heads: one listing (paged by the service, 1,000 objects a request on S3), where
+    asking each object would be a request apiece. The listing's e_tag is the head's."""
+    bucket, prefix = split_url(url)
+    with _as_os_errors(url):
+        listed = obstore.list_with_delimiter(open_store(bucket), f"{prefix}/" if prefix else None)
+    return {join_key(bucket, meta["path"]): _object_head(meta) for meta in listed["objects"]}
+
+
+class ListedHeads:
+    """Object heads answered from listings: the first question about an object lists its
+    parent prefix (``heads_under``), later ones about its siblings are answered from that
+    listing. For one planning pass: a listing is as old as the pass."""
+
+    def __init__(self) -> None:
+        self._by_parent: dict[str, dict[str, ObjectHead]] = {}
+
+    def head(self, url: str) -> ObjectHead | None:
+        """The object's head, or None when the listing of its parent does not hold it."""
+        parent = url.rstrip("/").rsplit("/", 1)[0]
+        if parent not in self._by_parent:
+            self._by_parent[parent] = heads_under(parent)
+        return self._by_parent[parent].get(url)
 
 
 def exists(location: str | Path) -> bool:
@@ -148,15 +180,3 @@ def list_keys(url: str) -> list[str]:
         batches = obstore.list(open_store(bucket), f"{prefix}/" if prefix else None)
         keys = [meta["path"] for batch in batches for meta in batch]
     return sorted(key[len(prefix) + 1 :] if prefix else key for key in keys)
-
-
-def sha256(location: str | Path) -> str:
-    """sha256 hex of a file's or an object's content, read in chunks."""
-    if not is_object_url(location):
-        return file_sha256(location)
-    digest = hashlib.sha256()
-    bucket, key = split_url(str(location))
-    with _as_os_errors(str(location)):
-        for block in obstore.get(open_store(bucket), key):
-            digest.update(block)
-    return digest.hexdigest()

@@ -120,17 +120,18 @@ def _check_size(
 
 
 def open_checked(
-    path: Path | str, *, max_pixels: int, expected_hw: tuple[int, int] | None = None
+    path: Path | str, *, max_pixels: int, expected_hw: tuple[int, int] | None = None, data: bytes | None = None
 ) -> tuple[Image.Image, str]:
     """Open, size-check and fully decode the first frame of an image file.
 
     expected_hw: (H, W) the image must have after EXIF orientation (used for label maps).
+    data: the file's content when the caller read it already (``path`` then names it in messages).
     Returns (the frame with EXIF orientation applied, in whatever mode the file has;
     the format Pillow detected, e.g. "PNG"). Every decoding problem -> InputError.
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    data = read_file_bytes(path)
+    data = read_file_bytes(path) if data is None else data
     if not data:
         raise InputError(path, "file is empty (0 bytes)")
     try:
@@ -209,13 +210,13 @@ def _to_rgb8(path: Path | str, image: Image.Image, fmt: str) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def decode_image(path: Path | str, *, max_pixels: int) -> np.ndarray:
-    """Decode one image file (a path or an object's URL) -> uint8 [H, W, 3] RGB,
-    C-contiguous and writeable.
+def decode_image(path: Path | str, *, max_pixels: int, data: bytes | None = None) -> np.ndarray:
+    """Decode one image file (a path or an object's URL; ``data``: its content, when read
+    already) -> uint8 [H, W, 3] RGB, C-contiguous and writeable.
 
     H and W are the displayed size (after EXIF orientation). Raises InputError for a
     missing, empty, truncated, corrupt, oversized (``W * H > max_pixels``) or
     unconvertible file; the message says what is wrong.
     """
-    image, fmt = open_checked(path, max_pixels=max_pixels)
+    image, fmt = open_checked(path, max_pixels=max_pixels, data=data)
     return _to_rgb8(path, image, fmt)
