@@ -17,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from pydantic import (
@@ -31,6 +32,7 @@ from pydantic import (
 )
 
 from seglab.pipeline.base.errors import ManifestError
+from seglab.pipeline.base.objecturl import read_bytes
 from seglab.pipeline.core.objects import Location, LocationError
 from seglab.pipeline.core.paths import check_data_root, check_glob_walk, is_url, object_key, resolve_index, url_root
 from seglab.pipeline.core.paths import resolve as _resolve
@@ -107,19 +109,28 @@ class ImageSource(_Frozen):
         return self
 
 
-def _check_index(source: ImageSource, root_url: str | None) -> None:
-    """An image list or Parquet index must be a readable file of local paths: ValueError
-    naming the file otherwise. Under a URL data root (``root_url``) its entries are keys
-    and one escaping the root is refused here; under a folder, when listed."""
+def index_entries(source: ImageSource) -> list[str]:
+    """The image paths an image list (blank and '#' lines skipped) or a Parquet index holds,
+    in order; the index is a local file or an object (read whole either way). OSError,
+    UnicodeDecodeError or pyarrow's errors when it cannot be read."""
     name = source.list if source.list is not None else source.parquet
-    assert name is not None  # checked only for a list or a Parquet index
-    index = Path(name)  # a file: resolve_index saw to it
+    assert name is not None  # only for a list or a Parquet index
+    data = read_bytes(name)
+    if source.list is not None:
+        lines = data.decode("utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    table = pq.ParquetFile(pa.BufferReader(data)).read(columns=[source.column])
+    return [str(v) for v in table.column(0).to_pylist()]
+
+
+def _check_index(source: ImageSource, root_url: str | None) -> None:
+    """An image list or Parquet index must be a readable file (or object) of local paths:
+    ValueError naming it otherwise. Under a URL data root (``root_url``) its entries are keys
+    and one escaping the root is refused here; under a folder, when listed."""
+    index = source.list if source.list is not None else source.parquet
     what = "image list" if source.list is not None else "Parquet index"
     try:
-        if source.list is not None:
-            entries = [line.strip() for line in index.read_text(encoding="utf-8").splitlines()]
-        else:
-            entries = [str(v) for v in pq.read_table(index, columns=[source.column]).column(0).to_pylist()]
+        entries = index_entries(source)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} {index} is not UTF-8 text ({exc})") from None
     except Exception as exc:  # OSError, pyarrow's errors for a corrupt file or a missing column

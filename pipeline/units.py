@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pyarrow.parquet as pq
 import skimage.data
 
 from seglab.pipeline.base.errors import InputError, ManifestError
@@ -27,7 +26,7 @@ from seglab.pipeline.base.fingerprint import digest
 from seglab.pipeline.base.objecturl import ListedHeads, head_object, is_object_url, join_key, list_keys
 from seglab.pipeline.core.keyglob import glob_prefix, match_keys
 from seglab.pipeline.core.paths import object_key
-from seglab.pipeline.manifest import ImageSource, Manifest
+from seglab.pipeline.manifest import ImageSource, Manifest, index_entries
 from seglab.stages.base import Unit
 from seglab.stages.parts.weak import assign_to_images, read_box_table, read_point_table
 
@@ -69,21 +68,12 @@ def list_images(source: ImageSource, root: Path, manifest_path: str) -> list[Pat
             raise ManifestError(manifest_path, [("data.images.glob", f"'{source.glob}' matches no image under {root}")])
         return sorted(paths)
     paths = []
-    for entry in _index_entries(source):
+    for entry in index_entries(source):
         path = (root / entry).resolve()
         if not path.is_relative_to(root):
             raise ManifestError(manifest_path, [("data.images", f"'{entry}' resolves outside the data root {root}")])
         paths.append(path)
     return paths
-
-
-def _index_entries(source: ImageSource) -> list[str]:
-    """The image paths an image list (blank and '#' lines skipped) or a Parquet index holds, in order."""
-    if source.list is not None:
-        lines = Path(source.list).read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    table = pq.read_table(source.parquet, columns=[source.column])
-    return [str(v) for v in table.column(source.column).to_pylist()]
 
 
 def list_sources(source: ImageSource, root: str, manifest_path: str) -> list[str]:
@@ -101,7 +91,7 @@ def list_object_keys(source: ImageSource, root: str, manifest_path: str) -> list
     if source.glob is not None:
         return _glob_keys(source.glob, root, manifest_path)
     try:
-        return [object_key(entry, root) for entry in _index_entries(source)]
+        return [object_key(entry, root) for entry in index_entries(source)]
     except ValueError as exc:
         raise ManifestError(manifest_path, [("data.images", str(exc))]) from None
 

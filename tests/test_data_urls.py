@@ -198,6 +198,48 @@ def test_list_entries_under_a_url_root_are_keys_under_it_in_list_order(tmp_path)
     assert keys == ["images/extra/img03.png", "images/img00.png"]
 
 
+def test_an_image_list_and_a_parquet_index_may_be_objects_in_the_bucket(s3_bucket, tmp_path):
+    """A list given by its key under a URL data root (not found beside the manifest) and a
+    Parquet index given by its URL are read from the bucket; the units are those of the
+    same list as a local file. One that is in neither place is one line naming both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = local_dataset(tmp_path)
+    root = f"{s3_bucket}/data"
+    upload(tmp_path / "data", root)
+    subset = "images/extra/img03.png\n# a comment\nimages/img00.png\n"
+    (tmp_path / "subset.txt").write_text(subset)
+    beside = bucket_manifest(local, root, store="beside.zarr")
+    beside.write_text(beside.read_text().replace('images: {glob: "images/**/*.png"}', "images: {list: subset.txt}"))
+    expected = [(u.id, u.image) for u in enumerate_units(load_manifest(beside))]
+    assert [uid for uid, _ in expected] == ["images__extra__img03.png", "images__img00.png"]
+
+    Objects(root).put("lists/subset.txt", subset.encode())
+    listed = bucket_manifest(local, root, store="listed.zarr")
+    listed.write_text(
+        listed.read_text().replace('images: {glob: "images/**/*.png"}', "images: {list: lists/subset.txt}")
+    )
+    assert load_manifest(listed).data.images.list == f"{root}/lists/subset.txt"
+    assert [(u.id, u.image) for u in enumerate_units(load_manifest(listed))] == expected
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"path": ["images/extra/img03.png", "images/img00.png"]}), sink)
+    Objects(s3_bucket).put("indexes/subset.parquet", sink.getvalue().to_pybytes())
+    indexed = bucket_manifest(local, root, store="indexed.zarr")
+    text = indexed.read_text().replace(
+        'images: {glob: "images/**/*.png"}', f"images: {{parquet: '{s3_bucket}/indexes/subset.parquet'}}"
+    )
+    indexed.write_text(text)
+    assert [(u.id, u.image) for u in enumerate_units(load_manifest(indexed))] == expected
+
+    listed.write_text(listed.read_text().replace("lists/subset.txt", "lists/absent.txt"))
+    with pytest.raises(ManifestError) as error:
+        load_manifest(listed)
+    problem = problems_of(error)["data.images.list"]
+    assert str(tmp_path / "lists" / "absent.txt") in problem and f"{root}/lists/absent.txt" in problem, problem
+
+
 @pytest.mark.parametrize("masks", ["../gold", "/gold", "s3://other/gold"])
 def test_gold_masks_outside_a_url_root_are_refused(tmp_path, masks):
     manifest = bucket_manifest(local_dataset(tmp_path), "s3://bucket/data")

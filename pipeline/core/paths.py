@@ -2,7 +2,7 @@
 
 Relative paths resolve against the data root (data paths) or the manifest's folder
 (store, checkpoints, weak labels); image lists and Parquet indexes are looked for beside
-the manifest, then under the data root. Data paths must stay inside the data root. URLs
+the manifest, then under the data root (they may be objects too). Data paths must stay inside the data root. URLs
 are refused, except under a data root that is an object-storage URL (``s3://``,
 ``gs://``): its data paths are then keys relative to it, and ``resolve`` makes them URLs
 under it. The folders come from the validation context that ``parse_manifest`` passes to
@@ -17,7 +17,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, ValidationInfo
 
-from seglab.pipeline.base.objecturl import is_object_url, join_key
+from seglab.pipeline.base.objecturl import head_object, is_object_url, join_key
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -79,19 +79,25 @@ def resolve_index(value: str, info: ValidationInfo) -> str:
     """An image list or Parquet index -> absolute path; the file may be anywhere (a subset of
     a read-only dataset), only its entries must stay inside the data root.
 
-    A relative path is looked for beside the manifest, then under data.root (where it had to
-    be before), and the first that is a file is taken; under a URL data.root it is a local
-    file, beside the manifest. ValueError for a URL and, while a manifest is loaded, when no
-    candidate is a file (naming each place looked at)."""
+    Under a URL data.root an s3:// or gs:// URL names an object. A relative path is looked for beside the manifest,
+    then under data.root (where it had to be before: a file, or under a URL data.root the
+    object of that key), and the first that is there is taken. ValueError for another URL
+    and, while a manifest is loaded, when no candidate is there (naming each place looked at)."""
+    if is_object_url(value) and url_root(info) is not None:
+        return value
     beside = resolve(value, info, under_root=False)
     ctx = info.context
     if not ctx or Path(beside).is_file():
         return beside
-    if url_root(info) is not None:
-        raise ValueError(
-            f"'{value}' ({beside}) is not a file; under the URL data.root {ctx['root']} an image "
-            f"list or Parquet index is a local file, looked for beside the manifest"
-        )
+    if (root_url := url_root(info)) is not None:
+        url = join_key(root_url, object_key(value, root_url))
+        try:
+            found = head_object(url) is not None
+        except OSError as exc:
+            raise ValueError(f"'{value}': cannot ask {url} ({exc.strerror})") from None
+        if not found:
+            raise ValueError(f"'{value}' is not a file: looked for {beside} (beside the manifest) and the object {url}")
+        return url
     under_root = str(_absolute(value, Path(ctx["root"])))
     if Path(under_root).is_file():
         return under_root
