@@ -3,6 +3,7 @@ read, one object per array, commit objects that make a batch visible, and damage
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pytest
 import zarr
 
+from seglab.pipeline.base import fingerprint
 from seglab.pipeline.core.batcharrays import (
     BatchDamaged,
     array_path,
@@ -26,6 +28,7 @@ from seglab.pipeline.core.batcharrays import (
     write_batch_arrays,
 )
 from seglab.pipeline.core.objects import Objects
+from seglab.pipeline.core.store import Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -154,3 +157,34 @@ def test_inner_chunks_hold_whole_units_up_to_a_size_and_read_back(objects):
     assert array.metadata.codecs[0].chunk_shape == (1, 2, 700, 800)
     got = read_rows(objects, "embed", "big", batch_id(0), [2], records["big"])
     np.testing.assert_array_equal(got[0], units[2]["big"])
+
+
+def test_writing_a_batch_hashes_each_output_array_once(tmp_path, monkeypatch):
+    """The commit object's per-output sha256 and each unit's ``outputs`` digest come from
+    one pass over the arrays: hashing is a large part of a worker's own cost per unit."""
+    hashed = []
+    sha256 = hashlib.sha256
+
+    class CountingSha256:
+        def __init__(self, data=b""):
+            self._h = sha256(data)
+            hashed.append(memoryview(data).nbytes)
+
+        def update(self, data):
+            hashed.append(memoryview(data).nbytes)
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(fingerprint.hashlib, "sha256", CountingSha256)
+    units = _units()
+    store = Store(str(tmp_path / "store"), create=True)
+    store.put_units("select", ["a", "b", "c"], units)
+    array_bytes = sum(a.nbytes for unit in units for a in unit.values())
+    assert array_bytes <= sum(hashed) < array_bytes + 4096
+    monkeypatch.undo()
+    recorded = store.entries("select")["b"].outputs
+    assert {name: record.sha256 for name, record in recorded.items()} == {
+        name: fingerprint.array_sha256(array) for name, array in units[1].items()
+    }

@@ -41,7 +41,6 @@ def _columns(uids: list[int]) -> pa.Table:
             "state": pa.array([DONE] * n, pa.int8()),
             "signature": pa.array([SIGNATURE] * n, pa.binary(32)),
             "fitted": pa.array([bytes(32)] * n, pa.binary(32)),
-            "outputs": pa.array([bytes([u] * 32) for u in uids], pa.binary(32)),
             "from_source": pa.array([bytes(32)] * n, pa.binary(32)),
             "seconds": pa.array([0.0] * n, pa.float32()),
             "error": pa.array([None] * n, pa.string()),

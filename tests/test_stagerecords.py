@@ -36,7 +36,6 @@ def _done(objects: Objects, seq: int, uids: list[int], source: int) -> None:
             "state": pa.array([DONE] * len(uids), pa.int8()),
             "signature": pa.array([SIGNATURE] * len(uids), pa.binary(32)),
             "fitted": pa.array([bytes(32)] * len(uids), pa.binary(32)),
-            "outputs": pa.array([bytes([uid + 1] * 32) for uid in uids], pa.binary(32)),
             "from_source": digest,
             "seconds": pa.array([0.01] * len(uids), pa.float32()),
             "error": pa.array([None] * len(uids), pa.string()),

@@ -192,7 +192,7 @@ def write_batch(
 ) -> list[LedgerEntry]:
     """Write the done units (task position, outputs) as the task's batch; -> their receipts."""
     infos = [stage.receipt_info(task.units[at], result) for at, result in done]
-    columns = done_columns(task, [at for at, _ in done], [result for _, result in done], infos, seconds)
+    columns = done_columns(task, [at for at, _ in done], infos, seconds)
     table = store.shards.write_batch(stage_name, task.batch, [result for _, result in done], columns)
     seq = int(task.batch[1:])
     return list(commit_receipts(table, seq, [task.units[at].id for at, _ in done]))

@@ -36,7 +36,7 @@ import pyarrow as pa
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from seglab.pipeline.base.fingerprint import array_sha256
+from seglab.pipeline.base.fingerprint import array_sha256, digest
 from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.stagetable import parquet_bytes, parquet_table
 from seglab.pipeline.core.unitindex import DIGEST, digests_to_numpy
@@ -181,11 +181,24 @@ def write_batch_arrays(
     return records
 
 
+def outputs_digest(hashes: Mapping[str, str]) -> bytes:
+    """A unit's outputs as one 32-byte digest (what its children record they were made from):
+    output name -> sha256 hex."""
+    return bytes.fromhex(digest(dict(hashes)))
+
+
 def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Table:
     """The commit object's table: the caller's ``columns`` (one row per unit, in row order)
-    with ``row`` and each output's sha256 and shape appended; output dtypes in its metadata."""
+    with ``outputs`` (each unit's ``outputs_digest``, from the hashes ``write_batch_arrays``
+    took: the arrays are hashed once), ``row`` and each output's sha256 and shape
+    appended; output dtypes in its metadata."""
+    if "outputs" in columns.column_names:
+        raise ValueError("the commit object's 'outputs' column is made from its arrays' hashes, not given")
     n = columns.num_rows
-    table = columns.append_column("row", pa.array(np.arange(n, dtype=np.int32)))
+    hexes = {name: [bytes(h).hex() for h in rows.sha256] for name, rows in outputs.items()}
+    combined = [outputs_digest({name: hexes[name][at] for name in outputs}) for at in range(n)]
+    table = columns.append_column("outputs", pa.array(combined, DIGEST))
+    table = table.append_column("row", pa.array(np.arange(n, dtype=np.int32)))
     for name, rows in outputs.items():
         if len(rows.shapes) != n:
             raise ValueError(f"output '{name}' has {len(rows.shapes)} rows, the batch {n}")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from seglab.pipeline.core.batcharrays import RECORDS
 from seglab.pipeline.core.objects import Objects
@@ -109,10 +108,8 @@ def last_rows(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
     full = pa.schema([*schema, pa.field("batch", pa.int64()), pa.field("row", pa.int32())])
     if not tables:
         return full.empty_table()
-    table = pa.concat_tables([t.select(full.names).cast(full) for t in tables]).combine_chunks()
-    keep = np.sort(last_occurrence(table.column("uid").to_numpy()))
-    table = table.take(pa.array(keep))
-    return table.take(pc.sort_indices(table, [("uid", "ascending")]))
+    table = pa.concat_tables([t.select(full.names).cast(full) for t in tables])
+    return table.take(pa.array(last_occurrence(table.column("uid").to_numpy())))  # one copy, in uid order
 
 
 def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:

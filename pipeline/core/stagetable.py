@@ -94,7 +94,7 @@ class DenseStage:
 
 
 def last_occurrence(uid: np.ndarray) -> np.ndarray:
-    """Row positions of each uid's last row in ``uid`` (int64 [m]), any order."""
+    """Row positions of each uid's last row in ``uid`` (int64 [m]), in ascending uid order."""
     reversed_first = np.unique(uid[::-1], return_index=True)[1]
     return len(uid) - 1 - reversed_first
 

@@ -263,7 +263,7 @@ class Store:
             fitted=bytes(32),
             made_from={SOURCE: tuple(zeros)},
         )
-        columns = done_columns(task, range(len(units)), outputs, [{}] * len(units), 0.0)
+        columns = done_columns(task, range(len(units)), [{}] * len(units), 0.0)
         table = self.shards.write_batch(stage, task.batch, outputs, columns)
         self.refresh()
         return commit_receipts(table, seq, list(units))

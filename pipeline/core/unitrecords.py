@@ -9,10 +9,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyarrow as pa
 
-from seglab.pipeline.base.fingerprint import array_sha256, digest
 from seglab.pipeline.core.batcharrays import output_rows
 from seglab.pipeline.core.ledger import ArrayRecord, BatchTask, Failure, LedgerEntry, Receipt
 from seglab.pipeline.core.stagetable import DONE, FAILED
@@ -29,21 +27,15 @@ class Where(NamedTuple):
     sha256: str | None = None
 
 
-def outputs_digest(hashes: Mapping[str, str]) -> bytes:
-    """A unit's outputs as one 32-byte digest (what its children record they were made from):
-    output name -> sha256 hex."""
-    return bytes.fromhex(digest(dict(hashes)))
-
-
 def done_columns(
     task: BatchTask,
     positions: Sequence[int],
-    results: Sequence[Mapping[str, np.ndarray]],
     infos: Sequence[Mapping[str, Any]],
     seconds: float,
 ) -> pa.Table:
-    """The caller's columns of a batch's commit object (``records_table`` adds rows, hashes
-    and shapes): a DONE row per unit at ``positions`` of ``task`` with its results."""
+    """The caller's columns of a batch's commit object (``records_table`` adds rows, hashes,
+    shapes and the digest of a unit's outputs): a DONE row per unit at ``positions`` of
+    ``task`` with its ``infos``."""
     m = len(positions)
 
     def digests(values: Sequence[bytes]) -> pa.Array:
@@ -55,7 +47,6 @@ def done_columns(
             "state": pa.array([DONE] * m, pa.int8()),
             "signature": digests([task.signature] * m),
             "fitted": digests([task.fitted] * m),
-            "outputs": digests([outputs_digest({k: array_sha256(v) for k, v in r.items()}) for r in results]),
             **{f"from_{name}": digests([made[at] for at in positions]) for name, made in task.made_from.items()},
             "seconds": pa.array([seconds] * m, pa.float32()),
             "error": pa.array([None] * m, pa.string()),
