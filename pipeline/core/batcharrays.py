@@ -16,12 +16,12 @@ shape), so small outputs cost no objects beyond the commit object.
 A batch is written by one worker and never again: a unit redone goes into a new batch,
 so there is one writer per object and nothing is overwritten in place. The commit object
 is written last, create-only; a batch without one is invisible (a kill mid-write leaves
-arrays nothing refers to). It holds a row per unit: its ``row`` in the arrays and, per
-output ``o``, ``o.sha256`` (fixed_size_binary(32): ``array_sha256`` of the unit's
-unpadded array, dtype and shape included) and
-``o.shape`` (list<int32>); further columns are the caller's.
-Inner chunks hold as many units as fit in CHUNK_BYTES (one when a unit is larger). Units whose outputs are
-smaller than the batch's largest are zero-padded: the recorded shape cuts them back out.
+arrays nothing refers to). It holds a row per unit: its ``row`` in the arrays, ``outputs``
+(the digest of all its outputs' hashes) and, per output ``o``, ``o.sha256``
+(fixed_size_binary(32): ``array_sha256`` of the unit's unpadded array, dtype and shape
+included) and ``o.shape`` (list<int32>); further columns are the caller's. Inner chunks
+hold as many units as fit in CHUNK_BYTES (one when a unit is larger). Units whose outputs
+are smaller than the batch's largest are zero-padded: the recorded shape cuts them back out.
 Each inner chunk carries a CRC32C checksum, so a torn or flipped chunk fails to decode.
 """
 
