@@ -188,3 +188,13 @@ def test_writing_a_batch_hashes_each_output_array_once(tmp_path, monkeypatch):
     assert {name: record.sha256 for name, record in recorded.items()} == {
         name: fingerprint.array_sha256(array) for name, array in units[1].items()
     }
+
+
+def test_a_commit_table_refuses_rows_that_do_not_match_and_an_outputs_column_of_its_own(objects):
+    records = write_batch_arrays(objects, "select", batch_id(5), _units())
+    for uids in ([0, 1], [0, 1, 2, 3]):
+        with pytest.raises(ValueError, match=f"output 'labels' has 3 rows, the batch {len(uids)}"):
+            records_table(records, pa.table({"uid": pa.array(uids, pa.int64())}))
+    given = pa.table({"uid": pa.array([0, 1, 2], pa.int64()), "outputs": pa.array([bytes(32)] * 3, pa.binary(32))})
+    with pytest.raises(ValueError, match="'outputs' column is made from its arrays' hashes"):
+        records_table(records, given)

@@ -195,13 +195,14 @@ def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Ta
     if "outputs" in columns.column_names:
         raise ValueError("the commit object's 'outputs' column is made from its arrays' hashes, not given")
     n = columns.num_rows
+    for name, rows in outputs.items():
+        if len(rows.shapes) != n:
+            raise ValueError(f"output '{name}' has {len(rows.shapes)} rows, the batch {n}")
     hexes = {name: [bytes(h).hex() for h in rows.sha256] for name, rows in outputs.items()}
     combined = [outputs_digest({name: hexes[name][at] for name in outputs}) for at in range(n)]
     table = columns.append_column("outputs", pa.array(combined, DIGEST))
     table = table.append_column("row", pa.array(np.arange(n, dtype=np.int32)))
     for name, rows in outputs.items():
-        if len(rows.shapes) != n:
-            raise ValueError(f"output '{name}' has {len(rows.shapes)} rows, the batch {n}")
         table = table.append_column(
             f"{name}.sha256",
             pa.FixedSizeBinaryArray.from_buffers(
