@@ -22,7 +22,7 @@ from seglab.pipeline.base.errors import SignatureMismatch
 from seglab.pipeline.base.fingerprint import diff_signatures, digest, stage_signature
 from seglab.pipeline.core.ledger import BatchTask, UnitInputs
 from seglab.pipeline.core.registry import STAGES, round_stages
-from seglab.pipeline.core.stagetable import SOURCE, DenseStage
+from seglab.pipeline.core.stagetable import PARENT_COLUMNS, SOURCE, DenseStage, own_columns
 from seglab.pipeline.core.store import Store
 from seglab.pipeline.core.unitindex import UnitIndex, digests_to_numpy
 from seglab.pipeline.dag import Dag
@@ -227,29 +227,29 @@ class Planner:
         removed (what ``--force`` does before a run)."""
         n = len(placed.index)
 
-        def dense(stage: str) -> DenseStage:
+        def dense(stage: str, columns: Sequence[str]) -> DenseStage:
             inputs = stage_inputs(self.dag, stage)
             if store is None or stage in cleared:
                 return DenseStage.from_parts([], n, inputs)
-            return store.state(stage, inputs, n).dense
+            return store.state(stage, inputs, columns).dense(n)
 
-        parents = {dep: dense(dep) for dep in self.dag.deps[name]}
+        parents = {dep: dense(dep, PARENT_COLUMNS) for dep in self.dag.deps[name]}
         sources = digests_to_numpy(placed.index.table.column("source"))
         inputs: dict[str, DenseStage | np.ndarray] = dict(parents) if parents else {SOURCE: sources}
         signature = bytes.fromhex(digest(self.signatures[name]))
         fit = bytes.fromhex(fitted) if fitted else bytes(32)
         shards = placed.index.shards
-        planned = plan_stage(
-            dense(name), inputs, current=placed.current, shards=shards, signature=signature, fitted=fit
-        )
+        own = dense(name, own_columns(stage_inputs(self.dag, name)))
+        planned = plan_stage(own, inputs, current=placed.current, shards=shards, signature=signature, fitted=fit)
+        del own  # its n-row arrays are done with; a parent's outputs and places go on into the plan
         plan = Plan(
             blocked=planned.blocked,
             waiting=planned.waiting,
             reasons={"forced": len(planned.todo)} if name in cleared and len(planned.todo) else planned.reasons,
             signature=signature,
             fitted=fit,
-            made_from={dep: state.outputs for dep, state in parents.items()} if parents else {SOURCE: sources},
-            located={dep: (state.batch, state.row) for dep, state in parents.items()},  # type: ignore[misc]
+            made_from={dep: state.column("outputs") for dep, state in parents.items()} or {SOURCE: sources},
+            located={dep: (state.batch, state.row) for dep, state in parents.items()},
         )
         todo = planned.todo
         plan.todo = [placed.units[at] for at in placed.position[todo]]

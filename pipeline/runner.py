@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from typing import Any
 
-import pyarrow as pa
-
+from seglab.pipeline.base.allocation import map_large_allocations, use_system_allocator
 from seglab.pipeline.base.errors import StorageError, UsageError, os_error_cause
 from seglab.pipeline.base.fingerprint import diff_signatures, digest
 from seglab.pipeline.core.batcharrays import batch_id, read_commit
@@ -37,16 +36,6 @@ from seglab.workers.raysession import ensure_ray, pool_size, worker_resources
 MAX_PASSES = 3
 """Passes over the stages per run: a pass that finds damaged stored inputs invalidates
 them, and the next pass redoes them with everything that read them."""
-
-
-def use_system_allocator() -> None:
-    """Have Arrow allocate from the C library's malloc in this process instead of its default
-    pool (mimalloc). The driver's Arrow tables are short-lived (a stage's records folded, the
-    unit index, a plan's columns) and mimalloc keeps the pages they freed: a 20,000-image
-    ``--only ingest`` run peaked at 327 MiB with it and 297 MiB without (268 and 279 MiB at
-    2,000)."""
-    if pa.default_memory_pool().backend_name != "system":
-        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def seglab_version() -> str:
@@ -138,6 +127,7 @@ class Runner:
         """Run the selected stages. A dry run, or a run with nothing to do, writes nothing
         (so a read-only store is fine); any other run holds the store's lock throughout."""
         use_system_allocator()
+        map_large_allocations()
         units = enumerate_units(self.manifest)
         selected = self.dag.select(start=self.options.start, only=self.options.only)
         location = self.manifest.store_location
@@ -426,7 +416,7 @@ class BatchNames:
 
     def __init__(self, store: Store, stage: str, outputs: Sequence[str], *, collect: bool = True):
         self.store, self.stage, self.outputs = store, stage, outputs
-        state = store.state(stage)
+        state = store.state(stage, columns=())  # the batches its rows refer to, and the next name
         if collect:
             store.shards.collect_garbage(stage, outputs, state)
         self.seq = state.next_batch
@@ -437,7 +427,7 @@ class BatchNames:
 
     def tidy(self) -> None:
         inputs = self.store.stage_inputs(self.stage)
-        state = self.store.shards.fold(self.stage, inputs, len(self.store.index()))
+        state = self.store.shards.fold(self.stage, inputs)
         self.store.shards.collect_garbage(self.stage, self.outputs, state)
 
 

@@ -52,7 +52,7 @@ def plan_stage(
     for name, source in inputs.items():
         if isinstance(source, DenseStage):
             finished = source.state == DONE
-            holds = source.outputs
+            holds = source.column("outputs")
         else:
             if name != SOURCE:
                 raise ValueError(f"input '{name}' is given as digests but is not the index's {SOURCE}")
@@ -62,10 +62,10 @@ def plan_stage(
         if stuck.any():
             waiting[name] = int(stuck.sum())
         ready &= finished
-        recorded_match &= (stage.inputs[name] == holds).all(axis=1)
+        recorded_match &= (stage.made_from(name) == holds).all(axis=1)
 
-    settings_match = (stage.signature == np.frombuffer(signature, np.uint8)).all(axis=1) & (
-        stage.fitted == np.frombuffer(fitted, np.uint8)
+    settings_match = (stage.column("signature") == np.frombuffer(signature, np.uint8)).all(axis=1) & (
+        stage.column("fitted") == np.frombuffer(fitted, np.uint8)
     ).all(axis=1)
     done = (stage.state == DONE) & settings_match & recorded_match
     todo = ready & ~done

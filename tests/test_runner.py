@@ -153,16 +153,20 @@ def test_dry_run_and_only(tiny):
     assert [s.stage for s in report.stages] == ["ingest"] and report.stages[0].done_now == 4
 
 
-def test_a_run_allocates_arrow_memory_from_malloc(tiny):
-    """The driver's short-lived Arrow tables go back to the C library's heap, not into
-    mimalloc's retained pages (runner.use_system_allocator)."""
+def test_a_run_allocates_arrow_memory_from_malloc_and_maps_large_blocks(tiny, monkeypatch):
+    """The driver's short-lived Arrow tables go back to the C library, not into mimalloc's
+    retained pages, and its large blocks are mapped on their own (base/allocation.py)."""
     import pyarrow as pa
 
+    import seglab.pipeline.runner as runner_module
+
+    mapped = []
+    monkeypatch.setattr(runner_module, "map_large_allocations", lambda: mapped.append(True) or True)
     before = pa.default_memory_pool()
     try:
         pa.set_memory_pool(pa.mimalloc_memory_pool())
         run(tiny, dry_run=True)
-        assert pa.default_memory_pool().backend_name == "system"
+        assert pa.default_memory_pool().backend_name == "system" and mapped == [True]
     finally:
         pa.set_memory_pool(before)
 

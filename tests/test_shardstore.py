@@ -103,13 +103,13 @@ def test_batches_read_back_and_go_once_nothing_refers_to_them(location):
     write_batch_arrays(store.objects, "refine", batch_id(2), first)  # a writer killed before its commit
     with pytest.raises(ShardStoreError, match="holds arrays of an earlier writer"):
         store.write_batch("refine", batch_id(2), first, _columns([0, 1]))
-    state = store.fold("refine", [SOURCE], 2)
-    assert state.dense.state.tolist() == [DONE, FAILED]
+    state = store.fold("refine", [SOURCE])
+    assert state.dense(2).state.tolist() == [DONE, FAILED]
     assert [a.tolist() for a in read(store, "refine", "labels", 0, [0])] == [np.zeros((30, 40)).tolist()]
     assert store.collect_garbage("refine", outputs, state) == 1, "only the uncommitted batch goes"
     assert not store.objects.list("refine/labels/b000000000002")
     store.write_batch("refine", batch_id(2), [{"labels": np.full((30, 40), 9, np.uint8)}] * 2, _columns([0, 1]))
-    state = store.fold("refine", [SOURCE], 2)
+    state = store.fold("refine", [SOURCE])
     assert store.collect_garbage("refine", outputs, state) == 2, "batch 0 and the failure batch 1 are superseded"
     assert store.objects.list("_records/refine") == ["_records/refine/b000000000002.parquet"]
     assert not store.objects.list("refine/labels/b000000000000")

@@ -10,8 +10,8 @@ import pytest
 
 from seglab.pipeline.core.batcharrays import batch_id, commit_batch, records_table, write_batch_arrays
 from seglab.pipeline.core.objects import Objects
-from seglab.pipeline.core.stagerecords import TABLES, failure_records, fold_stage, load_stage
-from seglab.pipeline.core.stagetable import DONE, FAILED, SOURCE
+from seglab.pipeline.core.stagerecords import TABLES, failure_records, fold_stage, last_rows, load_stage
+from seglab.pipeline.core.stagetable import DONE, FAILED, PARENT_COLUMNS, SOURCE, own_columns, stage_schema
 from seglab.pipeline.shardplan import plan_stage
 
 SIGNATURE = bytes([5] * 32)
@@ -53,9 +53,10 @@ def test_the_last_record_of_a_unit_wins_and_locates_its_outputs(objects):
     _done(objects, 0, [0, 1, 2], source=1)
     _fail(objects, 1, [1, 3])
     _done(objects, 2, [3], source=1)
-    state = load_stage(objects, "ingest", INPUTS, 5)
-    assert state.dense.state.tolist() == [DONE, FAILED, DONE, DONE, 0]
-    assert state.dense.batch.tolist() == [0, 1, 0, 2, -1] and state.dense.row.tolist() == [0, -1, 2, 0, -1]
+    state = load_stage(objects, "ingest", INPUTS)
+    dense = state.dense(5)
+    assert dense.state.tolist() == [DONE, FAILED, DONE, DONE, 0]
+    assert dense.batch.tolist() == [0, 1, 0, 2, -1] and dense.row.tolist() == [0, -1, 2, 0, -1]
     assert state.table.column("error").to_pylist() == [None, "unit 1 broke", None, None]
     assert (state.folded, state.unfolded, state.next_batch) == (-1, 3, 3)
 
@@ -63,37 +64,37 @@ def test_the_last_record_of_a_unit_wins_and_locates_its_outputs(objects):
 def test_folding_changes_nothing_a_reader_sees_and_reads_one_part_after(objects):
     _done(objects, 0, [0, 1], source=1)
     _fail(objects, 1, [0])
-    before = load_stage(objects, "ingest", INPUTS, 3)
-    folded = fold_stage(objects, "ingest", INPUTS, 3)
+    before = load_stage(objects, "ingest", INPUTS)
+    folded = fold_stage(objects, "ingest", INPUTS)
     assert (folded.folded, folded.unfolded) == (1, 0)
-    after = load_stage(objects, "ingest", INPUTS, 3)
+    after = load_stage(objects, "ingest", INPUTS)
     assert after.table.equals(before.table) and (after.folded, after.unfolded, after.next_batch) == (1, 0, 2)
     _done(objects, 2, [0], source=1)  # records after the fold count on top of the part
-    fold_stage(objects, "ingest", INPUTS, 3)
+    fold_stage(objects, "ingest", INPUTS)
     assert [k.rsplit("/", 1)[1] for k in objects.list(f"{TABLES}/ingest")] == ["t000000000002.parquet"]
-    again = load_stage(objects, "ingest", INPUTS, 3)
-    assert again.dense.state.tolist() == [DONE, DONE, 0] and again.dense.batch.tolist() == [2, 0, -1]
+    again = load_stage(objects, "ingest", INPUTS)
+    assert again.dense(3).state.tolist() == [DONE, DONE, 0] and again.dense(3).batch.tolist() == [2, 0, -1]
 
 
 def test_a_kill_between_writing_a_part_and_removing_the_old_one_reads_the_same(objects):
     _done(objects, 0, [0, 1], source=1)
-    fold_stage(objects, "ingest", INPUTS, 2)
+    fold_stage(objects, "ingest", INPUTS)
     old_part = objects.get(f"{TABLES}/ingest/t000000000000.parquet")
     _fail(objects, 1, [1])
-    fold_stage(objects, "ingest", INPUTS, 2)
+    fold_stage(objects, "ingest", INPUTS)
     objects.put(f"{TABLES}/ingest/t000000000000.parquet", old_part or b"")  # as if the removal never ran
-    state = load_stage(objects, "ingest", INPUTS, 2)
-    assert state.dense.state.tolist() == [DONE, FAILED] and state.folded == 1
+    state = load_stage(objects, "ingest", INPUTS)
+    assert state.dense(2).state.tolist() == [DONE, FAILED] and state.folded == 1
 
 
 def test_a_stage_plans_from_its_loaded_records(objects):
     _done(objects, 0, [0, 1, 2, 3], source=1)
     _fail(objects, 1, [2])
-    state = load_stage(objects, "ingest", INPUTS, 6)
+    state = load_stage(objects, "ingest", INPUTS)
     sources = np.ones((6, 32), np.uint8)
     sources[1] = 9  # unit 1's file changed since
     plan = plan_stage(
-        state.dense,
+        state.dense(6),
         {SOURCE: sources},
         current=np.ones(6, bool),
         shards=np.array([0, 0, 1, 1, 2, 2], np.int32),
@@ -101,3 +102,38 @@ def test_a_stage_plans_from_its_loaded_records(objects):
     )
     assert plan.todo.tolist() == [1, 2, 4, 5] and plan.shards.tolist() == [0, 1, 2]
     assert plan.reasons == {"new": 2, "failed before": 1, "with changed inputs": 1}
+
+
+def test_a_plan_reads_only_the_columns_it_compares_and_a_folded_part_is_not_copied(objects):
+    _done(objects, 0, [0, 1, 2], source=1)
+    _fail(objects, 1, [1])
+    fold_stage(objects, "ingest", INPUTS)
+    parent = load_stage(objects, "ingest", INPUTS, PARENT_COLUMNS)
+    assert parent.table.column_names == ["uid", "state", "outputs", "batch", "row"]
+    dense = parent.dense(3)
+    assert dense.state.tolist() == [DONE, FAILED, DONE] and dense.column("outputs").shape == (3, 32)
+    assert dense.batch.tolist() == [0, 1, 0] and dense.signature is None and dense.inputs == {}
+    with pytest.raises(ValueError, match="without their 'signature' column"):
+        dense.column("signature")
+    with pytest.raises(ValueError, match="without their 'from_source' column"):
+        dense.made_from(SOURCE)
+    own = load_stage(objects, "ingest", INPUTS, own_columns(INPUTS))
+    assert own.table.column_names == ["uid", "state", "signature", "fitted", "from_source", "batch", "row"]
+    assert own.dense(3).made_from(SOURCE)[:, 0].tolist() == [1, 0, 1]  # a failure records zeros
+    with pytest.raises(ValueError, match="no column"):
+        load_stage(objects, "ingest", INPUTS, ["from_embed"])
+
+
+def test_a_lone_folded_part_is_its_own_last_rows():
+    """A folded part is one row per uid in uid order: taking its last rows again would copy it."""
+    schema = stage_schema(INPUTS)
+    sorted_part = (
+        pa.table({"uid": pa.array([0, 2, 5], pa.int64()), "state": pa.array([DONE] * 3, pa.int8())})
+        .append_column("batch", pa.array([0, 0, 1], pa.int64()))
+        .append_column("row", pa.array([0, 1, 0], pa.int32()))
+    )
+    short = pa.schema([schema.field("uid"), schema.field("state")])
+    kept = last_rows([sorted_part], short)
+    assert kept.column("uid").chunk(0).buffers()[1].address == sorted_part.column("uid").chunk(0).buffers()[1].address
+    repeated = pa.concat_tables([sorted_part, sorted_part.slice(0, 1)])
+    assert last_rows([repeated], short).column("uid").to_pylist() == [0, 2, 5]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from seglab.pipeline.core.stagetable import DONE, FAILED, DenseStage, stage_schema
+from seglab.pipeline.core.stagetable import DONE, FAILED, DenseStage, parquet_bytes, parquet_table, stage_schema
 from seglab.pipeline.core.unitindex import numpy_to_digests
 
 
@@ -36,3 +37,24 @@ def test_a_units_last_row_wins_across_parts():
     assert dense.outputs[:, 0].tolist() == [7, 1, 1, 0]
     with pytest.raises(ValueError, match="beyond the 2 units"):
         DenseStage.from_parts([part([0, 2], [DONE, DONE], 1)], 2, ["source"])
+
+
+def test_only_columns_that_repeat_are_dictionary_encoded():
+    """Settings digests repeat on every row; data digests never do, and a dictionary tried
+    for them costs the writer memory for nothing."""
+    n = 300
+    rng = np.random.default_rng(0)
+    table = pa.table(
+        {
+            "uid": pa.array(np.arange(n), pa.int64()),
+            "state": pa.array([DONE] * n, pa.int8()),
+            "signature": numpy_to_digests(np.full((n, 32), 5, np.uint8)),
+            "outputs": numpy_to_digests(rng.integers(0, 256, (n, 32), dtype=np.uint8)),
+        }
+    )
+    data = parquet_bytes(table)
+    assert parquet_table(data).equals(table)
+    chunks = pq.read_metadata(pa.BufferReader(data)).row_group(0)
+    encodings = {chunks.column(i).path_in_schema: chunks.column(i).encodings for i in range(chunks.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["signature"] and "RLE_DICTIONARY" in encodings["state"]
+    assert "RLE_DICTIONARY" not in encodings["outputs"] and "RLE_DICTIONARY" not in encodings["uid"]

@@ -168,8 +168,8 @@ def plan_all(folder: Path) -> tuple[list[StagePlanTiming], float]:
         stage = DenseStage.from_parts(parts, n, inputs)
         del parts
         plan = plan_stage(stage, {p: loaded[p] for p in inputs}, current=current, shards=shards, signature=SIGNATURE)
-        none = np.empty((0, 32), np.uint8)  # later stages read only a parent's state and outputs
-        loaded[name] = DenseStage(stage.state, none, none, stage.outputs, {})
+        # later stages read only a parent's state and outputs
+        loaded[name] = DenseStage(stage.state, None, None, stage.outputs, {}, stage.batch, stage.row)
         del stage
         timings.append(
             StagePlanTiming(

@@ -187,11 +187,11 @@ class ShardStore:
         if not commit_batch(self.objects, stage, batch, table):
             raise ShardStoreError(f"{self.objects}: batch {stage}/{batch} was committed already")
 
-    def state(self, stage: str, inputs: Sequence[str], n: int) -> StageState:
-        return load_stage(self.objects, stage, inputs, n)
+    def state(self, stage: str, inputs: Sequence[str], columns: Sequence[str] | None = None) -> StageState:
+        return load_stage(self.objects, stage, inputs, columns)
 
-    def fold(self, stage: str, inputs: Sequence[str], n: int) -> StageState:
-        return fold_stage(self.objects, stage, inputs, n)
+    def fold(self, stage: str, inputs: Sequence[str]) -> StageState:
+        return fold_stage(self.objects, stage, inputs)
 
     def collect_garbage(self, stage: str, outputs: Sequence[str], state: StageState) -> int:
         """Remove the stage's batches no unit's record refers to any more: folded commit

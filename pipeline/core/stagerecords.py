@@ -33,6 +33,7 @@ from seglab.pipeline.core.stagetable import (
     parquet_bytes,
     parquet_table,
     stage_schema,
+    strictly_ascending,
 )
 
 TABLES = "_tables"
@@ -65,31 +66,40 @@ def _read(objects: Objects, key: str, columns: Sequence[str], damaged: list[str]
 
 @dataclass(frozen=True)
 class StageState:
-    """A stage's records: ``dense`` over the index's units; ``table``: the last row per
-    unit that has one (``stage_schema`` columns plus batch and row); ``folded``: sequence
+    """A stage's records: ``table``: the last row per unit that has one, in uid order (the
+    columns read of ``stage_schema(inputs)``, plus batch and row); ``folded``: sequence
     number of the newest table part (-1: none), ``unfolded``: commit objects after it;
     ``next_batch``: the first sequence number not yet used; ``damaged``: keys of records
     that do not decode (ignored: their units count as not done)."""
 
-    dense: DenseStage
     table: pa.Table
+    inputs: tuple[str, ...]
     folded: int
     unfolded: int
     next_batch: int
     damaged: tuple[str, ...] = ()
 
+    def dense(self, n: int) -> DenseStage:
+        """The rows scattered over the index's ``n`` units (row = uid), the columns read only."""
+        return DenseStage.from_parts([self.table], n, self.inputs)
 
-def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:
-    """The stage's records over ``n`` units whose inputs (parents, or ``SOURCE``) are
-    ``inputs``. Reads one table part and the commit objects after it."""
+
+def load_stage(objects: Objects, stage: str, inputs: Sequence[str], columns: Sequence[str] | None = None) -> StageState:
+    """The stage's records, whose inputs (parents, or ``SOURCE``) are ``inputs``: the
+    columns ``columns`` of its ``stage_schema`` (default: all; uid always) with batch and
+    row. Reads one table part and the commit objects after it."""
     schema = stage_schema(inputs)
-    columns = [*schema.names, "batch", "row"]
+    wanted = set(schema.names if columns is None else ["uid", *columns])
+    unknown = wanted - set(schema.names)
+    if unknown:
+        raise ValueError(f"{stage} records have no column(s) {', '.join(sorted(unknown))}")
+    schema = pa.schema([field for field in schema if field.name in wanted])
     parts = numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME)
     records = numbered_keys(objects, f"{RECORDS}/{stage}", RECORD_NAME)
     folded = parts[-1][0] if parts else -1
     tables: list[pa.Table] = []
     damaged: list[str] = []
-    if parts and (table := _read(objects, parts[-1][1], columns, damaged)) is not None:
+    if parts and (table := _read(objects, parts[-1][1], [*schema.names, "batch", "row"], damaged)) is not None:
         tables.append(table)
     elif parts:  # a damaged part: rebuild from every commit object
         folded = -1
@@ -97,32 +107,34 @@ def load_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> S
         if seq > folded and (table := _read(objects, key, [*schema.names, "row"], damaged)) is not None:
             tables.append(table.append_column("batch", pa.array(np.full(table.num_rows, seq, np.int64))))
     unfolded = sum(seq > folded for seq, _ in records)
-    table = last_rows(tables, schema)
-    dense = DenseStage.from_parts([table], n, inputs)
     used = max([parts[-1][0] if parts else -1, *(seq for seq, _ in records)])
-    return StageState(dense, table, folded, unfolded, used + 1, tuple(damaged))
+    return StageState(last_rows(tables, schema), tuple(inputs), folded, unfolded, used + 1, tuple(damaged))
 
 
 def last_rows(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
-    """The tables in order, concatenated, keeping each uid's last row (rows by uid)."""
+    """The tables in order, concatenated, keeping each uid's last row (rows by uid). A lone
+    table already in strictly ascending uid order (a folded part) is returned as it is."""
     full = pa.schema([*schema, pa.field("batch", pa.int64()), pa.field("row", pa.int32())])
     if not tables:
         return full.empty_table()
     table = pa.concat_tables([t.select(full.names).cast(full) for t in tables])
-    return table.take(pa.array(last_occurrence(table.column("uid").to_numpy())))  # one copy, in uid order
+    uid = table.column("uid").to_numpy()
+    if len(tables) == 1 and strictly_ascending(uid):
+        return table
+    return table.take(pa.array(last_occurrence(uid)))  # one copy, in uid order
 
 
-def fold_stage(objects: Objects, stage: str, inputs: Sequence[str], n: int) -> StageState:
+def fold_stage(objects: Objects, stage: str, inputs: Sequence[str]) -> StageState:
     """Fold the stage's commit objects into a new table part (when any are unfolded) and
     remove the parts it supersedes; -> the state, as ``load_stage`` gives it."""
-    state = load_stage(objects, stage, inputs, n)
+    state = load_stage(objects, stage, inputs)
     if not state.unfolded:
         return state
     through = state.next_batch - 1
     objects.put(f"{TABLES}/{stage}/t{through:012d}.parquet", parquet_bytes(state.table))
     older = [key for seq, key in numbered_keys(objects, f"{TABLES}/{stage}", PART_NAME) if seq < through]
     objects.delete(older)
-    return StageState(state.dense, state.table, through, 0, state.next_batch, state.damaged)
+    return StageState(state.table, state.inputs, through, 0, state.next_batch, state.damaged)
 
 
 def failure_records(

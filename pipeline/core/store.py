@@ -194,11 +194,13 @@ class Store:
         """The input names the stage's rows record digests of (its parents, or 'source')."""
         return [str(name) for name in self.stage_attrs(stage).get("inputs") or ()]
 
-    def state(self, stage: str, inputs: Sequence[str] | None = None, n: int | None = None) -> StageState:
-        """The stage's records over the index's units (``n``: over that many instead);
+    def state(
+        self, stage: str, inputs: Sequence[str] | None = None, columns: Sequence[str] | None = None
+    ) -> StageState:
+        """The stage's records (only ``columns`` of them, when given: ``load_stage``);
         ``inputs``: its input names (default: as its attributes record them)."""
         names = self.stage_inputs(stage) if inputs is None else list(inputs)
-        state = self.shards.state(stage, names, len(self.index()) if n is None else n)
+        state = self.shards.state(stage, names, columns)
         for key in state.damaged:
             self.problems.setdefault(f"{self.path}: {key} does not decode; its units are redone", stage)
         return state
@@ -253,7 +255,7 @@ class Store:
             self.save_index(index)
         uids = pc.index_in(ids, value_set=index.table.column("unit")).to_numpy()
         self.set_stage_attrs(stage, inputs=[SOURCE], outputs=sorted(outputs[0]) if outputs else [])
-        seq = self.state(stage).next_batch
+        seq = self.state(stage, columns=()).next_batch
         zeros = [bytes(32)] * len(units)
         task = BatchTask(
             batch=batch_id(seq),

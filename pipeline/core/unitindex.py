@@ -111,14 +111,18 @@ class UnitIndex:
         return UnitIndex(table, self.shard_size), IndexUpdate(added, np.sort(changed), current)
 
 
-def digests_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A fixed_size_binary(32) column -> uint8 [n, 32] (a copy; no nulls allowed)."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+def digests_to_numpy(column: pa.Array | pa.ChunkedArray, *, copy: bool = True) -> np.ndarray:
+    """A fixed_size_binary(32) column -> uint8 [n, 32] (no nulls allowed): a copy, or with
+    ``copy`` False a read-only view of the column's buffer when it is one chunk."""
+    array = column
+    if isinstance(column, pa.ChunkedArray):
+        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if array.null_count:
         raise ValueError("a digest column holds nulls")
     data = np.frombuffer(array.buffers()[1], np.uint8)
     start = array.offset * 32
-    return data[start : start + 32 * len(array)].reshape(len(array), 32).copy()
+    view = data[start : start + 32 * len(array)].reshape(len(array), 32)
+    return view.copy() if copy else view
 
 
 def numpy_to_digests(digests: np.ndarray) -> pa.Array:
