@@ -20,9 +20,11 @@ MAPPED_FROM = 64 * 1024
 
 
 def use_system_allocator() -> None:
-    """Have Arrow allocate from the C library's malloc in this process instead of its default
-    pool (mimalloc), which keeps the pages freed tables took: a 20,000-image ``--only
-    ingest`` run peaked at 327 MiB with it and 297 MiB without (268 and 279 MiB at 2,000)."""
+    """Have pyarrow's own calls allocate from the C library's malloc in this process instead
+    of Arrow's default pool (mimalloc), which keeps the pages freed tables took: a
+    20,000-image ``--only ingest`` run peaked at 327 MiB with it and 297 MiB without (268 and
+    279 MiB at 2,000). Arrow's C++ parts keep the pool chosen when pyarrow was imported:
+    the command line chooses malloc for them (cli/__init__.py)."""
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
 
