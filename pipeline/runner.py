@@ -236,7 +236,9 @@ class Runner:
                 inputs=stage_inputs(self.dag, name),
                 outputs=list(self.stages[name].outputs(self.context)),
             )
-            self._run_stage(store, name, plan, report, pools, planned_at)
+            names = self._run_stage(store, name, plan, report, pools)
+            del plan  # its maps over every unit go before the fold, a stage's largest moment
+            self._fold_stage(store, name, names, report, planned_at)
             store.set_stage_attrs(
                 name,
                 summary={
@@ -294,17 +296,12 @@ class Runner:
             tiling=self.manifest.embed.tiling,
         )
 
-    def _run_stage(
-        self, store: Store, name: str, plan: Plan, report: StageReport, pools: Pools, started: float
-    ) -> None:
+    def _run_stage(self, store: Store, name: str, plan: Plan, report: StageReport, pools: Pools) -> BatchNames:
         """Run the plan's batches on a pool of ``pools`` (or Ray Data's actors, with
         ``ray.engine: data``): workers commit what they finish; final failures
         are committed as failure batches by the driver. A unit whose input turned out damaged
         invalidates that input's unit in its producing stage (a failure row) for the next
-        pass to redo. Then the stage's records are folded and what nothing refers to any
-        more (batches of killed writers, superseded batches) is removed. ``report.seconds``:
-        from ``started`` (before the stage was planned) to the end of that, less the time Ray
-        took to start when this stage was the first to need it (``ray_start_seconds``)."""
+        pass to redo. -> the stage's batch names, for ``_fold_stage``."""
         report.ray_start_seconds = self._connect()
         outputs = list(self.stages[name].outputs(self.context))
         names = BatchNames(store, name, outputs)
@@ -370,10 +367,17 @@ class Runner:
                 stall_timeout=self.manifest.ray.stall_timeout,
             )
             report.worker_peak_rss = pool.peak_rss()
-        names.tidy()
-        store.refresh()
         report.resubmitted += stats.resubmitted
         report.recovered += stats.recovered
+        return names
+
+    def _fold_stage(self, store: Store, name: str, names: BatchNames, report: StageReport, started: float) -> None:
+        """Fold the stage's records and remove what nothing refers to any more (batches of
+        killed writers, superseded batches). ``report.seconds``: from ``started`` (before the
+        stage was planned) to the end of that, less the time Ray took to start when this
+        stage was the first to need it (``ray_start_seconds``)."""
+        names.tidy()
+        store.refresh()
         report.seconds = time.perf_counter() - started - report.ray_start_seconds
         self.progress.finish(name, report)
 

@@ -36,7 +36,7 @@ class Resources:
     needs_backend: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """One image and its weak label, as enumerated from the manifest by the driver.
 

@@ -400,3 +400,15 @@ def test_the_store_may_be_an_object_storage_url_or_a_file_url(tiny):
     tiny.write_text(text.replace("path: run.zarr", "path: s3:///no-bucket"))
     with pytest.raises(ManifestError, match="no bucket named"):
         load_manifest(tiny)
+
+
+def test_units_hold_no_attribute_dictionary_and_survive_pickling(tiny):
+    """A driver holds every unit of a run (a million at scale): a Unit is its five fields,
+    with no per-instance __dict__ beside them, and travels to workers intact."""
+    import pickle
+
+    from seglab.pipeline.units import enumerate_units
+
+    units = enumerate_units(load_manifest(tiny))
+    assert units and not hasattr(units[0], "__dict__")
+    assert pickle.loads(pickle.dumps(units)) == units

@@ -171,6 +171,32 @@ def test_a_run_allocates_arrow_memory_from_malloc_and_maps_large_blocks(tiny, mo
         pa.set_memory_pool(before)
 
 
+def test_a_stage_is_folded_after_its_plan_is_let_go(tiny, monkeypatch):
+    """A plan holds maps over every unit (ids to index rows, made-from digests, batches);
+    the fold at a stage's end is its largest moment, so the plan is gone by then."""
+    import weakref
+
+    import seglab.pipeline.runner as runner_module
+
+    plans: list[weakref.ref] = []
+    alive_at_fold: list[bool] = []
+    plan, tidy = runner_module.Planner.plan, runner_module.BatchNames.tidy
+
+    def planned(self, *args, **kwargs):
+        made = plan(self, *args, **kwargs)
+        plans.append(weakref.ref(made))
+        return made
+
+    def folded(self):
+        alive_at_fold.append(plans[-1]() is not None)
+        return tidy(self)
+
+    monkeypatch.setattr(runner_module.Planner, "plan", planned)
+    monkeypatch.setattr(runner_module.BatchNames, "tidy", folded)
+    run(tiny, only="ingest")
+    assert alive_at_fold == [False]
+
+
 def _truth_of(store: Store, unit: str, i: int) -> np.ndarray:
     image = store.read_unit(["ingest/image"], unit)["ingest/image"]
     return shapes_image(*image.shape[:2], seed=i)[1]

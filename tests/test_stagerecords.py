@@ -124,16 +124,33 @@ def test_a_plan_reads_only_the_columns_it_compares_and_a_folded_part_is_not_copi
         load_stage(objects, "ingest", INPUTS, ["from_embed"])
 
 
-def test_a_lone_folded_part_is_its_own_last_rows():
-    """A folded part is one row per uid in uid order: taking its last rows again would copy it."""
-    schema = stage_schema(INPUTS)
-    sorted_part = (
-        pa.table({"uid": pa.array([0, 2, 5], pa.int64()), "state": pa.array([DONE] * 3, pa.int8())})
-        .append_column("batch", pa.array([0, 0, 1], pa.int64()))
-        .append_column("row", pa.array([0, 1, 0], pa.int32()))
+def _part(uids: list[int], batch: int) -> pa.Table:
+    return (
+        pa.table({"uid": pa.array(uids, pa.int64()), "state": pa.array([DONE] * len(uids), pa.int8())})
+        .append_column("batch", pa.array([batch] * len(uids), pa.int64()))
+        .append_column("row", pa.array(range(len(uids)), pa.int32()))
     )
-    short = pa.schema([schema.field("uid"), schema.field("state")])
-    kept = last_rows([sorted_part], short)
-    assert kept.column("uid").chunk(0).buffers()[1].address == sorted_part.column("uid").chunk(0).buffers()[1].address
-    repeated = pa.concat_tables([sorted_part, sorted_part.slice(0, 1)])
+
+
+def _same_buffer(a: pa.Array, b: pa.Array) -> bool:
+    """Whether two arrays' values are the same memory (not a copy)."""
+    return a.buffers()[1].address == b.buffers()[1].address
+
+
+def test_parts_in_uid_order_are_their_own_last_rows_and_others_are_reordered():
+    """A folded part, and a first run's batches (numbered as handed out), hold one row per uid
+    in uid order end to end: taking their last rows would copy them all. Parts that repeat a
+    uid or go back keep each uid's last row, in uid order."""
+    short = pa.schema([stage_schema(INPUTS).field("uid"), stage_schema(INPUTS).field("state")])
+    folded, first, second = _part([0, 2, 5], 0), _part([6, 7], 1), _part([9], 2)
+    kept = last_rows([folded], short)
+    assert _same_buffer(kept.column("uid").chunk(0), folded.column("uid").chunk(0))
+    batches = last_rows([folded, first, second], short)
+    assert batches.column("uid").to_pylist() == [0, 2, 5, 6, 7, 9]
+    for got, given in zip(batches.column("uid").chunks, [folded, first, second]):
+        assert _same_buffer(got, given.column("uid").chunk(0))
+    redone = last_rows([folded, first, _part([2, 6], 3)], short)
+    assert redone.column("uid").to_pylist() == [0, 2, 5, 6, 7]
+    assert redone.column("batch").to_pylist() == [0, 3, 0, 3, 1]
+    repeated = pa.concat_tables([folded, folded.slice(0, 1)])
     assert last_rows([repeated], short).column("uid").to_pylist() == [0, 2, 5]

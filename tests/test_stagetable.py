@@ -53,6 +53,7 @@ def test_only_columns_that_repeat_are_dictionary_encoded():
         }
     )
     data = parquet_bytes(table)
+    assert isinstance(data, memoryview)  # the buffer written into, not a copy of it
     assert parquet_table(data).equals(table)
     chunks = pq.read_metadata(pa.BufferReader(data)).row_group(0)
     encodings = {chunks.column(i).path_in_schema: chunks.column(i).encodings for i in range(chunks.num_columns)}

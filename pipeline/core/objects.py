@@ -109,11 +109,11 @@ class Objects:
         except FileNotFoundError:
             return None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         """Write the object whole, replacing what is there."""
         obstore.put(self.store, key, data)
 
-    def create(self, key: str, data: bytes) -> bool:
+    def create(self, key: str, data: bytes | memoryview) -> bool:
         """Write the object only when nothing is at ``key``; -> False when something was."""
         try:
             obstore.put(self.store, key, data, mode="create")

@@ -112,14 +112,15 @@ def load_stage(objects: Objects, stage: str, inputs: Sequence[str], columns: Seq
 
 
 def last_rows(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
-    """The tables in order, concatenated, keeping each uid's last row (rows by uid). A lone
-    table already in strictly ascending uid order (a folded part) is returned as it is."""
+    """The tables in order, concatenated, keeping each uid's last row (rows by uid). Tables
+    whose uids are strictly ascending end to end (a folded part; the batches of a first run,
+    numbered as they were handed out) come back concatenated as they are, with no copy."""
     full = pa.schema([*schema, pa.field("batch", pa.int64()), pa.field("row", pa.int32())])
     if not tables:
         return full.empty_table()
     table = pa.concat_tables([t.select(full.names).cast(full) for t in tables])
     uid = table.column("uid").to_numpy()
-    if len(tables) == 1 and strictly_ascending(uid):
+    if strictly_ascending(uid):
         return table
     return table.take(pa.array(last_occurrence(uid)))  # one copy, in uid order
 
