@@ -238,7 +238,7 @@ class Runner:
             )
             names = self._run_stage(store, name, plan, report, pools)
             del plan  # its maps over every unit go before the fold, a stage's largest moment
-            self._fold_stage(store, name, names, report, planned_at)
+            self._finish_stage(store, name, names, report, planned_at)
             store.set_stage_attrs(
                 name,
                 summary={
@@ -301,7 +301,7 @@ class Runner:
         ``ray.engine: data``): workers commit what they finish; final failures
         are committed as failure batches by the driver. A unit whose input turned out damaged
         invalidates that input's unit in its producing stage (a failure row) for the next
-        pass to redo. -> the stage's batch names, for ``_fold_stage``."""
+        pass to redo. -> the stage's batch names, for ``_finish_stage``."""
         report.ray_start_seconds = self._connect()
         outputs = list(self.stages[name].outputs(self.context))
         names = BatchNames(store, name, outputs)
@@ -371,7 +371,7 @@ class Runner:
         report.recovered += stats.recovered
         return names
 
-    def _fold_stage(self, store: Store, name: str, names: BatchNames, report: StageReport, started: float) -> None:
+    def _finish_stage(self, store: Store, name: str, names: BatchNames, report: StageReport, started: float) -> None:
         """Fold the stage's records and remove what nothing refers to any more (batches of
         killed writers, superseded batches). ``report.seconds``: from ``started`` (before the
         stage was planned) to the end of that, less the time Ray took to start when this
