@@ -78,6 +78,46 @@ def test_a_batch_reads_back_exactly_with_its_padding_cut_away(objects):
     assert not any("/coords/" in k for k in keys) and "coords.bytes" in committed.column_names  # small: inline
 
 
+def test_a_read_checks_each_unit_by_its_recorded_crc32c_and_hashes_nothing(objects, monkeypatch):
+    """Re-hashing every unit read with SHA-256 was most of a reader's own cost: a read checks
+    the CRC32C its commit object records, and a unit whose bytes differ from it is found."""
+    units = _units()
+    batch = batch_id(2)
+    assert _commit(objects, "select", batch, write_batch_arrays(objects, "select", batch, units), [0, 1, 2])
+    committed = read_commit(objects, "select", batch)
+    for name in ("labels", "probabilities", "coords"):
+        assert committed.column(f"{name}.crc32c").to_pylist() == [fingerprint.array_crc32c(u[name]) for u in units]
+    rows = {name: output_rows(committed, name) for name in ("labels", "probabilities", "coords")}
+    monkeypatch.setattr(fingerprint.hashlib, "sha256", lambda *a: pytest.fail("a read re-hashed a unit with SHA-256"))
+    for name, records in rows.items():
+        for got, unit in zip(read_rows(objects, "select", name, batch, [0, 1, 2], records), units):
+            np.testing.assert_array_equal(got, unit[name])
+    # the array's chunk decodes (its own CRC holds) but unit 1's bytes are not those recorded
+    labels = zarr.open_array(objects.zarr_store(), path=array_path("select", "labels", batch), mode="r+")
+    labels[1, 0, 0] = (units[1]["labels"][0, 0] + 1) % 3
+    with pytest.raises(BatchDamaged, match="differs from the checksum") as raised:
+        read_rows(objects, "select", "labels", batch, [0, 1, 2], rows["labels"])
+    assert raised.value.rows == [1]
+
+
+def test_a_commit_object_without_crc32c_columns_is_checked_by_sha256(objects):
+    """A batch an earlier seglab committed records no CRC32C: its units are re-hashed."""
+    units = _units()
+    batch = batch_id(3)
+    records = write_batch_arrays(objects, "select", batch, units)
+    table = records_table(records, pa.table({"uid": pa.array([0, 1, 2], pa.int64())}))
+    older = table.drop_columns([c for c in table.column_names if c.endswith(".crc32c")])
+    assert commit_batch(objects, "select", batch, older)
+    rows = output_rows(read_commit(objects, "select", batch), "probabilities")
+    assert rows.crc32c is None
+    got = read_rows(objects, "select", "probabilities", batch, [2], rows)
+    np.testing.assert_array_equal(got[0], units[2]["probabilities"])
+    other = replace(rows, sha256=np.roll(rows.sha256, 1, axis=0))  # each row's hash is another unit's
+    with pytest.raises(BatchDamaged, match="differs from the checksum") as raised:
+        read_rows(objects, "select", "probabilities", batch, [0, 2], other)
+    assert raised.value.rows == [0, 2]
+
+
 def test_a_small_output_lives_in_the_commit_object_and_a_changed_byte_is_found(objects):
     units = [{"coords": np.arange(6, dtype=np.float32).reshape(3, 2) + k} for k in range(3)] + [
         {"coords": np.zeros((0, 2), np.float32)}
@@ -96,7 +136,7 @@ def test_a_small_output_lives_in_the_commit_object_and_a_changed_byte_is_found(o
         read_rows(objects, "prompts", "coords", batch, [0, 1, 2], damaged)
     assert raised.value.rows == [1]
     cut = replace(rows, inline=(rows.inline[0][:-1], *rows.inline[1:]))
-    with pytest.raises(BatchDamaged, match="differs from the hash"):
+    with pytest.raises(BatchDamaged, match="differs from the checksum"):
         read_rows(objects, "prompts", "coords", batch, [0], cut)
 
 

@@ -22,6 +22,7 @@ from seglab.pipeline.planning import place_units
 from seglab.pipeline.runner import Runner, RunOptions
 from seglab.pipeline.units import enumerate_units
 from seglab.stages.base import Resources, Unit
+from seglab.stages.parts.geometry import ImageFrame
 from seglab.workers.pool import StageWorker, WorkerPool, WorkerSpec, read_inputs, run_batches
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -69,8 +70,10 @@ def test_killed_worker_is_replaced_and_every_unit_finishes_once(tmp_path):
     assert all(isinstance(r, Receipt) for r in receipts)
     store.refresh()
     for unit in units:
-        lab = store.read_unit(["embed/lab"], unit.id)["embed/lab"]
-        assert lab.shape == (3, 256, 256) and np.isfinite(lab.astype(np.float32)).all()
+        read = store.read_unit(["embed/lab", "embed/frame"], unit.id)
+        lab, frame = read["embed/lab"], ImageFrame.from_array(read["embed/frame"])
+        assert lab.shape == (3, *frame.resized_hw) and max(lab.shape) == 256  # the resized image, unpadded
+        assert np.isfinite(lab.astype(np.float32)).all()
 
 
 def test_a_store_that_cannot_be_read_fails_the_units_it_was_read_for_transiently():

@@ -57,4 +57,4 @@ def test_an_image_several_times_the_tile_size_is_segmented_across_tiles():
 def test_small_images_are_not_tiled():
     backend = build_backend(WeightFreeConfig(), TilingConfig(above=256, tile=128, halo=32))
     features = backend.encode([shapes_image(100, 200, seed=0)[0]])[0]
-    assert features["tiles"].shape == (0, 8) and features["lab"].shape == (3, 256, 256)
+    assert features["tiles"].shape == (0, 8) and features["lab"].shape == (3, 128, 256)  # the resized image, unpadded

@@ -134,16 +134,26 @@ def test_positive_points_only_stay_on_the_shape(backend, synthetic):
     assert iou(best_mask(backend, feats, logits, quality), a) >= 0.7  # measured 0.97
 
 
-def test_mixed_sizes_give_fixed_shapes_and_right_frames(backend):
+def test_mixed_sizes_cache_only_their_resized_pixels_and_get_right_frames(backend):
     sizes = [(120, 200), (300, 90), (64, 64), (33, 250)]
     feats = backend.encode([scene(h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)])
     assert set(feats[0]) == set(backend.feature_names()) and "frame" in feats[0]
-    for name in backend.feature_names():
-        assert len({(f[name].shape, f[name].dtype) for f in feats}) == 1, name
-    assert feats[0]["superpixels"].shape[1:] == (S, S) and feats[0]["lab"].shape == (3, S, S)
-    assert feats[0]["superpixels"].dtype == np.int16 and feats[0]["superpixels"].min() == -1  # the padding
-    wide = {**feats[0], "superpixels": feats[0]["superpixels"].astype(np.int32)}  # as an earlier seglab cached them
-    for a, b in zip(backend.decode(feats[0], prompts([[(50, 60, 1)]])), backend.decode(wide, prompts([[(50, 60, 1)]]))):
+    for f in feats:  # no canvas padding is cached: a 120 x 200 image's features are 154 x 256
+        rh, rw = backend.frame(f).resized_hw
+        assert f["superpixels"].shape == (4, rh, rw) and f["lab"].shape == (3, rh, rw) and f["edges"].shape == (rh, rw)
+        assert f["superpixels"].dtype == np.int16 and f["superpixels"].min() == 0
+    assert feats[0]["lab"].shape == (3, 154, S)
+    # as an earlier seglab cached them: padded to the canvas (-1 / 0 outside the image), int32 superpixels
+    rh, rw = backend.frame(feats[0]).resized_hw
+    canvas = {
+        name: np.full((*feats[0][name].shape[:-2], S, S), -1 if name == "superpixels" else 0, feats[0][name].dtype)
+        for name in ("lab", "edges", "superpixels")
+    }
+    for name, padded in canvas.items():
+        padded[..., :rh, :rw] = feats[0][name]
+    earlier = {**feats[0], **canvas, "superpixels": canvas["superpixels"].astype(np.int32)}
+    point = prompts([[(50, 60, 1)]])
+    for a, b in zip(backend.decode(feats[0], point), backend.decode(earlier, point)):
         np.testing.assert_array_equal(a, b)
     for (h, w), f in zip(sizes, feats):
         frame = backend.frame(f)
@@ -202,7 +212,7 @@ def test_other_input_size_maps_onto_the_grid():
     backend = WeightFreeBackend(WeightFreeConfig(input_size=128))
     img, a, b = scene()
     feats = backend.encode([img])[0]
-    assert feats["superpixels"].shape[1:] == (128, 128)
+    assert feats["superpixels"].shape[1:] == backend.frame(feats).resized_hw and max(feats["superpixels"].shape) == 128
     logits, quality = backend.decode(feats, prompts([[(50, 60, 1), (150, 60, 0)]]))
     assert logits.shape == (1, 3, S, S)
     assert iou(best_mask(backend, feats, logits, quality), a) >= 0.8  # measured 0.93

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from skimage.transform import resize
 
+from seglab.pipeline.core.batcharrays import stack_padded
 from seglab.stages.embed import TilingConfig
 from seglab.stages.parts.geometry import ImageFrame
 from seglab.stages.parts.promptset import PADDING, POSITIVE, PromptBatch
@@ -84,7 +85,8 @@ class TiledBackend(PromptableBackend):
         h, w = image.shape[:2]
         tiles = plan_tiles(h, w, self.config.tile, self.config.halo)
         per_tile = self.inner.encode([image[y0:y1, x0:x1] for y0, x0, y1, x1 in tiles[:, :4]])
-        stacked = {name: np.stack([f[name] for f in per_tile]) for name in per_tile[0]}
+        # crops at the image's border are smaller: their features are zero-padded to the largest
+        stacked = {name: stack_padded([f[name] for f in per_tile], name) for name in per_tile[0]}
         grid = self.config.grid_per_tile * math.ceil(max(h, w) / self.config.tile)
         stacked["tile_frames"] = stacked.pop("frame")
         return {**stacked, "frame": ImageFrame((h, w), max(h, w), grid).to_array(), "tiles": tiles}

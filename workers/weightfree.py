@@ -6,11 +6,12 @@ real masks on real photographs) where no checkpoint exists. Same interface as SA
 
 Algorithm ("multiscale superpixel random walker with GrabCut-style colour priors"):
 
-1. ``encode``: resize so the long side is ``input_size`` (SAM's frame, padded bottom/right to
-   a square canvas; an image over 8 x ``input_size`` is first box-reduced by an integer factor,
-   so encoding needs constant memory beyond the image itself); cache CIE-Lab colour, a
-   normalised colour-gradient magnitude and SLIC superpixel maps: two fine ones (different
-   counts) plus a medium and a coarse one.
+1. ``encode``: resize so the long side is ``input_size`` (SAM's frame: the image sits top-left
+   on a square canvas; an image over 8 x ``input_size`` is first box-reduced by an integer
+   factor, so encoding needs constant memory beyond the image itself); cache CIE-Lab colour, a
+   normalised colour-gradient magnitude and SLIC superpixel maps (two fine ones of different
+   counts, a medium and a coarse one) over the resized image only: the canvas's padding holds
+   nothing to cache (a quarter of a 4:3 image's canvas, half of a 2:1 one's).
 2. ``decode`` builds the region-adjacency graph of each fine map (edge weight
    ``exp(-beta * dLab^2 / mean dLab^2 - edge_beta * border gradient) * sqrt(border length)``);
    points seed their regions, the outside of a box seeds background, and without any
@@ -135,11 +136,12 @@ class WeightFreeBackend(PromptableBackend):
         }
 
     def encode(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Per image (N = ``input_size``; the real pixels sit top-left, the rest is padding):
-        ``lab`` float16 [3, N, N] (L, a, b channels, 0 in the padding), ``edges`` float16 [N, N]
-        (Lab Sobel magnitude over its 90th percentile), ``superpixels`` int16 [F + 2, N, N] (SLIC
-        labels 0..n-1 of the F = len(fine_segments) fine maps, then the medium and the coarse
-        map; -1 in the padding), ``frame`` int64 [5] (``ImageFrame.to_array``)."""
+        """Per image, over its resized pixels (H x W = ``ImageFrame.resized_hw``, the long side
+        ``input_size``): ``lab`` float16 [3, H, W] (L, a, b channels), ``edges`` float16 [H, W]
+        (Lab Sobel magnitude over its 90th percentile), ``superpixels`` int16 [F + 2, H, W]
+        (SLIC labels 0..n-1 of the F = len(fine_segments) fine maps, then the medium and the
+        coarse map), ``frame`` int64 [5] (``ImageFrame.to_array``). ``decode`` also reads
+        features padded to the N x N canvas, as an earlier seglab cached them."""
         return [self._encode_one(np.asarray(im)) for im in images]
 
     def _encode_one(self, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -161,7 +163,7 @@ class WeightFreeBackend(PromptableBackend):
         grad = np.sqrt(sum(ndimage.sobel(lab[..., c], a) ** 2 for c in range(3) for a in (0, 1)))
         grad /= max(float(np.percentile(grad, 90)), 1e-6)
         counts = (*cfg.fine_segments, *cfg.snap_segments)
-        labels = np.full((len(counts), n, n), -1, dtype=np.int16)  # counts are at most 20000: half the bytes of int32
+        labels = np.empty((len(counts), rh, rw), dtype=np.int16)  # counts are at most 20000: half the bytes of int32
         for k, count in enumerate(counts):
             segments = slic(
                 small,
@@ -172,14 +174,10 @@ class WeightFreeBackend(PromptableBackend):
                 enforce_connectivity=True,
                 channel_axis=-1,
             )
-            labels[k, :rh, :rw] = np.unique(segments, return_inverse=True)[1].reshape(rh, rw)  # 0..n-1, no gaps
-        lab_out = np.zeros((3, n, n), np.float16)
-        lab_out[:, :rh, :rw] = lab.transpose(2, 0, 1)
-        edges = np.zeros((n, n), np.float16)
-        edges[:rh, :rw] = np.minimum(grad, 60000.0)
+            labels[k] = np.unique(segments, return_inverse=True)[1].reshape(rh, rw)  # 0..n-1, no gaps
         return {
-            "lab": lab_out,
-            "edges": edges,
+            "lab": np.ascontiguousarray(lab.transpose(2, 0, 1), np.float16),
+            "edges": np.minimum(grad, 60000.0).astype(np.float16),
             "superpixels": labels,
             "frame": ImageFrame((h, w), n, self.grid_size).to_array(),
         }
@@ -287,11 +285,14 @@ class _RegionGraph:
         self.cfg, self.grid_size = cfg, grid_size
         self.frame = ImageFrame.from_array(features["frame"])
         self.rh, self.rw = self.frame.resized_hw
-        sp = np.asarray(features["superpixels"], np.int32)[:, : self.rh, : self.rw]  # int16 stored, int32 indexes
-        lab = np.asarray(features["lab"], np.float32)[:, : self.rh, : self.rw]
-        edges = np.asarray(features["edges"], np.float32)
+        image = (slice(0, self.rh), slice(0, self.rw))  # features of an earlier seglab are padded to the canvas
+        sp = np.asarray(features["superpixels"], np.int32)[(slice(None), *image)]  # int16 stored, int32 indexes
+        lab = np.asarray(features["lab"], np.float32)[(slice(None), *image)]
+        n = self.frame.input_size
+        edges = np.zeros((n, n), np.float32)  # the canvas: 0 in the padding
+        edges[image] = np.asarray(features["edges"], np.float32)[image]
         nf = len(cfg.fine_segments)
-        self.walkers = [_Walker(np.ascontiguousarray(sp[k]), lab, edges[: self.rh, : self.rw], cfg) for k in range(nf)]
+        self.walkers = [_Walker(np.ascontiguousarray(sp[k]), lab, edges[image], cfg) for k in range(nf)]
         # shared colour palette: superpixel colours binned at half the kernel bandwidth
         colours = np.concatenate([w.colour for w in self.walkers])
         bins = np.floor(colours / (0.5 * cfg.colour_bandwidth)).astype(np.int64)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 
@@ -45,6 +46,13 @@ def array_sha256(array: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.data if a.size else b"")
     return h.hexdigest()
+
+
+def array_crc32c(array: np.ndarray) -> int:
+    """CRC32C (Castagnoli, hardware-accelerated) of an array's bytes in C order: a checksum that
+    finds accidental damage at about 25 times the speed of ``array_sha256``, not an identity."""
+    a = np.ascontiguousarray(array)
+    return google_crc32c.value(a.reshape(-1).view(np.uint8)) if a.size else 0
 
 
 def stage_signature(

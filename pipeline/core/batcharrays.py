@@ -19,10 +19,16 @@ is written last, create-only; a batch without one is invisible (a kill mid-write
 arrays nothing refers to). It holds a row per unit: its ``row`` in the arrays, ``outputs``
 (the digest of all its outputs' hashes) and, per output ``o``, ``o.sha256``
 (fixed_size_binary(32): ``array_sha256`` of the unit's unpadded array, dtype and shape
-included) and ``o.shape`` (list<int32>); further columns are the caller's. Inner chunks
+included: its identity, what its children record they were made from), ``o.crc32c``
+(uint32: ``array_crc32c`` of the same bytes, what a read checks the unit by) and ``o.shape``
+(list<int32>); further columns are the caller's. Inner chunks
 hold as many units as fit in CHUNK_BYTES (one when a unit is larger). Units whose outputs
 are smaller than the batch's largest are zero-padded: the recorded shape cuts them back out.
-Each inner chunk carries a CRC32C checksum, so a torn or flipped chunk fails to decode.
+Each inner chunk carries a CRC32C checksum, so a torn or flipped chunk fails to decode;
+each unit read is then cut to its recorded shape and checked against its own CRC32C, which
+finds a chunk that decodes but holds other units or other bytes (a commit object written
+before ``o.crc32c`` was recorded is read by re-hashing ``o.sha256`` instead). Re-hashing
+with SHA-256 cost a reader about 0.6 ms per MiB, the CRC costs 0.03.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import pyarrow as pa
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from seglab.pipeline.base.fingerprint import array_sha256, digest
+from seglab.pipeline.base.fingerprint import array_crc32c, array_sha256, digest
 from seglab.pipeline.core.objects import Objects
 from seglab.pipeline.core.stagetable import parquet_bytes, parquet_table
 from seglab.pipeline.core.unitindex import DIGEST, digests_to_numpy
@@ -88,12 +94,15 @@ class BatchDamaged(Exception):
 class OutputRows:
     """One output's records over a batch's units, in row order: sha256 uint8 [n, 32],
     shapes (one tuple per unit), dtype (numpy str, e.g. '<f4'); ``inline``: each unit's raw
-    bytes when the output is kept in the commit object (None: in its Zarr array)."""
+    bytes when the output is kept in the commit object (None: in its Zarr array);
+    ``crc32c``: uint32 [n], each unit's ``array_crc32c`` (None: a commit object that does
+    not record it, whose units are checked by their sha256)."""
 
     sha256: np.ndarray
     shapes: tuple[tuple[int, ...], ...]
     dtype: str
     inline: tuple[bytes, ...] | None = None
+    crc32c: np.ndarray | None = None
 
 
 INLINE_BYTES = 1024
@@ -154,10 +163,11 @@ def write_batch_arrays(
     for name in names:
         values = [np.ascontiguousarray(unit[name]) for unit in outputs]
         sha = np.array([np.frombuffer(bytes.fromhex(array_sha256(v)), np.uint8) for v in values])
+        crc = np.array([array_crc32c(v) for v in values], np.uint32)
         shapes = tuple(tuple(v.shape) for v in values)
         if max((v.nbytes for v in values), default=0) <= INLINE_BYTES:
             check_alike(values, name)
-            records[name] = OutputRows(sha, shapes, values[0].dtype.str, tuple(v.tobytes() for v in values))
+            records[name] = OutputRows(sha, shapes, values[0].dtype.str, tuple(v.tobytes() for v in values), crc)
             continue
         stacked = stack_padded(values, name)
         dims = tuple(max(1, d) for d in stacked.shape[1:])
@@ -177,7 +187,7 @@ def write_batch_arrays(
         )
         if stacked.size:
             array[...] = stacked
-        records[name] = OutputRows(sha, shapes, stacked.dtype.str)
+        records[name] = OutputRows(sha, shapes, stacked.dtype.str, crc32c=crc)
     return records
 
 
@@ -190,7 +200,7 @@ def outputs_digest(hashes: Mapping[str, str]) -> bytes:
 def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Table:
     """The commit object's table: the caller's ``columns`` (one row per unit, in row order)
     with ``outputs`` (each unit's ``outputs_digest``, from the hashes ``write_batch_arrays``
-    took: the arrays are hashed once), ``row`` and each output's sha256 and shape
+    took: the arrays are hashed once), ``row`` and each output's sha256, CRC32C and shape
     appended; output dtypes in its metadata."""
     if "outputs" in columns.column_names:
         raise ValueError("the commit object's 'outputs' column is made from its arrays' hashes, not given")
@@ -209,6 +219,8 @@ def records_table(outputs: Mapping[str, OutputRows], columns: pa.Table) -> pa.Ta
                 DIGEST, n, [None, pa.py_buffer(np.ascontiguousarray(rows.sha256, np.uint8))]
             ),
         )
+        if rows.crc32c is not None:
+            table = table.append_column(f"{name}.crc32c", pa.array(rows.crc32c, pa.uint32()))
         table = table.append_column(f"{name}.shape", pa.array([list(s) for s in rows.shapes], pa.list_(pa.int32())))
         if rows.inline is not None:
             table = table.append_column(f"{name}.bytes", pa.array(rows.inline, pa.binary()))
@@ -237,16 +249,17 @@ def output_rows(table: pa.Table, output: str) -> OutputRows:
     if dtype is None:
         raise KeyError(output)
     shapes = tuple(tuple(s) for s in table.column(f"{output}.shape").to_pylist())
-    inline = f"{output}.bytes"
+    inline, crc = f"{output}.bytes", f"{output}.crc32c"
     data = tuple(table.column(inline).to_pylist()) if inline in table.column_names else None
-    return OutputRows(digests_to_numpy(table.column(f"{output}.sha256")), shapes, dtype.decode(), data)
+    crc32c = table.column(crc).to_numpy() if crc in table.column_names else None
+    return OutputRows(digests_to_numpy(table.column(f"{output}.sha256")), shapes, dtype.decode(), data, crc32c)
 
 
 def read_rows(
     objects: Objects, stage: str, output: str, batch: str, rows: Sequence[int], records: OutputRows
 ) -> list[np.ndarray]:
     """The units at ``rows`` of a batch's output array, each cut back to its recorded shape
-    and checked against its recorded sha256. One read covers rows min..max. BatchDamaged
+    and checked against its recorded CRC32C (or sha256, ``_checked``). One read covers rows min..max. BatchDamaged
     naming the rows when the array's metadata, a chunk or a hash is not as recorded."""
     path = array_path(stage, output, batch)
     if records.inline is not None:
@@ -290,14 +303,20 @@ def _from_bytes(records: OutputRows, row: int) -> np.ndarray | None:
 def _checked(
     path: str, rows: Sequence[int], values: Sequence[np.ndarray | None], records: OutputRows
 ) -> list[np.ndarray]:
-    """``values`` (one per row) when each matches its recorded sha256; else BatchDamaged naming the rows."""
-    bad = [
-        row
-        for row, value in zip(rows, values)
-        if value is None or array_sha256(value) != records.sha256[row].tobytes().hex()
-    ]
+    """``values`` (one per row) when each matches its recorded CRC32C (its sha256 when the
+    commit object records no CRC32C); else BatchDamaged naming the rows."""
+    if records.crc32c is not None:
+        crc32c = records.crc32c
+        bad = [row for row, value in zip(rows, values) if value is None or array_crc32c(value) != crc32c[row]]
+    else:
+        sha256 = records.sha256
+        bad = [
+            row
+            for row, value in zip(rows, values)
+            if value is None or array_sha256(value) != sha256[row].tobytes().hex()
+        ]
     if bad:
-        raise BatchDamaged(path, bad, "differs from the hash recorded when it was written")
+        raise BatchDamaged(path, bad, "differs from the checksum recorded when it was written")
     return [value for value in values if value is not None]
 
 

@@ -64,14 +64,14 @@ class StoreError(SeglabError):
 
 class CorruptOutput(StoreError):
     """Stored arrays of a unit that are missing, do not decode or do not match their
-    producer's hash; ``paths``: the 'stage/output' paths at fault. The producing stage must
+    producer's checksum; ``paths``: the 'stage/output' paths at fault. The producing stage must
     redo the unit."""
 
     def __init__(self, store: Path | str, unit: str, paths: Sequence[str]):
         self.store, self.unit, self.paths = str(store), unit, list(paths)
         super().__init__(
             f"{store}: stored {', '.join(f'{p} of {unit}' for p in paths)} is damaged or missing "
-            "(does not decode or differs from the hash recorded when it was written)"
+            "(does not decode or differs from the checksum recorded when it was written)"
         )
 
     def __reduce__(self):  # keep the fields across Ray's pickling

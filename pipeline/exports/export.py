@@ -15,7 +15,7 @@ palette, index), ``coco`` (COCO JSON with RLE masks per connected region), ``par
 
 and is built in a temporary sibling folder that is renamed into place only when complete
 (pipeline/core/atomic.py): a killed export leaves nothing at ``out`` or a complete dataset.
-Every array is checked against the hash recorded when it was written; an image whose
+Every array is checked against the checksum recorded when it was written; an image whose
 arrays are missing or damaged stops the export (``skip_damaged`` leaves it out instead).
 ``overwrite`` replaces only a folder that is provably an unchanged seglab export.
 """

@@ -279,7 +279,7 @@ def damaged_note(damaged: dict[str, str]) -> str:
     more = f" and {len(names) - MAX_FAILURES} more" if len(names) > MAX_FAILURES else ""
     return (
         f"{len(names)} images are left out (of the class shares, the review queue or the overlays) because "
-        f"their stored arrays are missing or differ from the hash recorded when they were written "
+        f"their stored arrays are missing or differ from the checksum recorded when they were written "
         f"({', '.join(names[:MAX_FAILURES])}{more}; {names[0]}: {damaged[names[0]]}); "
         "`seglab run` redoes them."
     )
