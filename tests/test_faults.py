@@ -17,7 +17,7 @@ from conftest import write_dataset, write_manifest
 from ray import cloudpickle
 
 from seglab.pipeline.base.errors import InputError, TransientError
-from seglab.pipeline.core.batcharrays import batch_id
+from seglab.pipeline.core.batcharrays import RECORDS, batch_id
 from seglab.pipeline.core.ledger import BatchTask, Failure, Receipt
 from seglab.pipeline.core.store import CorruptOutput, Store
 from seglab.pipeline.manifest import load_manifest
@@ -113,13 +113,36 @@ for k in range(start, start + 1000, 8):  # batches of 8: most of a batch's time 
 """
 
 
+def _committed(root: Path) -> set[str]:
+    records = root / RECORDS / "embed"
+    return {p.name.split(".")[0] for p in records.iterdir()} if records.exists() else set()
+
+
+def _once_a_batch_is_half_written(root: Path, before: set[str], timeout: float = 60.0) -> None:
+    """Return as soon as, after a commit of its own (a writer collects what a killed one
+    left before it commits), a writer's batch of embed has arrays but no commit object;
+    ``before``: the batches committed before it started."""
+    arrays = root / "embed" / "lab"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        committed = _committed(root)
+        if committed - before and arrays.exists() and {p.name for p in arrays.iterdir()} - committed:
+            return
+        time.sleep(0.001)
+    raise AssertionError("no batch was ever seen half-written")
+
+
 def test_writers_killed_mid_write_leave_no_torn_batch_a_resume_would_accept(tmp_path):
     store = Store(tmp_path / "run.zarr", create=True)
     rng = np.random.default_rng(0)
     uncommitted = 0
     for kill in range(5):
+        before = _committed(tmp_path / "run.zarr")
         proc = subprocess.Popen([sys.executable, "-c", WRITER, store.path, str(kill * 1000)])
-        time.sleep(1.5 + rng.random())  # start-up, then a few batches, then a kill at a random point of a write
+        if kill % 2:  # start-up, then a few batches, then a kill at a random point of a write
+            time.sleep(1.5 + rng.random())
+        else:  # a kill between a batch's arrays and its commit object, wherever the random ones land
+            _once_a_batch_is_half_written(tmp_path / "run.zarr", before)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         state = Store(tmp_path / "run.zarr").state("embed")
