@@ -50,7 +50,8 @@ def array_sha256(array: np.ndarray) -> str:
 
 def array_crc32c(array: np.ndarray) -> int:
     """CRC32C (Castagnoli, hardware-accelerated) of an array's bytes in C order: a checksum that
-    finds accidental damage at about 25 times the speed of ``array_sha256``, not an identity."""
+    finds accidental damage at about 14 times the speed of ``array_sha256`` (0.044 against 0.62
+    ms a MiB here), not an identity."""
     a = np.ascontiguousarray(array)
     return google_crc32c.value(a.reshape(-1).view(np.uint8)) if a.size else 0
 
