@@ -306,16 +306,14 @@ def _checked(
 ) -> list[np.ndarray]:
     """``values`` (one per row) when each matches its recorded CRC32C (its sha256 when the
     commit object records no CRC32C); else BatchDamaged naming the rows."""
-    if records.crc32c is not None:
-        crc32c = records.crc32c
-        bad = [row for row, value in zip(rows, values) if value is None or array_crc32c(value) != crc32c[row]]
-    else:
-        sha256 = records.sha256
-        bad = [
-            row
-            for row, value in zip(rows, values)
-            if value is None or array_sha256(value) != sha256[row].tobytes().hex()
-        ]
+    crc32c, sha256 = records.crc32c, records.sha256
+
+    def intact(row: int, value: np.ndarray) -> bool:
+        if crc32c is not None:
+            return array_crc32c(value) == crc32c[row]
+        return array_sha256(value) == sha256[row].tobytes().hex()
+
+    bad = [row for row, value in zip(rows, values) if value is None or not intact(row, value)]
     if bad:
         raise BatchDamaged(path, bad, "differs from the checksum recorded when it was written")
     return [value for value in values if value is not None]
